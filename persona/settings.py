@@ -1,0 +1,89 @@
+"""One settings object for every process, read from ``PERSONA_*`` environment variables and an optional TOML file.
+
+Precedence (highest first): explicit keyword arguments, environment variables, the TOML file named by
+``PERSONA_CONFIG`` (or passed as ``config_file``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recsys.errors import PersonaError
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is ``PERSONA_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONA_", extra="forbid")
+
+    data_dir: Path = Field(Path("data"), description="Where bundles, the SQLite store and caches live.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the store; default: SQLite file <data_dir>/persona.db."
+    )
+    model_dir: Path | None = Field(None, description="Model bundle to serve; default: the active registry version.")
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
+    kafka_topic: str = Field("persona.events", description="Topic of interaction events (key = session_id).")
+    kafka_dlq_topic: str = Field("persona.events.dlq", description="Topic for rejected events.")
+    kafka_group: str = Field("persona-consumer", description="Consumer group id.")
+    kafka_partitions: int = Field(4, ge=1, description="Partitions when the consumer creates a missing topic.")
+    unknown_item_policy: str = Field(
+        "skip", pattern="^(skip|dlq)$", description="Unknown items: 'skip' (log, count, skip) or 'dlq'."
+    )
+    metrics_port: int = Field(9108, ge=0, le=65535, description="Consumer's Prometheus port (0 = off).")
+    api_host: str = Field("127.0.0.1", description="API bind address.")
+    api_port: int = Field(8000, ge=1, le=65535, description="API port.")
+    api_keys: list[str] = Field(default_factory=list, description="Keys accepted on admin routes.")
+    require_api_key: bool = Field(False, description="Require a key on every route, not only admin ones.")
+    log_level: str = Field("INFO", description="Logging level.")
+    seed: int = Field(0, description="Random seed for training and synthetic data.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'persona.db').as_posix()}"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise PersonaError(f"config file {path} does not exist", "fix PERSONA_CONFIG or --config") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise PersonaError(f"config file {path} is not valid TOML: {exc}") from exc
+    section = raw.get("persona", raw)
+    if not isinstance(section, dict):
+        raise PersonaError(f"config file {path}: [persona] must be a table")
+    return section
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; a bad value becomes a one-line :class:`PersonaError` naming the setting."""
+    path = config_file or (Path(os.environ["PERSONA_CONFIG"]) if os.environ.get("PERSONA_CONFIG") else None)
+    file_values = _read_toml(path) if path else {}
+    env_names = {k[len("PERSONA_") :].lower() for k in os.environ if k.startswith("PERSONA_")}
+    # The environment beats the file: drop file values the environment sets, let pydantic read the env.
+    init = {k: v for k, v in file_values.items() if k not in env_names}
+    init.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise PersonaError(
+            f"invalid setting {name}: {err['msg']}", f"check PERSONA_{name.upper()} or the config file"
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (cached); tests build their own with :func:`load_settings`."""
+    return load_settings()
