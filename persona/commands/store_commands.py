@@ -1,0 +1,145 @@
+"""``persona db ...`` (schema migrations) and ``persona models ...`` (the model registry)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from recsys.errors import PersonaError
+
+db_app = typer.Typer(help="The store's schema: migrate it and show its revision.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: list, register and activate bundles.", no_args_is_help=True)
+
+
+def _url() -> str:
+    # Fresh settings on every command: PERSONA_* may differ between invocations in one process (tests).
+    from persona.settings import load_settings
+
+    return load_settings().resolved_database_url
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision (default: the newest).")] = "head",
+) -> None:
+    """Migrate the store (PERSONA_DATABASE_URL) to a revision; safe to run from several processes at once."""
+    from rich.console import Console
+
+    from persona.store import current_revision, make_engine, upgrade
+    from persona.store.engine import mask_url
+
+    engine = make_engine(_url())
+    try:
+        upgrade(engine, revision)
+        Console().print(f"store {mask_url(engine.url)} is at revision [bold]{current_revision(engine)}[/]")
+    finally:
+        engine.dispose()
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the store's revision and the newest one the code knows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from persona.store import current_revision, head_revision, make_engine
+    from persona.store.engine import mask_url
+
+    engine = make_engine(_url())
+    try:
+        current, head = current_revision(engine), head_revision()
+    finally:
+        engine.dispose()
+    table = Table("database", "current", "head", "status")
+    status = "up to date" if current == head else "needs `persona db upgrade`"
+    table.add_row(mask_url(engine.url), current or "(empty)", head or "-", status)
+    Console().print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List registered model versions (the active one is marked)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from persona.store import Store
+
+    store = Store.open(_url())
+    try:
+        rows = store.list_models()
+    finally:
+        store.close()
+    table = Table("active", "version", "sha256", "created", "path", title="model versions")
+    for row in rows:
+        table.add_row(
+            "*" if row.active else "",
+            row.version,
+            row.sha256[:12],
+            row.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
+            row.path,
+        )
+    Console().print(table if rows else "no model versions registered (use `persona models register`)")
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(help="The model bundle directory (or file).")],
+    version: Annotated[str, typer.Option("--version", help="Version name, unique in the registry.")],
+    sha256: Annotated[str, typer.Option("--sha256", help="The bundle's sha256 (64 hex digits, from its manifest).")],
+    metrics: Annotated[
+        Path | None, typer.Option("--metrics", help="JSON file of evaluation metrics to record with it.")
+    ] = None,
+) -> None:
+    """Register a model bundle (inactive until `persona models activate`); re-registering is a no-op."""
+    from rich.console import Console
+
+    from persona.store import Store
+
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise PersonaError(f"--sha256 {sha256!r} is not 64 hex digits", "copy it from the bundle manifest")
+    if not path.exists():
+        raise PersonaError(f"model bundle {path} does not exist", "pass the bundle directory")
+    values: dict[str, object] = {}
+    if metrics is not None:
+        try:
+            values = json.loads(metrics.read_text())
+        except (OSError, ValueError) as exc:
+            raise PersonaError(f"cannot read metrics from {metrics}: {exc}", "pass a JSON object file") from exc
+        if not isinstance(values, dict):
+            raise PersonaError(f"metrics file {metrics} must hold a JSON object")
+    store = Store.open(_url())
+    try:
+        with store.transaction() as uow:
+            row = uow.register_model(version, str(path.resolve()), sha256, values)
+    finally:
+        store.close()
+    state = "active" if row.active else "inactive"
+    Console().print(f"registered model [bold]{row.version}[/] ({state}) at {row.path}")
+
+
+@models_app.command("activate")
+def models_activate(
+    version: Annotated[str, typer.Argument(help="A registered version (see `persona models list`).")],
+) -> None:
+    """Make a version the single active model; API and consumers pick it up without restart."""
+    from rich.console import Console
+
+    from persona.store import Store
+
+    store = Store.open(_url())
+    try:
+        with store.transaction() as uow:
+            row = uow.activate(version)
+    finally:
+        store.close()
+    Console().print(f"active model is now [bold]{row.version}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``persona db`` and ``persona models``."""
+    app.add_typer(db_app, name="db")
+    app.add_typer(models_app, name="models")

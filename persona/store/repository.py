@@ -1,0 +1,377 @@
+"""The store's operations, as plain dataclasses in and out (callers never see ORM objects).
+
+One :class:`UnitOfWork` is one database transaction: the consumer inserts a batch of events, updates the
+sessions they touch and refines prototypes inside it, then commits Kafka offsets only after it commits.
+Deduplication on ``event_id`` is what turns at-least-once delivery into an exactly-once effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Insert, Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+
+from persona.store.engine import READ_ONLY, ensure_schema, make_engine, mask_url
+from persona.store.tables import events, model_versions, prototypes, sessions
+from recsys.errors import PersonaError
+
+#: Rows per statement: keeps SQLite under its bound-parameter limit (32766) with room to spare.
+CHUNK = 500
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class SessionState:
+    """A session as the consumer and the API see it; ``code`` is the float32 bytes of its edit code."""
+
+    session_id: str
+    device_id: str | None = None
+    user_id: str | None = None
+    recent_items: list[str] = field(default_factory=list)
+    event_count: int = 0
+    unknown_item_count: int = 0
+    prototype_id: int | None = None
+    code: bytes | None = None
+    edit_version: int = 0
+    model_version: str | None = None
+    last_event_at: datetime | None = None
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(slots=True)
+class NewEvent:
+    """A validated event about to be logged; ``source`` is ``"kafka"`` or ``"http"``."""
+
+    event_id: str
+    session_id: str
+    item_id: str
+    ts: datetime
+    type: str = "click"
+    known_item: bool = True
+    source: str = "kafka"
+    attributes: dict[str, Any] | None = None
+    ingested_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    """An event as logged, with its store sequence number ``id`` (insertion order)."""
+
+    id: int
+    event_id: str
+    session_id: str
+    item_id: str
+    type: str
+    ts: datetime
+    ingested_at: datetime
+    known_item: bool
+    source: str
+    attributes: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class PrototypeRow:
+    """One prototype of a bank; ``centre`` is float32 bytes, ``version`` counts its changes."""
+
+    prototype_id: int
+    centre: bytes
+    count: float = 0.0
+    version: int = 0
+    last_assigned_at: datetime | None = None
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(slots=True)
+class ModelVersionRow:
+    """A registered model bundle."""
+
+    version: str
+    path: str
+    sha256: str
+    metrics: dict[str, Any]
+    created_at: datetime
+    active: bool
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+_SESSION_COLUMNS = tuple(c.name for c in sessions.columns)
+_PROTOTYPE_COLUMNS = tuple(c.name for c in prototypes.columns if c.name != "model_version")
+
+
+class UnitOfWork:
+    """The operations of one transaction, on one SQLAlchemy ``Connection``."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._dialect = connection.dialect.name
+
+    def _insert(self, table: Table) -> Any:
+        """A dialect ``INSERT`` that knows ``ON CONFLICT`` (PostgreSQL and SQLite ≥ 3.24)."""
+        if self._dialect == "postgresql":
+            return postgresql.insert(table)
+        if self._dialect == "sqlite":
+            return sqlite.insert(table)
+        raise PersonaError(f"the store supports SQLite and PostgreSQL, not {self._dialect}", "fix PERSONA_DATABASE_URL")
+
+    # -- events -------------------------------------------------------------------------------------------
+
+    def insert_events(self, rows: Sequence[NewEvent]) -> set[str]:
+        """Log events, skipping known ``event_id``s; returns the ids actually inserted (the rest: dupes)."""
+        unique: dict[str, NewEvent] = {}
+        for row in rows:
+            unique.setdefault(row.event_id, row)
+        if not unique:
+            return set()
+        stmt = (
+            self._insert(events).on_conflict_do_nothing(index_elements=[events.c.event_id]).returning(events.c.event_id)
+        )
+        inserted: set[str] = set()
+        for chunk in _chunks(list(unique.values())):
+            params = [
+                {
+                    "event_id": e.event_id,
+                    "session_id": e.session_id,
+                    "item_id": e.item_id,
+                    "type": e.type,
+                    "ts": e.ts,
+                    "ingested_at": e.ingested_at,
+                    "known_item": e.known_item,
+                    "source": e.source,
+                    "attributes": e.attributes,
+                }
+                for e in chunk
+            ]
+            inserted.update(self.connection.execute(stmt, params).scalars())
+        return inserted
+
+    def get_events(self, session_id: str | None = None, limit: int | None = None) -> list[StoredEvent]:
+        """Logged events (one session's, or all), oldest first; ``limit`` keeps only the latest ones."""
+        query = select(events)
+        if session_id is not None:
+            query = query.where(events.c.session_id == session_id)
+        if limit is not None:
+            latest = query.order_by(events.c.id.desc()).limit(limit).subquery()
+            query = select(latest)
+            order = latest.c.id
+        else:
+            order = events.c.id
+        return [StoredEvent(**row._asdict()) for row in self.connection.execute(query.order_by(order))]
+
+    def count_events(self, session_id: str | None = None) -> int:
+        query = select(func.count()).select_from(events)
+        if session_id is not None:
+            query = query.where(events.c.session_id == session_id)
+        return int(self.connection.execute(query).scalar_one())
+
+    # -- sessions -----------------------------------------------------------------------------------------
+
+    def get_sessions(self, session_ids: Collection[str]) -> dict[str, SessionState]:
+        """The stored state of these sessions; unknown ids are simply absent."""
+        found: dict[str, SessionState] = {}
+        for chunk in _chunks(list(set(session_ids))):
+            query = select(sessions).where(sessions.c.session_id.in_(chunk))
+            for row in self.connection.execute(query):
+                state = SessionState(**row._asdict())
+                state.recent_items = list(state.recent_items)
+                found[state.session_id] = state
+        return found
+
+    def upsert_sessions(self, states: Sequence[SessionState]) -> None:
+        """Insert or fully overwrite these sessions (the last state wins if an id repeats)."""
+        latest = {s.session_id: s for s in states}
+        if not latest:
+            return
+        stmt = self._insert(sessions)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[sessions.c.session_id],
+            set_={name: stmt.excluded[name] for name in _SESSION_COLUMNS if name != "session_id"},
+        )
+        for chunk in _chunks(list(latest.values())):
+            self.connection.execute(stmt, [{name: getattr(s, name) for name in _SESSION_COLUMNS} for s in chunk])
+
+    # -- prototypes ---------------------------------------------------------------------------------------
+
+    def _prototypes(self, model_version: str, *, for_update: bool) -> list[PrototypeRow]:
+        query = (
+            select(*(prototypes.c[name] for name in _PROTOTYPE_COLUMNS))
+            .where(prototypes.c.model_version == model_version)
+            .order_by(prototypes.c.prototype_id)
+        )
+        if for_update:
+            query = query.with_for_update()  # rendered on PostgreSQL; SQLite already holds the write lock
+        return [PrototypeRow(**row._asdict()) for row in self.connection.execute(query)]
+
+    def load_prototypes(self, model_version: str) -> list[PrototypeRow]:
+        """The bank of ``model_version`` ordered by prototype id, without locking (for readers)."""
+        return self._prototypes(model_version, for_update=False)
+
+    def lock_prototypes(self, model_version: str) -> list[PrototypeRow]:
+        """The bank, locked until this transaction ends, so two consumers refining it take turns."""
+        return self._prototypes(model_version, for_update=True)
+
+    def save_prototypes(self, model_version: str, rows: Sequence[PrototypeRow]) -> list[PrototypeRow]:
+        """Upsert prototypes; an existing one gets ``version`` = stored version + 1. Returns the bank."""
+        if rows:
+            stmt: Insert = self._insert(prototypes)
+            excluded = stmt.excluded  # type: ignore[attr-defined]
+            stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
+                index_elements=[prototypes.c.model_version, prototypes.c.prototype_id],
+                set_={
+                    "centre": excluded.centre,
+                    "count": excluded.count,
+                    "version": prototypes.c.version + 1,
+                    "last_assigned_at": excluded.last_assigned_at,
+                    "updated_at": excluded.updated_at,
+                },
+            )
+            now = utcnow()
+            params = [
+                {
+                    "model_version": model_version,
+                    "prototype_id": r.prototype_id,
+                    "centre": r.centre,
+                    "count": r.count,
+                    "version": r.version,
+                    "last_assigned_at": r.last_assigned_at,
+                    "updated_at": now,
+                }
+                for r in rows
+            ]
+            for chunk in _chunks(params):
+                self.connection.execute(stmt, list(chunk))
+        return self.load_prototypes(model_version)
+
+    # -- model registry -----------------------------------------------------------------------------------
+
+    def _model(self, version: str) -> ModelVersionRow | None:
+        row = self.connection.execute(select(model_versions).where(model_versions.c.version == version)).first()
+        return ModelVersionRow(**row._asdict()) if row is not None else None
+
+    def register_model(
+        self, version: str, path: str, sha256: str, metrics: dict[str, Any] | None = None
+    ) -> ModelVersionRow:
+        """Record a bundle (inactive). Registering the same version with the same sha256 again is a no-op."""
+        sha256 = sha256.lower()
+        stmt = (
+            self._insert(model_versions)
+            .values(
+                version=version,
+                path=path,
+                sha256=sha256,
+                metrics=metrics or {},
+                created_at=utcnow(),
+                active=False,
+            )
+            .on_conflict_do_nothing(index_elements=[model_versions.c.version])
+        )
+        self.connection.execute(stmt)
+        row = self._model(version)
+        assert row is not None
+        if row.sha256 != sha256:
+            raise PersonaError(
+                f"model version {version!r} is already registered with sha256 {row.sha256[:12]}…, not {sha256[:12]}…",
+                "register the new bundle under a new version",
+            )
+        return row
+
+    def activate(self, version: str) -> ModelVersionRow:
+        """Make ``version`` the single active model (one transaction: no moment with two active)."""
+        # Lock the registry so concurrent activations take turns (a no-op on SQLite: already locked).
+        known = self.connection.execute(
+            select(model_versions.c.version).order_by(model_versions.c.created_at).with_for_update()
+        ).scalars()
+        names = list(known)
+        if version not in names:
+            raise PersonaError(
+                f"unknown model version {version!r}; registered: {', '.join(names) or 'none'}",
+                "register it first with `persona models register`",
+            )
+        self.connection.execute(
+            update(model_versions)
+            .where(model_versions.c.active, model_versions.c.version != version)
+            .values(active=False)
+        )
+        self.connection.execute(update(model_versions).where(model_versions.c.version == version).values(active=True))
+        row = self._model(version)
+        assert row is not None
+        return row
+
+    def active_model(self) -> ModelVersionRow | None:
+        row = self.connection.execute(select(model_versions).where(model_versions.c.active)).first()
+        return ModelVersionRow(**row._asdict()) if row is not None else None
+
+    def list_models(self) -> list[ModelVersionRow]:
+        """Every registered version, oldest first."""
+        query = select(model_versions).order_by(model_versions.c.created_at, model_versions.c.version)
+        return [ModelVersionRow(**row._asdict()) for row in self.connection.execute(query)]
+
+
+class Store:
+    """The store behind one engine; share one per process (the engine pools connections)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True) -> Store:
+        """Connect to ``url`` and (by default) bring the schema to head first."""
+        engine = make_engine(url)
+        if migrate:
+            ensure_schema(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[UnitOfWork]:
+        """One write transaction: commits on normal exit, rolls back everything if the block raises."""
+        try:
+            with self.engine.begin() as conn:
+                yield UnitOfWork(conn)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise PersonaError(
+                    f"lost the connection to the database {mask_url(self.engine.url)!r}",
+                    "check the server; the transaction was rolled back and can be retried",
+                ) from exc
+            raise
+
+    @contextmanager
+    def read(self) -> Iterator[UnitOfWork]:
+        """A read-only transaction; on SQLite it runs beside writers instead of queueing behind them."""
+        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
+            yield UnitOfWork(conn)
+
+    def get_session(self, session_id: str) -> SessionState | None:
+        with self.read() as uow:
+            return uow.get_sessions([session_id]).get(session_id)
+
+    def load_prototypes(self, model_version: str) -> list[PrototypeRow]:
+        with self.read() as uow:
+            return uow.load_prototypes(model_version)
+
+    def active_model(self) -> ModelVersionRow | None:
+        with self.read() as uow:
+            return uow.active_model()
+
+    def list_models(self) -> list[ModelVersionRow]:
+        with self.read() as uow:
+            return uow.list_models()
+
+    def count_events(self, session_id: str | None = None) -> int:
+        with self.read() as uow:
+            return uow.count_events(session_id)

@@ -1,0 +1,435 @@
+"""The Persona model in one file: device model, cloud adapter, prototype bank (METHOD.md §1–3).
+
+Shapes used throughout: B = batch of sessions, T = history length (left-padded, most recent item last),
+N = catalogue size (index 0 = padding, 1 = unknown item), D = embedding width, L = editable layers,
+d = code width, K = prototypes.
+
+    >>> cfg = ModelConfig(n_items=100)
+    >>> model = PersonaModel(cfg)
+    >>> hist = torch.randint(2, 100, (4, cfg.max_len))
+    >>> model.score(hist).shape                      # base model
+    torch.Size([4, 100])
+    >>> edit = model.session_edit(hist)             # Persona: one forward pass, no gradient step
+    >>> model.score(hist, edit).shape
+    torch.Size([4, 100])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+PAD = 0
+UNK = 1
+Encoder = Literal["sasrec", "gru4rec"]
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild the model; stored in the bundle as ``config.json``."""
+
+    n_items: int
+    dim: int = 64
+    max_len: int = 50
+    encoder: Encoder = "sasrec"
+    n_blocks: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    n_edit_layers: int = 2
+    code_dim: int = 32
+    edit_rank: int = 0  # 0 = full D×D edits; r > 0 = ΔW = A diag(s) B with rank r
+    tau: float = 0.5  # clip of every generated weight/bias entry
+    residual_tau: float = 0.25  # clip of the session residual on top of its prototype's edit
+    adapter_window: int = 10  # the adapter reads this many most recent items
+    n_prototypes: int = 8
+    proto_n0: float = 10.0  # refinement rate η_k = max(1 / (n_k + n0), eta_floor)
+    proto_eta_floor: float = 0.01
+    min_session_items: int = 1  # shorter sessions fall back to the base model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Edit(NamedTuple):
+    """Per-session additive edits of the editable layers.
+
+    ``weight``: [B, L, D, D], ``bias``: [B, L, D]; ``prototype``: [B] int64 (-1 = none).
+    """
+
+    weight: Tensor
+    bias: Tensor
+    prototype: Tensor
+
+
+# --------------------------------------------------------------------------------------------- device model
+
+
+class ItemTable(nn.Module):
+    """Item embeddings on a TorchRec ``EmbeddingCollection`` (shardable by ``DistributedModelParallel``).
+
+    Call args: ``ids`` int64 [B, T]. Returns [B, T, D] (padding rows are zeroed by the caller's mask).
+    """
+
+    def __init__(self, n_items: int, dim: int) -> None:
+        super().__init__()
+        self.collection = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(name="item_table", embedding_dim=dim, num_embeddings=n_items, feature_names=["item"])
+            ],
+            device=torch.device("cpu"),
+        )
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
+
+    @property
+    def weight(self) -> Tensor:
+        """[N, D]: the whole table, for full-catalogue scoring."""
+        return self.collection.embeddings["item_table"].weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        b, t = ids.shape
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item"], values=ids.reshape(-1), lengths=torch.full((b,), t, dtype=torch.long)
+        )
+        return self.collection(kjt)["item"].values().view(b, t, -1)
+
+
+class SASRecEncoder(nn.Module):
+    """Causal self-attention over the history with learned positions (SASRec).
+
+    Call args: ``emb`` [B, T, D], ``mask`` bool [B, T] (True = real item). Returns the state after every
+    position [B, T, D]; the last one is the user. Causal, so training can use every position at once.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.pos = nn.Parameter(torch.randn(cfg.max_len, cfg.dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.dim,
+            cfg.n_heads,
+            dim_feedforward=cfg.dim * 2,
+            dropout=cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.n_blocks, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, emb: Tensor, mask: Tensor) -> Tensor:
+        b, t, _ = emb.shape
+        x = self.drop(emb * math.sqrt(emb.shape[-1]) + self.pos[-t:])
+        # Query i may see key j when j <= i and j is a real item; every position also sees itself, so that
+        # padding rows (left of the history) never have an empty softmax.
+        eye = torch.eye(t, dtype=torch.bool, device=emb.device)
+        allowed = torch.ones(t, t, dtype=torch.bool, device=emb.device).tril() & mask.unsqueeze(1) | eye
+        attn = torch.zeros(b, t, t, device=emb.device).masked_fill(~allowed, float("-inf"))
+        x = self.blocks(x, mask=attn.repeat_interleave(self.n_heads, 0))
+        return self.norm(x)
+
+
+class GRU4RecEncoder(nn.Module):
+    """One GRU layer over the real items of the history (padding skipped exactly via packing).
+
+    Call args: ``emb`` [B, T, D], ``mask`` bool [B, T]. Returns the state after every position [B, T, D]
+    (zeros at padding positions).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gru = nn.GRU(cfg.dim, cfg.dim, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, emb: Tensor, mask: Tensor) -> Tensor:
+        return all_states(self.gru, self.drop(emb), mask)
+
+
+def _right_align_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """For left-padded rows: index so that position j of a right-padded row is item T - len + j."""
+    lengths = mask.sum(1).clamp(min=1)
+    t = mask.shape[1]
+    idx = (torch.arange(t, device=mask.device).unsqueeze(0) + (t - lengths).unsqueeze(1)).clamp(max=t - 1)
+    return idx, lengths
+
+
+def _packed_run(gru: nn.GRU, emb: Tensor, mask: Tensor) -> tuple[nn.utils.rnn.PackedSequence, Tensor, Tensor, Tensor]:
+    idx, lengths = _right_align_index(mask)
+    right = emb.gather(1, idx.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+    packed = nn.utils.rnn.pack_padded_sequence(right, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, h = gru(packed)
+    assert isinstance(out, nn.utils.rnn.PackedSequence)
+    return out, h, idx, lengths
+
+
+def last_state(gru: nn.GRU, emb: Tensor, mask: Tensor) -> Tensor:
+    """Final GRU state over left-padded sequences, ignoring the padding. [B, T, D] → [B, H]."""
+    return _packed_run(gru, emb, mask)[1][-1]
+
+
+def all_states(gru: nn.GRU, emb: Tensor, mask: Tensor) -> Tensor:
+    """GRU state after every position of left-padded sequences [B, T, D] → [B, T, H] (0 at padding)."""
+    out, _, _, lengths = _packed_run(gru, emb, mask)
+    right, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=emb.shape[1])
+    t = emb.shape[1]
+    # back to left padding: left position p holds right position p - (T - len)
+    src = torch.arange(t, device=emb.device).unsqueeze(0) - (t - lengths).unsqueeze(1)
+    left = right.gather(1, src.clamp(min=0).unsqueeze(-1).expand(-1, -1, right.shape[-1]))
+    return left * mask.unsqueeze(-1)
+
+
+class DeviceModel(nn.Module):
+    """The small sequential recommender that runs on a phone (METHOD.md §1).
+
+    Args: ``cfg``. Call args of :meth:`forward`: ``history`` int64 [B, T] (left-padded),
+    optional ``edit`` (:class:`Edit`). Returns scores [B, N] over the whole catalogue.
+    The editable head is L dense D×D layers with tanh between them; an edit adds to their weights.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemTable(cfg.n_items, cfg.dim)
+        self.encoder: nn.Module = SASRecEncoder(cfg) if cfg.encoder == "sasrec" else GRU4RecEncoder(cfg)
+        self.head_weight = nn.Parameter(torch.stack([torch.eye(cfg.dim) for _ in range(cfg.n_edit_layers)]))
+        self.head_bias = nn.Parameter(torch.zeros(cfg.n_edit_layers, cfg.dim))
+        self.target = nn.Linear(cfg.dim, cfg.dim)
+        with torch.no_grad():
+            self.target.weight.copy_(torch.eye(cfg.dim))
+            self.target.bias.zero_()
+
+    def encode_all(self, history: Tensor) -> Tensor:
+        """State after every position [B, T, D] of the history [B, T] (causal: for training)."""
+        return self.encoder(self.items(history), history != PAD)
+
+    def encode(self, history: Tensor) -> Tensor:
+        """User state h [B, D]: the state after the most recent item."""
+        return self.encode_all(history)[:, -1]
+
+    def head(self, h: Tensor, edit: Edit | None = None) -> Tensor:
+        """Editable layers: [B, D] → [B, D]; ``W_l' = W_l + ΔW_l`` per session when edited."""
+        x = h
+        n = self.cfg.n_edit_layers
+        for layer in range(n):
+            w, b = self.head_weight[layer], self.head_bias[layer]
+            if edit is None:
+                x = x @ w.T + b
+            else:
+                x = torch.bmm((w + edit.weight[:, layer]), x.unsqueeze(-1)).squeeze(-1) + b + edit.bias[:, layer]
+            if layer < n - 1:
+                x = torch.tanh(x)
+        return x
+
+    def item_targets(self) -> Tensor:
+        """t(E): [N, D]; cached by callers that score many requests with frozen weights."""
+        return self.target(self.items.weight)
+
+    def forward(self, history: Tensor, edit: Edit | None = None, targets: Tensor | None = None) -> Tensor:
+        x = self.head(self.encode(history), edit)
+        return x @ (self.item_targets() if targets is None else targets).T
+
+
+# --------------------------------------------------------------------------------------------- cloud adapter
+
+
+class CloudAdapter(nn.Module):
+    """Hypernetwork: recent items → per-layer codes → clipped parameter edits (METHOD.md §2).
+
+    It reads items through the device model's frozen item table, so cloud and device agree on items.
+    Call args of :meth:`codes`: ``recent`` int64 [B, W] (left-padded). Returns codes [B, L, d].
+    :meth:`edit_from_codes` maps codes [B, L, d] → :class:`Edit`. The generators are linear in the code
+    with no offset (a departure from METHOD.md §2.3, where offsets start at 0 but then train): a zero code
+    gives exactly the base model at all times, and a constant edit stays reachable through the layer codes'
+    own bias.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, dim, n = cfg.code_dim, cfg.dim, cfg.n_edit_layers
+        self.session_gru = nn.GRU(dim, dim, batch_first=True)
+        self.to_code = nn.Linear(dim, d)
+        self.layer_gru = nn.GRU(d, d, batch_first=True)  # cross-layer link: step l sees layer l-1's state
+        self.to_layer_code = nn.Linear(d, d)
+        if cfg.edit_rank > 0:
+            r = cfg.edit_rank
+            self.gen_scale = nn.Parameter(torch.randn(n, d, r) * 1e-2)
+            self.factor_a = nn.Parameter(torch.randn(n, dim, r) / math.sqrt(dim))
+            self.factor_b = nn.Parameter(torch.randn(n, r, dim) / math.sqrt(dim))
+        else:
+            self.gen_weight = nn.Parameter(torch.randn(n, d, dim * dim) * 1e-2)
+        self.gen_bias = nn.Parameter(torch.randn(n, d, dim) * 1e-2)
+
+    def session_code(self, recent_emb: Tensor, mask: Tensor) -> Tensor:
+        """z [B, d] from embedded recent items [B, W, D]."""
+        return self.to_code(last_state(self.session_gru, recent_emb, mask))
+
+    def layer_codes(self, z: Tensor) -> Tensor:
+        """Cross-layer transfer: z [B, d] fed at each of L steps → codes [B, L, d]."""
+        steps = z.unsqueeze(1).expand(-1, self.cfg.n_edit_layers, -1)
+        out, _ = self.layer_gru(steps)
+        return torch.tanh(self.to_layer_code(out))
+
+    def codes(self, recent_emb: Tensor, mask: Tensor) -> Tensor:
+        return self.layer_codes(self.session_code(recent_emb, mask))
+
+    def raw_edit(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Unclipped generator output for codes [B, L, d] → (ΔW [B, L, D, D], Δb [B, L, D])."""
+        dim = self.cfg.dim
+        if self.cfg.edit_rank > 0:
+            s = torch.einsum("bld,ldr->blr", codes, self.gen_scale)
+            dw = torch.einsum("lir,blr,lrj->blij", self.factor_a, s, self.factor_b)
+        else:
+            dw = torch.einsum("bld,ldk->blk", codes, self.gen_weight).view(*codes.shape[:2], dim, dim)
+        return dw, torch.einsum("bld,ldk->blk", codes, self.gen_bias)
+
+    def edit_from_codes(self, codes: Tensor, tau: float | None = None) -> Edit:
+        """``ΔW_l = clip(G_l c_l, -τ, τ)``, ``Δb_l = clip(H_l c_l, -τ, τ)``."""
+        t = self.cfg.tau if tau is None else tau
+        dw, db = self.raw_edit(codes)
+        none = torch.full((codes.shape[0],), -1, dtype=torch.long, device=codes.device)
+        return Edit(dw.clamp(-t, t), db.clamp(-t, t), none)
+
+
+# --------------------------------------------------------------------------------------------- prototypes
+
+
+class PrototypeBank(nn.Module):
+    """K centres in edit-code space, refined online by streaming k-means (METHOD.md §3).
+
+    Buffers: ``centres`` [K, L, d], ``counts`` [K] (sessions assigned so far, for the step size).
+    """
+
+    centres: Tensor
+    counts: Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("centres", torch.zeros(cfg.n_prototypes, cfg.n_edit_layers, cfg.code_dim))
+        self.register_buffer("counts", torch.zeros(cfg.n_prototypes))
+
+    def assign(self, codes: Tensor) -> Tensor:
+        """Nearest centre (L2) for codes [B, L, d] → [B] int64."""
+        flat = codes.reshape(codes.shape[0], -1)
+        return torch.cdist(flat, self.centres.reshape(self.centres.shape[0], -1)).argmin(1)
+
+    def distances(self, codes: Tensor, assignment: Tensor) -> Tensor:
+        """Distance of each code [B, L, d] to its assigned centre → [B]."""
+        return (codes - self.centres[assignment]).flatten(1).norm(dim=1)
+
+    @torch.no_grad()
+    def refine(self, codes: Tensor, assignment: Tensor) -> None:
+        """Streaming k-means, one code at a time in order: ``μ_k ← μ_k + η_k (c − μ_k)``.
+
+        ``η_k = max(1 / (n_k + n0), floor)``: early sessions move a centre a lot, later ones less,
+        and the floor keeps every prototype adapting under drift.
+        """
+        for k, c in zip(assignment.tolist(), codes, strict=True):
+            eta = max(1.0 / (float(self.counts[k]) + self.cfg.proto_n0), self.cfg.proto_eta_floor)
+            self.centres[k] += eta * (c - self.centres[k])
+            self.counts[k] += 1
+
+    @torch.no_grad()
+    def fit(self, codes: Tensor, *, iters: int = 25, seed: int = 0) -> Tensor:
+        """k-means++ initialisation + Lloyd iterations on codes [M, L, d]; returns the assignment [M]."""
+        flat = codes.reshape(codes.shape[0], -1)
+        k = self.cfg.n_prototypes
+        g = torch.Generator().manual_seed(seed)
+        first = int(torch.randint(flat.shape[0], (1,), generator=g))
+        centres = [flat[first]]
+        d2 = (flat - centres[0]).pow(2).sum(1)
+        for _ in range(1, k):
+            probs = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / len(d2))
+            nxt = int(torch.multinomial(probs, 1, generator=g))
+            centres.append(flat[nxt])
+            d2 = torch.minimum(d2, (flat - flat[nxt]).pow(2).sum(1))
+        mu = torch.stack(centres)
+        assignment = torch.cdist(flat, mu).argmin(1)
+        for _ in range(iters):
+            for j in range(k):
+                members = flat[assignment == j]
+                if len(members):
+                    mu[j] = members.mean(0)
+            new = torch.cdist(flat, mu).argmin(1)
+            if torch.equal(new, assignment):
+                break
+            assignment = new
+        self.centres.copy_(mu.view_as(self.centres))
+        self.counts.copy_(torch.bincount(assignment, minlength=k).float())
+        return assignment
+
+
+# --------------------------------------------------------------------------------------------- the whole
+
+
+class PersonaModel(nn.Module):
+    """Device model + cloud adapter + prototype bank, with the three ways to edit a session.
+
+    - ``session_edit(history, mode="prototype")``: prototype edit + clipped residual (Persona);
+    - ``mode="session"``: the adapter's edit from the session code alone (no prototypes, DUET-like);
+    - no edit: the base model.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.device_model = DeviceModel(cfg)
+        self.adapter = CloudAdapter(cfg)
+        self.bank = PrototypeBank(cfg)
+
+    def recent(self, history: Tensor) -> Tensor:
+        """The adapter's window: the last ``adapter_window`` positions of the history [B, T] → [B, W]."""
+        return history[:, -self.cfg.adapter_window :]
+
+    def codes(self, history: Tensor) -> Tensor:
+        """Edit codes [B, L, d] of the sessions whose histories are [B, T]."""
+        recent = self.recent(history)
+        emb = self.device_model.items(recent)
+        return self.adapter.codes(emb, recent != PAD)
+
+    def edit_for(self, codes: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
+        """Edits from codes [B, L, d]. In prototype mode also returns each session's prototype."""
+        if mode == "session":
+            return self.adapter.edit_from_codes(codes)
+        proto = self.bank.assign(codes)
+        centre = self.bank.centres[proto]
+        base = self.adapter.edit_from_codes(centre)
+        rt = self.cfg.residual_tau
+        res_w, res_b = self.adapter.raw_edit(codes - centre)
+        return Edit(base.weight + res_w.clamp(-rt, rt), base.bias + res_b.clamp(-rt, rt), proto)
+
+    def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
+        return self.edit_for(self.codes(history), mode)
+
+    def score(self, history: Tensor, edit: Edit | None = None, targets: Tensor | None = None) -> Tensor:
+        """Scores [B, N] of the (edited) device model; ``targets`` = cached ``item_targets()``."""
+        return self.device_model(history, edit, targets)
+
+    def freeze_device_model(self) -> None:
+        for p in self.device_model.parameters():
+            p.requires_grad_(False)
+
+
+def cross_entropy(scores: Tensor, targets: Tensor) -> Tensor:
+    """Next-item loss over the full catalogue; padding and unknown never count as answers."""
+    scores = scores.clone()
+    scores[:, PAD] = float("-inf")
+    scores[:, UNK] = float("-inf")
+    return F.cross_entropy(scores, targets)
+
+
+def edit_norm_ratio(model: PersonaModel, edit: Edit) -> Tensor:
+    """‖ΔW‖ / ‖W‖ per session [B]: how far an edit moves the head (a drift signal)."""
+    base = model.device_model.head_weight.norm()
+    return edit.weight.flatten(1).norm(dim=1) / base.clamp(min=1e-12)

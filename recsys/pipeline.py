@@ -1,0 +1,176 @@
+"""Dataset → split → trained model → bundle, and bundle → ready-to-use model.
+
+The bundle records how its data was prepared (source, columns, k-core, protocol) and the data's
+fingerprint, so evaluation rebuilds exactly the same split and refuses data that changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.bundle import Bundle, load_bundle, save_bundle
+from recsys.data import fingerprint, load_interactions
+from recsys.errors import BundleError, DataError
+from recsys.model import ModelConfig, PersonaModel
+from recsys.splits import Split, k_core, make_split
+from recsys.train import TrainConfig, TrainResult, train_persona
+from recsys.vocab import ItemVocab
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("time-shift", "leave-one-out")
+
+
+@dataclass
+class DatasetSpec:
+    """How the training data was obtained and cut; stored in the bundle as ``dataset.json``."""
+
+    source: str = "ml-100k"
+    user_col: str | None = None
+    item_col: str | None = None
+    time_col: str | None = None
+    min_user: int = 5
+    min_item: int = 5
+    protocol: str = "time-shift"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Prepared:
+    spec: DatasetSpec
+    interactions: pl.DataFrame
+    split: Split
+    fingerprint: str
+
+
+def prepare(spec: DatasetSpec, *, max_len: int = 50) -> Prepared:
+    """Load, k-core filter and split the data as ``spec`` says."""
+    if spec.protocol not in PROTOCOLS:
+        raise DataError(f"unknown protocol {spec.protocol!r}", f"use one of: {', '.join(PROTOCOLS)}")
+    df = load_interactions(spec.source, user_col=spec.user_col, item_col=spec.item_col, time_col=spec.time_col)
+    df = k_core(df, spec.min_user, spec.min_item)
+    if df.height == 0:
+        raise DataError(
+            f"no interactions left after {spec.min_user}-core users / {spec.min_item}-core items",
+            "lower --min-user/--min-item or use a larger dataset",
+        )
+    split = make_split(df, spec.protocol, max_len=max_len)
+    log.info(
+        "data %s: %d interactions, %d users, %d items; train/valid/test examples %d/%d/%d",
+        spec.source,
+        df.height,
+        int(split.stats.get("n_users", 0)),
+        split.vocab.size - 2,
+        len(split.train),
+        len(split.valid),
+        len(split.test),
+    )
+    return Prepared(spec, df, split, fingerprint(df))
+
+
+@dataclass
+class TrainedModel:
+    """A bundle loaded for use: the model (eval mode), its no-prototype ablation, vocabulary and metadata."""
+
+    model: PersonaModel
+    no_prototype_model: PersonaModel
+    vocab: ItemVocab
+    spec: DatasetSpec
+    train_config: TrainConfig
+    item_counts: np.ndarray
+    bundle: Bundle
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+
+def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainConfig, *, overwrite: bool) -> Bundle:
+    model = result.model
+    return save_bundle(
+        out,
+        tensors={
+            "model": model.state_dict(),
+            "adapter_no_prototypes": result.no_prototype_adapter,
+            "stats": {"item_counts": torch.from_numpy(prepared.split.item_counts.astype(np.int64))},
+        },
+        documents={
+            "config": {"model": model.cfg.to_dict(), "train": tc.to_dict()},
+            "vocab": prepared.split.vocab.to_json(),
+            "dataset": {"spec": prepared.spec.to_dict(), "stats": prepared.split.stats},
+            "metrics": {
+                "valid": result.valid_metrics,
+                "chosen_k": result.chosen_k,
+                "k_scores": {str(k): v for k, v in result.k_scores.items()},
+                "stages": [asdict(s) for s in result.stages],
+            },
+        },
+        data_fingerprint=prepared.fingerprint,
+        overwrite=overwrite,
+    )
+
+
+def train_bundle(
+    spec: DatasetSpec,
+    out: Path,
+    *,
+    model_overrides: dict[str, Any] | None = None,
+    tc: TrainConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Bundle, TrainResult]:
+    """``persona train``: prepare the data, run the three stages, write the bundle."""
+    tc = tc or TrainConfig()
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists", "pass --overwrite to replace it or choose another --out")
+    base_cfg = ModelConfig(n_items=1)
+    prepared = prepare(spec, max_len=(model_overrides or {}).get("max_len", base_cfg.max_len))
+    cfg = ModelConfig.from_dict({**(model_overrides or {}), "n_items": prepared.split.vocab.size})
+    result = train_persona(prepared.split, cfg, tc, progress=progress)
+    bundle = save_trained(out, prepared, result, tc, overwrite=overwrite)
+    log.info("wrote bundle %s (version %s)", out, bundle.version)
+    return bundle, result
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """Load and verify a bundle; refuses one this code cannot rebuild, with a clear message."""
+    bundle = load_bundle(path)
+    try:
+        cfg = ModelConfig.from_dict(bundle.documents["config"]["model"])
+        tc = TrainConfig.from_dict(bundle.documents["config"]["train"])
+        spec = DatasetSpec.from_dict(bundle.documents["dataset"]["spec"])
+        vocab = ItemVocab.from_json(bundle.documents["vocab"])
+        state = bundle.tensors["model"]
+        no_proto_state = bundle.tensors["adapter_no_prototypes"]
+        counts = bundle.tensors["stats"]["item_counts"].numpy()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f"bundle {path} lacks a part this persona needs ({exc})", "retrain with `persona train`"
+        ) from None
+    model = PersonaModel(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(
+            f"bundle {path} does not fit this model code: {first}", "retrain with `persona train`"
+        ) from None
+    model.eval()
+    no_proto = PersonaModel(cfg)
+    no_proto.load_state_dict(state)
+    no_proto.adapter.load_state_dict(no_proto_state)
+    no_proto.eval()
+    return TrainedModel(model, no_proto, vocab, spec, tc, counts, bundle)

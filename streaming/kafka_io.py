@@ -1,0 +1,180 @@
+"""Small Kafka helpers on kafka-python, cluster-agnostic (plain Kafka protocol, nothing broker-specific).
+
+Connection failures become :class:`PersonaError` naming the bootstrap address and the setting to fix,
+so the CLI prints one line instead of a client stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
+
+from recsys.errors import PersonaError
+from streaming.events import Rejection
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DLQ_HEADER_DETAIL",
+    "DLQ_HEADER_REASON",
+    "DLQ_HEADER_SOURCE_OFFSET",
+    "DLQ_HEADER_SOURCE_PARTITION",
+    "DLQ_HEADER_SOURCE_TOPIC",
+    "dlq_send",
+    "ensure_topics",
+    "kafka_unreachable",
+    "make_consumer",
+    "make_producer",
+]
+
+DLQ_HEADER_REASON = "persona-reject-reason"
+DLQ_HEADER_DETAIL = "persona-reject-detail"
+DLQ_HEADER_SOURCE_TOPIC = "persona-source-topic"
+DLQ_HEADER_SOURCE_PARTITION = "persona-source-partition"
+DLQ_HEADER_SOURCE_OFFSET = "persona-source-offset"
+
+# How long a client waits for the first broker before we call the cluster unreachable.
+BOOTSTRAP_TIMEOUT_MS = 10_000
+
+
+def kafka_unreachable(bootstrap: str, exc: BaseException | None = None) -> PersonaError:
+    """The one error every Kafka entry point raises when the cluster cannot be reached."""
+    cause = f" ({exc})" if exc is not None else ""
+    return PersonaError(
+        f"cannot reach Kafka at {bootstrap}{cause}",
+        "set PERSONA_KAFKA_BOOTSTRAP (or kafka_bootstrap in the config file), or start a dev broker with "
+        "`persona broker`",
+    )
+
+
+def ensure_topics(
+    bootstrap: str, topics: dict[str, int], replication: int = 1, *, timeout_ms: int = 10_000
+) -> list[str]:
+    """Create each missing topic with its partition count; return the names actually created.
+
+    Idempotent and race-safe: a topic that exists (or that another process creates meanwhile) is fine.
+    An existing topic is never altered; if it has fewer partitions than asked, we log a warning.
+    """
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, client_id="persona-admin", bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS
+        )
+    except KafkaError as exc:
+        raise kafka_unreachable(bootstrap, exc) from exc
+    created: list[str] = []
+    try:
+        existing = {t["name"]: t for t in admin.describe_topics(list(topics))} if topics else {}
+        missing = {
+            name: n for name, n in topics.items() if name not in existing or existing[name].get("error_code", 0) != 0
+        }
+        for name, wanted in topics.items():
+            have = len(existing.get(name, {}).get("partitions") or [])
+            if name not in missing and have < wanted:
+                log.warning("topic %s has %d partitions, fewer than the %d configured", name, have, wanted)
+        for name, partitions in missing.items():
+            try:
+                admin.create_topics(
+                    {name: {"num_partitions": partitions, "replication_factor": replication}},
+                    timeout_ms=timeout_ms,
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                log.debug("topic %s was created concurrently", name)
+        if missing:
+            admin.wait_for_topics(list(missing), timeout_ms=timeout_ms)
+    except KafkaError as exc:
+        raise PersonaError(
+            f"could not create Kafka topics {sorted(topics)} on {bootstrap}: {type(exc).__name__}: {exc}",
+            "check PERSONA_KAFKA_BOOTSTRAP and that the cluster allows topic creation",
+        ) from exc
+    finally:
+        admin.close()
+    if created:
+        log.info("created Kafka topics %s", ", ".join(created))
+    return created
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """A producer for keyed byte messages: acks=all, idempotent, 10 ms linger and big batches (throughput)."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": "persona-producer",
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 10,
+        "batch_size": 256 * 1024,
+        "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
+        "max_block_ms": 30_000,
+    }
+    config.update(overrides)
+    try:
+        return KafkaProducer(**config)
+    except KafkaError as exc:
+        raise kafka_unreachable(bootstrap, exc) from exc
+
+
+def make_consumer(
+    bootstrap: str,
+    group: str,
+    topics: list[str] | tuple[str, ...],
+    *,
+    session_timeout_ms: int = 45_000,
+    heartbeat_interval_ms: int = 3_000,
+    max_poll_records: int = 500,
+    **overrides: Any,
+) -> KafkaConsumer:
+    """A group consumer with manual commits (offsets are committed after the store transaction).
+
+    Tests pass ``session_timeout_ms=2000, heartbeat_interval_ms=500``: the first group join takes about
+    half the session timeout.
+    """
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": group,
+        "client_id": f"persona-consumer-{group}",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": session_timeout_ms,
+        "heartbeat_interval_ms": heartbeat_interval_ms,
+        "max_poll_records": max_poll_records,
+        "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
+    }
+    config.update(overrides)
+    try:
+        consumer = KafkaConsumer(**config)
+        if topics:
+            consumer.subscribe(list(topics))
+    except KafkaError as exc:
+        raise kafka_unreachable(bootstrap, exc) from exc
+    return consumer
+
+
+def dlq_send(
+    producer: KafkaProducer,
+    dlq_topic: str,
+    raw: bytes,
+    key: bytes | None,
+    rejection: Rejection,
+    source_topic: str,
+    partition: int,
+    offset: int,
+) -> FutureRecordMetadata:
+    """Publish a rejected message unchanged (same key, original bytes) with the reason in headers.
+
+    Keeping the exact bytes lets an operator fix and re-publish; headers make the DLQ greppable without
+    parsing the payload (which may not be JSON at all).
+    """
+    headers = [
+        (DLQ_HEADER_REASON, str(rejection.reason).encode()),
+        (DLQ_HEADER_DETAIL, rejection.detail.encode("utf-8", "replace")[:1024]),
+        (DLQ_HEADER_SOURCE_TOPIC, source_topic.encode()),
+        (DLQ_HEADER_SOURCE_PARTITION, str(partition).encode()),
+        (DLQ_HEADER_SOURCE_OFFSET, str(offset).encode()),
+    ]
+    return producer.send(dlq_topic, value=raw, key=key, headers=headers, timestamp_ms=int(time.time() * 1000))

@@ -1,0 +1,102 @@
+"""Synthetic stream: right shape, deterministic, and the late-period interest shift is real."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.errors import DataError
+from recsys.splits import make_split
+from recsys.synthetic import SyntheticConfig, generate
+
+TINY = SyntheticConfig(users=150, items=200, events=15_000, clusters=10, seed=7)
+
+
+def _with_period(df: pl.DataFrame) -> pl.DataFrame:
+    """Per-user consecutive pairs, marked late when the later event is in the last 30% of the stream."""
+    return (
+        df.with_row_index("step")
+        .with_columns(late=pl.col("step") >= int(0.7 * df.height))
+        .sort("user_id", "step")
+        .with_columns(prev=pl.col("cluster").shift(1).over("user_id"))
+        .filter(pl.col("prev").is_not_null())
+    )
+
+
+def test_shape_ids_and_time_order() -> None:
+    df = generate(TINY)
+    assert dict(df.schema) == {"user_id": pl.Utf8, "item_id": pl.Utf8, "ts": pl.Float64}
+    assert df.height == TINY.events
+    assert df.get_column("user_id").n_unique() == TINY.users  # every user gets at least 5 events
+    assert df.group_by("user_id").len().get_column("len").to_numpy().min() >= 5
+    assert df.get_column("item_id").n_unique() <= TINY.items
+    assert df.get_column("ts").diff().drop_nulls().to_numpy().min() > 0  # strictly increasing, users interleaved
+    assert df.get_column("user_id").head(50).n_unique() > 20
+
+
+def test_deterministic_per_seed() -> None:
+    assert generate(TINY).equals(generate(TINY))
+    other = SyntheticConfig(**{**TINY.__dict__, "seed": 8})
+    assert not generate(other).equals(generate(TINY))
+
+
+def test_each_item_belongs_to_one_cluster_with_skewed_popularity() -> None:
+    df = generate(TINY, with_cluster=True)
+    assert df.group_by("item_id").agg(pl.col("cluster").n_unique()).get_column("cluster").max() == 1
+    counts = df.group_by("item_id").len().get_column("len").to_numpy()
+    assert counts.max() > 5 * np.median(counts)  # Zipf head
+
+
+def test_late_period_shifts_interests() -> None:
+    pairs = _with_period(generate(TINY, with_cluster=True)).with_columns(same=pl.col("cluster") == pl.col("prev"))
+    rate = dict(pairs.group_by("late").agg(pl.col("same").mean()).iter_rows())
+    assert rate[False] > 0.9  # shift_prob = 0.05: users stay put
+    assert rate[True] < rate[False] - 0.1  # late_shift_prob = 0.25: they jump a lot more
+
+    # Late jumps mostly land on clusters the user never visited before the late period.
+    df = generate(TINY, with_cluster=True).with_row_index("step")
+    early = df.filter(pl.col("step") < int(0.7 * df.height)).select("user_id", "cluster").unique()
+    late = df.filter(pl.col("step") >= int(0.7 * df.height))
+    unseen = late.join(early, on=["user_id", "cluster"], how="anti").height / late.height
+    assert unseen > 0.4
+
+
+def test_no_shift_when_probabilities_are_zero() -> None:
+    cfg = SyntheticConfig(users=50, items=100, events=3000, clusters=5, shift_prob=0.0, late_shift_prob=0.0)
+    pairs = _with_period(generate(cfg, with_cluster=True))
+    assert (pairs.get_column("cluster") == pairs.get_column("prev")).all()
+
+
+def test_splits_cleanly() -> None:
+    split = make_split(generate(TINY), "time-shift")
+    assert len(split.train) and len(split.valid) and len(split.test)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"users": 0}, "users=0"),
+        ({"items": -1}, "items=-1"),
+        ({"events": 2.5}, "events=2.5"),
+        ({"clusters": 0}, "clusters=0"),
+        ({"shift_prob": 1.5}, "shift_prob"),
+        ({"late_shift_prob": -0.1}, "late_shift_prob"),
+        ({"zipf": -1.0}, "zipf"),
+        ({"clusters": 300, "items": 200}, "exceeds items"),
+    ],
+)
+def test_invalid_config_raises_data_error(changes: dict, match: str) -> None:
+    cfg = SyntheticConfig(**{**TINY.__dict__, **changes})
+    with pytest.raises(DataError, match=match):
+        generate(cfg)
+
+
+@pytest.mark.slow
+def test_ten_million_events_in_well_under_a_minute() -> None:
+    import time
+
+    start = time.perf_counter()
+    df = generate(SyntheticConfig(users=1_000_000, items=1_000_000, events=10_000_000, clusters=200))
+    assert df.height == 10_000_000
+    assert time.perf_counter() - start < 30
