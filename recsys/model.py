@@ -330,15 +330,8 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def refine(self, codes: Tensor, assignment: Tensor) -> None:
-        """Streaming k-means, one code at a time in order: ``μ_k ← μ_k + η_k (c − μ_k)``.
-
-        ``η_k = max(1 / (n_k + n0), floor)``: early sessions move a centre a lot, later ones less,
-        and the floor keeps every prototype adapting under drift.
-        """
-        for k, c in zip(assignment.tolist(), codes, strict=True):
-            eta = max(1.0 / (float(self.counts[k]) + self.cfg.proto_n0), self.cfg.proto_eta_floor)
-            self.centres[k] += eta * (c - self.centres[k])
-            self.counts[k] += 1
+        """Move the assigned centres toward codes [B, L, d] (see :func:`refine_centres`)."""
+        refine_centres(self.centres, self.counts, codes, assignment, self.cfg)
 
     @torch.no_grad()
     def fit(self, codes: Tensor, *, iters: int = 25, seed: int = 0) -> Tensor:
@@ -368,6 +361,19 @@ class PrototypeBank(nn.Module):
         self.centres.copy_(mu.view_as(self.centres))
         self.counts.copy_(torch.bincount(assignment, minlength=k).float())
         return assignment
+
+
+@torch.no_grad()
+def refine_centres(centres: Tensor, counts: Tensor, codes: Tensor, assignment: Tensor, cfg: ModelConfig) -> None:
+    """Streaming k-means in place, one code at a time in order: ``μ_k ← μ_k + η_k (c − μ_k)``.
+
+    ``η_k = max(1 / (n_k + n0), floor)``: early sessions move a centre a lot, later ones less, and the
+    floor keeps every prototype adapting under drift. centres [K, L, d], counts [K], codes [B, L, d].
+    """
+    for k, c in zip(assignment.tolist(), codes, strict=True):
+        eta = max(1.0 / (float(counts[k]) + cfg.proto_n0), cfg.proto_eta_floor)
+        centres[k] += eta * (c - centres[k])
+        counts[k] += 1
 
 
 # --------------------------------------------------------------------------------------------- the whole
@@ -402,12 +408,15 @@ class PersonaModel(nn.Module):
         """Edits from codes [B, L, d]. In prototype mode also returns each session's prototype."""
         if mode == "session":
             return self.adapter.edit_from_codes(codes)
-        proto = self.bank.assign(codes)
-        centre = self.bank.centres[proto]
+        return self.prototype_edit(codes, self.bank.centres, self.bank.assign(codes))
+
+    def prototype_edit(self, codes: Tensor, centres: Tensor, prototypes: Tensor) -> Edit:
+        """``ΔW(μ_k) + clip(G (c − μ_k), ±residual_tau)`` for codes [B, L, d], centres [K, L, d], ids [B]."""
+        centre = centres[prototypes]
         base = self.adapter.edit_from_codes(centre)
         rt = self.cfg.residual_tau
         res_w, res_b = self.adapter.raw_edit(codes - centre)
-        return Edit(base.weight + res_w.clamp(-rt, rt), base.bias + res_b.clamp(-rt, rt), proto)
+        return Edit(base.weight + res_w.clamp(-rt, rt), base.bias + res_b.clamp(-rt, rt), prototypes)
 
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
         return self.edit_for(self.codes(history), mode)

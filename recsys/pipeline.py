@@ -17,6 +17,7 @@ import torch
 
 from recsys.bundle import Bundle, load_bundle, save_bundle
 from recsys.data import fingerprint, load_interactions
+from recsys.drift import DriftReference, drift_reference
 from recsys.errors import BundleError, DataError
 from recsys.model import ModelConfig, PersonaModel
 from recsys.splits import Split, k_core, make_split
@@ -91,6 +92,7 @@ class TrainedModel:
     spec: DatasetSpec
     train_config: TrainConfig
     item_counts: np.ndarray
+    drift: DriftReference
     bundle: Bundle
 
     @property
@@ -110,6 +112,7 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
         documents={
             "config": {"model": model.cfg.to_dict(), "train": tc.to_dict()},
             "vocab": prepared.split.vocab.to_json(),
+            "drift": drift_reference(model, prepared.split.valid).to_json(),
             "dataset": {"spec": prepared.spec.to_dict(), "stats": prepared.split.stats},
             "metrics": {
                 "valid": result.valid_metrics,
@@ -156,6 +159,7 @@ def load_trained(path: Path) -> TrainedModel:
         state = bundle.tensors["model"]
         no_proto_state = bundle.tensors["adapter_no_prototypes"]
         counts = bundle.tensors["stats"]["item_counts"].numpy()
+        drift = DriftReference.from_json(bundle.documents["drift"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(
             f"bundle {path} lacks a part this persona needs ({exc})", "retrain with `persona train`"
@@ -173,4 +177,4 @@ def load_trained(path: Path) -> TrainedModel:
     no_proto.load_state_dict(state)
     no_proto.adapter.load_state_dict(no_proto_state)
     no_proto.eval()
-    return TrainedModel(model, no_proto, vocab, spec, tc, counts, bundle)
+    return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle)

@@ -15,8 +15,8 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
+from persona.events import Rejection
 from recsys.errors import PersonaError
-from streaming.events import Rejection
 
 log = logging.getLogger(__name__)
 

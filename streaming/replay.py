@@ -23,8 +23,8 @@ import polars as pl
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from persona.events import Event
 from recsys.errors import PersonaError
-from streaming.events import Event
 
 log = logging.getLogger(__name__)
 

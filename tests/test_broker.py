@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
+from persona.events import Rejection, RejectReason
 from recsys.errors import PersonaError
 from streaming.broker import EmbeddedBroker
-from streaming.events import Rejection, RejectReason
 from streaming.kafka_io import dlq_send, ensure_topics, make_consumer, make_producer
 from tests.fixtures_kafka import FAST_GROUP
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from streaming.events import (
+from persona.events import (
     Event,
     Rejection,
     RejectReason,

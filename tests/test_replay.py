@@ -11,9 +11,9 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from persona.cli import main
+from persona.events import Event, parse_event
 from streaming import replay as replay_mod
 from streaming.broker import EmbeddedBroker
-from streaming.events import Event, parse_event
 from streaming.kafka_io import make_consumer, make_producer
 from streaming.replay import dataset_fingerprint, event_id_for, replay
 from tests.fixtures_kafka import FAST_GROUP

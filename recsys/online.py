@@ -1,0 +1,181 @@
+"""A trained model ready for live use: item ids in, codes, edits and rankings out (METHOD.md §6).
+
+This is the one place the consumer and the API turn session state into model inputs, so both agree
+exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain Python values.
+
+    >>> online = OnlineModel.load(Path("bundle"))                       # doctest: +SKIP
+    >>> hist = online.histories([["50", "172", "133"]])
+    >>> codes = online.codes(hist)                                     # [1, L, d]
+    >>> edit = online.edit(codes)                                      # nearest prototype + residual
+    >>> items, scores = online.rank(hist, edit, k=10)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recsys.metrics import target_ranks
+from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, edit_norm_ratio, refine_centres
+from recsys.pipeline import TrainedModel, load_trained
+from recsys.vocab import ItemVocab
+
+
+@dataclass(frozen=True)
+class BankState:
+    """A snapshot of the prototype centres [K, L, d] and their counts [K], with the version it came from."""
+
+    centres: Tensor
+    counts: Tensor
+    version: int = 0
+
+
+class OnlineModel:
+    """Inference-only wrapper around a bundle; thread-safe for concurrent requests (no mutable state)."""
+
+    def __init__(self, trained: TrainedModel) -> None:
+        self.trained = trained
+        self.model: PersonaModel = trained.model
+        self.model.eval()
+        self.cfg: ModelConfig = self.model.cfg
+        self.vocab: ItemVocab = trained.vocab
+        self.version: str = trained.version
+        self._lock = threading.Lock()
+        with torch.inference_mode():
+            self.item_targets = self.model.device_model.item_targets().clone()
+        self.initial_bank = BankState(self.model.bank.centres.clone(), self.model.bank.counts.clone(), 0)
+        self.item_counts = trained.item_counts
+        self.drift = trained.drift
+        self._index = {item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)}
+
+    @classmethod
+    def load(cls, path: Path) -> OnlineModel:
+        return cls(load_trained(path))
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def n_items(self) -> int:
+        return self.vocab.size
+
+    def index_of(self, item_id: str) -> int:
+        """Vocabulary index of an item id; ``UNK`` (1) when the model does not know it."""
+        return self._index.get(item_id, UNK)
+
+    def known(self, item_id: str) -> bool:
+        return item_id in self._index
+
+    def histories(self, recent: Sequence[Sequence[str]]) -> Tensor:
+        """Left-padded history [B, T] of each session's item ids (most recent last; unknown → UNK)."""
+        t = self.cfg.max_len
+        out = torch.zeros(len(recent), t, dtype=torch.long)
+        for row, items in enumerate(recent):
+            idx = [self.index_of(i) for i in list(items)[-t:]]
+            if idx:
+                out[row, t - len(idx) :] = torch.tensor(idx, dtype=torch.long)
+        return out
+
+    # ------------------------------------------------------------------ edits
+    @torch.inference_mode()
+    def codes(self, histories: Tensor) -> Tensor:
+        """Edit codes [B, L, d] of the sessions."""
+        return self.model.codes(histories)
+
+    def _bank(self, bank: BankState | None) -> BankState:
+        return bank or self.initial_bank
+
+    @torch.inference_mode()
+    def assign(self, codes: Tensor, bank: BankState | None = None) -> Tensor:
+        """Nearest prototype [B] of each code."""
+        centres = self._bank(bank).centres
+        return torch.cdist(codes.flatten(1), centres.flatten(1)).argmin(1)
+
+    @torch.inference_mode()
+    def edit(self, codes: Tensor, bank: BankState | None = None, prototypes: Tensor | None = None) -> Edit:
+        """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
+        b = self._bank(bank)
+        proto = self.assign(codes, b) if prototypes is None else prototypes
+        return self.model.prototype_edit(codes, b.centres, proto)
+
+    @torch.inference_mode()
+    def edit_norm_ratio(self, edit: Edit) -> Tensor:
+        return edit_norm_ratio(self.model, edit)
+
+    @torch.inference_mode()
+    def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:
+        """Distance of each code to its prototype's centre [B] (the OOD signal before scaling)."""
+        return (codes - self._bank(bank).centres[prototypes]).flatten(1).norm(dim=1)
+
+    # ------------------------------------------------------------------ scores
+    @torch.inference_mode()
+    def scores(self, histories: Tensor, edit: Edit | None = None) -> Tensor:
+        """Scores [B, N] of the base (``edit=None``) or edited device model; PAD/UNK never rank."""
+        s = self.model.score(histories, edit, self.item_targets)
+        s[:, PAD] = float("-inf")
+        s[:, UNK] = float("-inf")
+        return s
+
+    @torch.inference_mode()
+    def rank(
+        self,
+        histories: Tensor,
+        edit: Edit | None = None,
+        *,
+        k: int = 10,
+        exclude_seen: bool = False,
+        candidates: Sequence[Sequence[int]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Top-k item indices and scores, each [B, k'] (k' = min(k, rankable items)).
+
+        ``exclude_seen`` drops the items in each history; ``candidates`` restricts each row to those indices.
+        """
+        s = self.scores(histories, edit)
+        if exclude_seen:
+            s.scatter_(1, histories, float("-inf"))
+            s[:, PAD] = float("-inf")
+        if candidates is not None:
+            allowed = torch.full_like(s, float("-inf"))
+            for row, cand in enumerate(candidates):
+                idx = torch.tensor([c for c in cand if c > UNK], dtype=torch.long)
+                if len(idx):
+                    allowed[row, idx] = 0.0
+            s = s + allowed
+        kk = min(k, s.shape[1] - 2)
+        top = torch.topk(s, kk, dim=1)
+        return top.indices, top.values
+
+    @torch.inference_mode()
+    def target_ranks(self, histories: Tensor, targets: Tensor, edit: Edit | None = None) -> Tensor:
+        """0-based full-catalogue rank [B] of each target (the prequential hit check)."""
+        return target_ranks(self.scores(histories, edit), targets)
+
+    def decode(self, indices: Tensor | np.ndarray | Sequence[int]) -> list[str]:
+        return self.vocab.decode(np.asarray(indices, dtype=np.int64))
+
+
+def code_to_bytes(code: Tensor) -> bytes:
+    """One session's code [L, d] as float32 bytes for the store (rows stay small: L·d·4 bytes)."""
+    return code.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def code_from_bytes(raw: bytes, cfg: ModelConfig) -> Tensor:
+    """Inverse of :func:`code_to_bytes`; raises ``ValueError`` when the size does not fit the model."""
+    arr = np.frombuffer(raw, dtype=np.float32)
+    if arr.size != cfg.n_edit_layers * cfg.code_dim:
+        raise ValueError(f"stored code has {arr.size} floats, model expects {cfg.n_edit_layers * cfg.code_dim}")
+    return torch.from_numpy(arr.copy()).view(cfg.n_edit_layers, cfg.code_dim)
+
+
+def refine_bank(bank: BankState, codes: Tensor, prototypes: Tensor, cfg: ModelConfig) -> BankState:
+    """Streaming k-means over codes [B, L, d] in order: ``μ_k ← μ_k + η_k (c − μ_k)`` (METHOD.md §3).
+
+    Returns a new state (version + 1); the input is left untouched so readers never see half an update.
+    """
+    centres, counts = bank.centres.clone(), bank.counts.clone()
+    refine_centres(centres, counts, codes, prototypes, cfg)
+    return BankState(centres, counts, bank.version + 1)
