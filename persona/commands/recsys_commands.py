@@ -47,6 +47,7 @@ def train(
     min_item: Annotated[int, typer.Option(min=1, help="k-core: keep items with at least this many events.")] = 5,
     encoder: Annotated[str, typer.Option(help="Sequence encoder of the device model: sasrec or gru4rec.")] = "sasrec",
     dim: Annotated[int, typer.Option(min=8, help="Embedding width D.")] = 64,
+    max_len: Annotated[int, typer.Option(min=2, help="History length T the device model reads.")] = 50,
     edit_layers: Annotated[int, typer.Option(min=1, max=4, help="Editable head layers L.")] = 2,
     code_dim: Annotated[int, typer.Option(min=4, help="Edit code width d.")] = 32,
     edit_rank: Annotated[int, typer.Option(min=0, help="0 = full D×D edits; r > 0 = rank-r edits.")] = 0,
@@ -81,6 +82,7 @@ def train(
     overrides = {
         "encoder": encoder,
         "dim": dim,
+        "max_len": max_len,
         "n_edit_layers": edit_layers,
         "code_dim": code_dim,
         "edit_rank": edit_rank,

@@ -1,0 +1,106 @@
+"""`persona train` → `persona evaluate` end to end on synthetic data, and the CLI's answers to bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from persona.cli import main
+
+TINY = "synthetic:users=150,items=80,events=5000,clusters=6"
+TINY_ARGS = [
+    "--dataset", TINY, "--min-user", "2", "--min-item", "2", "--dim", "16", "--code-dim", "8", "--max-len", "15",
+    "--epochs", "2", "--adapter-epochs", "1", "--proto-rounds", "1", "--prototypes", "2,4", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("offline") / "bundle"
+    assert main(["train", "--out", str(out), *TINY_ARGS]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_writes_every_method_and_timing(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--model", str(bundle), "--json", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "time-shift"
+    assert report["dataset"] == TINY
+    expected = {"popularity", "base", "persona", "persona-no-prototypes", "persona-static-prototypes", "finetune"}
+    assert set(report["methods"]) == expected
+    for metrics in report["methods"].values():
+        assert set(metrics) >= {"hr@5", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"}
+        assert 0.0 <= metrics["hr@5"] <= metrics["hr@10"] <= metrics["hr@20"] <= 1.0
+        assert metrics["ndcg@10"] <= metrics["ndcg@20"]
+    assert set(report["timing"]) >= {"edit_ms_per_session", "finetune_ms_per_session", "edit_batch_sessions_per_s"}
+    assert report["timing"]["edit_ms_per_session"] > 0
+
+
+@pytest.mark.slow
+def test_bundle_records_validation_metrics_and_chosen_k(bundle: Path) -> None:
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    assert metrics["chosen_k"] in (2, 4)
+    assert set(metrics["k_scores"]) == {"2", "4"}
+    assert {"base", "persona", "persona-no-prototypes"} <= set(metrics["valid"])
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_protocol_the_bundle_was_not_trained_for(
+    bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", "--model", str(bundle), "--protocol", "leave-one-out", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "time-shift" in err[0]
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_tampered_bundle(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["evaluate", "--model", str(copy), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dataset", "no-such-dataset"], "no-such-dataset"),
+        (["--dataset", "{csv}", "--user-col", "nope"], "nope"),
+        (["--dataset", "{empty}"], "empty"),
+        (["--dataset", "{badtime}"], "when"),
+        (["--dataset", "synthetic:users=3,items=4,events=30", "--min-user", "1", "--min-item", "1"], "item"),
+        (["--encoder", "lstm"], "encoder"),
+        (["--prototypes", "four"], "prototypes"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_exit_2(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "events.csv"
+    csv.write_text("user,item,when\nu1,i1,1\nu1,i2,2\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("user,item,when\n")
+    badtime = tmp_path / "badtime.csv"
+    badtime.write_text("user,item,when\nu1,i1,yesterday\nu1,i2,today\n")
+    files = {"{csv}": str(csv), "{empty}": str(empty), "{badtime}": str(badtime)}
+    args = [files.get(a, a) for a in args]
+    code = main(["train", "--out", str(tmp_path / "b"), *args, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and needle.lower() in err[0].lower()
+
+
+def test_evaluate_a_missing_bundle_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(tmp_path / "none")]) == 2
+    assert "persona train" in capsys.readouterr().err
