@@ -376,6 +376,24 @@ def refine_centres(centres: Tensor, counts: Tensor, codes: Tensor, assignment: T
         counts[k] += 1
 
 
+@torch.no_grad()
+def reseed_idle(centres: Tensor, counts: Tensor, idle: Tensor, codes: Tensor, distances: Tensor) -> list[int]:
+    """Idle prototypes restart at the codes of the worst-served sessions (largest distance to their centre).
+
+    A prototype that receives nothing for a long window serves nobody; moving it onto the sessions the bank
+    fits worst lets new user groups (a real-time shift) get a prototype of their own. In place;
+    idle bool [K], codes [B, L, d], distances [B]. Returns the re-seeded prototype ids.
+    """
+    idle_ids = idle.nonzero().flatten().tolist()
+    worst = distances.argsort(descending=True).tolist()
+    reseeded = []
+    for k, i in zip(idle_ids, worst, strict=False):
+        centres[k] = codes[i]
+        counts[k] = 0
+        reseeded.append(k)
+    return reseeded
+
+
 # --------------------------------------------------------------------------------------------- the whole
 
 

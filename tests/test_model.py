@@ -15,6 +15,7 @@ from recsys.model import (
     PrototypeBank,
     cross_entropy,
     last_state,
+    reseed_idle,
 )
 
 
@@ -167,3 +168,15 @@ def test_finetune_baseline_lowers_the_sessions_own_loss() -> None:
         before = cross_entropy(model.score(prefix, none), h[:, -1])
         after = cross_entropy(model.score(prefix, edit), h[:, -1])
     assert after < before
+
+
+def test_idle_prototypes_are_reseeded_at_the_worst_served_sessions() -> None:
+    centres = torch.zeros(3, 1, 2)
+    counts = torch.tensor([5.0, 7.0, 9.0])
+    codes = torch.tensor([[[1.0, 0.0]], [[9.0, 9.0]], [[4.0, 4.0]]])
+    distances = torch.tensor([1.0, 12.7, 5.6])
+    assert reseed_idle(centres, counts, torch.tensor([False, True, True]), codes, distances) == [1, 2]
+    assert centres[1, 0].tolist() == [9.0, 9.0] and centres[2, 0].tolist() == [4.0, 4.0]
+    assert centres[0, 0].tolist() == [0.0, 0.0]
+    assert counts.tolist() == [5.0, 0.0, 0.0]
+    assert reseed_idle(centres, counts, torch.tensor([False, False, False]), codes, distances) == []
