@@ -308,6 +308,9 @@ class PrototypeBank(nn.Module):
     """K centres in edit-code space, refined online by streaming k-means (METHOD.md §3).
 
     Buffers: ``centres`` [K, L, d], ``counts`` [K] (sessions assigned so far, for the step size).
+    Parameters: ``weight_offset`` [K, L, D, D] and ``bias_offset`` [K, L, D], each prototype's own learned
+    edit on top of what the shared generators make of its centre (zero-initialised, trained on its cluster in
+    the alternating rounds): the "per-prototype conditioning" of METHOD.md §3 at the cost of one edit each.
     """
 
     centres: Tensor
@@ -316,8 +319,11 @@ class PrototypeBank(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("centres", torch.zeros(cfg.n_prototypes, cfg.n_edit_layers, cfg.code_dim))
-        self.register_buffer("counts", torch.zeros(cfg.n_prototypes))
+        k, n, dim = cfg.n_prototypes, cfg.n_edit_layers, cfg.dim
+        self.register_buffer("centres", torch.zeros(k, n, cfg.code_dim))
+        self.register_buffer("counts", torch.zeros(k))
+        self.weight_offset = nn.Parameter(torch.zeros(k, n, dim, dim))
+        self.bias_offset = nn.Parameter(torch.zeros(k, n, dim))
 
     def assign(self, codes: Tensor) -> Tensor:
         """Nearest centre (L2) for codes [B, L, d] → [B] int64."""
@@ -429,12 +435,18 @@ class PersonaModel(nn.Module):
         return self.prototype_edit(codes, self.bank.centres, self.bank.assign(codes))
 
     def prototype_edit(self, codes: Tensor, centres: Tensor, prototypes: Tensor) -> Edit:
-        """``ΔW(μ_k) + clip(G (c − μ_k), ±residual_tau)`` for codes [B, L, d], centres [K, L, d], ids [B]."""
+        """Prototype edit + clipped session residual, for codes [B, L, d], centres [K, L, d], ids [B]:
+
+        ``clip(G μ_k + O_k, ±τ) + clip(G (c − μ_k), ±τ_r)`` with ``O_k`` the prototype's learned offset.
+        A session sitting on its centre gets exactly its prototype's model.
+        """
         centre = centres[prototypes]
-        base = self.adapter.edit_from_codes(centre)
-        rt = self.cfg.residual_tau
+        t, rt = self.cfg.tau, self.cfg.residual_tau
+        proto_w, proto_b = self.adapter.raw_edit(centre)
+        proto_w = (proto_w + self.bank.weight_offset[prototypes]).clamp(-t, t)
+        proto_b = (proto_b + self.bank.bias_offset[prototypes]).clamp(-t, t)
         res_w, res_b = self.adapter.raw_edit(codes - centre)
-        return Edit(base.weight + res_w.clamp(-rt, rt), base.bias + res_b.clamp(-rt, rt), prototypes)
+        return Edit(proto_w + res_w.clamp(-rt, rt), proto_b + res_b.clamp(-rt, rt), prototypes)
 
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
         return self.edit_for(self.codes(history), mode)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from recsys.evaluate import BaseMethod, Method, PersonaMethod, evaluate_method
-from recsys.model import PAD, UNK, ModelConfig, PersonaModel, cross_entropy
+from recsys.model import PAD, UNK, ModelConfig, PersonaModel, PrototypeBank, cross_entropy
 from recsys.progress import track
 from recsys.splits import Examples, Split
 
@@ -225,39 +225,50 @@ def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: 
     )
     no_proto_state = {k: v.clone() for k, v in model.adapter.state_dict().items()}
 
-    # Prototype initialisation: k-means on training codes, K chosen on validation.
-    train_codes = _codes(model, split.train)
-    k_scores: dict[int, float] = {}
-    best_k, best_bank = cfg.n_prototypes, None
-    for k in track(tc.k_candidates, "choosing K", len(tc.k_candidates), enabled=progress):
-        if k > len(train_codes):
-            continue
-        model.cfg.n_prototypes = k
-        model.bank = type(model.bank)(model.cfg)
-        model.bank.fit(train_codes, seed=tc.seed)
-        k_scores[k] = valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
-        log.info("prototypes: K=%d valid NDCG@10 %.4f", k, k_scores[k])
-        if best_bank is None or k_scores[k] > k_scores[best_k]:
-            best_k, best_bank = k, copy.deepcopy(model.bank)
-    if best_bank is None:
-        raise ValueError("no prototype count fits the training data")
-    model.cfg.n_prototypes = best_k
-    model.bank = best_bank
-
     def proto_loss(h: Tensor, t: Tensor) -> Tensor:
         return cross_entropy(model.score(h, model.session_edit(h, "prototype")), t)
 
+    def proto_valid() -> float:
+        return valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
+
+    # Prototype initialisation: k-means on the training sessions' codes. K is chosen on validation after one
+    # epoch of prototype training per candidate (with zero offsets every K would score the same).
+    train_codes = _codes(model, split.train)
+    k_scores: dict[int, float] = {}
+    best_k, best_state = cfg.n_prototypes, None
+    for k in tc.k_candidates:
+        if k > len(train_codes):
+            continue
+        model.adapter.load_state_dict(no_proto_state)
+        model.cfg.n_prototypes = k
+        model.bank = PrototypeBank(model.cfg)
+        model.bank.fit(train_codes, seed=tc.seed)
+        stage = fit_stage(
+            f"prototypes-K{k}", model, proto_loss, proto_valid, split.train, tc, 1, set_modes=adapter_modes,
+            progress=progress,
+        )  # fmt: skip
+        stages.append(stage)
+        k_scores[k] = stage.best_ndcg10
+        log.info("prototypes: K=%d valid NDCG@10 %.4f", k, k_scores[k])
+        if best_state is None or k_scores[k] > k_scores[best_k]:
+            best_k, best_state = k, copy.deepcopy(model.state_dict())
+    if best_state is None:
+        raise ValueError("no prototype count fits the training data")
+    model.cfg.n_prototypes = best_k
+    model.bank = PrototypeBank(model.cfg)
+    model.load_state_dict(best_state)
+
     rounds = StageLog("prototype-rounds")
     best_state = copy.deepcopy(model.state_dict())
-    best_score = valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
+    best_score = proto_valid()
     start = time.perf_counter()
     for r in range(1, tc.proto_rounds + 1):
         # (b) train generators and GRUs under the prototype + residual edit, (a) assignment is per batch
         stage = fit_stage(
             f"prototype-round-{r}",
-            model.adapter,
+            model,  # the adapter and the prototypes' offsets (the device model is frozen)
             proto_loss,
-            lambda: valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc),
+            proto_valid,
             split.train,
             tc,
             tc.proto_epochs,
