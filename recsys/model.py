@@ -46,6 +46,7 @@ class ModelConfig:
     edit_rank: int = 0  # 0 = full D×D edits; r > 0 = ΔW = A diag(s) B with rank r
     tau: float = 0.5  # clip of every generated weight/bias entry
     residual_tau: float = 0.25  # clip of the session residual on top of its prototype's edit
+    residual_weight: float = 1.0  # λ: 0 = the prototype's edit alone, 1 = the full session residual
     adapter_window: int = 10  # the adapter reads this many most recent items
     n_prototypes: int = 8
     proto_n0: float = 10.0  # refinement rate η_k = max(1 / (n_k + n0), eta_floor)
@@ -437,7 +438,8 @@ class PersonaModel(nn.Module):
     def prototype_edit(self, codes: Tensor, centres: Tensor, prototypes: Tensor) -> Edit:
         """Prototype edit + clipped session residual, for codes [B, L, d], centres [K, L, d], ids [B]:
 
-        ``clip(G μ_k + O_k, ±τ) + clip(G (c − μ_k), ±τ_r)`` with ``O_k`` the prototype's learned offset.
+        ``clip(G μ_k + O_k, ±τ) + clip(λ G (c − μ_k), ±τ_r)`` with ``O_k`` the prototype's learned offset and
+        λ (``residual_weight``, chosen on validation) shrinking each session's edit toward its group's.
         A session sitting on its centre gets exactly its prototype's model.
         """
         centre = centres[prototypes]
@@ -445,7 +447,7 @@ class PersonaModel(nn.Module):
         proto_w, proto_b = self.adapter.raw_edit(centre)
         proto_w = (proto_w + self.bank.weight_offset[prototypes]).clamp(-t, t)
         proto_b = (proto_b + self.bank.bias_offset[prototypes]).clamp(-t, t)
-        res_w, res_b = self.adapter.raw_edit(codes - centre)
+        res_w, res_b = self.adapter.raw_edit((codes - centre) * self.cfg.residual_weight)
         return Edit(proto_w + res_w.clamp(-rt, rt), proto_b + res_b.clamp(-rt, rt), prototypes)
 
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:

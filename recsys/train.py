@@ -33,12 +33,13 @@ class TrainConfig:
     base_batch_size: int = 128
     base_stride: int = 25  # the base model trains on every position of windows this far apart
     adapter_epochs: int = 20
-    proto_rounds: int = 3
-    proto_epochs: int = 3
+    proto_rounds: int = 1
+    proto_epochs: int = 2
     patience: int = 5
     batch_size: int = 256
     lr: float = 1e-3
     k_candidates: tuple[int, ...] = (4, 8, 16, 32)
+    residual_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
     valid_batch: int = 1024
     max_valid: int | None = 20_000  # cap on validation examples per check (time, not accuracy)
@@ -46,13 +47,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["k_candidates"] = list(self.k_candidates)
+        d["residual_weights"] = list(self.residual_weights)
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        if "k_candidates" in data:
-            data["k_candidates"] = tuple(data["k_candidates"])
+        for key in ("k_candidates", "residual_weights"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
@@ -231,32 +234,28 @@ def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: 
     def proto_valid() -> float:
         return valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
 
-    # Prototype initialisation: k-means on the training sessions' codes. K is chosen on validation after one
-    # epoch of prototype training per candidate (with zero offsets every K would score the same).
+    # Prototype initialisation: k-means on the training sessions' codes. K and the residual weight λ (how far a
+    # session's edit may move away from its prototype's) are chosen together on validation.
     train_codes = _codes(model, split.train)
     k_scores: dict[int, float] = {}
-    best_k, best_state = cfg.n_prototypes, None
+    best: tuple[float, int, float, PrototypeBank] | None = None
     for k in tc.k_candidates:
         if k > len(train_codes):
             continue
-        model.adapter.load_state_dict(no_proto_state)
         model.cfg.n_prototypes = k
         model.bank = PrototypeBank(model.cfg)
         model.bank.fit(train_codes, seed=tc.seed)
-        stage = fit_stage(
-            f"prototypes-K{k}", model, proto_loss, proto_valid, split.train, tc, 1, set_modes=adapter_modes,
-            progress=progress,
-        )  # fmt: skip
-        stages.append(stage)
-        k_scores[k] = stage.best_ndcg10
-        log.info("prototypes: K=%d valid NDCG@10 %.4f", k, k_scores[k])
-        if best_state is None or k_scores[k] > k_scores[best_k]:
-            best_k, best_state = k, copy.deepcopy(model.state_dict())
-    if best_state is None:
+        for weight in tc.residual_weights:
+            model.cfg.residual_weight = weight
+            score = proto_valid()
+            log.info("prototypes: K=%d residual weight %.2f valid NDCG@10 %.4f", k, weight, score)
+            k_scores[k] = max(k_scores.get(k, 0.0), score)
+            if best is None or score > best[0]:
+                best = (score, k, weight, copy.deepcopy(model.bank))
+    if best is None:
         raise ValueError("no prototype count fits the training data")
+    _, best_k, model.cfg.residual_weight, model.bank = best
     model.cfg.n_prototypes = best_k
-    model.bank = PrototypeBank(model.cfg)
-    model.load_state_dict(best_state)
 
     rounds = StageLog("prototype-rounds")
     best_state = copy.deepcopy(model.state_dict())

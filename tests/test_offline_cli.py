@@ -44,6 +44,7 @@ def test_train_then_evaluate_writes_every_method_and_timing(bundle: Path, tmp_pa
 def test_bundle_records_validation_metrics_and_chosen_k(bundle: Path) -> None:
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert metrics["chosen_k"] in (2, 4)
+    assert json.loads((bundle / "config.json").read_text())["model"]["residual_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert set(metrics["k_scores"]) == {"2", "4"}
     assert {"base", "persona", "persona-no-prototypes"} <= set(metrics["valid"])
 

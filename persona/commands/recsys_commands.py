@@ -54,7 +54,7 @@ def train(
     tau: Annotated[float, typer.Option(min=0.0, help="Clip of generated edit entries.")] = 0.5,
     epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the base model.")] = 30,
     adapter_epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the adapter.")] = 20,
-    proto_rounds: Annotated[int, typer.Option(min=0, help="Alternating prototype rounds.")] = 3,
+    proto_rounds: Annotated[int, typer.Option(min=0, help="Alternating prototype rounds.")] = 1,
     k: Annotated[
         str,
         typer.Option("--prototypes", help="Candidate prototype counts K, comma separated (chosen on validation)."),
