@@ -75,9 +75,10 @@ def table(reports: list[dict]) -> list[str]:
         f"fine-tuning {fmt([x['finetune_ms_per_session'] for x in t])} ms; "
         f"fine-tune / edit = {fmt([x['finetune_over_edit'] for x in t])}"
     )
+    walls = [round(r["train_seconds"] + r["evaluate_seconds"]) for r in reports]
     lines.append(
         f"- chosen K per seed: {[r['validation']['chosen_k'] for r in reports]}; "
-        f"wall time per seed (train + evaluate): {[round(r['train_seconds'] + r['evaluate_seconds']) for r in reports]} s"
+        f"wall time per seed (train + evaluate): {walls} s"
     )
     return lines
 

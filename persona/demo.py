@@ -134,8 +134,9 @@ def online_quality(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
     return quality
 
 
-def latency_probe(api: str, sessions: list[str], n: int = 300) -> dict[str, float]:
-    """Sequential ranking requests against the live API: p50/p99 in milliseconds."""
+def latency_probe(api: str, sessions: list[str], n: int = 300) -> dict[str, Any]:
+    """Sequential ranking requests against the live API: p50/p99 in milliseconds; plus one unknown session,
+    to show the cold-start fallback."""
     times = []
     with httpx.Client(base_url=api, timeout=10.0) as client:
         for i in range(n):
@@ -145,8 +146,14 @@ def latency_probe(api: str, sessions: list[str], n: int = 300) -> dict[str, floa
             times.append((time.perf_counter() - start) * 1e3)
             if r.status_code != 200:
                 raise PersonaError(f"ranking request failed: HTTP {r.status_code} {r.text[:200]}")
+        cold = client.get("/v1/sessions/demo-cold-start/recommendations", params={"k": 10}).json()
     times.sort()
-    return {"requests": n, "p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (len(times) - 1))]}
+    return {
+        "requests": n,
+        "p50_ms": statistics.median(times),
+        "p99_ms": times[int(0.99 * (len(times) - 1))],
+        "cold_start_fallback": cold.get("fallback"),
+    }
 
 
 def write_json(path: Path, summary: dict[str, Any]) -> None:

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     kafka_dlq_topic: str = Field("persona.events.dlq", description="Topic for rejected events.")
     kafka_group: str = Field("persona-consumer", description="Consumer group id.")
     kafka_partitions: int = Field(4, ge=1, description="Partitions when the consumer creates a missing topic.")
+    kafka_session_timeout_ms: int | None = Field(
+        None, ge=1000, description="Consumer group session timeout (default: kafka-python's 45 s)."
+    )
+    kafka_heartbeat_ms: int | None = Field(None, ge=100, description="Consumer heartbeat interval (default 3 s).")
     unknown_item_policy: str = Field(
         "skip", pattern="^(skip|dlq)$", description="Unknown items: 'skip' (log, count, skip) or 'dlq'."
     )

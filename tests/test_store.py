@@ -230,7 +230,11 @@ def test_activate_unknown_version_lists_the_known_ones(store: Store) -> None:
 
 
 def test_cli_db_upgrade_and_models(
-    store_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_bundle: Path,
 ) -> None:
     from persona.cli import main
 
@@ -249,9 +253,16 @@ def test_cli_db_upgrade_and_models(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown model version 'nope'") and "\n" not in err
 
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    assert main(["models", "register", str(bundle), "--version", "v1", "--sha256", SHA_A]) == 0
-    assert main(["models", "activate", "v1"]) == 0
+    from recsys.bundle import verify_bundle
+
+    version = verify_bundle(tiny_bundle)["version"]
+    assert main(["models", "register", str(tiny_bundle)]) == 0
+    assert main(["models", "register", str(tiny_bundle)]) == 0  # idempotent
+    assert main(["models", "activate", version]) == 0
     assert main(["models", "list"]) == 0
-    assert "v1" in capsys.readouterr().out
+    assert version in capsys.readouterr().out
+    capsys.readouterr()
+    empty = tmp_path / "not-a-bundle"
+    empty.mkdir()
+    assert main(["models", "register", str(empty)]) == 2
+    assert "manifest" in capsys.readouterr().err

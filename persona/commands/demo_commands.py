@@ -28,21 +28,27 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-def ensure_bundle(path: Path, *, retrain: bool = False, progress: bool = True) -> Path:
-    """Reuse a valid cached bundle; train one on MovieLens-100K otherwise (a few minutes on 2 cores)."""
-    from recsys.errors import BundleError
+def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False, progress: bool = True) -> Path:
+    """Reuse a valid cached bundle trained on ``dataset``; train one otherwise (minutes on 2 cores)."""
+    from recsys.errors import BundleError, PersonaError
     from recsys.pipeline import DatasetSpec, load_trained, train_bundle
 
     if path.exists() and not retrain:
         try:
-            load_trained(path)
-            typer.echo(f"reusing the trained bundle at {path} (--retrain to train again)")
-            return path
+            trained = load_trained(path)
         except BundleError as exc:
             typer.echo(f"cached bundle unusable ({exc}); training a new one")
-    typer.echo(f"training on MovieLens-100K into {path} (first run only, a few minutes) ...")
+        else:
+            if trained.spec.source != dataset:
+                raise PersonaError(
+                    f"bundle {path} was trained on {trained.spec.source}, not {dataset}",
+                    "pass --retrain, another --bundle, or --dataset " + trained.spec.source,
+                )
+            typer.echo(f"reusing the trained bundle at {path} (--retrain to train again)")
+            return path
+    typer.echo(f"training on {dataset} into {path} (first run only, a few minutes) ...")
     start = time.perf_counter()
-    train_bundle(DatasetSpec(), path, overwrite=True, progress=progress)
+    train_bundle(DatasetSpec(source=dataset), path, overwrite=True, progress=progress)
     typer.echo(f"trained in {time.perf_counter() - start:.0f} s")
     return path
 
@@ -63,6 +69,11 @@ def demo(
     once: Annotated[bool, typer.Option("--once", help="Exit after the summary instead of serving on.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Replay at most this many events.")] = None,
+    dataset: Annotated[
+        str, typer.Option(help="Dataset to replay; must be the one the bundle was trained on.")
+    ] = "ml-100k",
+    api_port: Annotated[int | None, typer.Option(help="API port (default: a free one).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Consumer metrics port (default: a free one).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train (or reuse) a model, run broker + consumer + API, stream the test period, print the results."""
@@ -72,10 +83,11 @@ def demo(
     from streaming.kafka_io import ensure_topics, make_producer
     from streaming.replay import replay
 
-    ensure_bundle(bundle, retrain=retrain, progress=progress)
+    ensure_bundle(bundle, dataset, retrain=retrain, progress=progress)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    api_port, metrics_port = d.free_port(), d.free_port()
+    api_port = api_port or d.free_port()
+    metrics_port = metrics_port or d.free_port()
     topic = "persona.events"
     with EmbeddedBroker() as broker:
         env = {
@@ -99,9 +111,9 @@ def demo(
             typer.echo("starting consumer and API ...")
             d.wait_http(metrics_url, consumer)
             d.wait_http(f"{api_url}/readyz", api)
-            df = load_interactions("ml-100k")
+            df = load_interactions(dataset)
             producer = make_producer(broker.bootstrap)
-            typer.echo(f"replaying the MovieLens-100K test period into {topic} ...")
+            typer.echo(f"replaying the {dataset} test period into {topic} ...")
             stats = replay(df, producer, topic, start_fraction=TEST_PERIOD, limit=limit, progress=progress)
             for raw in MALFORMED:
                 producer.send(topic, key=b"demo-malformed", value=raw)

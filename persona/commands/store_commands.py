@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from recsys.errors import PersonaError
 
 db_app = typer.Typer(help="The store's schema: migrate it and show its revision.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry: list, register and activate bundles.", no_args_is_help=True)
@@ -87,34 +83,21 @@ def models_list() -> None:
 
 @models_app.command("register")
 def models_register(
-    path: Annotated[Path, typer.Argument(help="The model bundle directory (or file).")],
-    version: Annotated[str, typer.Option("--version", help="Version name, unique in the registry.")],
-    sha256: Annotated[str, typer.Option("--sha256", help="The bundle's sha256 (64 hex digits, from its manifest).")],
-    metrics: Annotated[
-        Path | None, typer.Option("--metrics", help="JSON file of evaluation metrics to record with it.")
-    ] = None,
+    path: Annotated[Path, typer.Argument(help="The model bundle directory written by `persona train`.")],
+    activate: Annotated[bool, typer.Option("--activate", help="Also make it the active version.")] = False,
 ) -> None:
-    """Register a model bundle (inactive until `persona models activate`); re-registering is a no-op."""
+    """Verify a model bundle and record it in the registry (version and sha256 come from the bundle itself).
+
+    Re-registering the same bundle is a no-op; it stays inactive until `persona models activate VERSION`.
+    """
     from rich.console import Console
 
+    from persona.models import register_bundle
     from persona.store import Store
 
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
-        raise PersonaError(f"--sha256 {sha256!r} is not 64 hex digits", "copy it from the bundle manifest")
-    if not path.exists():
-        raise PersonaError(f"model bundle {path} does not exist", "pass the bundle directory")
-    values: dict[str, object] = {}
-    if metrics is not None:
-        try:
-            values = json.loads(metrics.read_text())
-        except (OSError, ValueError) as exc:
-            raise PersonaError(f"cannot read metrics from {metrics}: {exc}", "pass a JSON object file") from exc
-        if not isinstance(values, dict):
-            raise PersonaError(f"metrics file {metrics} must hold a JSON object")
     store = Store.open(_url())
     try:
-        with store.transaction() as uow:
-            row = uow.register_model(version, str(path.resolve()), sha256, values)
+        row = register_bundle(store, path, activate=activate)
     finally:
         store.close()
     state = "active" if row.active else "inactive"

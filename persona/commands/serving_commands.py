@@ -1,0 +1,80 @@
+"""``persona serve`` (the API under uvicorn) and ``persona bench rank`` (its throughput and latency)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from recsys.errors import PersonaError
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: PERSONA_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: PERSONA_API_PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model).")] = 1,
+) -> None:
+    """Serve the API; the active registry version is served and hot-swapped when another is activated."""
+    import uvicorn
+
+    from persona.settings import load_settings
+
+    settings = load_settings()
+    uvicorn.run(
+        "serving.app:create_server_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+def bench_rank(
+    model: Annotated[Path, typer.Option("--model", help="Trained bundle to serve (e.g. ML-100K).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here as JSON.")] = None,
+    sessions: Annotated[int, typer.Option(min=1, help="Sessions pre-populated in the store.")] = 5000,
+    requests: Annotated[int, typer.Option(min=10, help="Requests per measurement.")] = 4000,
+    max_seconds: Annotated[float, typer.Option(min=1, help="Upper bound on each measurement.")] = 20.0,
+    concurrency: Annotated[str, typer.Option(help="Client concurrencies, comma separated.")] = "4,16",
+    large_items: Annotated[int, typer.Option(min=0, help="Items of the large-catalogue run (0 = skip).")] = 1_000_000,
+) -> None:
+    """Start the API on loopback over a populated SQLite store and measure ranking vs /healthz."""
+    from serving.bench import bench_rank as run
+    from serving.bench import write_report
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        raise PersonaError(f"--concurrency {concurrency!r} is not a comma-separated list of integers") from None
+    if not levels or min(levels) < 1:
+        raise PersonaError("--concurrency needs at least one level >= 1")
+    command = "persona " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = run(
+        model,
+        sessions=sessions,
+        requests=requests,
+        max_seconds=max_seconds,
+        concurrencies=levels,
+        large_items=large_items,
+        command=command,
+    )
+    if json_out is not None:
+        write_report(report, json_out)
+    summary = {k: v for k, v in report.items() if k not in ("main", "large", "machine")}
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``serve``; add ``rank`` to the ``bench`` group (created by the streaming commands, or here)."""
+    app.command("serve")(serve)
+    bench = next((g.typer_instance for g in app.registered_groups if g.name == "bench"), None)
+    if bench is None:
+        bench = typer.Typer(help="Benchmarks (one machine, one run; results as JSON).", no_args_is_help=True)
+        app.add_typer(bench, name="bench")
+    bench.command("rank")(bench_rank)

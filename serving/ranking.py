@@ -1,0 +1,374 @@
+"""Session state → edit → ranking: the business logic behind every ranking and edit route.
+
+The routes only parse and shape; everything that decides *what* is ranked lives here, on plain values, so it
+is testable without HTTP and identical for the single and the batch form (a single request is a batch of 1).
+
+How one ranking is made (DESIGN.md "Serving API", METHOD.md §6):
+
+1. Session state is read fresh from the store on every request (read-your-writes: nothing caches it).
+2. History = the stored ``recent_items`` + the request's known ``recent_items`` (appended; unknown ones are
+   reported and skipped), truncated to the model's ``max_len`` by :meth:`OnlineModel.histories`.
+3. Edit: a stored session whose code was computed by the serving model version reuses it with its stored
+   prototype (``edit(code, bank, prototypes=[prototype_id])``, exactly what the consumer stored); otherwise the
+   adapter runs on the history now and the nearest prototype is assigned. All rows of a request share one
+   batched forward.
+4. Fallbacks (reported in every response, counted in ``persona_fallbacks_total``): no known item at all →
+   popularity; a stored code that no longer fits → its prototype's edit alone; no usable prototype bank →
+   the base model.
+
+The prototype bank lives in the store and is refined by the consumer; it is cached per model version and
+re-read at most every ``bank_ttl_s`` (one reader refreshes, the others keep the previous snapshot), so a
+ranking costs one indexed session read plus the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from persona.models import ModelProvider
+from persona.store import PrototypeRow, SessionState, Store
+from recsys.model import PAD, UNK, Edit
+from recsys.online import BankState, OnlineModel, code_from_bytes
+from serving.problems import Conflict, InvalidInput, NotFound
+
+log = logging.getLogger("persona.serving")
+
+#: Client histories may be up to this many times the model's ``max_len`` (then truncated), never more.
+RECENT_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RankQuery:
+    """One ranking request, already validated for static limits (ids, sizes, k)."""
+
+    session_id: str | None = None
+    recent_items: Sequence[str] | None = None
+    candidates: Sequence[str] | None = None
+    k: int = 10
+    exclude_seen: bool = True
+
+
+@dataclass(slots=True)
+class RankResult:
+    """One ranking: items best first with their scores, and where the edit came from."""
+
+    session_id: str | None
+    items: list[tuple[str, float]]
+    model_version: str
+    prototype_id: int | None
+    edit_version: int
+    fallback: str | None
+    known_session: bool
+    unknown_items_ignored: list[str] = field(default_factory=list)
+    unknown_candidates: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedEdit:
+    """The additive edit of one session: ΔW [L, D, D], Δb [L, D], its code [L, d]."""
+
+    session_id: str
+    model_version: str
+    prototype_id: int
+    edit_version: int
+    weight: Tensor
+    bias: Tensor
+    code: Tensor
+
+
+@dataclass(slots=True)
+class _Row:
+    """The resolved inputs of one ranking row."""
+
+    history: list[str]
+    state: SessionState | None
+    mode: str  # "stored" | "recompute" | "popularity"
+    code: Tensor | None = None
+    prototype: int | None = None
+    fallback: str | None = None
+    unknown: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedBank:
+    model_version: str
+    key: tuple[int, int]  # (rows, Σ row versions): changes whenever the consumer refines the bank
+    state: BankState
+    read_at: float
+
+
+class Ranker:
+    """Ranks sessions with the live model; safe to share between request threads (no per-request state)."""
+
+    def __init__(
+        self,
+        store: Store,
+        models: ModelProvider,
+        *,
+        bank_ttl_s: float = 1.0,
+        on_fallback: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.bank_ttl_s = bank_ttl_s
+        self.on_fallback = on_fallback
+        self._bank: _CachedBank | None = None
+        self._bank_lock = threading.Lock()
+        self._popularity: weakref.WeakKeyDictionary[OnlineModel, Tensor] = weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------ prototype bank
+    def bank(self, online: OnlineModel) -> BankState:
+        """The prototype bank of ``online``'s version: stored centres if any, else the bundle's initial bank."""
+        cached = self._bank
+        fresh = cached is not None and cached.model_version == online.version
+        if cached is not None and fresh and time.monotonic() - cached.read_at < self.bank_ttl_s:
+            return cached.state
+        if not self._bank_lock.acquire(blocking=False):
+            if cached is not None and fresh:
+                return cached.state  # another thread is re-reading it; a ≤ 1 s old snapshot is fine
+            self._bank_lock.acquire()
+        try:
+            rows = self.store.load_prototypes(online.version)
+            key = (len(rows), sum(r.version for r in rows))
+            cached = self._bank
+            if cached is not None and cached.model_version == online.version and cached.key == key:
+                state = cached.state
+            else:
+                state = _bank_from_rows(rows, online)
+            self._bank = _CachedBank(online.version, key, state, time.monotonic())
+            return state
+        finally:
+            self._bank_lock.release()
+
+    def popularity(self, online: OnlineModel) -> Tensor:
+        """Training interaction counts [N] as scores (PAD/UNK never rank); computed once per model."""
+        scores = self._popularity.get(online)
+        if scores is None:
+            scores = torch.as_tensor(np.asarray(online.item_counts, dtype=np.float32)).clone()
+            scores[PAD] = float("-inf")
+            scores[UNK] = float("-inf")
+            self._popularity[online] = scores
+        return scores
+
+    # ------------------------------------------------------------------ sessions
+    def session(self, session_id: str) -> SessionState:
+        state = self.store.get_session(session_id)
+        if state is None:
+            raise NotFound(f"unknown session {session_id!r}", "sessions exist once an event for them is applied")
+        return state
+
+    def session_edit(self, session_id: str) -> ExportedEdit:
+        """The edit the ranking routes apply for this session, for a device to apply to its own copy."""
+        online = self.models.get()
+        state = self.session(session_id)
+        bank = self.bank(online)
+        row = self._plan(online, state, [], [], bank)
+        if row.mode == "popularity":
+            raise Conflict(
+                f"session {session_id!r} has no item that model {online.version} knows, so it has no edit",
+                "rank it (popularity) until it has events on catalogue items",
+            )
+        if bank.centres.shape[0] == 0:
+            raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
+        codes, protos = self._codes(online, [row], bank)
+        edit = online.edit(codes, bank, prototypes=protos)
+        return ExportedEdit(
+            session_id=session_id,
+            model_version=online.version,
+            prototype_id=int(protos[0]),
+            edit_version=state.edit_version,
+            weight=edit.weight[0],
+            bias=edit.bias[0],
+            code=codes[0],
+        )
+
+    # ------------------------------------------------------------------ ranking
+    def rank(self, queries: Sequence[RankQuery], *, batch: bool = False) -> list[RankResult]:
+        """Rank every query in one batched forward; ``batch`` only changes where input errors point."""
+        online = self.models.get()  # one model object for the whole request, even across a hot swap
+        self._check(online, queries, batch)
+        ids = {q.session_id for q in queries if q.session_id is not None}
+        states: dict[str, SessionState] = {}
+        if ids:
+            with self.store.read() as uow:
+                states = uow.get_sessions(ids)
+        bank = self.bank(online)
+        rows: list[_Row] = []
+        for q in queries:
+            state = states.get(q.session_id) if q.session_id is not None else None
+            known = [i for i in q.recent_items or () if online.known(i)]
+            unknown = [i for i in q.recent_items or () if not online.known(i)]
+            rows.append(self._plan(online, state, known[-online.cfg.max_len :], unknown, bank))
+
+        model_rows = [j for j, r in enumerate(rows) if r.mode != "popularity"]
+        scores: Tensor | None = None
+        hist = online.histories([r.history for r in rows])
+        if model_rows:
+            picked = [rows[j] for j in model_rows]
+            edit: Edit | None = None
+            if bank.centres.shape[0] > 0:
+                codes, protos = self._codes(online, picked, bank, hist[model_rows])
+                edit = online.edit(codes, bank, prototypes=protos)
+                for r, p in zip(picked, protos.tolist(), strict=True):
+                    r.prototype = int(p)
+            else:
+                for r in picked:
+                    r.fallback, r.prototype = "base", None
+            scores = online.scores(hist[model_rows], edit)
+
+        results: list[RankResult] = []
+        position = {j: n for n, j in enumerate(model_rows)}
+        for j, (q, r) in enumerate(zip(queries, rows, strict=True)):
+            own = scores is not None and j in position
+            s = scores[position[j]] if own else self.popularity(online)  # type: ignore[index]
+            if r.mode == "popularity":
+                r.fallback, r.prototype = "popularity", None
+            items, unknown_candidates = _top_k(online, s, hist[j], q, shared=not own)
+            if r.fallback is not None and self.on_fallback is not None:
+                self.on_fallback(r.fallback)
+            results.append(
+                RankResult(
+                    session_id=q.session_id,
+                    items=items,
+                    model_version=online.version,
+                    prototype_id=r.prototype,
+                    edit_version=r.state.edit_version if r.state is not None else 0,
+                    fallback=r.fallback,
+                    known_session=r.state is not None,
+                    unknown_items_ignored=r.unknown,
+                    unknown_candidates=unknown_candidates,
+                )
+            )
+        return results
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check(online: OnlineModel, queries: Sequence[RankQuery], batch: bool) -> None:
+        """Limits that depend on the live model (the static ones are in :mod:`serving.schemas`)."""
+        limit = RECENT_FACTOR * online.cfg.max_len
+        errors = []
+        for n, q in enumerate(queries):
+            where: list[str | int] = ["body", "requests", n] if batch else ["body"]
+            if q.session_id is None and q.recent_items is None:
+                errors.append({"loc": where, "msg": "give session_id, recent_items or both", "type": "missing"})
+            if q.recent_items is not None and len(q.recent_items) > limit:
+                msg = f"at most {limit} recent_items (4 × the model's max_len {online.cfg.max_len}), got "
+                errors.append(
+                    {"loc": [*where, "recent_items"], "msg": msg + str(len(q.recent_items)), "type": "too_long"}
+                )
+        if errors:
+            raise InvalidInput(f"{len(errors)} invalid request(s): {errors[0]['msg']}", errors=errors)
+
+    def _plan(
+        self, online: OnlineModel, state: SessionState | None, extra: list[str], unknown: list[str], bank: BankState
+    ) -> _Row:
+        """Decide where a row's edit comes from (stored code, recompute, or popularity)."""
+        stored = list(state.recent_items) if state is not None else []
+        history = stored + extra
+        window = history[-online.cfg.max_len :]
+        if not any(online.known(i) for i in window):
+            return _Row(history, state, "popularity", unknown=unknown)
+        row = _Row(history, state, "recompute", unknown=unknown)
+        if state is None or extra or state.model_version != online.version or state.code is None:
+            return row
+        n_protos = bank.centres.shape[0]
+        valid_proto = state.prototype_id is not None and 0 <= state.prototype_id < n_protos
+        try:
+            row.code = code_from_bytes(state.code, online.cfg)
+        except ValueError:
+            if not valid_proto:
+                log.warning(
+                    "session %s: stored code does not fit model %s; recomputing", state.session_id, online.version
+                )
+                return row
+            row.code = bank.centres[state.prototype_id].clone()  # zero residual: the prototype's edit alone
+            row.fallback = "prototype"
+        row.mode = "stored"
+        row.prototype = state.prototype_id if valid_proto else None
+        return row
+
+    @staticmethod
+    def _codes(
+        online: OnlineModel, rows: Sequence[_Row], bank: BankState, hist: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Codes [B, L, d] and prototype ids [B] of model rows: stored ones reused, the rest computed batched."""
+        if hist is None:
+            hist = online.histories([r.history for r in rows])
+        fresh = [n for n, r in enumerate(rows) if r.code is None]
+        codes = torch.empty(len(rows), online.cfg.n_edit_layers, online.cfg.code_dim)
+        if fresh:
+            codes[fresh] = online.codes(hist[fresh])
+        for n, r in enumerate(rows):
+            if r.code is not None:
+                codes[n] = r.code
+        protos = torch.full((len(rows),), -1, dtype=torch.long)
+        for n, r in enumerate(rows):
+            if r.prototype is not None:
+                protos[n] = r.prototype
+        missing = (protos < 0).nonzero().flatten()
+        if len(missing):
+            protos[missing] = online.assign(codes[missing], bank)
+        return codes, protos
+
+
+def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankState:
+    """Stored prototype rows → a bank; the bundle's initial bank when none are stored or they do not fit."""
+    if not rows:
+        return online.initial_bank
+    cfg = online.cfg
+    size = cfg.n_edit_layers * cfg.code_dim
+    ids = [r.prototype_id for r in rows]
+    if ids != list(range(len(rows))) or any(len(r.centre) != 4 * size for r in rows):
+        log.warning("stored prototype bank of %s does not fit the model; using the bundle's bank", online.version)
+        return online.initial_bank
+    centres = np.frombuffer(b"".join(r.centre for r in rows), dtype=np.float32).reshape(len(rows), size)
+    return BankState(
+        torch.from_numpy(centres.copy()).view(len(rows), cfg.n_edit_layers, cfg.code_dim),
+        torch.tensor([r.count for r in rows], dtype=online.initial_bank.counts.dtype),
+        max(r.version for r in rows),  # the consumer's notion of the bank version
+    )
+
+
+@torch.inference_mode()  # the scores are inference tensors: masking them in place needs the same mode
+def _top_k(
+    online: OnlineModel, scores: Tensor, history: Tensor, q: RankQuery, *, shared: bool = False
+) -> tuple[list[tuple[str, float]], list[str]]:
+    """Mask (seen items, candidates) and take the top k; items that cannot rank (-inf) are never returned.
+
+    The masking is :meth:`OnlineModel.rank`'s, so the API and the library agree item for item; but the
+    row is masked in place (it is this request's own scores unless ``shared``) and candidates are ranked
+    by gathering their scores, not by adding a full-catalogue mask: with 1M items those copies dominated.
+    """
+    s = scores.clone() if shared else scores
+    if q.exclude_seen:
+        s[history] = float("-inf")
+    unknown_candidates: list[str] = []
+    if q.candidates is not None:
+        idx = []
+        for c in q.candidates:
+            i = online.index_of(c)
+            if i > UNK:
+                idx.append(i)
+            else:
+                unknown_candidates.append(c)
+        if not idx:
+            return [], unknown_candidates
+        pool = torch.unique(torch.tensor(idx, dtype=torch.long))
+        top = torch.topk(s[pool], min(q.k, len(pool)))
+        indices = pool[top.indices]
+    else:
+        top = torch.topk(s, min(q.k, s.shape[0] - 2))
+        indices = top.indices
+    values = top.values.tolist()
+    keep = [n for n, v in enumerate(values) if v != float("-inf")]
+    names = online.decode(indices[keep]) if keep else []
+    return [(name, values[n]) for name, n in zip(names, keep, strict=True)], unknown_candidates

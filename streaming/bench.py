@@ -1,0 +1,300 @@
+"""``persona bench ingest``: how fast one consumer process turns Kafka messages into stored state.
+
+One run, one machine, the embedded broker, four measurements on the same kind of traffic:
+
+- ``raw_events_per_s``: the ceiling — kafka-python consuming the messages and ``json.loads`` on each,
+  nothing else;
+- ``sqlite_events_per_s`` / ``postgres_events_per_s``: the full pipeline (:class:`EventConsumer`: parse,
+  dedup, prequential check, codes, prototypes, one store transaction per poll batch, offset commits);
+- ``freshness_p50_s`` / ``freshness_p99_s``: event timestamp → session state committed, while a separate
+  producer process sends at half the measured SQLite maximum (a loaded but not saturated consumer).
+
+Rates count from the first non-empty poll to the end of the last batch, so the group join (≈ half the
+session timeout) is not charged to the pipeline. Traffic: ``sessions`` sessions (default events / 50, so
+histories grow to the model's ``max_len`` as in a real stream), items drawn uniformly from the model's
+vocabulary, every event valid and new.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from recsys.errors import PersonaError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_POSTGRES_URL", "run_ingest_bench", "train_tiny_bundle"]
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+TINY_SOURCE = "synthetic:users=200,items=100,events=6000"
+#: Test-speed group timeouts (the first join takes about half the session timeout).
+FAST_GROUP: dict[str, int] = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+
+
+def train_tiny_bundle(out: Path) -> Path:
+    """Train the tiny synthetic bundle (dim 16, 4 prototypes; seconds) into ``out``; tests use it too."""
+    from recsys.pipeline import DatasetSpec, train_bundle
+    from recsys.train import TrainConfig
+
+    train_bundle(
+        DatasetSpec(source=TINY_SOURCE, min_user=2, min_item=2),
+        out,
+        model_overrides={"dim": 16, "code_dim": 8, "max_len": 20},
+        tc=TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,)),
+        progress=False,
+    )
+    return out
+
+
+def _messages(n: int, items: list[str], sessions: int, seed: int) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) pairs of valid, unique events; ``ts`` is the send time (set when produced)."""
+    rng = random.Random(seed)
+    run = uuid.uuid4().hex[:8]
+    for i in range(n):
+        sid = f"bench-{rng.randrange(sessions)}"
+        body = {
+            "event_id": f"{run}-{i}",
+            "session_id": sid,
+            "item_id": items[rng.randrange(len(items))],
+            "type": "click",
+            "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        yield sid.encode(), json.dumps(body, separators=(",", ":")).encode()
+
+
+def _produce(
+    bootstrap: str, topic: str, n: int, items: list[str], sessions: int, rate: float | None, seed: int
+) -> None:
+    """Send ``n`` events, paced at ``rate``/s when given (runs in a child process for the freshness run)."""
+    from streaming.kafka_io import make_producer
+
+    producer = make_producer(bootstrap, linger_ms=5 if rate else 20)
+    t0 = time.monotonic()
+    for i, (key, value) in enumerate(_messages(n, items, sessions, seed)):
+        if rate:
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0.0005:
+                time.sleep(delay)
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close(timeout=10)
+
+
+def _raw_rate(bootstrap: str, topic: str, n: int) -> float:
+    """kafka-python consume + ``json.loads`` of ``n`` messages: messages per second after the first poll."""
+    from streaming.kafka_io import make_consumer
+
+    consumer = make_consumer(bootstrap, f"bench-raw-{uuid.uuid4().hex[:8]}", [topic], **FAST_GROUP)
+    seen = 0
+    t0: float | None = None
+    deadline = time.monotonic() + 120
+    try:
+        while seen < n and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500, max_records=500).values():
+                if t0 is None:
+                    t0 = time.monotonic()
+                for rec in batch:
+                    json.loads(rec.value)
+                seen += len(batch)
+        elapsed = time.monotonic() - (t0 or time.monotonic())
+    finally:
+        consumer.close(autocommit=False)
+    if seen < n:
+        raise PersonaError(f"raw consumer read only {seen} of {n} messages within 120 s")
+    return seen / elapsed if elapsed > 0 else 0.0
+
+
+@contextmanager
+def _postgres_database(server_url: str) -> Iterator[str]:
+    """A fresh temp database on the server at ``server_url``; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    server = make_url(server_url)
+    if server.drivername in ("postgresql", "postgres"):
+        server = server.set(drivername="postgresql+psycopg")
+    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    name = f"persona_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        raise PersonaError(
+            f"cannot create a benchmark database on {server.render_as_string(hide_password=True)}: "
+            f"{str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}",
+            "start PostgreSQL, pass --postgres-url, or --skip-postgres",
+        ) from exc
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _pipeline(
+    bootstrap: str,
+    topic: str,
+    url: str,
+    model: Path,
+    max_events: int,
+    *,
+    keep_freshness: bool = False,
+    ready: threading.Event | None = None,
+    idle_exit_s: float | None = None,
+) -> Any:
+    """Run one :class:`EventConsumer` over ``topic`` into the store at ``url``; returns its stats."""
+    from persona.models import ModelProvider
+    from persona.store import Store
+    from streaming.consumer import ConsumerConfig, EventConsumer
+
+    store = Store.open(url)
+    try:
+        models = ModelProvider(store, model_dir=model)
+        cfg = ConsumerConfig(
+            bootstrap=bootstrap,
+            topic=topic,
+            dlq_topic=f"{topic}.dlq",
+            group=f"bench-{uuid.uuid4().hex[:8]}",
+            max_events=max_events,
+            idle_exit_s=idle_exit_s,
+            session_timeout_ms=FAST_GROUP["session_timeout_ms"],
+            heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
+        )
+        consumer = EventConsumer(store, models, cfg)
+        gc.collect()
+        gc.freeze()  # as `persona consume` does (see _quiet_long_running_process there)
+        consumer.stats.keep_freshness = keep_freshness
+        if ready is not None:
+            threading.Thread(target=lambda: ready.set() if consumer.assigned.wait(60) else None, daemon=True).start()
+        stats = consumer.run()
+    finally:
+        store.close()
+    if stats.records < max_events:
+        raise PersonaError(f"the pipeline processed only {stats.records} of {max_events} events")
+    return stats
+
+
+def run_ingest_bench(
+    events: int, *, model: Path | None = None, postgres_url: str | None = None, sessions: int | None = None
+) -> dict[str, Any]:
+    """Run the four measurements (see the module docstring) and return them as a JSON-able dict."""
+    import torch
+
+    from recsys.online import OnlineModel
+    from streaming.broker import EmbeddedBroker
+    from streaming.kafka_io import ensure_topics
+
+    torch.set_num_threads(1)  # what `persona consume` does: one intra-op thread per consumer process
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    n_sessions = sessions or max(20, events // 50)
+    with tempfile.TemporaryDirectory(prefix="persona-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        bundle = model if model is not None else train_tiny_bundle(tmp / "model")
+        online = OnlineModel.load(bundle)
+        items = list(online.vocab.ids)
+        results: dict[str, Any] = {
+            "events": events,
+            "sessions": n_sessions,
+            "model_version": online.version,
+            "model": str(bundle),
+            "model_config": {k: getattr(online.cfg, k) for k in ("n_items", "dim", "max_len", "n_prototypes")},
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+            "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+            "poll_records": 500,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        }
+        del online
+        with EmbeddedBroker() as broker:
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            ensure_topics(broker.bootstrap, {topic: 4})
+            t0 = time.monotonic()
+            _produce(broker.bootstrap, topic, events, items, n_sessions, None, 1)
+            results["produce_events_per_s"] = round(events / (time.monotonic() - t0), 1)
+
+            results["raw_events_per_s"] = round(_raw_rate(broker.bootstrap, topic, events), 1)
+            log.info("raw ceiling: %.0f events/s", results["raw_events_per_s"])
+
+            sqlite_url = f"sqlite:///{(tmp / 'bench.db').as_posix()}"
+            stats = _pipeline(broker.bootstrap, topic, sqlite_url, bundle, events)
+            results["sqlite_events_per_s"] = round(stats.rate, 1)
+            results["sqlite_batches"] = stats.batches
+            log.info("sqlite pipeline: %.0f events/s", stats.rate)
+
+            if postgres_url is not None:
+                with _postgres_database(postgres_url) as pg_url:
+                    stats = _pipeline(broker.bootstrap, topic, pg_url, bundle, events)
+                results["postgres_events_per_s"] = round(stats.rate, 1)
+                log.info("postgres pipeline: %.0f events/s", stats.rate)
+            else:
+                results["postgres_events_per_s"] = None
+
+            # Freshness: fresh topic and store, a paced producer in another process, the consumer here.
+            rate = max(results["sqlite_events_per_s"] / 2, 1.0)
+            n_fresh = int(min(events, max(rate * 10, 1000)))
+            fresh_topic = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+            ensure_topics(broker.bootstrap, {fresh_topic: 4})
+            ready = threading.Event()
+            box: dict[str, Any] = {}
+
+            def consume() -> None:
+                try:
+                    box["stats"] = _pipeline(
+                        broker.bootstrap,
+                        fresh_topic,
+                        f"sqlite:///{(tmp / 'fresh.db').as_posix()}",
+                        bundle,
+                        n_fresh,
+                        keep_freshness=True,
+                        ready=ready,
+                        idle_exit_s=30,
+                    )
+                except BaseException as exc:  # reported below, in the caller's thread
+                    box["error"] = exc
+
+            worker = threading.Thread(target=consume, name="bench-freshness")
+            worker.start()
+            if not ready.wait(60):
+                raise PersonaError("the freshness consumer did not join its group within 60 s")
+            ctx = mp.get_context("spawn")
+            producer = ctx.Process(
+                target=_produce, args=(broker.bootstrap, fresh_topic, n_fresh, items, n_sessions, rate, 2)
+            )
+            producer.start()
+            producer.join()
+            worker.join()
+            if "error" in box:
+                raise box["error"]
+            fresh = sorted(box["stats"].freshness_s)
+            results["freshness_rate_events_per_s"] = round(rate, 1)
+            results["freshness_events"] = len(fresh)
+            results["freshness_p50_s"] = round(statistics.median(fresh), 4)
+            results["freshness_p99_s"] = round(fresh[min(len(fresh) - 1, int(0.99 * len(fresh)))], 4)
+            results["freshness_max_s"] = round(fresh[-1], 4)
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    raw = results["raw_events_per_s"]
+    results["targets"] = {
+        "sqlite_events_per_s": min(10_000.0, 0.25 * raw),
+        "postgres_events_per_s": min(5_000.0, 0.25 * raw),
+        "freshness_p99_s": 0.25,
+    }
+    return results

@@ -1,0 +1,166 @@
+"""Prometheus metrics of one consumer process (DESIGN.md "Metrics"; names are a contract with dashboards).
+
+Every :class:`ConsumerMetrics` owns its own ``CollectorRegistry``: two consumers in one test process never
+share counters, and the HTTP endpoint exposes exactly this consumer. No label carries a session or user id
+(cardinality stays bounded: event types are mapped by :func:`persona.events.event_type_label`, reasons are
+a fixed enum, prototypes and partitions are small integers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from persona.events import Event, Rejection, event_type_label
+from persona.ingest import KS, VARIANTS, IngestResult
+from recsys.drift import SlidingCounts, js_divergence, psi
+from recsys.online import OnlineModel
+
+__all__ = ["ConsumerMetrics"]
+
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class ConsumerMetrics:
+    """All consumer metrics on a private registry, plus the sliding windows behind the drift gauges.
+
+    Args:
+        window: how many recent assignments / items the drift gauges compare with the training period.
+    """
+
+    def __init__(self, *, window: int = 5000) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.consumed = Counter("persona_events_consumed", "Valid events read from Kafka.", ["type"], registry=r)
+        self.invalid = Counter("persona_events_invalid", "Events that failed validation.", ["reason"], registry=r)
+        self.dlq = Counter("persona_events_dlq", "Events sent to the dead-letter topic.", ["reason"], registry=r)
+        self.duplicate = Counter("persona_events_duplicate", "Events already applied (dedup on event_id).", registry=r)
+        self.unknown_item = Counter("persona_events_unknown_item", "Events with an item the model lacks.", registry=r)
+        self.processing = Histogram(
+            "persona_event_processing_seconds", "Time to process one poll batch.", buckets=_SECONDS_BUCKETS, registry=r
+        )
+        self.freshness = Histogram(
+            "persona_event_freshness_seconds",
+            "Event timestamp to session state stored.",
+            buckets=_FRESHNESS_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge("persona_consumer_lag", "Records behind the high watermark.", ["partition"], registry=r)
+        self.last_batch = Gauge(
+            "persona_consumer_last_batch_timestamp_seconds", "Unix time of the last processed batch.", registry=r
+        )
+        self.predictions = Counter(
+            "persona_predictions", "Prequential predictions made before applying an event.", ["variant"], registry=r
+        )
+        self.hits = Counter("persona_hits", "Prequential hits at k.", ["variant", "k"], registry=r)
+        self.ndcg = Counter("persona_ndcg_gain", "Sum of prequential NDCG gains at k.", ["variant", "k"], registry=r)
+        self.rr = Counter("persona_reciprocal_rank", "Sum of prequential reciprocal ranks.", ["variant"], registry=r)
+        self.psi = Gauge("persona_drift_psi", "PSI of a live distribution against training.", ["signal"], registry=r)
+        self.js = Gauge("persona_drift_js", "JS divergence against training (bits).", ["signal"], registry=r)
+        self.ood = Histogram(
+            "persona_ood_score",
+            "Distance of a new code to its prototype in units of the training q99.",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.edit_norm = Histogram(
+            "persona_edit_norm_ratio",
+            "Edit norm / base head norm.",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.assignments = Counter(
+            "persona_prototype_assignments", "Events assigned to each prototype.", ["prototype"], registry=r
+        )
+        self.model_info = Gauge("persona_model_info", "The model version in use (value 1).", ["version"], registry=r)
+        self.bank_version = Gauge("persona_bank_version", "Version of the prototype bank last written.", registry=r)
+        # Pre-create the quality series so Grafana sees zeros, not gaps, before the first prediction.
+        for v in VARIANTS:
+            self.predictions.labels(v)
+            self.rr.labels(v)
+            for k in KS:
+                self.hits.labels(v, str(k))
+                self.ndcg.labels(v, str(k))
+        self._window = window
+        self._model_version: str | None = None
+        self._proto_window: SlidingCounts | None = None
+        self._item_window: SlidingCounts | None = None
+        self._proto_ref: np.ndarray | None = None
+        self._item_ref: np.ndarray | None = None
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Expose this registry on ``http://addr:port/metrics`` (a daemon thread)."""
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    # ---------------------------------------------------------------------------------------- updates
+    def set_model(self, online: OnlineModel) -> None:
+        """Switch the info gauge and the drift references to ``online`` (a new version resets the windows)."""
+        if online.version == self._model_version:
+            return
+        if self._model_version is not None:
+            self.model_info.remove(self._model_version)
+        self._model_version = online.version
+        self.model_info.labels(online.version).set(1)
+        mix = np.asarray(online.drift.prototype_mix, dtype=np.float64)
+        self._proto_ref = mix
+        self._proto_window = SlidingCounts(len(mix), self._window)
+        counts = np.asarray(online.item_counts, dtype=np.float64)
+        self._item_ref = counts
+        self._item_window = SlidingCounts(len(counts), self._window)
+
+    def record_invalid(self, rejections: Iterable[Rejection]) -> None:
+        for rej in rejections:
+            self.invalid.labels(str(rej.reason)).inc()
+
+    def record_dlq(self, rejections: Iterable[Rejection]) -> None:
+        for rej in rejections:
+            self.dlq.labels(str(rej.reason)).inc()
+
+    def record_consumed(self, events: Iterable[Event]) -> None:
+        counts: dict[str, int] = {}
+        for e in events:
+            label = event_type_label(e.type)
+            counts[label] = counts.get(label, 0) + 1
+        for label, n in counts.items():
+            self.consumed.labels(label).inc(n)
+
+    def record_result(self, result: IngestResult) -> None:
+        """Counters, histograms and drift gauges from one applied batch."""
+        self.duplicate.inc(result.duplicates)
+        self.unknown_item.inc(result.unknown_items)
+        for v in VARIANTS:
+            self.predictions.labels(v).inc(result.predictions[v])
+            self.rr.labels(v).inc(result.reciprocal_rank[v])
+            for k in KS:
+                self.hits.labels(v, str(k)).inc(result.hits[(v, k)])
+                self.ndcg.labels(v, str(k)).inc(result.ndcg[(v, k)])
+        for x in result.freshness_s:
+            self.freshness.observe(max(x, 0.0))
+        for x in result.ood_scores:
+            self.ood.observe(x)
+        for x in result.edit_norm_ratios:
+            self.edit_norm.observe(x)
+        if result.prototypes:
+            per_proto = np.bincount(np.asarray(result.prototypes, dtype=np.int64))
+            for k, n in enumerate(per_proto.tolist()):
+                if n:
+                    self.assignments.labels(str(k)).inc(n)
+        self.bank_version.set(result.bank_version)
+        self._update_drift(result)
+
+    def _update_drift(self, result: IngestResult) -> None:
+        pw, iw = self._proto_window, self._item_window
+        if pw is not None and self._proto_ref is not None and result.prototypes:
+            for k in result.prototypes:
+                if 0 <= k < len(self._proto_ref):
+                    pw.add(k)
+            self.psi.labels("prototype_mix").set(psi(self._proto_ref, pw.counts))
+        if iw is not None and self._item_ref is not None and result.item_indices:
+            for i in result.item_indices:
+                if 0 <= i < len(self._item_ref):
+                    iw.add(i)
+            self.js.labels("item_popularity").set(js_divergence(self._item_ref, iw.counts))

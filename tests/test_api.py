@@ -1,0 +1,302 @@
+"""The serving API end to end: real app, real store (SQLite and PostgreSQL), the tiny trained bundle.
+
+Every ranking is checked against the recsys library's own output for the same stored state, so the API can
+never drift from what the consumer and an on-device copy of the model compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from persona.models import ModelProvider
+from persona.settings import Settings
+from persona.store import Store
+from recsys.model import Edit
+from recsys.online import BankState, OnlineModel, code_from_bytes
+from serving.app import create_app
+from serving.deps import key_matches
+
+KEY = "s3cret-admin-key"
+
+
+@dataclass
+class Api:
+    client: TestClient
+    store: Store
+    models: ModelProvider
+
+    @property
+    def online(self) -> OnlineModel:
+        return self.models.get()
+
+    def ingest(self, session_id: str, items: list[str], start: int = 0) -> dict[str, Any]:
+        events = [
+            {"event_id": f"{session_id}-{start + n}", "session_id": session_id, "item_id": item, "ts": 1.7e9 + n}
+            for n, item in enumerate(items)
+        ]
+        r = self.client.post("/v1/events", json={"events": events})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+
+def _app(store: Store, models: ModelProvider, **settings: Any) -> TestClient:
+    return TestClient(create_app(Settings(**settings), store=store, models=models), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def api(store_url: str, tiny_bundle: Path) -> Iterator[Api]:
+    store = Store.open(store_url)
+    models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=60)
+    try:
+        with _app(store, models, api_keys=[KEY]) as client:
+            yield Api(client, store, models)
+    finally:
+        store.close()
+
+
+def _items(api: Api, start: int, n: int) -> list[str]:
+    return api.online.vocab.ids[start : start + n]
+
+
+def _bank(api: Api) -> BankState:
+    rows = api.store.load_prototypes(api.online.version)
+    if not rows:
+        return api.online.initial_bank
+    cfg = api.online.cfg
+    centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
+    return BankState(centres, torch.tensor([r.count for r in rows]), 0)
+
+
+def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool = True) -> list[str]:
+    """What the recsys library ranks for this session's stored state (DESIGN: stored code + prototype)."""
+    online = api.online
+    state = api.store.get_session(session_id)
+    assert state is not None and state.code is not None and state.prototype_id is not None
+    code = code_from_bytes(state.code, online.cfg)
+    edit = online.edit(code.unsqueeze(0), _bank(api), prototypes=torch.tensor([state.prototype_id]))
+    hist = online.histories([state.recent_items])
+    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen)
+    keep = torch.isfinite(scores[0])
+    return online.decode(idx[0][keep])
+
+
+def _ranked(body: dict[str, Any]) -> list[str]:
+    return [i["item_id"] for i in body["items"]]
+
+
+def test_rankings_follow_each_sessions_history_and_equal_the_library(api: Api) -> None:
+    api.ingest("a", _items(api, 0, 8))
+    api.ingest("b", _items(api, 50, 8))
+    ra = api.client.get("/v1/sessions/a/recommendations", params={"k": 10}).json()
+    rb = api.client.get("/v1/sessions/b/recommendations", params={"k": 10}).json()
+    assert _ranked(ra) != _ranked(rb)
+    for sid, body in (("a", ra), ("b", rb)):
+        assert _ranked(body) == _library_ranking(api, sid)
+        assert body["model_version"] == api.online.version
+        assert body["fallback"] is None and body["known_session"] is True
+        assert body["edit_version"] == 8 and body["prototype_id"] is not None
+        assert [i["rank"] for i in body["items"]] == list(range(1, 11))
+        scores = [i["score"] for i in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_exclude_seen_drops_history_items_and_can_be_turned_off(api: Api) -> None:
+    history = _items(api, 10, 10)
+    api.ingest("s", history)
+    k = api.online.n_items - 2
+    seen = api.client.get("/v1/sessions/s/recommendations", params={"k": k}).json()
+    assert not set(_ranked(seen)) & set(history)
+    everything = api.client.get("/v1/sessions/s/recommendations", params={"k": k, "exclude_seen": False}).json()
+    assert set(history) <= set(_ranked(everything))
+    assert _ranked(everything)[:10] == _library_ranking(api, "s", exclude_seen=False)
+
+
+def test_stateless_ranking_agrees_with_the_stored_session_for_the_same_history(api: Api) -> None:
+    history = _items(api, 30, 12)
+    api.ingest("s", history)
+    stored = api.client.get("/v1/sessions/s/recommendations").json()
+    stateless = api.client.post("/v1/recommendations", json={"recent_items": history}).json()
+    assert stateless["known_session"] is False and stateless["session_id"] is None
+    assert stateless["prototype_id"] == stored["prototype_id"]
+    assert _ranked(stateless) == _ranked(stored)
+    # Carrying the latest items with the session id = stored history + carried items (read-your-writes).
+    carried = api.client.post("/v1/recommendations", json={"session_id": "s", "recent_items": _items(api, 70, 2)})
+    combined = api.client.post("/v1/recommendations", json={"recent_items": history + _items(api, 70, 2)})
+    assert _ranked(carried.json()) == _ranked(combined.json())
+
+
+def test_unknown_items_are_ignored_and_reported(api: Api) -> None:
+    history = _items(api, 0, 5)
+    body = api.client.post("/v1/recommendations", json={"recent_items": [*history, "no-such-item"]}).json()
+    clean = api.client.post("/v1/recommendations", json={"recent_items": history}).json()
+    assert body["unknown_items_ignored"] == ["no-such-item"]
+    assert _ranked(body) == _ranked(clean)
+
+
+def test_candidates_restrict_the_ranking(api: Api) -> None:
+    api.ingest("s", _items(api, 0, 6))
+    candidates = _items(api, 40, 5)
+    body = api.client.post(
+        "/v1/recommendations", json={"session_id": "s", "candidates": [*candidates, "nope"], "k": 10}
+    ).json()
+    assert sorted(_ranked(body)) == sorted(candidates)
+    assert body["unknown_candidates"] == ["nope"]
+    full = _ranked(api.client.post("/v1/recommendations", json={"session_id": "s", "k": 1000}).json())
+    assert _ranked(body) == [i for i in full if i in candidates]
+
+
+def test_unknown_session_is_a_popularity_cold_start(api: Api) -> None:
+    r = api.client.get("/v1/sessions/never-seen/recommendations", params={"k": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["fallback"] == "popularity" and body["known_session"] is False and body["prototype_id"] is None
+    online = api.online
+    counts = np.asarray(online.item_counts, dtype=np.float64)
+    assert [i["score"] for i in body["items"]] == sorted(counts, reverse=True)[:5]
+    assert all(counts[online.index_of(i["item_id"])] == i["score"] for i in body["items"])
+    metrics = api.client.get("/metrics").text
+    assert 'persona_fallbacks_total{reason="popularity"} 1.0' in metrics
+
+
+def test_read_your_writes_a_ranking_right_after_an_event_reflects_it(api: Api) -> None:
+    api.ingest("s", _items(api, 0, 4))
+    before = api.client.get("/v1/sessions/s/recommendations").json()
+    new_item = before["items"][0]["item_id"]  # the item ranked first is now seen
+    api.ingest("s", [new_item], start=4)
+    after = api.client.get("/v1/sessions/s/recommendations").json()
+    assert after["edit_version"] == before["edit_version"] + 1
+    assert new_item not in _ranked(after)
+    summary = api.client.get("/v1/sessions/s").json()
+    assert summary["recent_items"][-1] == new_item and summary["event_count"] == 5
+
+
+def test_edit_export_round_trips_into_the_library(api: Api) -> None:
+    api.ingest("s", _items(api, 20, 9))
+    exported = api.client.get("/v1/sessions/s/edit").json()
+    online = api.online
+    cfg = online.cfg
+    assert exported["encoding"] == "float32" and exported["model_version"] == online.version
+    assert len(exported["layers"]) == cfg.n_edit_layers
+    assert np.asarray(exported["layers"][0]["weight"]).shape == (cfg.dim, cfg.dim)
+    assert np.asarray(exported["code"]).shape == (cfg.n_edit_layers, cfg.code_dim)
+    edit = Edit(
+        torch.tensor([[layer["weight"] for layer in exported["layers"]]], dtype=torch.float32),
+        torch.tensor([[layer["bias"] for layer in exported["layers"]]], dtype=torch.float32),
+        torch.tensor([exported["prototype_id"]]),
+    )
+    state = api.store.get_session("s")
+    assert state is not None
+    idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True)
+    served = api.client.get("/v1/sessions/s/recommendations").json()
+    assert online.decode(idx[0]) == _ranked(served)
+    assert api.client.get("/v1/sessions/unknown/edit").status_code == 404
+
+
+def test_batch_equals_single_requests(api: Api) -> None:
+    api.ingest("a", _items(api, 0, 5))
+    requests = [
+        {"session_id": "a", "k": 3},
+        {"recent_items": _items(api, 60, 4), "k": 4, "exclude_seen": False},
+        {"session_id": "cold"},
+        {"session_id": "a", "candidates": _items(api, 80, 3)},
+    ]
+    r = api.client.post("/v1/recommendations:batch", json={"requests": requests})
+    assert r.status_code == 200, r.text
+    singles = [api.client.post("/v1/recommendations", json=q).json() for q in requests]
+    assert [_ranked(b) for b in r.json()["results"]] == [_ranked(s) for s in singles]
+    alias = api.client.post("/v1/recommendations/batch", json={"requests": requests})
+    assert alias.json() == r.json()
+
+
+def _problem(r: Any, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body = dict(r.json())
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
+def test_errors_are_problem_json(api: Api) -> None:
+    _problem(api.client.get("/v1/sessions/nope"), 404)
+    _problem(api.client.get("/no/such/route"), 404)
+    bad_k = _problem(api.client.get("/v1/sessions/s/recommendations", params={"k": 0}), 422)
+    assert bad_k["errors"][0]["loc"] == ["query", "k"]
+    extra = _problem(api.client.post("/v1/recommendations", json={"session_id": "s", "exlude_seen": True}), 422)
+    assert extra["errors"][0]["loc"] == ["body", "exlude_seen"]
+    _problem(api.client.post("/v1/recommendations", json={}), 422)
+    too_long = api.online.cfg.max_len * 4 + 1
+    long = _problem(api.client.post("/v1/recommendations", json={"recent_items": ["x"] * too_long}), 422)
+    assert long["errors"][0]["loc"] == ["body", "recent_items"]
+    _problem(api.client.post("/v1/recommendations", json={"session_id": "x" * 129}), 422)
+    _problem(
+        api.client.post("/v1/recommendations", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
+    huge = b'{"recent_items": [' + b'"a",' * 300_000 + b'"a"]}'
+    _problem(api.client.post("/v1/recommendations", content=huge, headers={"content-type": "application/json"}), 413)
+
+
+def test_invalid_events_are_refused_with_each_index_and_reason(api: Api) -> None:
+    good = {"event_id": "e1", "session_id": "s", "item_id": _items(api, 0, 1)[0], "ts": "2026-01-01T00:00:00Z"}
+    bad = [good, {**good, "event_id": "e2", "ts": "yesterday"}, {"event_id": "e3", "session_id": "s"}]
+    body = _problem(api.client.post("/v1/events", json={"events": bad}), 422)
+    assert [e["loc"] for e in body["errors"]] == [["body", "events", 1], ["body", "events", 2]]
+    assert [e["type"] for e in body["errors"]] == ["invalid_value", "missing_field"]
+    assert api.store.count_events() == 0  # all or nothing
+    one = api.client.post("/v1/events", json=good)
+    assert one.status_code == 200 and one.json()["applied"] == 1
+    again = api.client.post("/v1/events", json=good).json()
+    assert again["applied"] == 0 and again["duplicates"] == 1
+
+
+def test_admin_needs_a_key_compared_in_constant_time(api: Api) -> None:
+    _problem(api.client.get("/v1/admin/models"), 401)
+    _problem(api.client.get("/v1/admin/models", headers={"X-API-Key": "wrong"}), 403)
+    ok = api.client.get("/v1/admin/models", headers={"X-API-Key": KEY})
+    assert ok.status_code == 200 and ok.json()["serving"] == api.online.version
+    bearer = api.client.post("/v1/admin/models/reload", headers={"Authorization": f"Bearer {KEY}"})
+    assert bearer.status_code == 200 and bearer.json()["swapped"] is False
+    _problem(api.client.post("/v1/admin/models/nope/activate", headers={"X-API-Key": KEY}), 404)
+    assert key_matches(KEY, ["other", KEY]) and not key_matches(KEY[:-1], [KEY])
+    # The public routes stay open unless require_api_key is set.
+    assert api.client.get("/v1/sessions/x/recommendations").status_code == 200
+
+
+def test_admin_api_is_disabled_without_keys_and_require_api_key_guards_everything(api: Api) -> None:
+    with _app(api.store, api.models) as client:
+        body = _problem(client.get("/v1/admin/models"), 403)
+        assert "PERSONA_API_KEYS" in body["detail"]
+    with _app(api.store, api.models, api_keys=[KEY], require_api_key=True) as client:
+        assert client.get("/healthz").status_code == 200
+        _problem(client.get("/v1/sessions/x/recommendations"), 401)
+        _problem(client.get("/readyz"), 401)
+        assert client.get("/v1/sessions/x/recommendations", headers={"X-API-Key": KEY}).status_code == 200
+
+
+def test_health_readiness_and_metrics(api: Api, store_url: str) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    assert api.client.get("/readyz").json() == {"status": "ready", "model_version": api.online.version}
+    api.client.get("/v1/sessions/abc/recommendations")
+    text = api.client.get("/metrics").text
+    assert 'persona_requests_total{route="/v1/sessions/{session_id}/recommendations",status="200"}' in text
+    assert "abc" not in text  # no per-session labels
+    assert f'persona_model_info{{version="{api.online.version}"}} 1.0' in text
+    assert "persona_request_seconds_bucket" in text
+
+
+def test_not_ready_without_a_model(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        with _app(store, ModelProvider(store)) as client:
+            assert client.get("/healthz").status_code == 200
+            _problem(client.get("/readyz"), 503)
+            _problem(client.get("/v1/sessions/s/recommendations"), 503)
+    finally:
+        store.close()

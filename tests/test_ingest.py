@@ -1,0 +1,218 @@
+"""Ingestor.apply on a real store (SQLite and PostgreSQL) with a real tiny model: state, dedup, policies."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from persona.events import Event, RejectReason
+from persona.ingest import KS, Ingestor
+from persona.models import ModelProvider
+from persona.store import Store, UnitOfWork
+from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def models(store: Store, tiny_bundle: Path) -> ModelProvider:
+    return ModelProvider(store, model_dir=tiny_bundle)
+
+
+def make_events(online: OnlineModel, n: int, sessions: int, seed: int = 0, prefix: str = "e") -> list[Event]:
+    rng = random.Random(seed)
+    items = list(online.vocab.ids)
+    return [
+        Event(f"{prefix}{i}", f"s{rng.randrange(sessions)}", rng.choice(items), T0 + timedelta(seconds=i))
+        for i in range(n)
+    ]
+
+
+def reference(online: OnlineModel, batches: Sequence[Sequence[Event]]) -> tuple[dict[str, dict[str, Any]], BankState]:
+    """The same events applied one at a time through OnlineModel directly (no store, no batching of the model).
+
+    Within a batch, assignments use the bank as it was when the batch started (the documented semantics).
+    """
+    bank = online.initial_bank
+    state: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for batch in batches:
+        start = bank
+        codes, protos = [], []
+        for e in batch:
+            if e.event_id in seen:
+                continue
+            seen.add(e.event_id)
+            s = state.setdefault(e.session_id, {"recent": [], "count": 0, "unknown": 0, "code": None, "proto": None})
+            if not online.known(e.item_id):
+                s["unknown"] += 1
+                continue
+            s["recent"] = [*s["recent"], e.item_id][-online.cfg.max_len :]
+            code = online.codes(online.histories([s["recent"]]))
+            proto = int(online.assign(code, start)[0])
+            s.update(code=code[0], proto=proto, count=s["count"] + 1)
+            codes.append(code[0])
+            protos.append(proto)
+        if codes:
+            bank = refine_bank(start, torch.stack(codes), torch.tensor(protos), online.cfg)
+    return state, bank
+
+
+def test_batched_apply_equals_one_at_a_time_application(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    events = make_events(online, 600, sessions=15)
+    batches = [events[:250], events[250:260], events[260:]]  # sessions span batches: stored state is reused
+    ingestor = Ingestor(store, models)
+    for batch in batches:
+        ingestor.apply(batch)
+    expected, bank = reference(online, batches)
+
+    with store.read() as uow:
+        stored = uow.get_sessions(list(expected))
+    assert set(stored) == set(expected)
+    for sid, exp in expected.items():
+        got = stored[sid]
+        assert got.recent_items == exp["recent"]
+        assert got.event_count == exp["count"] == got.edit_version
+        assert got.prototype_id == exp["proto"]
+        assert got.model_version == online.version
+        assert got.code is not None
+        torch.testing.assert_close(code_from_bytes(got.code, online.cfg), exp["code"], atol=1e-5, rtol=1e-4)
+    rows = store.load_prototypes(online.version)
+    centres = torch.stack([code_from_bytes(r.centre, online.cfg) for r in rows])
+    torch.testing.assert_close(centres, bank.centres, atol=1e-5, rtol=1e-4)
+    assert [r.count for r in rows] == pytest.approx(bank.counts.tolist())
+    assert store.count_events() == len(events)
+
+
+def test_duplicates_are_applied_once_within_and_across_batches(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    a, b = make_events(online, 2, sessions=1)
+    ingestor = Ingestor(store, models)
+    first = ingestor.apply([a, b, a])
+    assert (first.applied, first.duplicates) == (2, 1)
+    state = store.get_session(a.session_id)
+    again = ingestor.apply([b, a])
+    assert (again.applied, again.duplicates) == (0, 2)
+    assert store.get_session(a.session_id) == state
+    assert store.count_events() == 2
+
+
+def test_unknown_item_skip_policy_logs_and_counts_without_touching_the_model_state(
+    store: Store, models: ModelProvider
+) -> None:
+    online = models.get()
+    (known,) = make_events(online, 1, sessions=1)
+    unknown = Event("u1", known.session_id, "never-seen-item", T0 + timedelta(minutes=1))
+    result = Ingestor(store, models).apply([known, unknown])
+    assert (result.applied, result.unknown_items, result.rejected) == (1, 1, [])
+    state = store.get_session(known.session_id)
+    assert state is not None
+    assert state.recent_items == [known.item_id]
+    assert (state.event_count, state.unknown_item_count, state.edit_version) == (1, 1, 1)
+    with store.read() as uow:
+        logged = {e.event_id: e.known_item for e in uow.get_events(known.session_id)}
+    assert logged == {known.event_id: True, "u1": False}
+
+
+def test_unknown_item_dlq_policy_rejects_without_logging(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    (known,) = make_events(online, 1, sessions=1)
+    unknown = Event("u1", known.session_id, "never-seen-item", T0 + timedelta(minutes=1))
+    result = Ingestor(store, models, unknown_item_policy="dlq").apply([unknown, known])
+    assert result.applied == 1
+    assert [(e.event_id, r.reason) for e, r in result.rejected] == [("u1", RejectReason.UNKNOWN_ITEM)]
+    assert store.count_events() == 1
+    state = store.get_session(known.session_id)
+    assert state is not None and state.unknown_item_count == 0
+
+
+def test_first_event_of_a_session_makes_no_prediction(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    result = Ingestor(store, models).apply(make_events(online, 1, sessions=1))
+    assert result.applied == 1
+    assert result.predictions == {"persona": 0, "base": 0}
+    assert sum(result.hits.values()) == 0
+
+
+def test_hit_counters_match_a_hand_computation(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    items = list(online.vocab.ids)
+    seq = [items[3], items[7], items[3], items[11]]
+    events = [Event(f"h{i}", "hand", item, T0 + timedelta(seconds=i)) for i, item in enumerate(seq)]
+    result = Ingestor(store, models).apply(events)
+
+    bank = online.initial_bank
+    expected_ranks: dict[str, list[int]] = {"persona": [], "base": []}
+    for i in range(1, len(seq)):
+        hist = online.histories([seq[:i]])
+        code = online.codes(hist)
+        edit = online.edit(code, bank, online.assign(code, bank))
+        target = torch.tensor([online.index_of(seq[i])])
+        expected_ranks["persona"].append(int(online.target_ranks(hist, target, edit)[0]))
+        expected_ranks["base"].append(int(online.target_ranks(hist, target)[0]))
+    for variant, ranks in expected_ranks.items():
+        assert result.predictions[variant] == 3
+        assert result.reciprocal_rank[variant] == pytest.approx(sum(1 / (r + 1) for r in ranks))
+        for k in KS:
+            assert result.hits[(variant, k)] == sum(r < k for r in ranks)
+            assert result.ndcg[(variant, k)] == pytest.approx(sum(1 / math.log2(r + 2) for r in ranks if r < k))
+    assert len(result.prototypes) == len(result.ood_scores) == len(result.freshness_s) == 4
+    assert all(x >= 0 for x in result.edit_norm_ratios)
+
+
+def test_a_failed_transaction_leaves_nothing_behind(
+    store: Store, models: ModelProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    online = models.get()
+    events = make_events(online, 40, sessions=4)
+    ingestor = Ingestor(store, models)
+    ingestor.apply(events[:20])
+    with store.read() as uow:
+        sessions_before = uow.get_sessions({e.session_id for e in events})
+    bank_before = [(r.prototype_id, r.centre, r.count, r.version) for r in store.load_prototypes(online.version)]
+
+    def fail(self: UnitOfWork, states: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(UnitOfWork, "upsert_sessions", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingestor.apply(events[20:])
+    monkeypatch.undo()
+
+    assert store.count_events() == 20
+    with store.read() as uow:
+        assert uow.get_sessions({e.session_id for e in events}) == sessions_before
+    after = [(r.prototype_id, r.centre, r.count, r.version) for r in store.load_prototypes(online.version)]
+    assert after == bank_before
+    # and the same batch applies cleanly afterwards (the consumer's retry)
+    assert ingestor.apply(events[20:]).applied == 20
+
+
+def test_ood_and_item_indices_are_per_applied_event(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    events = make_events(online, 50, sessions=5)
+    result = Ingestor(store, models).apply(events)
+    assert result.item_indices == [online.index_of(e.item_id) for e in events]
+    assert np.all(np.isfinite(result.ood_scores))
+    assert result.bank_version >= 0 and result.model_version == online.version
+
+
+def test_recent_items_are_capped_at_max_recent(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    events = make_events(online, 6, sessions=1)
+    ingestor = Ingestor(store, models, max_recent=3)
+    ingestor.apply(events[:4])
+    ingestor.apply(events[4:])
+    state = store.get_session(events[0].session_id)
+    assert state is not None
+    assert state.recent_items == [e.item_id for e in events[-3:]]
+    assert state.event_count == 6
