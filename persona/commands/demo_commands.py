@@ -83,6 +83,7 @@ def demo(
     from streaming.kafka_io import ensure_topics, make_producer
     from streaming.replay import replay
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe request is noise here
     ensure_bundle(bundle, dataset, retrain=retrain, progress=progress)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -128,6 +129,7 @@ def demo(
             sessions = replayed["user_id"].unique(maintain_order=True).head(200).to_list()
             latency = d.latency_probe(api_url, sessions)
             summary = _summary(samples, done, sent, elapsed, latency, api_url, metrics_url)
+            summary["dataset"] = dataset
             _print_summary(summary)
             if json_out:
                 d.write_json(json_out, summary)
@@ -213,7 +215,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
-    t = Table(title="Persona demo: MovieLens-100K test period as live traffic", show_header=False)
+    t = Table(title=f"Persona demo: the {s['dataset']} test period as live traffic", show_header=False)
     t.add_row(
         "events processed", f"{s['events_processed']} of {s['events_sent']} ({s['events_per_s']:.0f}/s end to end)"
     )
@@ -232,6 +234,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     )
     lat = s["api_latency_ms"]
     t.add_row(
-        "API ranking latency", f"p50 {lat['p50_ms']:.1f} ms · p99 {lat['p99_ms']:.1f} ms ({lat['requests']} requests)"
+        "API ranking latency",
+        f"p50 {lat['p50_ms']:.1f} ms · p99 {lat['p99_ms']:.1f} ms ({lat['requests']} requests); "
+        f"an unknown session gets the {lat.get('cold_start_fallback')} fallback",
     )
     console.print(t)
