@@ -128,7 +128,7 @@ class SASRecEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, emb: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, emb: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
         b, t, _ = emb.shape
         x = self.drop(emb * math.sqrt(emb.shape[-1]) + self.pos[-t:])
         # Query i may see key j when j <= i and j is a real item; every position also sees itself, so that
@@ -136,8 +136,22 @@ class SASRecEncoder(nn.Module):
         eye = torch.eye(t, dtype=torch.bool, device=emb.device)
         allowed = torch.ones(t, t, dtype=torch.bool, device=emb.device).tril() & mask.unsqueeze(1) | eye
         attn = torch.zeros(b, t, t, device=emb.device).masked_fill(~allowed, float("-inf"))
-        x = self.blocks(x, mask=attn.repeat_interleave(self.n_heads, 0))
-        return self.norm(x)
+        attn = attn.repeat_interleave(self.n_heads, 0)
+        layers: Any = self.blocks.layers
+        if not last_only:
+            for layer in layers:
+                x = layer(x, src_mask=attn)
+            return self.norm(x)
+        # Serving and ingestion read only the last position: the final block attends from that one query.
+        for layer in layers[:-1]:
+            x = layer(x, src_mask=attn)
+        last = layers[-1]
+        kv = last.norm1(x)
+        q = kv[:, -1:]
+        sa = last.self_attn(q, kv, kv, key_padding_mask=~allowed[:, -1], need_weights=False)[0]
+        y = x[:, -1:] + last.dropout1(sa)
+        y = y + last._ff_block(last.norm2(y))
+        return self.norm(y[:, -1])
 
 
 class GRU4RecEncoder(nn.Module):
@@ -152,7 +166,9 @@ class GRU4RecEncoder(nn.Module):
         self.gru = nn.GRU(cfg.dim, cfg.dim, batch_first=True)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, emb: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, emb: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
+        if last_only:
+            return last_state(self.gru, self.drop(emb), mask)
         return all_states(self.gru, self.drop(emb), mask)
 
 
@@ -214,8 +230,9 @@ class DeviceModel(nn.Module):
         return self.encoder(self.items(history), history != PAD)
 
     def encode(self, history: Tensor) -> Tensor:
-        """User state h [B, D]: the state after the most recent item."""
-        return self.encode_all(history)[:, -1]
+        """User state h [B, D]: the state after the most recent item (only that one is computed)."""
+        out: Tensor = self.encoder(self.items(history), history != PAD, last_only=True)
+        return out
 
     def head(self, h: Tensor, edit: Edit | None = None) -> Tensor:
         """Editable layers: [B, D] → [B, D]; ``W_l' = W_l + ΔW_l`` per session when edited."""
@@ -376,11 +393,18 @@ def refine_centres(centres: Tensor, counts: Tensor, codes: Tensor, assignment: T
 
     ``η_k = max(1 / (n_k + n0), floor)``: early sessions move a centre a lot, later ones less, and the
     floor keeps every prototype adapting under drift. centres [K, L, d], counts [K], codes [B, L, d].
+    The in-order recurrence is applied in closed form per prototype (a weighted sum of its codes), so a
+    batch costs O(K) tensor operations instead of a Python step per code.
     """
-    for k, c in zip(assignment.tolist(), codes, strict=True):
-        eta = max(1.0 / (float(counts[k]) + cfg.proto_n0), cfg.proto_eta_floor)
-        centres[k] += eta * (c - centres[k])
-        counts[k] += 1
+    for k in assignment.unique().tolist():
+        mine = codes[assignment == k].double()  # this prototype's codes, in arrival order
+        steps = torch.arange(mine.shape[0], dtype=torch.float64)
+        eta = (1.0 / (float(counts[k]) + steps + cfg.proto_n0)).clamp(min=cfg.proto_eta_floor)
+        keep = torch.flip(torch.cumprod(torch.flip(1.0 - eta, [0]), 0), [0])  # Π_{i >= j} (1 − η_i)
+        after = torch.cat([keep[1:], keep.new_ones(1)])  # Π_{i > j} (1 − η_i)
+        weights = (eta * after).view(-1, *([1] * (mine.dim() - 1)))
+        centres[k] = (keep[0] * centres[k].double() + (weights * mine).sum(0)).to(centres.dtype)
+        counts[k] += mine.shape[0]
 
 
 @torch.no_grad()
