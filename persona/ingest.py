@@ -41,7 +41,7 @@ from persona.events import Event, Rejection, RejectReason
 from persona.store import NewEvent, PrototypeRow, SessionState, Store
 from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
-from recsys.model import PAD, UNK, Edit
+from recsys.model import PAD, UNK, Edit, reseed_idle
 from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class Ingestor:
         models: anything with ``get() -> OnlineModel`` (normally :class:`persona.models.ModelProvider`).
         unknown_item_policy: ``"skip"`` (log, count, leave the model state alone) or ``"dlq"``.
         max_recent: recent items kept per session (default and upper bound: the model's ``max_len``).
+        prototype_idle_s: a prototype assigned nothing for this long is re-seeded at the batch's worst-served
+            session (METHOD.md §3); ``None`` turns re-seeding off.
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class Ingestor:
         *,
         unknown_item_policy: str = "skip",
         max_recent: int | None = None,
+        prototype_idle_s: float | None = 3600.0,
     ) -> None:
         if unknown_item_policy not in UNKNOWN_ITEM_POLICIES:
             raise PersonaError(
@@ -128,6 +131,7 @@ class Ingestor:
         self.models = models
         self.unknown_item_policy = unknown_item_policy
         self.max_recent = max_recent
+        self.prototype_idle_s = prototype_idle_s
 
     # ------------------------------------------------------------------------------------------ public
     def apply(self, events: Sequence[Event], *, source: str = "kafka") -> IngestResult:
@@ -186,7 +190,8 @@ class Ingestor:
             if codes is not None:
                 protos = torch.tensor(result.prototypes, dtype=torch.long)
                 refined = refine_bank(bank, codes, protos, online.cfg)
-                saved = uow.save_prototypes(online.version, _rows_from_bank(refined, set(result.prototypes), rows, now))
+                touched = set(result.prototypes) | self._reseed(online, refined, rows, codes, protos, now)
+                saved = uow.save_prototypes(online.version, _rows_from_bank(refined, touched, rows, now))
                 result.bank_version = max((r.version for r in saved), default=0)
             else:
                 result.bank_version = max((r.version for r in rows), default=0)
@@ -197,6 +202,33 @@ class Ingestor:
         return result
 
     # ------------------------------------------------------------------------------------------ internals
+    def _reseed(
+        self,
+        online: OnlineModel,
+        bank: BankState,
+        rows: Sequence[PrototypeRow],
+        codes: torch.Tensor,
+        protos: torch.Tensor,
+        now: datetime,
+    ) -> set[int]:
+        """Re-seed (in place) prototypes idle for ``prototype_idle_s`` at the worst-served codes of the batch."""
+        if self.prototype_idle_s is None or not rows:
+            return set()
+        assigned = set(protos.tolist())
+        idle = torch.tensor(
+            [
+                r.prototype_id not in assigned
+                and (now - (r.last_assigned_at or r.updated_at)).total_seconds() > self.prototype_idle_s
+                for r in rows
+            ]
+        )
+        if not bool(idle.any()):
+            return set()
+        distances = online.distances(codes, protos, bank)
+        reseeded = set(reseed_idle(bank.centres, bank.counts, idle, codes, distances))
+        log.info("re-seeded idle prototypes %s of model %s", sorted(reseeded), online.version)
+        return reseeded
+
     def _apply_in_memory(
         self,
         online: OnlineModel,
@@ -420,7 +452,7 @@ def _rows_from_bank(
             centre=code_to_bytes(bank.centres[k]),
             count=float(bank.counts[k]),
             version=0,
-            last_assigned_at=now if k in assigned else last.get(k),
+            last_assigned_at=now if k in assigned else last.get(k),  # re-seeded ones count as assigned
             updated_at=now,
         )
         for k in sorted(touched)

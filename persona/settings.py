@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     unknown_item_policy: str = Field(
         "skip", pattern="^(skip|dlq)$", description="Unknown items: 'skip' (log, count, skip) or 'dlq'."
     )
+    prototype_idle_s: float | None = Field(
+        3600.0, ge=0, description="Re-seed a prototype assigned nothing for this many seconds (None = never)."
+    )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Consumer's Prometheus port (0 = off).")
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8000, ge=1, le=65535, description="API port.")

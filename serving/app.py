@@ -40,7 +40,12 @@ Every ranking reports the model version, prototype, edit version and fallback it
 
 def _context(settings: Settings, store: Store, models: ModelProvider, metrics: ServingMetrics) -> ServingContext:
     ranker = Ranker(store, models, on_fallback=lambda reason: metrics.fallbacks.labels(reason=reason).inc())
-    ingestor = Ingestor(store, models, unknown_item_policy=settings.unknown_item_policy)
+    ingestor = Ingestor(
+        store,
+        models,
+        unknown_item_policy=settings.unknown_item_policy,
+        prototype_idle_s=settings.prototype_idle_s,
+    )
     return ServingContext(settings, store, models, ranker, ingestor, metrics)
 
 

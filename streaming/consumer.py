@@ -61,6 +61,7 @@ class ConsumerConfig:
     group: str
     partitions: int = 4
     unknown_item_policy: str = "skip"
+    prototype_idle_s: float | None = 3600.0
     max_poll_records: int = 500
     poll_timeout_ms: int = 500
     session_timeout_ms: int | None = None
@@ -136,7 +137,9 @@ class EventConsumer:
         self.models = models
         self.cfg = cfg
         self.metrics = metrics or ConsumerMetrics()
-        self.ingestor = Ingestor(store, models, unknown_item_policy=cfg.unknown_item_policy)
+        self.ingestor = Ingestor(
+            store, models, unknown_item_policy=cfg.unknown_item_policy, prototype_idle_s=cfg.prototype_idle_s
+        )
         self.stats = ConsumeStats()
         self._stop = threading.Event()
         #: Set once the group gave this member its partitions (benchmarks wait for it before producing).

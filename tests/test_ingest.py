@@ -216,3 +216,24 @@ def test_recent_items_are_capped_at_max_recent(store: Store, models: ModelProvid
     assert state is not None
     assert state.recent_items == [e.item_id for e in events[-3:]]
     assert state.event_count == 6
+
+
+def test_idle_prototypes_are_reseeded_at_the_batchs_worst_served_codes(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    ingestor = Ingestor(store, models, prototype_idle_s=0.0)  # anything not assigned in a batch counts as idle
+    ingestor.apply(make_events(online, 50, sessions=5, prefix="a"))  # seeds the bank
+    before = {r.prototype_id: r for r in store.load_prototypes(online.version)}
+    second = ingestor.apply(make_events(online, 1, sessions=1, seed=7, prefix="b"))  # one event: one code
+    (session,) = second.sessions.values()
+    assert session.code is not None
+    code = code_from_bytes(session.code, online.cfg)
+    after = {r.prototype_id: r for r in store.load_prototypes(online.version)}
+    reseeded = [k for k in after if k not in second.prototypes and after[k].centre != before[k].centre]
+    assert len(reseeded) == 1  # one code in the batch: one idle prototype takes it over
+    assert after[reseeded[0]].count == 0
+    torch.testing.assert_close(code_from_bytes(after[reseeded[0]].centre, online.cfg), code)
+
+    quiet = Ingestor(store, models, prototype_idle_s=None)
+    result = quiet.apply(make_events(online, 3, sessions=1, seed=9, prefix="c"))
+    latest = {r.prototype_id: r.centre for r in store.load_prototypes(online.version)}
+    assert all(latest[k] == after[k].centre for k in after if k not in set(result.prototypes))

@@ -178,6 +178,7 @@ def consume(
         group=group or settings.kafka_group,
         partitions=settings.kafka_partitions,
         unknown_item_policy=settings.unknown_item_policy,
+        prototype_idle_s=settings.prototype_idle_s,
         session_timeout_ms=session_timeout_ms or settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=heartbeat_ms or settings.kafka_heartbeat_ms,
         max_events=max_events,
