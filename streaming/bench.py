@@ -30,11 +30,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from persona.store.engine import temporary_database
 from recsys.errors import PersonaError
 
 log = logging.getLogger(__name__)
@@ -118,36 +118,6 @@ def _raw_rate(bootstrap: str, topic: str, n: int) -> float:
     if seen < n:
         raise PersonaError(f"raw consumer read only {seen} of {n} messages within 120 s")
     return seen / elapsed if elapsed > 0 else 0.0
-
-
-@contextmanager
-def _postgres_database(server_url: str) -> Iterator[str]:
-    """A fresh temp database on the server at ``server_url``; dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import SQLAlchemyError
-
-    server = make_url(server_url)
-    if server.drivername in ("postgresql", "postgres"):
-        server = server.set(drivername="postgresql+psycopg")
-    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    name = f"persona_bench_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except SQLAlchemyError as exc:
-        admin.dispose()
-        raise PersonaError(
-            f"cannot create a benchmark database on {server.render_as_string(hide_password=True)}: "
-            f"{str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}",
-            "start PostgreSQL, pass --postgres-url, or --skip-postgres",
-        ) from exc
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _pipeline(
@@ -241,7 +211,7 @@ def run_ingest_bench(
             log.info("sqlite pipeline: %.0f events/s", stats.rate)
 
             if postgres_url is not None:
-                with _postgres_database(postgres_url) as pg_url:
+                with temporary_database(postgres_url) as pg_url:
                     stats = _pipeline(broker.bootstrap, topic, pg_url, bundle, events)
                 results["postgres_events_per_s"] = round(stats.rate, 1)
                 log.info("postgres pipeline: %.0f events/s", stats.rate)

@@ -8,44 +8,29 @@ coverage.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from persona.store import Store
+from persona.store.engine import temporary_database
+from recsys.errors import PersonaError
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def _postgres_database() -> Iterator[str]:
-    """Create ``persona_t_<random>`` through the ``postgres`` maintenance database; drop it afterwards."""
-    server = make_url(os.environ.get("PERSONA_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
-    if server.drivername in ("postgresql", "postgres"):
-        server = server.set(drivername="postgresql+psycopg")
-    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    name = f"persona_t_{uuid.uuid4().hex[:12]}"
+    """A fresh ``persona_t_<random>`` database on the server; a server that cannot be used FAILS the test."""
+    database = temporary_database(os.environ.get("PERSONA_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL), "persona_t")
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except SQLAlchemyError as exc:
-        admin.dispose()
-        where = server.render_as_string(hide_password=True)
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        pytest.fail(
-            f"PostgreSQL at {where} is not usable ({reason}); start it or set PERSONA_TEST_POSTGRES_URL",
-            pytrace=False,
-        )
+        url = database.__enter__()
+    except PersonaError as exc:
+        pytest.fail(str(exc), pytrace=False)
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        database.__exit__(None, None, None)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

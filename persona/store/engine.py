@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from recsys.errors import PersonaError
 
@@ -179,3 +182,33 @@ def ensure_schema(engine: Engine) -> None:
     if current != head:
         log.info("migrating the store %s from %s to %s", mask_url(engine.url), current or "empty", head)
         upgrade(engine)
+
+
+@contextmanager
+def temporary_database(server_url: str, prefix: str = "persona_tmp") -> Iterator[str]:
+    """A fresh, uniquely named database on the PostgreSQL server at ``server_url``, dropped afterwards.
+
+    For tests and benchmarks that must not touch real data. Yields the new database's URL (psycopg driver);
+    an unreachable server is a :class:`PersonaError` naming it.
+    """
+    server = make_url(server_url)
+    if server.drivername in ("postgresql", "postgres"):
+        server = server.set(drivername="postgresql+psycopg")
+    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise PersonaError(
+            f"PostgreSQL at {server.render_as_string(hide_password=True)} is not usable ({reason})",
+            "start it, or point PERSONA_TEST_POSTGRES_URL / --postgres-url at a server",
+        ) from exc
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
