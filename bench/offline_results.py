@@ -39,7 +39,7 @@ def one(protocol: str, seed: int, out: Path, extra: list[str]) -> dict:
         return json.loads(result.read_text())
     bundle = out / name
     log = out / f"{name}.log"
-    persona = str(Path(sys.executable).parent / "persona")
+    persona = os.path.relpath(Path(sys.executable).parent / "persona")
     train_cmd = [persona, "train", "--out", str(bundle), "--protocol", protocol, "--seed", str(seed), "--overwrite"]
     train_s = run([*train_cmd, "--no-progress", *extra], log)
     eval_cmd = [persona, "evaluate", "--model", str(bundle), "--json", str(out / f"{name}.eval.json")]
@@ -73,7 +73,8 @@ def table(reports: list[dict]) -> list[str]:
         f"- cost per session: edit {fmt([x['edit_ms_per_session'] for x in t])} ms (single), "
         f"{statistics.fmean(x['edit_batch_sessions_per_s'] for x in t):.0f} sessions/s batched; "
         f"fine-tuning {fmt([x['finetune_ms_per_session'] for x in t])} ms; "
-        f"fine-tune / edit = {fmt([x['finetune_over_edit'] for x in t])}"
+        f"fine-tune / edit = {fmt([x['finetune_over_edit'] for x in t])} single, "
+        f"{fmt([x['finetune_ms_per_session'] * x['edit_batch_sessions_per_s'] / 1e3 for x in t])} batched"
     )
     walls = [round(r["train_seconds"] + r["evaluate_seconds"]) for r in reports]
     lines.append(
