@@ -84,6 +84,7 @@ def demo(
     from streaming.replay import replay
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe request is noise here
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # the replay producer's event-loop timing warnings
     ensure_bundle(bundle, dataset, retrain=retrain, progress=progress)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
