@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from recsys.errors import PersonaError
 
 log = logging.getLogger("persona.demo")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

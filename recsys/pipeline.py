@@ -20,13 +20,11 @@ from recsys.data import fingerprint, load_interactions
 from recsys.drift import DriftReference, drift_reference
 from recsys.errors import BundleError, DataError
 from recsys.model import ModelConfig, PersonaModel
-from recsys.splits import Split, k_core, make_split
+from recsys.splits import PROTOCOLS, Split, k_core, make_split
 from recsys.train import TrainConfig, TrainResult, train_persona
 from recsys.vocab import ItemVocab
 
 log = logging.getLogger(__name__)
-
-PROTOCOLS = ("time-shift", "leave-one-out")
 
 
 @dataclass

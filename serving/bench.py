@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from persona.models import register_bundle
+from persona.net import free_port
 from persona.store import SessionState, Store
 from recsys.errors import PersonaError
 from recsys.online import OnlineModel, code_to_bytes
@@ -133,17 +133,11 @@ def build_large_bundle(out: Path, n_items: int = 1_000_000, *, dim: int = 16, se
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ApiProcess:
     """``uvicorn serving.app:create_server_app --factory`` in a subprocess, on a free loopback port."""
 
     def __init__(self, database_url: str, *, workers: int = 1, ready_timeout_s: float = 180.0) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PERSONA_DATABASE_URL": database_url, "PERSONA_LOG_LEVEL": "WARNING"}
         env.pop("PERSONA_MODEL_DIR", None)

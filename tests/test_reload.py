@@ -7,7 +7,6 @@ response carries the new version.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 import uvicorn
 
 from persona.models import ModelProvider, register_bundle
+from persona.net import free_port
 from persona.settings import Settings
 from persona.store import Store
 from recsys.bundle import load_bundle, save_bundle
@@ -41,18 +41,12 @@ def second_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(store_url: str, tiny_bundle: Path) -> Iterator[tuple[str, Store, ModelProvider]]:
     store = Store.open(store_url)
     models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=0.2)
     app = create_app(Settings(), store=store, models=models)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

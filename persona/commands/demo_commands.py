@@ -78,6 +78,7 @@ def demo(
 ) -> None:
     """Train (or reuse) a model, run broker + consumer + API, stream the test period, print the results."""
     from persona import demo as d
+    from persona.net import free_port
     from recsys.data import load_interactions
     from streaming.broker import EmbeddedBroker
     from streaming.kafka_io import ensure_topics, make_producer
@@ -88,8 +89,8 @@ def demo(
     ensure_bundle(bundle, dataset, retrain=retrain, progress=progress)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    api_port = api_port or d.free_port()
-    metrics_port = metrics_port or d.free_port()
+    api_port = api_port or free_port()
+    metrics_port = metrics_port or free_port()
     topic = "persona.events"
     with EmbeddedBroker() as broker:
         env = {
