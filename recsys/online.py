@@ -12,7 +12,6 @@ exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ class OnlineModel:
         self.cfg: ModelConfig = self.model.cfg
         self.vocab: ItemVocab = trained.vocab
         self.version: str = trained.version
-        self._lock = threading.Lock()
         with torch.inference_mode():
             self.item_targets = self.model.device_model.item_targets().clone()
         self.initial_bank = BankState(self.model.bank.centres.clone(), self.model.bank.counts.clone(), 0)
