@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from recsys.model import ItemTable
-from recsys.sharding import init_distributed, local_rows, shard_item_table
+from recsys.sharding import init_distributed, local_rows, shard_item_table, shutdown_distributed
 
 rank, world, device = init_distributed()
 torch.manual_seed(0)
@@ -24,4 +24,4 @@ ids = torch.randint(0, n_items, (6, 7), generator=torch.Generator().manual_seed(
 out = sharded(ids)
 result = {"rank": rank, "rows": shard.shape[0], "total_rows": full.shape[0], "equal": bool(torch.equal(out, full[ids]))}
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
-dist.destroy_process_group()
+shutdown_distributed()
