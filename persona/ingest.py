@@ -41,8 +41,8 @@ from persona.events import Event, Rejection, RejectReason
 from persona.store import NewEvent, PrototypeRow, SessionState, Store
 from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
-from recsys.model import PAD, UNK, Edit, reseed_idle
-from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
+from recsys.model import PAD, reseed_idle
+from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank, state_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,10 @@ class ModelSource(Protocol):
 class IngestResult:
     """What one :meth:`Ingestor.apply` did, in plain values (the caller turns them into metrics).
 
-    Per-event lists (``prototypes``, ``ood_scores``, ``edit_norm_ratios``, ``item_indices``, ``freshness_s``)
-    have one entry per applied event, in apply order. ``ndcg`` holds sums of ``1/log2(rank+2)`` for ranks
-    below k, ``reciprocal_rank`` sums of ``1/(rank+1)``; divide by ``predictions`` for the means.
+    Per-event lists (``prototypes``, ``ood_scores``, ``item_indices``, ``freshness_s``) have one entry per
+    applied event, in apply order; ``edit_norm_ratios`` one per prediction (the edit that scored the event).
+    ``ndcg`` holds sums of ``1/log2(rank+2)`` for ranks below k, ``reciprocal_rank`` sums of ``1/(rank+1)``;
+    divide by ``predictions`` for the means.
     """
 
     applied: int = 0
@@ -94,9 +95,9 @@ class _Work:
 
     state: SessionState
     indices: list[int]  # vocabulary indices of state.recent_items (UNK for items the model lost)
-    # Row of its current code: >= 0 in this batch's codes; -(j + 2) for the j-th stored previous state;
-    # -1 before either is known.
-    code_row: int = -1
+    # Row of its current state (code, user state): >= 0 in this batch's post-event rows; -(j + 2) for the
+    # j-th stored previous state; -1 before either is known.
+    row: int = -1
 
 
 class Ingestor:
@@ -243,15 +244,19 @@ class Ingestor:
 
         Fills ``result`` (sessions, counters, per-event lists; ``freshness_s`` temporarily holds the event
         timestamps) and returns the codes [B, L, d] of the applied events (``None`` if none was applied).
+
+        The sequence encoder runs once per applied event, on its post-event history: that user state is
+        stored with the session, and it is exactly what the session's *next* event is scored with. So a
+        prediction never re-encodes the previous history (the stored state, or the in-batch one, is it).
         """
         cfg = online.cfg
         t = cfg.max_len
         index_of = online.index_of
         sessions: dict[str, _Work] = {}
 
-        post_hist: list[list[int]] = []  # history after each applied event (for its code)
-        pre_rows: list[tuple[list[int], int, int]] = []  # (history before, target index, prev-code row)
-        stored_prev: list[tuple[SessionState, list[int]]] = []  # sessions whose previous code is needed
+        post_hist: list[list[int]] = []  # history after each applied event (for its code and user state)
+        pre_rows: list[tuple[int, int]] = []  # (row of the previous state, target index) per prediction
+        stored_prev: list[tuple[_Stored, list[int]]] = []  # stored states that predict an event
         applied_ts = result.freshness_s
 
         for e, known in fresh:
@@ -276,18 +281,17 @@ class Ingestor:
 
             item = index_of(e.item_id)
             if w.indices:
-                if w.code_row < 0:
-                    # The previous state comes from the store: its code is re-derived in the batch forward
-                    # when the stored one belongs to another model version (codes are not comparable).
-                    w.code_row = -(len(stored_prev) + 2)
-                    stored_prev.append((st, list(w.indices)))
-                pre_rows.append((w.indices, item, w.code_row))
+                if w.row == -1:
+                    w.row = -(len(stored_prev) + 2)
+                    # Snapshot what the stored state was computed with: the loop re-stamps model_version below.
+                    stored_prev.append((_Stored(st.model_version, st.code, st.user_state, st.prototype_id), w.indices))
+                pre_rows.append((w.row, item))
             w.indices = [*w.indices, item][-cap:]
             st.recent_items = [*st.recent_items, e.item_id][-cap:]
             st.event_count += 1
             st.edit_version += 1
             st.model_version = online.version
-            w.code_row = len(post_hist)
+            w.row = len(post_hist)
             post_hist.append(w.indices)
             applied_ts.append(e.ts.timestamp())
             result.item_indices.append(item)
@@ -298,107 +302,122 @@ class Ingestor:
             return None
 
         b = len(post_hist)
-        # Previous codes of stored sessions: the stored bytes when they belong to this model, else recomputed.
-        prev_hist: list[list[int]] = []
-        prev_codes: list[torch.Tensor | None] = []
-        for st, hist in stored_prev:
-            usable = st.code is not None and st.model_version == online.version
-            prev_codes.append(code_from_bytes(st.code, cfg) if usable and st.code is not None else None)
-            if not usable:
-                prev_hist.append(hist)
         with torch.inference_mode():
-            all_codes = online.codes(_pad(post_hist + prev_hist, t))
-            codes = all_codes[:b]
-            recomputed = iter(all_codes[b:])
-            prev = torch.stack([c if c is not None else next(recomputed) for c in prev_codes]) if prev_codes else None
+            prev = _previous_states(online, bank, stored_prev)
+            all_hist = _pad(post_hist + [stored_prev[j][1] for j in prev.recompute], t)
+            all_codes = online.codes(all_hist)
+            all_states = online.user_states(all_hist)
+            codes, states = all_codes[:b], all_states[:b]
+            if prev.recompute:
+                prev.codes[prev.recompute] = all_codes[b:]
+                prev.states[prev.recompute] = all_states[b:]
+                prev.protos[prev.recompute] = online.assign(all_codes[b:], bank)
             protos = online.assign(codes, bank)
-            prev_protos = online.assign(prev, bank) if prev is not None else None
-            if prev is not None and prev_protos is not None:
-                for j, (st, _hist) in enumerate(stored_prev):
-                    if st.code is not None and st.model_version == online.version and st.prototype_id is not None:
-                        prev_protos[j] = st.prototype_id
-            edit_codes = codes if prev is None else torch.cat([codes, prev])
-            edit_protos = protos if prev_protos is None else torch.cat([protos, prev_protos])
             dists = online.distances(codes, protos, bank)
             if pre_rows:
-                rows = torch.tensor([r if r >= 0 else b + (-r - 2) for _h, _i, r in pre_rows], dtype=torch.long)
-                hist_t = _pad([h for h, _i, _r in pre_rows], t)
-                targets = torch.tensor([i for _h, i, _r in pre_rows], dtype=torch.long)
-            else:
-                rows = torch.zeros(0, dtype=torch.long)
-                hist_t = torch.zeros(0, t, dtype=torch.long)
-                targets = torch.zeros(0, dtype=torch.long)
-            ratios, ranks = _edits_and_ranks(online, bank, edit_codes, edit_protos, b, hist_t, targets, rows)
-            if pre_rows:
+                # Row r >= 0: this batch's r-th post-event state; r = -(j + 2): the j-th stored previous state.
+                sel = torch.tensor([r if r >= 0 else b + (-r - 2) for r, _i in pre_rows], dtype=torch.long)
+                targets = torch.tensor([i for _r, i in pre_rows], dtype=torch.long)
+                ratios, ranks = _edits_and_ranks(
+                    online,
+                    bank,
+                    torch.cat([codes, prev.codes])[sel],
+                    torch.cat([protos, prev.protos])[sel],
+                    torch.cat([states, prev.states])[sel],
+                    targets,
+                )
                 for variant, r in zip(VARIANTS, ranks, strict=True):
                     _score(result, variant, r)
+                result.edit_norm_ratios = ratios.tolist()
 
         q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
         result.prototypes = protos.tolist()
         result.ood_scores = (dists / q99).tolist()
-        result.edit_norm_ratios = ratios.tolist()
         code_np = codes.to(torch.float32).contiguous().numpy()
+        state_np = states.to(torch.float32).contiguous().numpy()
         for w in sessions.values():
-            if w.code_row >= 0:
-                w.state.code = code_np[w.code_row].tobytes()
-                w.state.prototype_id = result.prototypes[w.code_row]
+            if w.row >= 0:
+                w.state.code = code_np[w.row].tobytes()
+                w.state.user_state = state_np[w.row].tobytes()
+                w.state.prototype_id = result.prototypes[w.row]
         return codes
 
 
-#: Rows per chunk of edit and encoder work: an edit is L·D·D floats per row, and elementwise work on a
-#: [500, L, 64, 64] tensor runs from memory; 128-row chunks stay in cache (measured ~3x faster edits).
+@dataclass
+class _Previous:
+    """Codes [S, L, d], prototypes [S] and user states [S, D] of stored sessions whose next event is scored.
+
+    ``recompute`` lists the rows whose stored values cannot be used (another model version, rows written before
+    user states were stored, sizes that do not fit): the caller fills them from the batch's forward.
+    """
+
+    codes: Tensor
+    protos: Tensor
+    states: Tensor
+    recompute: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What a stored session state was computed with, as read from the store."""
+
+    model_version: str | None
+    code: bytes | None
+    user_state: bytes | None
+    prototype_id: int | None
+
+
+def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Stored, list[int]]]) -> _Previous:
+    cfg = online.cfg
+    out = _Previous(
+        torch.zeros(len(prev), cfg.n_edit_layers, cfg.code_dim),
+        torch.zeros(len(prev), dtype=torch.long),
+        torch.zeros(len(prev), cfg.dim),
+        [],
+    )
+    n_protos = bank.centres.shape[0]
+    for j, (st, _hist) in enumerate(prev):
+        usable = st.model_version == online.version and st.code is not None and st.user_state is not None
+        if usable and st.code is not None and st.user_state is not None:
+            try:
+                out.codes[j] = code_from_bytes(st.code, cfg)
+                out.states[j] = state_from_bytes(st.user_state, cfg)
+            except ValueError:
+                usable = False
+        if not usable:
+            out.recompute.append(j)
+        elif st.prototype_id is not None and 0 <= st.prototype_id < n_protos:
+            out.protos[j] = st.prototype_id  # scored with the edit the API served for it
+        else:
+            out.protos[j] = online.assign(out.codes[j : j + 1], bank)[0]
+    return out
+
+
+#: Rows per chunk of edit work: an edit is L·D·D floats per row, and elementwise work on a [500, L, 64, 64]
+#: tensor runs from memory; 128-row chunks stay in cache (measured ~3x faster edits).
 _EDIT_CHUNK = 128
-_ENCODE_CHUNK = 64
 
 
 def _edits_and_ranks(
-    online: OnlineModel,
-    bank: BankState,
-    codes: Tensor,
-    protos: Tensor,
-    n_post: int,
-    hist: Tensor,
-    targets: Tensor,
-    rows: Tensor,
+    online: OnlineModel, bank: BankState, codes: Tensor, protos: Tensor, states: Tensor, targets: Tensor
 ) -> tuple[Tensor, list[Tensor]]:
-    """Edit-norm ratios of the first ``n_post`` edit rows, and the prequential ranks [P] per variant.
+    """Edit-norm ratios [P] and the prequential ranks [P] per variant of P predictions.
 
-    ``codes``/``protos`` [M, L, d]/[M] are the states whose edits are needed; prediction j uses edit row
-    ``rows[j]`` with history ``hist[j]`` and target ``targets[j]``. The ranks are exactly
-    :meth:`OnlineModel.target_ranks` under the edit and under the base model, but the sequence encoder runs
-    once for both (the edit only changes the head), and the work is chunked to stay in cache.
+    Prediction j is scored from the previous state's user state ``states[j]`` under its edit (``codes[j]``,
+    prototype ``protos[j]``) and under the base model: exactly :meth:`OnlineModel.target_ranks` on the
+    previous history, with the encoder's output reused and the edit work chunked to stay in cache.
     """
-    dm = online.model.device_model
     n_pred = len(targets)
-    h = (
-        torch.cat([dm.encode(hist[i : i + _ENCODE_CHUNK]) for i in range(0, n_pred, _ENCODE_CHUNK)])
-        if n_pred
-        else torch.zeros(0, online.cfg.dim)
-    )
     persona = torch.empty(n_pred, dtype=torch.long)
     base = torch.empty(n_pred, dtype=torch.long)
-    ratios = torch.empty(n_post)
+    ratios = torch.empty(n_pred)
     for start in range(0, n_pred, _EDIT_CHUNK):
         sl = slice(start, start + _EDIT_CHUNK)
-        base[sl] = target_ranks(_masked(dm.head(h[sl]) @ online.item_targets.T), targets[sl])
-    for start in range(0, len(codes), _EDIT_CHUNK):
-        stop = min(start + _EDIT_CHUNK, len(codes))
-        edit = online.edit(codes[start:stop], bank, protos[start:stop])
-        if start < n_post:
-            ratios[start : min(stop, n_post)] = online.edit_norm_ratio(edit)[: min(stop, n_post) - start]
-        sel = ((rows >= start) & (rows < stop)).nonzero().flatten()
-        if len(sel):
-            local = rows[sel] - start
-            sub = Edit(edit.weight[local], edit.bias[local], edit.prototype[local])
-            persona[sel] = target_ranks(_masked(dm.head(h[sel], sub) @ online.item_targets.T), targets[sel])
+        base[sl] = target_ranks(online.scores_from_states(states[sl]), targets[sl])
+        edit = online.edit(codes[sl], bank, protos[sl])
+        ratios[sl] = online.edit_norm_ratio(edit)
+        persona[sl] = target_ranks(online.scores_from_states(states[sl], edit), targets[sl])
     return ratios, [persona, base]
-
-
-def _masked(scores: Tensor) -> Tensor:
-    """PAD and UNK never rank (as in :meth:`OnlineModel.scores`)."""
-    scores[:, PAD] = float("-inf")
-    scores[:, UNK] = float("-inf")
-    return scores
 
 
 def _pad(histories: list[list[int]], t: int) -> torch.Tensor:

@@ -25,6 +25,9 @@ from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, edit_norm_ra
 from recsys.pipeline import TrainedModel, load_trained
 from recsys.vocab import ItemVocab
 
+#: Rows per encoder call: [64, T, D] activations stay in cache (larger chunks measured slower on CPU).
+ENCODE_CHUNK = 64
+
 
 @dataclass(frozen=True)
 class BankState:
@@ -111,12 +114,37 @@ class OnlineModel:
 
     # ------------------------------------------------------------------ scores
     @torch.inference_mode()
-    def scores(self, histories: Tensor, edit: Edit | None = None) -> Tensor:
-        """Scores [B, N] of the base (``edit=None``) or edited device model; PAD/UNK never rank."""
-        s = self.model.score(histories, edit, self.item_targets)
+    def user_states(self, histories: Tensor) -> Tensor:
+        """The device encoder's output h [B, D] for histories [B, T]: the costly, edit-independent part.
+
+        A session's h depends on its history alone, so the consumer stores it with the session and the API
+        scores from it. Rows are encoded shortest first in chunks of :data:`ENCODE_CHUNK` (activations stay in
+        cache), each chunk cut to its longest history: positions are right-aligned and padding is masked out
+        of attention, so the leading all-padding columns change nothing but cost a quadratic share of the work.
+        """
+        dm = self.model.device_model
+        lengths = (histories != PAD).sum(1)
+        if histories.shape[0] <= ENCODE_CHUNK:
+            return dm.encode(histories[:, -max(int(lengths.max()), 1) :])
+        order = torch.argsort(lengths, stable=True)
+        out = torch.empty(histories.shape[0], self.cfg.dim)
+        for i in range(0, len(order), ENCODE_CHUNK):
+            rows = order[i : i + ENCODE_CHUNK]
+            out[rows] = dm.encode(histories[rows, -max(int(lengths[rows[-1]]), 1) :])
+        return out
+
+    @torch.inference_mode()
+    def scores_from_states(self, states: Tensor, edit: Edit | None = None) -> Tensor:
+        """Scores [B, N] from user states [B, D] (edited head, then every item); PAD/UNK never rank."""
+        s = self.model.device_model.head(states, edit) @ self.item_targets.T
         s[:, PAD] = float("-inf")
         s[:, UNK] = float("-inf")
         return s
+
+    @torch.inference_mode()
+    def scores(self, histories: Tensor, edit: Edit | None = None) -> Tensor:
+        """Scores [B, N] of the base (``edit=None``) or edited device model; PAD/UNK never rank."""
+        return self.scores_from_states(self.user_states(histories), edit)
 
     @torch.inference_mode()
     def rank(
@@ -154,6 +182,19 @@ class OnlineModel:
 
     def decode(self, indices: Tensor | np.ndarray | Sequence[int]) -> list[str]:
         return self.vocab.decode(np.asarray(indices, dtype=np.int64))
+
+
+def state_to_bytes(state: Tensor) -> bytes:
+    """One session's user state h [D] as float32 bytes for the store (D·4 bytes)."""
+    return state.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def state_from_bytes(raw: bytes, cfg: ModelConfig) -> Tensor:
+    """Inverse of :func:`state_to_bytes`; raises ``ValueError`` when the size does not fit the model."""
+    arr = np.frombuffer(raw, dtype=np.float32)
+    if arr.size != cfg.dim:
+        raise ValueError(f"stored user state has {arr.size} floats, model expects {cfg.dim}")
+    return torch.from_numpy(arr.copy())
 
 
 def code_to_bytes(code: Tensor) -> bytes:

@@ -17,7 +17,7 @@ from persona.events import Event, RejectReason
 from persona.ingest import KS, Ingestor
 from persona.models import ModelProvider
 from persona.store import Store, UnitOfWork
-from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank
+from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank, state_from_bytes
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -86,6 +86,9 @@ def test_batched_apply_equals_one_at_a_time_application(store: Store, models: Mo
         assert got.model_version == online.version
         assert got.code is not None
         torch.testing.assert_close(code_from_bytes(got.code, online.cfg), exp["code"], atol=1e-5, rtol=1e-4)
+        assert got.user_state is not None  # the encoder's output for the stored history, reused by the API
+        expected_state = online.user_states(online.histories([exp["recent"]]))[0]
+        torch.testing.assert_close(state_from_bytes(got.user_state, online.cfg), expected_state, atol=1e-5, rtol=1e-4)
     rows = store.load_prototypes(online.version)
     centres = torch.stack([code_from_bytes(r.centre, online.cfg) for r in rows])
     torch.testing.assert_close(centres, bank.centres, atol=1e-5, rtol=1e-4)
@@ -167,6 +170,46 @@ def test_hit_counters_match_a_hand_computation(store: Store, models: ModelProvid
             assert result.ndcg[(variant, k)] == pytest.approx(sum(1 / math.log2(r + 2) for r in ranks if r < k))
     assert len(result.prototypes) == len(result.ood_scores) == len(result.freshness_s) == 4
     assert all(x >= 0 for x in result.edit_norm_ratios)
+
+
+@pytest.mark.parametrize("stale", ["none", "no-user-state", "other-model"])
+def test_predictions_from_stored_states_equal_those_within_one_batch(
+    store: Store, models: ModelProvider, stale: str
+) -> None:
+    """Scoring from the stored user state (or recomputing it when unusable) gives the in-batch base counters.
+
+    (Persona's depend on the bank each batch starts from, which differs between one batch and two.)
+    """
+    online = models.get()
+    events = make_events(online, 300, sessions=12, seed=3)
+    whole = Ingestor(store, models).apply(events)
+
+    with store.transaction() as uow:
+        uow.connection.exec_driver_sql("DELETE FROM sessions")
+        uow.connection.exec_driver_sql("DELETE FROM events")
+        uow.connection.exec_driver_sql("DELETE FROM prototypes")
+    ingestor = Ingestor(store, models)
+    first = ingestor.apply(events[:140])
+    if stale != "none":
+        with store.read() as uow:
+            states = uow.get_sessions({e.session_id for e in events})
+        for st in states.values():
+            if stale == "no-user-state":
+                st.user_state = None  # a row written before migration 0002
+            else:
+                cfg = online.cfg  # right sizes, other model: must be recomputed, not reused
+                st.model_version, st.code, st.user_state = "older-model", st.code, bytes(4 * cfg.dim)
+        with store.transaction() as uow:
+            uow.upsert_sessions(list(states.values()))
+    second = ingestor.apply(events[140:])
+    for variant in ("persona", "base"):
+        assert first.predictions[variant] + second.predictions[variant] == whole.predictions[variant]
+    assert first.reciprocal_rank["base"] + second.reciprocal_rank["base"] == pytest.approx(
+        whole.reciprocal_rank["base"], rel=1e-6
+    )
+    for k in KS:
+        assert first.hits[("base", k)] + second.hits[("base", k)] == whole.hits[("base", k)]
+    assert len(first.edit_norm_ratios) + len(second.edit_norm_ratios) == whole.predictions["persona"]
 
 
 def test_a_failed_transaction_leaves_nothing_behind(

@@ -31,7 +31,11 @@ def utcnow() -> datetime:
 
 @dataclass(slots=True)
 class SessionState:
-    """A session as the consumer and the API see it; ``code`` is the float32 bytes of its edit code."""
+    """A session as the consumer and the API see it.
+
+    ``code`` is the float32 bytes of its edit code [L, d]; ``user_state`` those of the device encoder's output
+    h [D] for ``recent_items``; both belong to ``model_version`` and are recomputed when that is not the live one.
+    """
 
     session_id: str
     device_id: str | None = None
@@ -41,6 +45,7 @@ class SessionState:
     unknown_item_count: int = 0
     prototype_id: int | None = None
     code: bytes | None = None
+    user_state: bytes | None = None
     edit_version: int = 0
     model_version: str | None = None
     last_event_at: datetime | None = None
