@@ -462,23 +462,37 @@ class PersonaModel(nn.Module):
             return self.adapter.edit_from_codes(codes)
         return self.prototype_edit(codes, self.bank.centres, self.bank.assign(codes))
 
-    def prototype_edit(self, codes: Tensor, centres: Tensor, prototypes: Tensor) -> Edit:
+    def prototype_edits(self, centres: Tensor, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The clipped edits ``clip(G μ_k + O_k, ±τ)`` of prototypes ``ids`` (all K by default).
+
+        Returns (ΔW [K', L, D, D], Δb [K', L, D]). They depend on the bank alone, so serving computes them once
+        per bank snapshot instead of once per request.
+        """
+        k = torch.arange(centres.shape[0], device=centres.device) if ids is None else ids
+        t = self.cfg.tau
+        w, b = self.adapter.raw_edit(centres[k])
+        return (w + self.bank.weight_offset[k]).clamp(-t, t), (b + self.bank.bias_offset[k]).clamp(-t, t)
+
+    def prototype_edit(
+        self, codes: Tensor, centres: Tensor, prototypes: Tensor, bank_edits: tuple[Tensor, Tensor] | None = None
+    ) -> Edit:
         """Prototype edit + clipped session residual, for codes [B, L, d], centres [K, L, d], ids [B]:
 
         ``clip(G μ_k + O_k, ±τ) + clip(λ G (c − μ_k), ±τ_r)`` with ``O_k`` the prototype's learned offset and
         λ (``residual_weight``, chosen on validation) shrinking each session's edit toward its group's.
-        A session sitting on its centre gets exactly its prototype's model.
+        A session sitting on its centre gets exactly its prototype's model. ``bank_edits`` are
+        :meth:`prototype_edits` of all of ``centres``, when the caller has them already.
         """
-        centre = centres[prototypes]
-        t, rt = self.cfg.tau, self.cfg.residual_tau
-        # A prototype's edit is the same for all of its sessions: generate it once per prototype in the batch
-        # (K ≪ B), which halves the generator work of a batch; indexing keeps gradients exact for training.
-        used, which = torch.unique(prototypes, return_inverse=True)
-        proto_w, proto_b = self.adapter.raw_edit(centres[used])
-        proto_w = (proto_w + self.bank.weight_offset[used]).clamp(-t, t)[which]
-        proto_b = (proto_b + self.bank.bias_offset[used]).clamp(-t, t)[which]
-        res_w, res_b = self.adapter.raw_edit((codes - centre) * self.cfg.residual_weight)
-        return Edit(proto_w + res_w.clamp(-rt, rt), proto_b + res_b.clamp(-rt, rt), prototypes)
+        rt = self.cfg.residual_tau
+        if bank_edits is None:
+            # A prototype's edit is the same for all of its sessions: generate it once per prototype in the
+            # batch (K ≪ B); indexing keeps gradients exact for training.
+            used, which = torch.unique(prototypes, return_inverse=True)
+            proto_w, proto_b = self.prototype_edits(centres, used)
+        else:
+            (proto_w, proto_b), which = bank_edits, prototypes
+        res_w, res_b = self.adapter.raw_edit((codes - centres[prototypes]) * self.cfg.residual_weight)
+        return Edit(proto_w[which] + res_w.clamp(-rt, rt), proto_b[which] + res_b.clamp(-rt, rt), prototypes)
 
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
         return self.edit_for(self.codes(history), mode)

@@ -13,7 +13,7 @@ exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ class BankState:
     centres: Tensor
     counts: Tensor
     version: int = 0
+    # The prototypes' own edits, computed on first use; keyed by the centres' in-place version counter so an
+    # in-place change (re-seeding) can never serve stale edits.
+    _edits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
 
 
 class OnlineModel:
@@ -101,7 +104,13 @@ class OnlineModel:
         """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
-        return self.model.prototype_edit(codes, b.centres, proto)
+        key = b.centres._version
+        bank_edits = b._edits.get(key)
+        if bank_edits is None:
+            bank_edits = self.model.prototype_edits(b.centres)
+            b._edits.clear()
+            b._edits[key] = bank_edits
+        return self.model.prototype_edit(codes, b.centres, proto, bank_edits)
 
     @torch.inference_mode()
     def edit_norm_ratio(self, edit: Edit) -> Tensor:

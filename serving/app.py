@@ -21,6 +21,7 @@ from persona.models import ModelProvider
 from persona.settings import Settings, load_settings
 from persona.store import Store
 from serving import problems
+from serving.batching import RankBatcher
 from serving.deps import ServingContext, require_key_if_configured
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import MetricsMiddleware, ServingMetrics
@@ -46,7 +47,8 @@ def _context(settings: Settings, store: Store, models: ModelProvider, metrics: S
         unknown_item_policy=settings.unknown_item_policy,
         prototype_idle_s=settings.prototype_idle_s,
     )
-    return ServingContext(settings, store, models, ranker, ingestor, metrics)
+    batcher = RankBatcher(ranker, on_batch=metrics.rank_batch_size.observe)
+    return ServingContext(settings, store, models, ranker, ingestor, metrics, batcher)
 
 
 def create_app(
@@ -108,7 +110,8 @@ def create_app(
         app.state.ctx = _context(settings, store, models, metrics)  # usable without running the lifespan
 
     problems.install(app)
-    keyed = [Depends(require_key_if_configured)]
+    # Only wired in when configured: a dependency that does nothing still costs every request its resolution.
+    keyed = [Depends(require_key_if_configured)] if settings.require_api_key else []
     app.include_router(health.live_router)
     app.include_router(health.router, dependencies=keyed)
     app.include_router(recommendations.router, dependencies=keyed)

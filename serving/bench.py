@@ -36,7 +36,7 @@ from persona.models import register_bundle
 from persona.net import free_port
 from persona.store import SessionState, Store
 from recsys.errors import PersonaError
-from recsys.online import OnlineModel, code_to_bytes
+from recsys.online import OnlineModel, code_to_bytes, state_to_bytes
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,13 @@ def populate_sessions(store: Store, online: OnlineModel, n: int, *, seed: int = 
     for start in range(0, n, batch):
         recents = [rng.sample(ids, rng.randint(20, min(50, len(ids)))) for _ in range(start, min(n, start + batch))]
         recents = [r[-online.cfg.max_len :] for r in recents]
-        codes = online.codes(online.histories(recents))
+        hist = online.histories(recents)
+        codes = online.codes(hist)
+        user_states = online.user_states(hist)
         protos = online.assign(codes)
         states = []
-        for j, (recent, code, proto) in enumerate(zip(recents, codes, protos.tolist(), strict=True)):
+        rows = zip(recents, codes, user_states, protos.tolist(), strict=True)
+        for j, (recent, code, user_state, proto) in enumerate(rows):
             sid = f"bench-{start + j}"
             names.append(sid)
             states.append(
@@ -84,6 +87,7 @@ def populate_sessions(store: Store, online: OnlineModel, n: int, *, seed: int = 
                     event_count=len(recent),
                     prototype_id=int(proto),
                     code=code_to_bytes(code),
+                    user_state=state_to_bytes(user_state),
                     edit_version=len(recent),
                     model_version=online.version,
                     last_event_at=now,

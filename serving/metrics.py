@@ -47,6 +47,12 @@ class ServingMetrics:
         self.model_reloads = Counter(
             "persona_model_reloads", "Model versions swapped in without restart.", registry=self.registry
         )
+        self.rank_batch_size = Histogram(
+            "persona_rank_batch_size",
+            "Ranking requests served by one batched forward (micro-batching of concurrent requests).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self._version: str | None = None
         self._reloads_seen = 0
 

@@ -9,16 +9,17 @@ How one ranking is made (DESIGN.md "Serving API", METHOD.md §6):
 2. History = the stored ``recent_items`` + the request's known ``recent_items`` (appended; unknown ones are
    reported and skipped), truncated to the model's ``max_len`` by :meth:`OnlineModel.histories`.
 3. Edit: a stored session whose code was computed by the serving model version reuses it with its stored
-   prototype (``edit(code, bank, prototypes=[prototype_id])``, exactly what the consumer stored); otherwise the
-   adapter runs on the history now and the nearest prototype is assigned. All rows of a request share one
-   batched forward.
+   prototype (``edit(code, bank, prototypes=[prototype_id])``, exactly what the consumer stored), and its stored
+   user state (the encoder's output for that history), so the sequence encoder does not run; otherwise the
+   adapter and the encoder run on the history now and the nearest prototype is assigned. All rows of a
+   request share one batched forward.
 4. Fallbacks (reported in every response, counted in ``persona_fallbacks_total``): no known item at all →
    popularity; a stored code that no longer fits → its prototype's edit alone; no usable prototype bank →
    the base model.
 
 The prototype bank lives in the store and is refined by the consumer; it is cached per model version and
 re-read at most every ``bank_ttl_s`` (one reader refreshes, the others keep the previous snapshot), so a
-ranking costs one indexed session read plus the forward pass.
+stored session's ranking costs one indexed session read, its edit, the head and the item scores.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import Tensor
 from persona.models import ModelProvider
 from persona.store import PrototypeRow, SessionState, Store
 from recsys.model import PAD, UNK, Edit
-from recsys.online import BankState, OnlineModel, code_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes, state_from_bytes
 from serving.problems import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("persona.serving")
@@ -93,6 +94,7 @@ class _Row:
     state: SessionState | None
     mode: str  # "stored" | "recompute" | "popularity"
     code: Tensor | None = None
+    user_state: Tensor | None = None  # the stored encoder output h [D], when it can be reused
     prototype: int | None = None
     fallback: str | None = None
     unknown: list[str] = field(default_factory=list)
@@ -223,7 +225,7 @@ class Ranker:
             else:
                 for r in picked:
                     r.fallback, r.prototype = "base", None
-            scores = online.scores(hist[model_rows], edit)
+            scores = online.scores_from_states(_user_states(online, picked, hist[model_rows]), edit)
 
         results: list[RankResult] = []
         position = {j: n for n, j in enumerate(model_rows)}
@@ -294,6 +296,11 @@ class Ranker:
             row.fallback = "prototype"
         row.mode = "stored"
         row.prototype = state.prototype_id if valid_proto else None
+        if state.user_state is not None:
+            try:
+                row.user_state = state_from_bytes(state.user_state, online.cfg)
+            except ValueError:
+                log.warning("session %s: stored user state does not fit model %s", state.session_id, online.version)
         return row
 
     @staticmethod
@@ -318,6 +325,26 @@ class Ranker:
         if len(missing):
             protos[missing] = online.assign(codes[missing], bank)
         return codes, protos
+
+
+def _user_states(online: OnlineModel, rows: Sequence[_Row], hist: Tensor) -> Tensor:
+    """Encoder outputs h [B, D] of model rows: the stored ones reused, the others encoded in one batch.
+
+    Reusing the stored h (written by the consumer in the same transaction as the history) is what makes a
+    stored session's ranking skip the sequence encoder, the costliest step of a ranking.
+    """
+    missing = [n for n, r in enumerate(rows) if r.user_state is None]
+    if not missing:
+        return torch.stack([r.user_state for r in rows if r.user_state is not None])
+    computed = online.user_states(hist[missing])
+    if len(missing) == len(rows):
+        return computed
+    out = torch.empty(len(rows), online.cfg.dim)
+    out[missing] = computed
+    for n, r in enumerate(rows):
+        if r.user_state is not None:
+            out[n] = r.user_state
+    return out
 
 
 def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankState:

@@ -108,6 +108,20 @@ def test_rankings_follow_each_sessions_history_and_equal_the_library(api: Api) -
         assert scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.parametrize("user_state", [None, b"\0" * 12])
+def test_a_missing_or_unfit_stored_user_state_is_recomputed(api: Api, user_state: bytes | None) -> None:
+    """Rows written before migration 0002 (NULL) or with a state of the wrong size still rank exactly."""
+    api.ingest("old", _items(api, 5, 9))
+    state = api.store.get_session("old")
+    assert state is not None and state.user_state is not None
+    state.user_state = user_state
+    with api.store.transaction() as uow:
+        uow.upsert_sessions([state])
+    body = api.client.get("/v1/sessions/old/recommendations", params={"k": 10}).json()
+    assert _ranked(body) == _library_ranking(api, "old")
+    assert body["fallback"] is None
+
+
 def test_exclude_seen_drops_history_items_and_can_be_turned_off(api: Api) -> None:
     history = _items(api, 10, 10)
     api.ingest("s", history)

@@ -187,7 +187,9 @@ class UnitOfWork:
         """The stored state of these sessions; unknown ids are simply absent."""
         found: dict[str, SessionState] = {}
         for chunk in _chunks(list(set(session_ids))):
-            query = select(sessions).where(sessions.c.session_id.in_(chunk))
+            # One id (every single ranking) is an equality: cheaper to compile than an expanding IN.
+            where = sessions.c.session_id == chunk[0] if len(chunk) == 1 else sessions.c.session_id.in_(chunk)
+            query = select(sessions).where(where)
             for row in self.connection.execute(query):
                 state = SessionState(**row._asdict())
                 state.recent_items = list(state.recent_items)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel
 
 from serving.deps import Context
 from serving.problems import problem_responses
@@ -39,6 +40,15 @@ def shape(result: RankResult) -> Recommendations:
     )
 
 
+def as_json(model: BaseModel) -> Response:
+    """The model serialized once, by pydantic's own serializer.
+
+    Returning the model would make FastAPI validate it again against ``response_model`` and then serialize it;
+    the routes build it from typed values already. ``response_model`` stays on the routes for the OpenAPI.
+    """
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def _query(body: RecommendationRequest) -> RankQuery:
     return RankQuery(body.session_id, body.recent_items, body.candidates, body.k, body.exclude_seen)
 
@@ -54,14 +64,14 @@ def _query(body: RecommendationRequest) -> RankQuery:
     ),
     responses=problem_responses(401, 403, 422, 503),
 )
-def session_recommendations(
+async def session_recommendations(
     session_id: SessionPath,
     ctx: Context,
     k: Annotated[int, Query(ge=1, le=MAX_K, description="How many items to return.")] = DEFAULT_K,
     exclude_seen: Annotated[bool, Query(description="Leave out items of the session's history.")] = True,
-) -> Recommendations:
-    [result] = ctx.ranker.rank([RankQuery(session_id=session_id, k=k, exclude_seen=exclude_seen)])
-    return shape(result)
+) -> Response:
+    result = await ctx.batcher.rank(RankQuery(session_id=session_id, k=k, exclude_seen=exclude_seen))
+    return as_json(shape(result))
 
 
 @router.post(
@@ -75,9 +85,9 @@ def session_recommendations(
     ),
     responses=problem_responses(401, 403, 413, 422, 503),
 )
-def recommendations(body: RecommendationRequest, ctx: Context) -> Recommendations:
-    [result] = ctx.ranker.rank([_query(body)])
-    return shape(result)
+async def recommendations(body: RecommendationRequest, ctx: Context) -> Response:
+    result = await ctx.batcher.rank(_query(body))
+    return as_json(shape(result))
 
 
 @router.post(
@@ -86,9 +96,9 @@ def recommendations(body: RecommendationRequest, ctx: Context) -> Recommendation
     summary="Rank up to 256 requests in one batched forward",
     responses=problem_responses(401, 403, 413, 422, 503),
 )
-def batch_recommendations(body: BatchRequest, ctx: Context) -> BatchResponse:
+def batch_recommendations(body: BatchRequest, ctx: Context) -> Response:
     results = ctx.ranker.rank([_query(r) for r in body.requests], batch=True)
-    return BatchResponse(results=[shape(r) for r in results])
+    return as_json(BatchResponse(results=[shape(r) for r in results]))
 
 
 router.add_api_route(
