@@ -47,10 +47,10 @@ class RankBatcher:
     async def _drain(self) -> None:
         try:
             while self._pending:
+                # One more turn of the loop first: requests whose bytes arrived together join this batch.
+                await asyncio.sleep(0)
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 self._run(batch)
-                # Let requests that arrived meanwhile reach the queue before the next batch (and others run).
-                await asyncio.sleep(0)
         finally:
             self._drainer = None
 

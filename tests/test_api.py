@@ -303,6 +303,7 @@ def test_health_readiness_and_metrics(api: Api, store_url: str) -> None:
     assert "abc" not in text  # no per-session labels
     assert f'persona_model_info{{version="{api.online.version}"}} 1.0' in text
     assert "persona_request_seconds_bucket" in text
+    assert "persona_rank_batch_size_count 1.0" in text  # the ranking went through the micro-batcher
 
 
 def test_not_ready_without_a_model(tmp_path: Path) -> None:

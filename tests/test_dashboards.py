@@ -56,6 +56,7 @@ HISTOGRAMS = {
     "persona_ood_score",
     "persona_edit_norm_ratio",
     "persona_request_seconds",
+    "persona_rank_batch_size",
 }
 #: Series that exist: a histogram only as its _bucket/_sum/_count series.
 KNOWN_SERIES = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}

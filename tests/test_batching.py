@@ -1,0 +1,75 @@
+"""Micro-batching of concurrent rankings: one forward for many requests, same results, errors kept apart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from persona.ingest import Ingestor
+from persona.models import ModelProvider
+from persona.store import Store
+from serving.batching import RankBatcher
+from serving.problems import InvalidInput
+from serving.ranking import Ranker, RankQuery, RankResult
+from tests.test_ingest import make_events
+
+
+@pytest.fixture
+def ranker(store: Store, tiny_bundle: Path) -> Iterator[Ranker]:
+    models = ModelProvider(store, model_dir=tiny_bundle)
+    Ingestor(store, models).apply(make_events(models.get(), 200, sessions=10, seed=7))
+    yield Ranker(store, models)
+
+
+def _gather(batcher: RankBatcher, queries: list[RankQuery]) -> list[RankResult | BaseException]:
+    async def main() -> list[RankResult | BaseException]:
+        return await asyncio.gather(*(batcher.rank(q) for q in queries), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_share_one_forward_and_get_their_own_ranking(ranker: Ranker) -> None:
+    sizes: list[int] = []
+    batcher = RankBatcher(ranker, on_batch=sizes.append)
+    queries = [RankQuery(session_id=f"s{n}", k=5) for n in range(10)]
+    results = _gather(batcher, queries)
+    assert sizes == [10]  # all ten were pending when the drain ran: one batched forward
+    alone = [ranker.rank([q])[0] for q in queries]
+    for got, expected in zip(results, alone, strict=True):
+        assert isinstance(got, RankResult)
+        assert got.session_id == expected.session_id
+        assert [i for i, _ in got.items] == [i for i, _ in expected.items]
+        assert [s for _, s in got.items] == pytest.approx([s for _, s in expected.items], rel=1e-5, abs=1e-6)
+
+
+def test_batches_are_capped(ranker: Ranker) -> None:
+    sizes: list[int] = []
+    batcher = RankBatcher(ranker, max_batch=4, on_batch=sizes.append)
+    results = _gather(batcher, [RankQuery(session_id=f"s{n % 10}") for n in range(10)])
+    assert sizes == [4, 4, 2]
+    assert all(isinstance(r, RankResult) for r in results)
+
+
+def test_a_bad_query_fails_only_its_own_request(ranker: Ranker) -> None:
+    queries = [RankQuery(session_id="s1"), RankQuery(), RankQuery(session_id="s2")]  # the middle one is empty
+    results = _gather(RankBatcher(ranker), queries)
+    assert isinstance(results[0], RankResult) and results[0].session_id == "s1"
+    assert isinstance(results[1], InvalidInput)
+    assert isinstance(results[2], RankResult) and results[2].session_id == "s2"
+
+
+def test_a_lone_request_is_ranked_without_waiting_for_company(ranker: Ranker) -> None:
+    sizes: list[int] = []
+    batcher = RankBatcher(ranker, on_batch=sizes.append)
+    for n in range(3):
+        [result] = _gather(batcher, [RankQuery(session_id=f"s{n}")])
+        assert isinstance(result, RankResult)
+    assert sizes == [1, 1, 1]
+
+
+def test_max_batch_must_be_positive(ranker: Ranker) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        RankBatcher(ranker, max_batch=0)
