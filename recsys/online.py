@@ -12,6 +12,7 @@ exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,11 @@ from torch import Tensor
 from recsys.metrics import target_ranks
 from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, edit_norm_ratio, refine_centres
 from recsys.pipeline import TrainedModel, load_trained
+from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
+
+#: Catalogues from this size on rank through :class:`NormOrderedIndex` instead of scoring every item.
+INDEXED_FROM = 200_000
 
 #: Rows per encoder call: [64, T, D] activations stay in cache (larger chunks measured slower on CPU).
 ENCODE_CHUNK = 64
@@ -42,7 +47,8 @@ class BankState:
 
 
 class OnlineModel:
-    """Inference-only wrapper around a bundle; thread-safe for concurrent requests (no mutable state)."""
+    """Inference-only wrapper around a bundle; thread-safe for concurrent requests (its only mutable state, the
+    lazily built top-k index of a large catalogue, is built once under a lock)."""
 
     def __init__(self, trained: TrainedModel) -> None:
         self.trained = trained
@@ -52,11 +58,15 @@ class OnlineModel:
         self.vocab: ItemVocab = trained.vocab
         self.version: str = trained.version
         with torch.inference_mode():
-            self.item_targets = self.model.device_model.item_targets().clone()
+            # Kept as [D, N] (contiguous): scoring is then a plain [B, D] × [D, N] product, measured 2× faster
+            # for one row at 1M items than multiplying by the transposed view of an [N, D] table.
+            self.item_targets_t = self.model.device_model.item_targets().T.contiguous()
         self.initial_bank = BankState(self.model.bank.centres.clone(), self.model.bank.counts.clone(), 0)
         self.item_counts = trained.item_counts
         self.drift = trained.drift
         self._index = {item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)}
+        self._index_built: NormOrderedIndex | None = None
+        self._index_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: Path) -> OnlineModel:
@@ -143,12 +153,34 @@ class OnlineModel:
         return out
 
     @torch.inference_mode()
+    def queries(self, states: Tensor, edit: Edit | None = None) -> Tensor:
+        """The (edited) head's output [B, D] for user states [B, D]: an item's score is its dot product."""
+        return self.model.device_model.head(states, edit)
+
+    @torch.inference_mode()
     def scores_from_states(self, states: Tensor, edit: Edit | None = None) -> Tensor:
         """Scores [B, N] from user states [B, D] (edited head, then every item); PAD/UNK never rank."""
-        s = self.model.device_model.head(states, edit) @ self.item_targets.T
+        return self.scores_from_queries(self.queries(states, edit))
+
+    @torch.inference_mode()
+    def scores_from_queries(self, queries: Tensor) -> Tensor:
+        """Scores [B, N] of head outputs [B, D] against every item; PAD/UNK never rank."""
+        s = queries @ self.item_targets_t
         s[:, PAD] = float("-inf")
         s[:, UNK] = float("-inf")
         return s
+
+    @property
+    def index(self) -> NormOrderedIndex | None:
+        """For catalogues of :data:`INDEXED_FROM` items and more: an exact top-k index that scores only the
+        items that can still make the top-k (see :mod:`recsys.retrieval`); built on first use, once."""
+        if self.n_items < INDEXED_FROM:
+            return None
+        if self._index_built is None:
+            with self._index_lock:
+                if self._index_built is None:
+                    self._index_built = NormOrderedIndex(self.item_targets_t.T, excluded=(PAD, UNK))
+        return self._index_built
 
     @torch.inference_mode()
     def scores(self, histories: Tensor, edit: Edit | None = None) -> Tensor:

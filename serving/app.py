@@ -93,6 +93,7 @@ def create_app(
         try:
             yield
         finally:
+            ctx.batcher.close()
             ctx.models.stop()
             if owned_store is not None:
                 owned_store.close()

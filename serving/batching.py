@@ -7,9 +7,11 @@ a drain task that ranks whatever is pending (at most ``max_batch`` at a time), r
 again until nothing is left. Nobody waits for a batch to fill: with one request in flight it is ranked on the
 next turn of the loop; batches only form from requests that arrive while an earlier batch runs.
 
-The ranking runs on the loop thread itself, not in the threadpool: a thread hop per request cost more than a
-whole stored-session ranking (measured in docs/performance.md), and rankings are short. ``max_batch`` bounds
-how long the loop is held.
+Where a batch runs depends on the live model's catalogue. A small one (below ``offload_floats`` item-table
+floats, e.g. MovieLens) is ranked on the loop thread itself: a thread hop per request cost more than a whole
+stored-session ranking (docs/performance.md), and ``max_batch`` bounds how long the loop is held. A large one
+(1M items: ~7 ms per ranking) goes to ``workers`` threads, several batches at once: the loop stays free for
+health checks and other routes, and the scans of the item table (torch releases the GIL) use every core.
 
 Errors stay per request: if a batch fails, each of its queries is ranked alone, so one bad query (or one that
 trips a limit) fails only its own request.
@@ -18,69 +20,99 @@ trips a limit) fails only its own request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from serving.ranking import Ranker, RankQuery, RankResult
+
+#: Item-table size (items × dim floats) from which batches leave the event loop: 4M floats = 16 MB.
+OFFLOAD_FLOATS = 1 << 22
+
+Outcome = RankResult | Exception
 
 
 class RankBatcher:
     """Coalesces concurrent :class:`RankQuery` s of one event loop into batched :meth:`Ranker.rank` calls."""
 
-    def __init__(self, ranker: Ranker, *, max_batch: int = 32, on_batch: Callable[[int], None] | None = None) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    def __init__(
+        self,
+        ranker: Ranker,
+        *,
+        max_batch: int = 32,
+        workers: int = 2,
+        offload_floats: int = OFFLOAD_FLOATS,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or workers < 1:
+            raise ValueError(f"max_batch and workers must be >= 1, got {max_batch} and {workers}")
         self.ranker = ranker
         self.max_batch = max_batch
+        self.workers = workers
+        self.offload_floats = offload_floats
         self.on_batch = on_batch
         self._pending: list[tuple[RankQuery, asyncio.Future[RankResult]]] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainers: set[asyncio.Task[None]] = set()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def offloads(self) -> bool:
+        """Whether batches of the live model run on worker threads (large catalogue) or on the loop."""
+        online = self.ranker.models.get()
+        return online.n_items * online.cfg.dim >= self.offload_floats
 
     async def rank(self, query: RankQuery) -> RankResult:
         """Rank one query, together with whatever else is pending on this loop."""
-        future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RankResult] = loop.create_future()
         self._pending.append((query, future))
-        if self._drainer is None:
-            # A task of its own, so that each request waits for its own result only, not for the queue to empty.
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        # Drain tasks of their own, so that each request waits for its own result only. On the loop one drainer
+        # is enough (a second would only split batches); worker threads get one each.
+        if len(self._drainers) < (self.workers if self.offloads() else 1):
+            task = loop.create_task(self._drain())
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
         return await future
 
+    def close(self) -> None:
+        """Stop the worker threads (after the batches they run); the app's lifespan calls it on shutdown."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=False)
+            self._executor = None
+
     async def _drain(self) -> None:
-        try:
-            while self._pending:
-                # One more turn of the loop first: requests whose bytes arrived together join this batch.
-                await asyncio.sleep(0)
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                self._run(batch)
-        finally:
-            self._drainer = None
-
-    def _run(self, batch: list[tuple[RankQuery, asyncio.Future[RankResult]]]) -> None:
-        if self.on_batch is not None:
-            self.on_batch(len(batch))
-        try:
-            results = self.ranker.rank([q for q, _ in batch])
-        except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0][1], exc=exc)
+        while self._pending:
+            # One more turn of the loop first: requests whose bytes arrived together join this batch.
+            await asyncio.sleep(0)
+            if not self._pending:
                 return
-            for query, future in batch:  # attribute the failure to the query (or queries) that cause it
-                try:
-                    [result] = self.ranker.rank([query])
-                except Exception as one:
-                    _settle(future, exc=one)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            queries = [q for q, _ in batch]
+            if self.offloads():
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="persona-rank")
+                outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._outcomes, queries)
+            else:
+                outcomes = self._outcomes(queries)
+            for (_query, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # the client went away and its request was cancelled
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
                 else:
-                    _settle(future, result=result)
-            return
-        for (_query, future), result in zip(batch, results, strict=True):
-            _settle(future, result=result)
+                    future.set_result(outcome)
 
-
-def _settle(
-    future: asyncio.Future[RankResult], *, result: RankResult | None = None, exc: BaseException | None = None
-) -> None:
-    if future.done():  # the client went away and its request was cancelled
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    elif result is not None:
-        future.set_result(result)
+    def _outcomes(self, queries: Sequence[RankQuery]) -> list[Outcome]:
+        """Each query's result or error (thread-safe: :class:`Ranker` keeps no per-request state)."""
+        try:
+            return list(self.ranker.rank(queries))
+        except Exception as exc:
+            if len(queries) == 1:
+                return [exc]
+        outcomes: list[Outcome] = []
+        for query in queries:  # attribute the failure to the query (or queries) that cause it
+            try:
+                outcomes.extend(self.ranker.rank([query]))
+            except Exception as one:
+                outcomes.append(one)
+        return outcomes

@@ -39,6 +39,7 @@ from persona.models import ModelProvider
 from persona.store import PrototypeRow, SessionState, Store
 from recsys.model import PAD, UNK, Edit
 from recsys.online import BankState, OnlineModel, code_from_bytes, state_from_bytes
+from recsys.retrieval import NormOrderedIndex
 from serving.problems import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("persona.serving")
@@ -213,6 +214,7 @@ class Ranker:
 
         model_rows = [j for j, r in enumerate(rows) if r.mode != "popularity"]
         scores: Tensor | None = None
+        tops: dict[int, tuple[Tensor, Tensor]] = {}
         hist = online.histories([r.history for r in rows])
         if model_rows:
             picked = [rows[j] for j in model_rows]
@@ -225,16 +227,24 @@ class Ranker:
             else:
                 for r in picked:
                     r.fallback, r.prototype = "base", None
-            scores = online.scores_from_states(_user_states(online, picked, hist[model_rows]), edit)
+            vectors = online.queries(_user_states(online, picked, hist[model_rows]), edit)
+            asked = [queries[j] for j in model_rows]
+            index = online.index
+            if index is not None and all(q.candidates is None for q in asked):
+                tops = _index_top_k(index, vectors, asked, hist[model_rows])  # large catalogue: no full scan
+            else:
+                scores = online.scores_from_queries(vectors)
+                tops = _batched_top_k(scores, asked, hist[model_rows])
 
         results: list[RankResult] = []
         position = {j: n for n, j in enumerate(model_rows)}
         for j, (q, r) in enumerate(zip(queries, rows, strict=True)):
-            own = scores is not None and j in position
-            s = scores[position[j]] if own else self.popularity(online)  # type: ignore[index]
+            own = j in position
+            top = tops.get(position[j]) if own else None  # set: ranked already, ``s`` is not read
+            s = scores[position[j]] if own and scores is not None else self.popularity(online)
             if r.mode == "popularity":
                 r.fallback, r.prototype = "popularity", None
-            items, unknown_candidates = _top_k(online, s, hist[j], q, shared=not own)
+            items, unknown_candidates = _top_k(online, s, hist[j], q, shared=not own, top=top)
             if r.fallback is not None and self.on_fallback is not None:
                 self.on_fallback(r.fallback)
             results.append(
@@ -365,9 +375,47 @@ def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankSt
     )
 
 
+@torch.inference_mode()
+def _index_top_k(
+    index: NormOrderedIndex, vectors: Tensor, queries: Sequence[RankQuery], hist: Tensor
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """Top-k of every row through the exact index (a large catalogue's rows, none with candidates)."""
+    exclude = hist.clone()
+    for n, q in enumerate(queries):
+        if not q.exclude_seen:
+            exclude[n] = PAD  # not in the index: nothing skipped
+    indices, values = index.top_k(vectors, max(q.k for q in queries), exclude)
+    return {n: (indices[n, : q.k], values[n, : q.k]) for n, q in enumerate(queries)}
+
+
+@torch.inference_mode()
+def _batched_top_k(scores: Tensor, queries: Sequence[RankQuery], hist: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+    """Top-k (indices, values) of every row of ``scores`` [B, N] without candidates, in one masked topk call.
+
+    One call over the whole batch instead of one per row: at 1M items the per-row calls were a third of a
+    batch's time. Rows are masked in place (``exclude_seen``), exactly as :func:`_top_k` masks a single row.
+    """
+    plain = [n for n, q in enumerate(queries) if q.candidates is None]
+    if not plain:
+        return {}
+    for n in plain:
+        if queries[n].exclude_seen:
+            scores[n, hist[n]] = float("-inf")
+    k = min(max(queries[n].k for n in plain), scores.shape[1] - 2)
+    sub = scores if len(plain) == len(queries) else scores[plain]
+    top = torch.topk(sub, k, dim=1)
+    return {n: (top.indices[m, : queries[n].k], top.values[m, : queries[n].k]) for m, n in enumerate(plain)}
+
+
 @torch.inference_mode()  # the scores are inference tensors: masking them in place needs the same mode
 def _top_k(
-    online: OnlineModel, scores: Tensor, history: Tensor, q: RankQuery, *, shared: bool = False
+    online: OnlineModel,
+    scores: Tensor,
+    history: Tensor,
+    q: RankQuery,
+    *,
+    shared: bool = False,
+    top: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[list[tuple[str, float]], list[str]]:
     """Mask (seen items, candidates) and take the top k; items that cannot rank (-inf) are never returned.
 
@@ -375,10 +423,12 @@ def _top_k(
     row is masked in place (it is this request's own scores unless ``shared``) and candidates are ranked
     by gathering their scores, not by adding a full-catalogue mask: with 1M items those copies dominated.
     """
+    unknown_candidates: list[str] = []
+    if top is not None:  # ranked already by _batched_top_k
+        return _named(online, *top), unknown_candidates
     s = scores.clone() if shared else scores
     if q.exclude_seen:
         s[history] = float("-inf")
-    unknown_candidates: list[str] = []
     if q.candidates is not None:
         idx = []
         for c in q.candidates:
@@ -390,12 +440,15 @@ def _top_k(
         if not idx:
             return [], unknown_candidates
         pool = torch.unique(torch.tensor(idx, dtype=torch.long))
-        top = torch.topk(s[pool], min(q.k, len(pool)))
-        indices = pool[top.indices]
-    else:
-        top = torch.topk(s, min(q.k, s.shape[0] - 2))
-        indices = top.indices
-    values = top.values.tolist()
-    keep = [n for n, v in enumerate(values) if v != float("-inf")]
+        best = torch.topk(s[pool], min(q.k, len(pool)))
+        return _named(online, pool[best.indices], best.values), unknown_candidates
+    best = torch.topk(s, min(q.k, s.shape[0] - 2))
+    return _named(online, best.indices, best.values), unknown_candidates
+
+
+def _named(online: OnlineModel, indices: Tensor, values: Tensor) -> list[tuple[str, float]]:
+    """(item id, score) pairs, best first; items that cannot rank (-inf) are dropped."""
+    scores = values.tolist()
+    keep = [n for n, v in enumerate(scores) if v != float("-inf")]
     names = online.decode(indices[keep]) if keep else []
-    return [(name, values[n]) for name, n in zip(names, keep, strict=True)], unknown_candidates
+    return [(name, scores[n]) for name, n in zip(names, keep, strict=True)]

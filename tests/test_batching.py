@@ -31,9 +31,22 @@ def _gather(batcher: RankBatcher, queries: list[RankQuery]) -> list[RankResult |
     return asyncio.run(main())
 
 
-def test_concurrent_requests_share_one_forward_and_get_their_own_ranking(ranker: Ranker) -> None:
+#: The default keeps the tiny test model on the event loop; 1 sends every batch to the worker threads.
+PLACES = pytest.mark.parametrize("offload_floats", [None, 1], ids=["on-loop", "worker-threads"])
+
+
+def _batcher(ranker: Ranker, offload_floats: int | None, **kw: object) -> RankBatcher:
+    batcher = RankBatcher(ranker, **kw) if offload_floats is None else RankBatcher(ranker, offload_floats=1, **kw)
+    assert batcher.offloads() == (offload_floats is not None)
+    return batcher
+
+
+@PLACES
+def test_concurrent_requests_share_one_forward_and_get_their_own_ranking(
+    ranker: Ranker, offload_floats: int | None
+) -> None:
     sizes: list[int] = []
-    batcher = RankBatcher(ranker, on_batch=sizes.append)
+    batcher = _batcher(ranker, offload_floats, on_batch=sizes.append)
     queries = [RankQuery(session_id=f"s{n}", k=5) for n in range(10)]
     results = _gather(batcher, queries)
     assert sizes == [10]  # all ten were pending when the drain ran: one batched forward
@@ -45,17 +58,20 @@ def test_concurrent_requests_share_one_forward_and_get_their_own_ranking(ranker:
         assert [s for _, s in got.items] == pytest.approx([s for _, s in expected.items], rel=1e-5, abs=1e-6)
 
 
-def test_batches_are_capped(ranker: Ranker) -> None:
+@PLACES
+def test_batches_are_capped(ranker: Ranker, offload_floats: int | None) -> None:
     sizes: list[int] = []
-    batcher = RankBatcher(ranker, max_batch=4, on_batch=sizes.append)
+    batcher = _batcher(ranker, offload_floats, max_batch=4, on_batch=sizes.append)
     results = _gather(batcher, [RankQuery(session_id=f"s{n % 10}") for n in range(10)])
-    assert sizes == [4, 4, 2]
+    batcher.close()
+    assert sorted(sizes, reverse=True) == [4, 4, 2]  # on worker threads two batches may run at once
     assert all(isinstance(r, RankResult) for r in results)
 
 
-def test_a_bad_query_fails_only_its_own_request(ranker: Ranker) -> None:
+@PLACES
+def test_a_bad_query_fails_only_its_own_request(ranker: Ranker, offload_floats: int | None) -> None:
     queries = [RankQuery(session_id="s1"), RankQuery(), RankQuery(session_id="s2")]  # the middle one is empty
-    results = _gather(RankBatcher(ranker), queries)
+    results = _gather(_batcher(ranker, offload_floats), queries)
     assert isinstance(results[0], RankResult) and results[0].session_id == "s1"
     assert isinstance(results[1], InvalidInput)
     assert isinstance(results[2], RankResult) and results[2].session_id == "s2"
@@ -73,3 +89,5 @@ def test_a_lone_request_is_ranked_without_waiting_for_company(ranker: Ranker) ->
 def test_max_batch_must_be_positive(ranker: Ranker) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         RankBatcher(ranker, max_batch=0)
+    with pytest.raises(ValueError, match="workers"):
+        RankBatcher(ranker, workers=0)
