@@ -67,9 +67,7 @@ class RankBatcher:
         # Drain tasks of their own, so that each request waits for its own result only. On the loop one drainer
         # is enough (a second would only split batches); worker threads get one each.
         if len(self._drainers) < (self.workers if self.offloads() else 1):
-            task = loop.create_task(self._drain())
-            self._drainers.add(task)
-            task.add_done_callback(self._drainers.discard)
+            self._drainers.add(loop.create_task(self._drain()))
         return await future
 
     def close(self) -> None:
@@ -79,21 +77,37 @@ class RankBatcher:
             self._executor = None
 
     async def _drain(self) -> None:
-        while self._pending:
-            # One more turn of the loop first: requests whose bytes arrived together join this batch.
-            await asyncio.sleep(0)
-            if not self._pending:
-                return
+        try:
+            while self._pending:
+                await self._drain_one()
+        finally:
+            # Deregister in the same step that saw the queue empty: a done-callback would run a turn later, and a
+            # request arriving in between would count this finished drainer as running and wait forever.
+            task = asyncio.current_task()
+            if task is not None:
+                self._drainers.discard(task)
+
+    async def _drain_one(self) -> None:
+        # One more turn of the loop first: requests whose bytes arrived together join this batch.
+        await asyncio.sleep(0)
+        if self._pending:
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             queries = [q for q, _ in batch]
-            if self.offloads():
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="persona-rank")
-                outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._outcomes, queries)
-            else:
-                outcomes = self._outcomes(queries)
+            try:
+                if self.offloads():
+                    if self._executor is None:
+                        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="persona-rank")
+                    loop = asyncio.get_running_loop()
+                    outcomes = await loop.run_in_executor(self._executor, self._outcomes, queries)
+                else:
+                    outcomes = self._outcomes(queries)
+            except BaseException as exc:  # never leave a request waiting: fail (or cancel) the whole batch
+                for _query, future in batch:
+                    if not future.done():
+                        future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
+                raise
             for (_query, future), outcome in zip(batch, outcomes, strict=True):
                 if future.done():  # the client went away and its request was cancelled
                     continue

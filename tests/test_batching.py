@@ -86,6 +86,23 @@ def test_a_lone_request_is_ranked_without_waiting_for_company(ranker: Ranker) ->
     assert sizes == [1, 1, 1]
 
 
+@PLACES
+def test_back_to_back_requests_on_one_loop_are_all_served(ranker: Ranker, offload_floats: int | None) -> None:
+    """A request that arrives just as the previous drain ends must still be ranked (regression: it waited
+    forever when the finished drainer was still counted as running)."""
+    batcher = _batcher(ranker, offload_floats)
+
+    async def one_after_another() -> list[RankResult]:
+        return [await batcher.rank(RankQuery(session_id=f"s{n}")) for n in range(6)]
+
+    async def main() -> list[RankResult]:
+        return await asyncio.wait_for(one_after_another(), timeout=10)
+
+    results = asyncio.run(main())
+    batcher.close()
+    assert [r.session_id for r in results] == [f"s{n}" for n in range(6)]
+
+
 def test_max_batch_must_be_positive(ranker: Ranker) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         RankBatcher(ranker, max_batch=0)
