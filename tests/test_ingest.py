@@ -280,3 +280,18 @@ def test_idle_prototypes_are_reseeded_at_the_batchs_worst_served_codes(store: St
     result = quiet.apply(make_events(online, 3, sessions=1, seed=9, prefix="c"))
     latest = {r.prototype_id: r.centre for r in store.load_prototypes(online.version)}
     assert all(latest[k] == after[k].centre for k in after if k not in set(result.prototypes))
+
+
+def test_the_in_process_ingest_benchmark_runs(tiny_bundle: Path) -> None:
+    """bench/ingest_apply.py (quoted in docs/performance.md) keeps working."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, str(root / "bench" / "ingest_apply.py"), "--model", str(tiny_bundle)]
+    cmd += ["--warm", "1", "--batches", "2", "--batch", "50", "--sessions", "20"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["events_per_s"] > 0 and result["batch"] == 50

@@ -1,0 +1,77 @@
+"""Ingestor.apply in process (no Kafka): events/s of the model + store work alone, on SQLite.
+
+Run on demand (results are quoted in docs/performance.md); it is not a test:
+
+    .venv/bin/python bench/ingest_apply.py --model data/bundles/ml100k --threads 1
+
+Traffic: uniform items over the model's vocabulary, ``--sessions`` sessions; ``--warm`` batches first so that
+histories have grown, then ``--batches`` timed batches of ``--batch`` events. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="Model bundle directory.")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (persona consume uses 1).")
+    ap.add_argument("--sessions", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--warm", type=int, default=10)
+    ap.add_argument("--batches", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from persona.events import Event
+    from persona.ingest import Ingestor
+    from persona.models import ModelProvider
+    from persona.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(f"sqlite:///{tmp}/bench.db")
+        models = ModelProvider(store, model_dir=args.model)
+        items = models.get().vocab.ids
+        ingestor = Ingestor(store, models)
+        rng = random.Random(0)
+        batches = [
+            [
+                Event(
+                    f"e{b}-{i}", f"s{rng.randrange(args.sessions)}", items[rng.randrange(len(items))], datetime.now(UTC)
+                )
+                for i in range(args.batch)
+            ]
+            for b in range(args.warm + args.batches)
+        ]
+        for batch in batches[: args.warm]:
+            ingestor.apply(batch)
+        start = time.perf_counter()
+        for batch in batches[args.warm :]:
+            ingestor.apply(batch)
+        elapsed = time.perf_counter() - start
+        store.close()
+    events = args.batches * args.batch
+    print(
+        json.dumps(
+            {
+                "events_per_s": round(events / elapsed, 1),
+                "ms_per_batch": round(elapsed / args.batches * 1e3, 1),
+                "threads": args.threads,
+                "batch": args.batch,
+                "sessions": args.sessions,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
