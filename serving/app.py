@@ -47,7 +47,12 @@ def _context(settings: Settings, store: Store, models: ModelProvider, metrics: S
         unknown_item_policy=settings.unknown_item_policy,
         prototype_idle_s=settings.prototype_idle_s,
     )
-    batcher = RankBatcher(ranker, on_batch=metrics.rank_batch_size.observe)
+    batcher = RankBatcher(
+        ranker,
+        max_batch=settings.rank_max_batch,
+        workers=settings.rank_workers,
+        on_batch=metrics.rank_batch_size.observe,
+    )
     return ServingContext(settings, store, models, ranker, ingestor, metrics, batcher)
 
 

@@ -315,3 +315,15 @@ def test_not_ready_without_a_model(tmp_path: Path) -> None:
             _problem(client.get("/v1/sessions/s/recommendations"), 503)
     finally:
         store.close()
+
+
+def test_micro_batching_is_configured_from_settings(store_url: str, tiny_bundle: Path) -> None:
+    store = Store.open(store_url)
+    try:
+        models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=60)
+        app = create_app(Settings(rank_max_batch=3, rank_workers=5), store=store, models=models)
+        batcher = app.state.ctx.batcher
+        assert (batcher.max_batch, batcher.workers) == (3, 5)
+        assert not batcher.offloads()  # the tiny catalogue ranks on the event loop
+    finally:
+        store.close()
