@@ -193,6 +193,23 @@ def test_prototypes_save_lock_load_round_trip(store: Store) -> None:
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
 
+def test_reads_survive_a_later_additive_migration(store: Store) -> None:
+    """Replicas of this version keep working while a newer one adds columns (rolling upgrades)."""
+    with store.transaction() as uow:
+        uow.upsert_sessions([_state()])
+        uow.insert_events([_event("e1")])
+        uow.register_model("v1", "/bundles/v1", SHA_A, {})
+        uow.activate("v1")
+    with store.transaction() as uow:
+        for table in ("sessions", "events", "prototypes", "model_versions"):
+            uow.connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN added_later INTEGER")
+    assert store.get_session("s-1") == _state()
+    with store.read() as uow:
+        assert [e.event_id for e in uow.get_events()] == ["e1"]
+    assert store.active_model() is not None and [m.version for m in store.list_models()] == ["v1"]
+    assert store.load_prototypes("v1") == []
+
+
 def test_register_is_idempotent_and_refuses_a_different_sha(store: Store) -> None:
     with store.transaction() as uow:
         first = uow.register_model("v1", "/bundles/v1", SHA_A, {"hr@10": 0.31})

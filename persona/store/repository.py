@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,13 +107,21 @@ class ModelVersionRow:
     active: bool
 
 
+def _model_columns() -> list[Any]:
+    return [model_versions.c[name] for name in _MODEL_COLUMNS]
+
+
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-_SESSION_COLUMNS = tuple(c.name for c in sessions.columns)
-_PROTOTYPE_COLUMNS = tuple(c.name for c in prototypes.columns if c.name != "model_version")
+# Reads and writes name the columns this code knows, never "all columns": a later additive migration then
+# does not break replicas of this version still running beside upgraded ones.
+_SESSION_COLUMNS = tuple(f.name for f in fields(SessionState))
+_EVENT_COLUMNS = tuple(f.name for f in fields(StoredEvent))
+_MODEL_COLUMNS = tuple(f.name for f in fields(ModelVersionRow))
+_PROTOTYPE_COLUMNS = tuple(f.name for f in fields(PrototypeRow))
 
 
 class UnitOfWork:
@@ -164,7 +172,7 @@ class UnitOfWork:
 
     def get_events(self, session_id: str | None = None, limit: int | None = None) -> list[StoredEvent]:
         """Logged events (one session's, or all), oldest first; ``limit`` keeps only the latest ones."""
-        query = select(events)
+        query = select(*(events.c[name] for name in _EVENT_COLUMNS))
         if session_id is not None:
             query = query.where(events.c.session_id == session_id)
         if limit is not None:
@@ -189,7 +197,7 @@ class UnitOfWork:
         for chunk in _chunks(list(set(session_ids))):
             # One id (every single ranking) is an equality: cheaper to compile than an expanding IN.
             where = sessions.c.session_id == chunk[0] if len(chunk) == 1 else sessions.c.session_id.in_(chunk)
-            query = select(sessions).where(where)
+            query = select(*(sessions.c[name] for name in _SESSION_COLUMNS)).where(where)
             for row in self.connection.execute(query):
                 state = SessionState(**row._asdict())
                 state.recent_items = list(state.recent_items)
@@ -264,7 +272,7 @@ class UnitOfWork:
     # -- model registry -----------------------------------------------------------------------------------
 
     def _model(self, version: str) -> ModelVersionRow | None:
-        row = self.connection.execute(select(model_versions).where(model_versions.c.version == version)).first()
+        row = self.connection.execute(select(*_model_columns()).where(model_versions.c.version == version)).first()
         return ModelVersionRow(**row._asdict()) if row is not None else None
 
     def register_model(
@@ -317,12 +325,12 @@ class UnitOfWork:
         return row
 
     def active_model(self) -> ModelVersionRow | None:
-        row = self.connection.execute(select(model_versions).where(model_versions.c.active)).first()
+        row = self.connection.execute(select(*_model_columns()).where(model_versions.c.active)).first()
         return ModelVersionRow(**row._asdict()) if row is not None else None
 
     def list_models(self) -> list[ModelVersionRow]:
         """Every registered version, oldest first."""
-        query = select(model_versions).order_by(model_versions.c.created_at, model_versions.c.version)
+        query = select(*_model_columns()).order_by(model_versions.c.created_at, model_versions.c.version)
         return [ModelVersionRow(**row._asdict()) for row in self.connection.execute(query)]
 
 
