@@ -39,10 +39,11 @@ from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
 from persona.store import NewEvent, PrototypeRow, SessionState, Store
+from persona.user_state import pack_user_state, unpack_user_state
 from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
 from recsys.model import PAD, reseed_idle
-from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank, state_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ class Ingestor:
                 if w.row == -1:
                     w.row = -(len(stored_prev) + 2)
                     # Snapshot what the stored state was computed with: the loop re-stamps model_version below.
-                    stored_prev.append((_Stored(st.model_version, st.code, st.user_state, st.prototype_id), w.indices))
+                    snapshot = _Stored(st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version)
+                    stored_prev.append((snapshot, w.indices))
                 pre_rows.append((w.row, item))
             w.indices = [*w.indices, item][-cap:]
             st.recent_items = [*st.recent_items, e.item_id][-cap:]
@@ -334,11 +336,10 @@ class Ingestor:
         result.prototypes = protos.tolist()
         result.ood_scores = (dists / q99).tolist()
         code_np = codes.to(torch.float32).contiguous().numpy()
-        state_np = states.to(torch.float32).contiguous().numpy()
         for w in sessions.values():
             if w.row >= 0:
                 w.state.code = code_np[w.row].tobytes()
-                w.state.user_state = state_np[w.row].tobytes()
+                w.state.user_state = pack_user_state(states[w.row], w.state.edit_version)
                 w.state.prototype_id = result.prototypes[w.row]
         return codes
 
@@ -365,6 +366,7 @@ class _Stored:
     code: bytes | None
     user_state: bytes | None
     prototype_id: int | None
+    edit_version: int
 
 
 def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Stored, list[int]]]) -> _Previous:
@@ -377,11 +379,14 @@ def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Sto
     )
     n_protos = bank.centres.shape[0]
     for j, (st, _hist) in enumerate(prev):
-        usable = st.model_version == online.version and st.code is not None and st.user_state is not None
-        if usable and st.code is not None and st.user_state is not None:
+        usable = st.model_version == online.version and st.code is not None
+        user_state = unpack_user_state(st.user_state, st.edit_version, cfg) if usable else None
+        if user_state is None:
+            usable = False
+        elif st.code is not None:
             try:
                 out.codes[j] = code_from_bytes(st.code, cfg)
-                out.states[j] = state_from_bytes(st.user_state, cfg)
+                out.states[j] = user_state
             except ValueError:
                 usable = False
         if not usable:

@@ -35,8 +35,9 @@ import torch
 from persona.models import register_bundle
 from persona.net import free_port
 from persona.store import SessionState, Store
+from persona.user_state import pack_user_state
 from recsys.errors import PersonaError
-from recsys.online import OnlineModel, code_to_bytes, state_to_bytes
+from recsys.online import OnlineModel, code_to_bytes
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def populate_sessions(store: Store, online: OnlineModel, n: int, *, seed: int = 
                     event_count=len(recent),
                     prototype_id=int(proto),
                     code=code_to_bytes(code),
-                    user_state=state_to_bytes(user_state),
+                    user_state=pack_user_state(user_state, len(recent)),
                     edit_version=len(recent),
                     model_version=online.version,
                     last_event_at=now,

@@ -37,8 +37,9 @@ from torch import Tensor
 
 from persona.models import ModelProvider
 from persona.store import PrototypeRow, SessionState, Store
+from persona.user_state import unpack_user_state
 from recsys.model import PAD, UNK, Edit
-from recsys.online import BankState, OnlineModel, code_from_bytes, state_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes
 from recsys.retrieval import NormOrderedIndex
 from serving.problems import Conflict, InvalidInput, NotFound
 
@@ -306,11 +307,7 @@ class Ranker:
             row.fallback = "prototype"
         row.mode = "stored"
         row.prototype = state.prototype_id if valid_proto else None
-        if state.user_state is not None:
-            try:
-                row.user_state = state_from_bytes(state.user_state, online.cfg)
-            except ValueError:
-                log.warning("session %s: stored user state does not fit model %s", state.session_id, online.version)
+        row.user_state = unpack_user_state(state.user_state, state.edit_version, online.cfg)  # None: recompute
         return row
 
     @staticmethod

@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from persona.models import ModelProvider
 from persona.settings import Settings
 from persona.store import Store
+from persona.user_state import pack_user_state
 from recsys.model import Edit
 from recsys.online import BankState, OnlineModel, code_from_bytes
 from serving.app import create_app
@@ -108,13 +109,18 @@ def test_rankings_follow_each_sessions_history_and_equal_the_library(api: Api) -
         assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("user_state", [None, b"\0" * 12])
-def test_a_missing_or_unfit_stored_user_state_is_recomputed(api: Api, user_state: bytes | None) -> None:
-    """Rows written before migration 0002 (NULL) or with a state of the wrong size still rank exactly."""
+@pytest.mark.parametrize("user_state", [None, b"\0" * 12, "older-writer"])
+def test_a_missing_or_unfit_stored_user_state_is_recomputed(api: Api, user_state: bytes | str | None) -> None:
+    """Rows written before migration 0002 (NULL), with a state of the wrong size, or whose state an older
+    writer left behind for an earlier edit version still rank exactly."""
     api.ingest("old", _items(api, 5, 9))
     state = api.store.get_session("old")
     assert state is not None and state.user_state is not None
-    state.user_state = user_state
+    if user_state == "older-writer":
+        state.user_state = pack_user_state(torch.zeros(api.online.cfg.dim), state.edit_version - 1)
+    else:
+        assert not isinstance(user_state, str)
+        state.user_state = user_state
     with api.store.transaction() as uow:
         uow.upsert_sessions([state])
     body = api.client.get("/v1/sessions/old/recommendations", params={"k": 10}).json()

@@ -17,7 +17,8 @@ from persona.events import Event, RejectReason
 from persona.ingest import KS, Ingestor
 from persona.models import ModelProvider
 from persona.store import Store, UnitOfWork
-from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank, state_from_bytes
+from persona.user_state import pack_user_state, unpack_user_state
+from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -86,9 +87,11 @@ def test_batched_apply_equals_one_at_a_time_application(store: Store, models: Mo
         assert got.model_version == online.version
         assert got.code is not None
         torch.testing.assert_close(code_from_bytes(got.code, online.cfg), exp["code"], atol=1e-5, rtol=1e-4)
-        assert got.user_state is not None  # the encoder's output for the stored history, reused by the API
+        # the encoder's output for the stored history, tagged with its edit version, reused by the API
+        user_state = unpack_user_state(got.user_state, got.edit_version, online.cfg)
+        assert user_state is not None
         expected_state = online.user_states(online.histories([exp["recent"]]))[0]
-        torch.testing.assert_close(state_from_bytes(got.user_state, online.cfg), expected_state, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(user_state, expected_state, atol=1e-5, rtol=1e-4)
     rows = store.load_prototypes(online.version)
     centres = torch.stack([code_from_bytes(r.centre, online.cfg) for r in rows])
     torch.testing.assert_close(centres, bank.centres, atol=1e-5, rtol=1e-4)
@@ -172,7 +175,7 @@ def test_hit_counters_match_a_hand_computation(store: Store, models: ModelProvid
     assert all(x >= 0 for x in result.edit_norm_ratios)
 
 
-@pytest.mark.parametrize("stale", ["none", "no-user-state", "other-model"])
+@pytest.mark.parametrize("stale", ["none", "no-user-state", "other-model", "older-writer"])
 def test_predictions_from_stored_states_equal_those_within_one_batch(
     store: Store, models: ModelProvider, stale: str
 ) -> None:
@@ -196,6 +199,10 @@ def test_predictions_from_stored_states_equal_those_within_one_batch(
         for st in states.values():
             if stale == "no-user-state":
                 st.user_state = None  # a row written before migration 0002
+            elif stale == "older-writer":
+                # A consumer of an earlier release updated the row (its edit version moved on) without knowing
+                # the column: the state left in place is for an older history and must not be used.
+                st.user_state = pack_user_state(torch.zeros(online.cfg.dim), st.edit_version - 1)
             else:
                 cfg = online.cfg  # right sizes, other model: must be recomputed, not reused
                 st.model_version, st.code, st.user_state = "older-model", st.code, bytes(4 * cfg.dim)

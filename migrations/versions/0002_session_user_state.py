@@ -1,7 +1,7 @@
 """Sessions keep the device model's user state, so rankings and predictions skip the sequence encoder.
 
-``user_state`` holds the float32 bytes of the encoder's output h [D] for ``recent_items`` under
-``model_version`` (D·4 bytes: 256 for D = 64). The consumer writes it in the same transaction as the history;
+``user_state`` holds the encoder's output h [D] for ``recent_items`` under ``model_version``: the edit version
+it was computed for (int64) then h as float32 (8 + D·4 bytes: 264 for D = 64; see persona/user_state.py). The consumer writes it in the same transaction as the history;
 the API reuses it instead of re-encoding the history on every ranking. NULL (rows written before this
 revision, or by another model version) means "recompute from recent_items", so the upgrade needs no backfill.
 

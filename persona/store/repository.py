@@ -33,8 +33,9 @@ def utcnow() -> datetime:
 class SessionState:
     """A session as the consumer and the API see it.
 
-    ``code`` is the float32 bytes of its edit code [L, d]; ``user_state`` those of the device encoder's output
-    h [D] for ``recent_items``; both belong to ``model_version`` and are recomputed when that is not the live one.
+    ``code`` is the float32 bytes of its edit code [L, d]; ``user_state`` the device encoder's output h [D] for
+    ``recent_items``, tagged with its edit version (:mod:`persona.user_state`); both belong to ``model_version``
+    and are recomputed when that is not the live one.
     """
 
     session_id: str

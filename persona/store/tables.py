@@ -87,7 +87,7 @@ class SessionRow(Base):
     unknown_item_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     prototype_id: Mapped[int | None] = mapped_column(Integer)
     code: Mapped[bytes | None] = mapped_column(LargeBinary)
-    user_state: Mapped[bytes | None] = mapped_column(LargeBinary)  # encoder output h [D], float32 (0002)
+    user_state: Mapped[bytes | None] = mapped_column(LargeBinary)  # tagged encoder output h [D] (0002)
     edit_version: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     model_version: Mapped[str | None] = mapped_column(String(64))
     last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
