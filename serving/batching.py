@@ -62,11 +62,13 @@ class RankBatcher:
     async def rank(self, query: RankQuery) -> RankResult:
         """Rank one query, together with whatever else is pending on this loop."""
         loop = asyncio.get_running_loop()
+        # Drain tasks of their own, so that each request waits for its own result only. On the loop one drainer
+        # is enough (a second would only split batches); worker threads get one each. Decided before queueing:
+        # with no model loaded this raises (503) and nothing is left behind in the queue.
+        drainers = self.workers if self.offloads() else 1
         future: asyncio.Future[RankResult] = loop.create_future()
         self._pending.append((query, future))
-        # Drain tasks of their own, so that each request waits for its own result only. On the loop one drainer
-        # is enough (a second would only split batches); worker threads get one each.
-        if len(self._drainers) < (self.workers if self.offloads() else 1):
+        if len(self._drainers) < drainers:
             self._drainers.add(loop.create_task(self._drain()))
         return await future
 

@@ -319,6 +319,7 @@ def test_not_ready_without_a_model(tmp_path: Path) -> None:
             assert client.get("/healthz").status_code == 200
             _problem(client.get("/readyz"), 503)
             _problem(client.get("/v1/sessions/s/recommendations"), 503)
+            assert client.app.state.ctx.batcher._pending == []  # the refused request left nothing queued
     finally:
         store.close()
 
