@@ -25,6 +25,7 @@ assignments inside a batch; with batches of one event it is exactly the sequenti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -379,19 +380,16 @@ def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Sto
     )
     n_protos = bank.centres.shape[0]
     for j, (st, _hist) in enumerate(prev):
-        usable = st.model_version == online.version and st.code is not None
-        user_state = unpack_user_state(st.user_state, st.edit_version, cfg) if usable else None
-        if user_state is None:
-            usable = False
-        elif st.code is not None:
-            try:
-                out.codes[j] = code_from_bytes(st.code, cfg)
-                out.states[j] = user_state
-            except ValueError:
-                usable = False
-        if not usable:
+        code = user_state = None
+        if st.model_version == online.version and st.code is not None:
+            user_state = unpack_user_state(st.user_state, st.edit_version, cfg)
+            with contextlib.suppress(ValueError):
+                code = code_from_bytes(st.code, cfg)
+        if code is None or user_state is None:
             out.recompute.append(j)
-        elif st.prototype_id is not None and 0 <= st.prototype_id < n_protos:
+            continue
+        out.codes[j], out.states[j] = code, user_state
+        if st.prototype_id is not None and 0 <= st.prototype_id < n_protos:
             out.protos[j] = st.prototype_id  # scored with the edit the API served for it
         else:
             out.protos[j] = online.assign(out.codes[j : j + 1], bank)[0]

@@ -225,30 +225,35 @@ class OnlineModel:
         return self.vocab.decode(np.asarray(indices, dtype=np.int64))
 
 
+def _float32_bytes(values: Tensor) -> bytes:
+    return values.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def _float32_tensor(raw: bytes, size: int, what: str) -> Tensor:
+    arr = np.frombuffer(raw, dtype=np.float32)
+    if arr.size != size:
+        raise ValueError(f"stored {what} has {arr.size} floats, model expects {size}")
+    return torch.from_numpy(arr.copy())
+
+
 def state_to_bytes(state: Tensor) -> bytes:
     """One session's user state h [D] as float32 bytes for the store (D·4 bytes)."""
-    return state.detach().to(torch.float32).contiguous().numpy().tobytes()
+    return _float32_bytes(state)
 
 
 def state_from_bytes(raw: bytes, cfg: ModelConfig) -> Tensor:
     """Inverse of :func:`state_to_bytes`; raises ``ValueError`` when the size does not fit the model."""
-    arr = np.frombuffer(raw, dtype=np.float32)
-    if arr.size != cfg.dim:
-        raise ValueError(f"stored user state has {arr.size} floats, model expects {cfg.dim}")
-    return torch.from_numpy(arr.copy())
+    return _float32_tensor(raw, cfg.dim, "user state")
 
 
 def code_to_bytes(code: Tensor) -> bytes:
     """One session's code [L, d] as float32 bytes for the store (rows stay small: L·d·4 bytes)."""
-    return code.detach().to(torch.float32).contiguous().numpy().tobytes()
+    return _float32_bytes(code)
 
 
 def code_from_bytes(raw: bytes, cfg: ModelConfig) -> Tensor:
     """Inverse of :func:`code_to_bytes`; raises ``ValueError`` when the size does not fit the model."""
-    arr = np.frombuffer(raw, dtype=np.float32)
-    if arr.size != cfg.n_edit_layers * cfg.code_dim:
-        raise ValueError(f"stored code has {arr.size} floats, model expects {cfg.n_edit_layers * cfg.code_dim}")
-    return torch.from_numpy(arr.copy()).view(cfg.n_edit_layers, cfg.code_dim)
+    return _float32_tensor(raw, cfg.n_edit_layers * cfg.code_dim, "code").view(cfg.n_edit_layers, cfg.code_dim)
 
 
 def refine_bank(bank: BankState, codes: Tensor, prototypes: Tensor, cfg: ModelConfig) -> BankState:

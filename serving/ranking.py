@@ -241,11 +241,15 @@ class Ranker:
         position = {j: n for n, j in enumerate(model_rows)}
         for j, (q, r) in enumerate(zip(queries, rows, strict=True)):
             own = j in position
-            top = tops.get(position[j]) if own else None  # set: ranked already, ``s`` is not read
-            s = scores[position[j]] if own and scores is not None else self.popularity(online)
             if r.mode == "popularity":
                 r.fallback, r.prototype = "popularity", None
-            items, unknown_candidates = _top_k(online, s, hist[j], q, shared=not own, top=top)
+            top = tops.get(position[j]) if own else None
+            unknown_candidates: list[str]
+            if top is not None:  # ranked already, with the rest of the batch
+                items, unknown_candidates = _named(online, *top), []
+            else:
+                s = scores[position[j]] if own and scores is not None else self.popularity(online)
+                items, unknown_candidates = _top_k(online, s, hist[j], q, shared=not own)
             if r.fallback is not None and self.on_fallback is not None:
                 self.on_fallback(r.fallback)
             results.append(
@@ -389,8 +393,9 @@ def _index_top_k(
 def _batched_top_k(scores: Tensor, queries: Sequence[RankQuery], hist: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
     """Top-k (indices, values) of every row of ``scores`` [B, N] without candidates, in one masked topk call.
 
-    One call over the whole batch instead of one per row: at 1M items the per-row calls were a third of a
-    batch's time. Rows are masked in place (``exclude_seen``), exactly as :func:`_top_k` masks a single row.
+    One call over the whole batch instead of one per row (measured at 1M items before the index existed: the
+    per-row calls were a third of a batch's time). Rows are masked in place (``exclude_seen``), exactly as
+    :func:`_top_k` masks a single row.
     """
     plain = [n for n, q in enumerate(queries) if q.candidates is None]
     if not plain:
@@ -406,13 +411,7 @@ def _batched_top_k(scores: Tensor, queries: Sequence[RankQuery], hist: Tensor) -
 
 @torch.inference_mode()  # the scores are inference tensors: masking them in place needs the same mode
 def _top_k(
-    online: OnlineModel,
-    scores: Tensor,
-    history: Tensor,
-    q: RankQuery,
-    *,
-    shared: bool = False,
-    top: tuple[Tensor, Tensor] | None = None,
+    online: OnlineModel, scores: Tensor, history: Tensor, q: RankQuery, *, shared: bool = False
 ) -> tuple[list[tuple[str, float]], list[str]]:
     """Mask (seen items, candidates) and take the top k; items that cannot rank (-inf) are never returned.
 
@@ -420,12 +419,10 @@ def _top_k(
     row is masked in place (it is this request's own scores unless ``shared``) and candidates are ranked
     by gathering their scores, not by adding a full-catalogue mask: with 1M items those copies dominated.
     """
-    unknown_candidates: list[str] = []
-    if top is not None:  # ranked already by _batched_top_k
-        return _named(online, *top), unknown_candidates
     s = scores.clone() if shared else scores
     if q.exclude_seen:
         s[history] = float("-inf")
+    unknown_candidates: list[str] = []
     if q.candidates is not None:
         idx = []
         for c in q.candidates:
