@@ -25,6 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="Model bundle directory.")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (persona consume uses 1).")
+    ap.add_argument(
+        "--compute-threads", type=int, default=1, help="Ingestor compute threads (PERSONA_CONSUMER_THREADS)."
+    )
     ap.add_argument("--sessions", type=int, default=600)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--warm", type=int, default=10)
@@ -41,7 +44,7 @@ def main() -> None:
         store = Store.open(f"sqlite:///{tmp}/bench.db")
         models = ModelProvider(store, model_dir=args.model)
         items = models.get().vocab.ids
-        ingestor = Ingestor(store, models)
+        ingestor = Ingestor(store, models, compute_threads=args.compute_threads)
         rng = random.Random(0)
         batches = [
             [
@@ -58,6 +61,7 @@ def main() -> None:
         for batch in batches[args.warm :]:
             ingestor.apply(batch)
         elapsed = time.perf_counter() - start
+        ingestor.close()
         store.close()
     events = args.batches * args.batch
     print(
@@ -66,6 +70,7 @@ def main() -> None:
                 "events_per_s": round(events / elapsed, 1),
                 "ms_per_batch": round(elapsed / args.batches * 1e3, 1),
                 "threads": args.threads,
+                "compute_threads": args.compute_threads,
                 "batch": args.batch,
                 "sessions": args.sessions,
             }

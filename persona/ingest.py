@@ -25,14 +25,14 @@ assignments inside a batch; with batches of one event it is exactly the sequenti
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
 from persona.store import NewEvent, PrototypeRow, SessionState, Store
-from persona.user_state import pack_user_state, unpack_user_state
+from persona.user_state import pack_user_states, user_state_payload
 from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
 from recsys.model import PAD, reseed_idle
@@ -91,17 +91,6 @@ class IngestResult:
     bank_version: int = 0
 
 
-@dataclass(slots=True)
-class _Work:
-    """A touched session while a batch is applied: its state and its history as vocabulary indices."""
-
-    state: SessionState
-    indices: list[int]  # vocabulary indices of state.recent_items (UNK for items the model lost)
-    # Row of its current state (code, user state): >= 0 in this batch's post-event rows; -(j + 2) for the
-    # j-th stored previous state; -1 before either is known.
-    row: int = -1
-
-
 class Ingestor:
     """Applies batches of validated events to the store with the active model (see the module doc).
 
@@ -112,6 +101,8 @@ class Ingestor:
         max_recent: recent items kept per session (default and upper bound: the model's ``max_len``).
         prototype_idle_s: a prototype assigned nothing for this long is re-seeded at the batch's worst-served
             session (METHOD.md §3); ``None`` turns re-seeding off.
+        compute_threads: threads that run a batch's model work side by side (encoder chunks, adapter codes);
+            1 runs it all on the calling thread. The result does not depend on it.
     """
 
     def __init__(
@@ -122,6 +113,7 @@ class Ingestor:
         unknown_item_policy: str = "skip",
         max_recent: int | None = None,
         prototype_idle_s: float | None = 3600.0,
+        compute_threads: int = 1,
     ) -> None:
         if unknown_item_policy not in UNKNOWN_ITEM_POLICIES:
             raise PersonaError(
@@ -130,11 +122,19 @@ class Ingestor:
             )
         if max_recent is not None and max_recent < 1:
             raise PersonaError(f"max_recent must be >= 1, got {max_recent}")
+        if compute_threads < 1:
+            raise PersonaError(f"compute_threads must be >= 1, got {compute_threads}", "fix PERSONA_CONSUMER_THREADS")
         self.store = store
         self.models = models
         self.unknown_item_policy = unknown_item_policy
         self.max_recent = max_recent
         self.prototype_idle_s = prototype_idle_s
+        self._pool = ThreadPoolExecutor(compute_threads, "persona-ingest") if compute_threads > 1 else None
+
+    def close(self) -> None:
+        """Stop the compute threads (if any); :meth:`apply` must not be called afterwards."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------ public
     def apply(self, events: Sequence[Event], *, source: str = "kafka") -> IngestResult:
@@ -173,8 +173,18 @@ class Ingestor:
                     ingested_at=now,
                 )
             )
+        if not kept:
+            return result
 
         with self.store.transaction() as uow:
+            session_ids = {e.session_id for e, _ in kept}
+            stored = uow.get_sessions(session_ids)
+            rows = uow.lock_prototypes(online.version)
+            bank = _bank_from_rows(rows, online) if rows else online.initial_bank
+            # Events are almost always new: start the model work as if all of them were, and log them (the dedup)
+            # meanwhile. If some turn out to be duplicates, that work is dropped and redone for the new ones only.
+            plan = _walk(online, kept, stored, cap, now)
+            work = self._start(online, plan, bank)
             inserted = uow.insert_events(to_log)
             fresh: list[tuple[Event, bool]] = []
             for e, known in kept:
@@ -182,13 +192,14 @@ class Ingestor:
                     inserted.discard(e.event_id)  # a repeat later in this batch is a duplicate
                     fresh.append((e, known))
             result.duplicates = len(kept) - len(fresh)
-            if not fresh:
-                return result
-
-            stored = uow.get_sessions({e.session_id for e, _ in fresh})
-            rows = uow.lock_prototypes(online.version)
-            bank = _bank_from_rows(rows, online) if rows else online.initial_bank
-            codes = self._apply_in_memory(online, fresh, stored, bank, cap, now, result)
+            if len(fresh) < len(kept):
+                work.abandon()
+                if not fresh:
+                    return result
+                stored = uow.get_sessions(session_ids)  # the walk above changed the states it was given
+                plan = _walk(online, fresh, stored, cap, now)
+                work = self._start(online, plan, bank)
+            codes = _conclude(online, plan, work, bank, result)
 
             if codes is not None:
                 protos = torch.tensor(result.prototypes, dtype=torch.long)
@@ -232,117 +243,36 @@ class Ingestor:
         log.info("re-seeded idle prototypes %s of model %s", sorted(reseeded), online.version)
         return reseeded
 
-    def _apply_in_memory(
-        self,
-        online: OnlineModel,
-        fresh: list[tuple[Event, bool]],
-        stored: dict[str, SessionState],
-        bank: BankState,
-        cap: int,
-        now: datetime,
-        result: IngestResult,
-    ) -> torch.Tensor | None:
-        """Walk the new events in order, building histories; then run the model once for the whole batch.
+    def _start(self, online: OnlineModel, plan: _Plan, bank: BankState) -> _Work:
+        """Start a plan's model work: the encoder and the adapter on every post-event history, and the prequential
+        check of every event whose previous state is stored (that needs nothing from this batch's forward).
 
-        Fills ``result`` (sessions, counters, per-event lists; ``freshness_s`` temporarily holds the event
-        timestamps) and returns the codes [B, L, d] of the applied events (``None`` if none was applied).
-
-        The sequence encoder runs once per applied event, on its post-event history: that user state is
-        stored with the session, and it is exactly what the session's *next* event is scored with. So a
-        prediction never re-encodes the previous history (the stored state, or the in-batch one, is it).
+        With compute threads it all runs on them while the caller goes on (logging the events); without, it runs
+        here and now. Either way :func:`_conclude` collects it.
         """
+        work = _Work(plan)
+        if not plan.post_hist:
+            return work
         cfg = online.cfg
-        t = cfg.max_len
-        index_of = online.index_of
-        sessions: dict[str, _Work] = {}
-
-        post_hist: list[list[int]] = []  # history after each applied event (for its code and user state)
-        pre_rows: list[tuple[int, int]] = []  # (row of the previous state, target index) per prediction
-        stored_prev: list[tuple[_Stored, list[int]]] = []  # stored states that predict an event
-        applied_ts = result.freshness_s
-
-        for e, known in fresh:
-            w = sessions.get(e.session_id)
-            if w is None:
-                st = stored.get(e.session_id)
-                if st is None:
-                    st = SessionState(session_id=e.session_id, device_id=e.device_id, user_id=e.user_id)
-                w = _Work(st, [index_of(i) for i in st.recent_items[-cap:]])
-                sessions[e.session_id] = w
-            st = w.state
-            if e.device_id is not None:
-                st.device_id = e.device_id
-            if e.user_id is not None:
-                st.user_id = e.user_id
-            st.last_event_at = e.ts if st.last_event_at is None else max(st.last_event_at, e.ts)
-            st.updated_at = now
-            if not known:
-                st.unknown_item_count += 1
-                result.unknown_items += 1
-                continue
-
-            item = index_of(e.item_id)
-            if w.indices:
-                if w.row == -1:
-                    w.row = -(len(stored_prev) + 2)
-                    # Snapshot what the stored state was computed with: the loop re-stamps model_version below.
-                    snapshot = _Stored(st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version)
-                    stored_prev.append((snapshot, w.indices))
-                pre_rows.append((w.row, item))
-            w.indices = [*w.indices, item][-cap:]
-            st.recent_items = [*st.recent_items, e.item_id][-cap:]
-            st.event_count += 1
-            st.edit_version += 1
-            st.model_version = online.version
-            w.row = len(post_hist)
-            post_hist.append(w.indices)
-            applied_ts.append(e.ts.timestamp())
-            result.item_indices.append(item)
-
-        result.applied = len(post_hist)
-        result.sessions = {sid: w.state for sid, w in sessions.items()}
-        if not post_hist:
-            return None
-
-        b = len(post_hist)
         with torch.inference_mode():
-            prev = _previous_states(online, bank, stored_prev)
-            all_hist = _pad(post_hist + [stored_prev[j][1] for j in prev.recompute], t)
-            all_codes = online.codes(all_hist)
-            all_states = online.user_states(all_hist)
-            codes, states = all_codes[:b], all_states[:b]
-            if prev.recompute:
-                prev.codes[prev.recompute] = all_codes[b:]
-                prev.states[prev.recompute] = all_states[b:]
-                prev.protos[prev.recompute] = online.assign(all_codes[b:], bank)
-            protos = online.assign(codes, bank)
-            dists = online.distances(codes, protos, bank)
-            if pre_rows:
-                # Row r >= 0: this batch's r-th post-event state; r = -(j + 2): the j-th stored previous state.
-                sel = torch.tensor([r if r >= 0 else b + (-r - 2) for r, _i in pre_rows], dtype=torch.long)
-                targets = torch.tensor([i for _r, i in pre_rows], dtype=torch.long)
-                ratios, ranks = _edits_and_ranks(
-                    online,
-                    bank,
-                    torch.cat([codes, prev.codes])[sel],
-                    torch.cat([protos, prev.protos])[sel],
-                    torch.cat([states, prev.states])[sel],
-                    targets,
-                )
-                for variant, r in zip(VARIANTS, ranks, strict=True):
-                    _score(result, variant, r)
-                result.edit_norm_ratios = ratios.tolist()
-
-        q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
-        result.prototypes = protos.tolist()
-        result.ood_scores = (dists / q99).tolist()
-        code_np = codes.to(torch.float32).contiguous().numpy()
-        for w in sessions.values():
-            if w.row >= 0:
-                w.state.code = code_np[w.row].tobytes()
-                w.state.user_state = pack_user_state(states[w.row], w.state.edit_version)
-                w.state.prototype_id = result.prototypes[w.row]
-        return codes
+            work.prev = _previous_states(online, bank, plan.stored_prev)
+            recompute = [plan.stored_prev[j][1] for j in work.prev.recompute]
+            work.hist = _pad(plan.post_hist + recompute, cfg.max_len)
+        early = [n for n, (r, _i) in enumerate(plan.pre_rows) if r < -1 and -r - 2 not in set(work.prev.recompute)]
+        work.early = early
+        pool = self._pool
+        if pool is None:
+            work.codes = _done(online.codes(work.hist))
+            work.states = _done(online.user_states(work.hist))
+            work.early_scores = _done(_stored_predictions(online, bank, plan, work.prev, early))
+            return work
+        work.codes = pool.submit(online.codes, work.hist)
+        if early:
+            work.early_scores = pool.submit(_stored_predictions, online, bank, plan, work.prev, early)
+        else:
+            work.early_scores = _done(_no_predictions())
+        work.states = online.submit_user_states(work.hist, pool)
+        return work
 
 
 @dataclass
@@ -372,33 +302,243 @@ class _Stored:
 
 def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Stored, list[int]]]) -> _Previous:
     cfg = online.cfg
-    out = _Previous(
-        torch.zeros(len(prev), cfg.n_edit_layers, cfg.code_dim),
-        torch.zeros(len(prev), dtype=torch.long),
-        torch.zeros(len(prev), cfg.dim),
-        [],
-    )
-    n_protos = bank.centres.shape[0]
+    n_prev, n_protos = len(prev), bank.centres.shape[0]
+    code_size = 4 * cfg.n_edit_layers * cfg.code_dim
+    usable: list[int] = []
+    code_bytes: list[bytes] = []
+    state_bytes: list[bytes] = []
+    recompute: list[int] = []
     for j, (st, _hist) in enumerate(prev):
-        code = user_state = None
-        if st.model_version == online.version and st.code is not None:
-            user_state = unpack_user_state(st.user_state, st.edit_version, cfg)
-            with contextlib.suppress(ValueError):
-                code = code_from_bytes(st.code, cfg)
-        if code is None or user_state is None:
-            out.recompute.append(j)
+        code, payload = st.code, None
+        if st.model_version == online.version and code is not None and len(code) == code_size:
+            payload = user_state_payload(st.user_state, st.edit_version, cfg)
+        if code is None or payload is None:
+            recompute.append(j)
             continue
-        out.codes[j], out.states[j] = code, user_state
-        if st.prototype_id is not None and 0 <= st.prototype_id < n_protos:
-            out.protos[j] = st.prototype_id  # scored with the edit the API served for it
-        else:
-            out.protos[j] = online.assign(out.codes[j : j + 1], bank)[0]
+        usable.append(j)
+        code_bytes.append(code)
+        state_bytes.append(payload)
+    out = _Previous(
+        torch.zeros(n_prev, cfg.n_edit_layers, cfg.code_dim),
+        torch.zeros(n_prev, dtype=torch.long),
+        torch.zeros(n_prev, cfg.dim),
+        recompute,
+    )
+    if not usable:
+        return out
+    rows = torch.tensor(usable, dtype=torch.long)
+    out.codes[rows] = _floats(code_bytes).view(len(usable), cfg.n_edit_layers, cfg.code_dim)
+    out.states[rows] = _floats(state_bytes).view(len(usable), cfg.dim)
+    stored_protos = [prev[j][0].prototype_id for j in usable]
+    # scored with the edit the API served for it: the stored prototype, while it still exists
+    protos = torch.tensor([p if p is not None and 0 <= p < n_protos else -1 for p in stored_protos], dtype=torch.long)
+    lost = (protos < 0).nonzero().flatten()
+    if len(lost):
+        protos[lost] = online.assign(out.codes[rows[lost]], bank)
+    out.protos[rows] = protos
     return out
 
 
-#: Rows per chunk of edit work: an edit is L·D·D floats per row, and elementwise work on a [500, L, 64, 64]
-#: tensor runs from memory; 128-row chunks stay in cache (measured ~3x faster edits).
-_EDIT_CHUNK = 128
+def _floats(chunks: list[bytes]) -> Tensor:
+    """The float32 values of byte strings laid end to end, as one flat tensor."""
+    return torch.from_numpy(np.frombuffer(b"".join(chunks), dtype=np.float32).copy())
+
+
+@dataclass(slots=True)
+class _Touched:
+    """A touched session while a batch is applied: its state and its history as vocabulary indices."""
+
+    state: SessionState
+    indices: list[int]  # vocabulary indices of state.recent_items (UNK for items the model lost)
+    # Row of its current state (code, user state): >= 0 in this batch's post-event rows; -(j + 2) for the
+    # j-th stored previous state; -1 before either is known.
+    row: int = -1
+
+
+@dataclass
+class _Plan:
+    """What a batch does to its sessions, before any model work: the result of :func:`_walk`."""
+
+    sessions: dict[str, _Touched] = field(default_factory=dict)
+    post_hist: list[list[int]] = field(default_factory=list)  # history after each applied event
+    pre_rows: list[tuple[int, int]] = field(default_factory=list)  # (row of the previous state, target) per prediction
+    stored_prev: list[tuple[_Stored, list[int]]] = field(default_factory=list)  # stored states that predict an event
+    event_ts: list[float] = field(default_factory=list)  # per applied event
+    item_indices: list[int] = field(default_factory=list)  # per applied event
+    unknown_items: int = 0
+
+
+def _walk(
+    online: OnlineModel, fresh: list[tuple[Event, bool]], stored: dict[str, SessionState], cap: int, now: datetime
+) -> _Plan:
+    """Walk the new events in order, updating the sessions' states (in place) and building their histories.
+
+    The sequence encoder then runs once per applied event, on its post-event history: that user state is stored
+    with the session, and it is exactly what the session's *next* event is scored with. So a prediction never
+    re-encodes the previous history (the stored state, or the in-batch one, is it).
+    """
+    plan = _Plan()
+    sessions = plan.sessions
+    index_of, indices_of = online.index_of, online.indices_of
+    for e, known in fresh:
+        w = sessions.get(e.session_id)
+        if w is None:
+            st = stored.get(e.session_id)
+            if st is None:
+                st = SessionState(session_id=e.session_id, device_id=e.device_id, user_id=e.user_id)
+            w = _Touched(st, indices_of(st.recent_items[-cap:]))
+            sessions[e.session_id] = w
+        st = w.state
+        if e.device_id is not None:
+            st.device_id = e.device_id
+        if e.user_id is not None:
+            st.user_id = e.user_id
+        st.last_event_at = e.ts if st.last_event_at is None else max(st.last_event_at, e.ts)
+        st.updated_at = now
+        if not known:
+            st.unknown_item_count += 1
+            plan.unknown_items += 1
+            continue
+
+        item = index_of(e.item_id)
+        if w.indices:
+            if w.row == -1:
+                w.row = -(len(plan.stored_prev) + 2)
+                # Snapshot what the stored state was computed with: the loop re-stamps model_version below.
+                snapshot = _Stored(st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version)
+                plan.stored_prev.append((snapshot, w.indices))
+            plan.pre_rows.append((w.row, item))
+        w.indices = [*w.indices, item][-cap:]
+        st.recent_items = [*st.recent_items, e.item_id][-cap:]
+        st.event_count += 1
+        st.edit_version += 1
+        st.model_version = online.version
+        w.row = len(plan.post_hist)
+        plan.post_hist.append(w.indices)
+        plan.event_ts.append(e.ts.timestamp())
+        plan.item_indices.append(item)
+    return plan
+
+
+#: (edit-norm ratios, Persona ranks, base ranks) of some predictions.
+_Scored = tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass
+class _Work:
+    """A plan's model work, started by :meth:`Ingestor._start` (possibly still running on the compute threads)."""
+
+    plan: _Plan
+    prev: _Previous | None = None
+    hist: Tensor | None = None  # post-event histories, then the stored histories whose state must be recomputed
+    codes: Future[Tensor] | None = None
+    states: Future[Tensor] | None = None
+    early: list[int] = field(default_factory=list)  # predictions scored from stored states, in _start
+    early_scores: Future[_Scored] | None = None
+
+    def abandon(self) -> None:
+        """Wait for whatever is still running (the results are not needed): compute threads must be free."""
+        running: list[Future[Any]] = [f for f in (self.codes, self.states, self.early_scores) if f is not None]
+        wait(running)
+
+
+def _done(value: Any) -> Future[Any]:
+    done: Future[Any] = Future()
+    done.set_result(value)
+    return done
+
+
+def _no_predictions() -> _Scored:
+    empty = torch.empty(0, dtype=torch.long)
+    return torch.empty(0), empty, empty
+
+
+@torch.inference_mode()
+def _stored_predictions(
+    online: OnlineModel, bank: BankState, plan: _Plan, prev: _Previous, which: list[int]
+) -> _Scored:
+    """Score predictions ``which`` (indices into ``plan.pre_rows``) whose previous state is a stored one."""
+    if not which:
+        return _no_predictions()
+    sel = torch.tensor([-plan.pre_rows[n][0] - 2 for n in which], dtype=torch.long)
+    targets = torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long)
+    ratios, (persona, base) = _edits_and_ranks(
+        online, bank, prev.codes[sel], prev.protos[sel], prev.states[sel], targets
+    )
+    return ratios, persona, base
+
+
+def _conclude(online: OnlineModel, plan: _Plan, work: _Work, bank: BankState, result: IngestResult) -> Tensor | None:
+    """Collect a plan's model work into ``result`` (counters, per-event lists, session codes and user states).
+
+    Returns the codes [B, L, d] of the applied events (``None`` if none was applied). ``result.freshness_s``
+    temporarily holds the event timestamps (the caller turns them into ages once the transaction committed).
+    """
+    result.unknown_items += plan.unknown_items
+    result.applied = len(plan.post_hist)
+    result.sessions = {sid: w.state for sid, w in plan.sessions.items()}
+    result.freshness_s = plan.event_ts
+    result.item_indices = plan.item_indices
+    if not plan.post_hist:
+        return None
+    assert work.codes is not None and work.states is not None and work.prev is not None
+    assert work.early_scores is not None
+    b = len(plan.post_hist)
+    with torch.inference_mode():
+        all_codes, all_states, prev = work.codes.result(), work.states.result(), work.prev
+        codes, states = all_codes[:b], all_states[:b]
+        if prev.recompute:
+            prev.codes[prev.recompute] = all_codes[b:]
+            prev.states[prev.recompute] = all_states[b:]
+            prev.protos[prev.recompute] = online.assign(all_codes[b:], bank)
+        protos = online.assign(codes, bank)
+        dists = online.distances(codes, protos, bank)
+        if plan.pre_rows:
+            n_pred = len(plan.pre_rows)
+            ratios, persona, base = (
+                torch.empty(n_pred),
+                torch.empty(n_pred, dtype=torch.long),
+                torch.empty(n_pred, dtype=torch.long),
+            )
+            early = set(work.early)
+            late = [n for n in range(n_pred) if n not in early]
+            if work.early:
+                ratios[work.early], persona[work.early], base[work.early] = work.early_scores.result()
+            if late:
+                # Row r >= 0: this batch's r-th post-event state; r = -(j + 2): the j-th stored previous state
+                # (one whose stored values could not be used, recomputed by this batch's forward).
+                rows = [plan.pre_rows[n][0] for n in late]
+                sel = torch.tensor([r if r >= 0 else b + (-r - 2) for r in rows], dtype=torch.long)
+                targets = torch.tensor([plan.pre_rows[n][1] for n in late], dtype=torch.long)
+                late_ratios, (late_persona, late_base) = _edits_and_ranks(
+                    online,
+                    bank,
+                    torch.cat([codes, prev.codes])[sel],
+                    torch.cat([protos, prev.protos])[sel],
+                    torch.cat([states, prev.states])[sel],
+                    targets,
+                )
+                ratios[late], persona[late], base[late] = late_ratios, late_persona, late_base
+            _score(result, "persona", persona)
+            _score(result, "base", base)
+            result.edit_norm_ratios = ratios.tolist()
+
+    q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
+    result.prototypes = protos.tolist()
+    result.ood_scores = (dists / q99).tolist()
+    code_np = codes.to(torch.float32).contiguous().numpy()
+    latest = [w for w in plan.sessions.values() if w.row >= 0]
+    packed = pack_user_states(states[[w.row for w in latest]], [w.state.edit_version for w in latest])
+    for w, user_state in zip(latest, packed, strict=True):
+        w.state.code = code_np[w.row].tobytes()
+        w.state.user_state = user_state
+        w.state.prototype_id = result.prototypes[w.row]
+    return codes
+
+
+#: Scores per chunk of the prequential ranks (rows × catalogue): 4M floats (16 MB) bound the temporary [rows, N]
+#: score matrices, so a 1M-item catalogue is ranked a few rows at a time and MovieLens in one go.
+_SCORE_BUDGET = 1 << 22
 
 
 def _edits_and_ranks(
@@ -408,18 +548,18 @@ def _edits_and_ranks(
 
     Prediction j is scored from the previous state's user state ``states[j]`` under its edit (``codes[j]``,
     prototype ``protos[j]``) and under the base model: exactly :meth:`OnlineModel.target_ranks` on the
-    previous history, with the encoder's output reused and the edit work chunked to stay in cache.
+    previous history, with the encoder's output reused and the edits applied factored (never materialised).
     """
+    persona_q, ratios = online.edited_queries(states, codes, protos, bank)
+    base_q = online.queries(states)
     n_pred = len(targets)
     persona = torch.empty(n_pred, dtype=torch.long)
     base = torch.empty(n_pred, dtype=torch.long)
-    ratios = torch.empty(n_pred)
-    for start in range(0, n_pred, _EDIT_CHUNK):
-        sl = slice(start, start + _EDIT_CHUNK)
-        base[sl] = target_ranks(online.scores_from_states(states[sl]), targets[sl])
-        edit = online.edit(codes[sl], bank, protos[sl])
-        ratios[sl] = online.edit_norm_ratio(edit)
-        persona[sl] = target_ranks(online.scores_from_states(states[sl], edit), targets[sl])
+    step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
+    for start in range(0, n_pred, step):
+        sl = slice(start, start + step)
+        base[sl] = target_ranks(online.scores_from_queries(base_q[sl]), targets[sl])
+        persona[sl] = target_ranks(online.scores_from_queries(persona_q[sl]), targets[sl])
     return ratios, [persona, base]
 
 

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         3600.0, ge=0, description="Re-seed a prototype assigned nothing for this many seconds (None = never)."
     )
     metrics_port: int = Field(9108, ge=0, le=65535, description="Consumer's Prometheus port (0 = off).")
+    consumer_threads: int = Field(
+        2, ge=1, le=64, description="Threads per consumer process for a batch's model work (encoder, adapter)."
+    )
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8000, ge=1, le=65535, description="API port.")
     api_keys: list[str] = Field(default_factory=list, description="Keys accepted on admin routes.")

@@ -9,7 +9,9 @@ ranking with one that describes an older history.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from recsys.model import ModelConfig
@@ -23,14 +25,22 @@ def pack_user_state(state: Tensor, edit_version: int) -> bytes:
     return _TAG.pack(edit_version) + state_to_bytes(state)
 
 
-def unpack_user_state(raw: bytes | None, edit_version: int, cfg: ModelConfig) -> Tensor | None:
-    """The stored h [D], or ``None`` when it is absent, belongs to another edit version, or does not fit ``cfg``."""
-    if raw is None or len(raw) < _TAG.size:
+def pack_user_states(states: Tensor, edit_versions: Sequence[int]) -> list[bytes]:
+    """:func:`pack_user_state` of every row of states [B, D] (one conversion for the batch)."""
+    rows = states.detach().to(torch.float32).contiguous().numpy()
+    return [_TAG.pack(version) + row.tobytes() for version, row in zip(edit_versions, rows, strict=True)]
+
+
+def user_state_payload(raw: bytes | None, edit_version: int, cfg: ModelConfig) -> bytes | None:
+    """The float32 bytes of the stored h [D], or ``None`` when it is absent, belongs to another edit version, or
+    does not fit ``cfg`` (cheap: no tensor is made, so a batch can convert all payloads at once)."""
+    if raw is None or len(raw) != _TAG.size + 4 * cfg.dim:
         return None
     (tagged,) = _TAG.unpack_from(raw)
-    if tagged != edit_version:
-        return None
-    try:
-        return state_from_bytes(raw[_TAG.size :], cfg)
-    except ValueError:
-        return None
+    return raw[_TAG.size :] if tagged == edit_version else None
+
+
+def unpack_user_state(raw: bytes | None, edit_version: int, cfg: ModelConfig) -> Tensor | None:
+    """The stored h [D], or ``None`` when it is absent, belongs to another edit version, or does not fit ``cfg``."""
+    payload = user_state_payload(raw, edit_version, cfg)
+    return None if payload is None else state_from_bytes(payload, cfg)

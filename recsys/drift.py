@@ -6,6 +6,7 @@ Pure math on counts and distances; the consumer exports the values as Prometheus
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,18 @@ class SlidingCounts:
         self.counts[category] += 1
         if len(self._recent) > self.window:
             self.counts[self._recent.popleft()] -= 1
+
+    def add_many(self, categories: Sequence[int]) -> None:
+        """:meth:`add` of each category in order, as a few array operations (a poll batch at a time)."""
+        if not len(categories):
+            return
+        n = len(self.counts)
+        self._recent.extend(categories)
+        self.counts += np.bincount(np.asarray(categories, dtype=np.int64), minlength=n)
+        over = len(self._recent) - self.window
+        if over > 0:
+            popleft = self._recent.popleft
+            self.counts -= np.bincount(np.fromiter((popleft() for _ in range(over)), np.int64, over), minlength=n)
 
     def __len__(self) -> int:
         return len(self._recent)

@@ -97,6 +97,11 @@ class ItemTable(nn.Module):
         """[N, D]: the whole table, for full-catalogue scoring."""
         return self.collection.embeddings["item_table"].weight
 
+    def lookup(self, ids: Tensor) -> Tensor:
+        """The same rows as :meth:`forward` [B, T, D], read straight from the local table (inference only:
+        no jagged-tensor wrapping, which cost more than the lookup itself for every small batch)."""
+        return F.embedding(ids, self.weight)
+
     def forward(self, ids: Tensor) -> Tensor:
         b, t = ids.shape
         kjt = KeyedJaggedTensor.from_lengths_sync(
@@ -129,6 +134,8 @@ class SASRecEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, emb: Tensor, mask: Tensor, last_only: bool = False) -> Tensor:
+        if last_only and not self.training and not torch.is_grad_enabled():
+            return self._infer_last(emb, mask)
         b, t, _ = emb.shape
         x = self.drop(emb * math.sqrt(emb.shape[-1]) + self.pos[-t:])
         # Query i may see key j when j <= i and j is a real item; every position also sees itself, so that
@@ -152,6 +159,51 @@ class SASRecEncoder(nn.Module):
         y = x[:, -1:] + last.dropout1(sa)
         y = y + last._ff_block(last.norm2(y))
         return self.norm(y[:, -1])
+
+    def _infer_last(self, emb: Tensor, mask: Tensor) -> Tensor:
+        """The last position's state [B, D] in eval mode: the same arithmetic as :meth:`forward` (pre-norm blocks,
+        masked causal attention, last block from the last query only), written as direct functional calls.
+
+        Serving and ingestion encode thousands of small chunks; the module path's per-call Python (fast-path
+        checks, mask canonicalisation, head reshapes) cost as much as the arithmetic, and held the GIL that the
+        consumer's other threads need. Equal to the module path up to float rounding (tested).
+        """
+        b, t, dim = emb.shape
+        heads = self.n_heads
+        hd = dim // heads
+        x = torch.addcmul(self.pos[-t:], emb, emb.new_tensor(math.sqrt(dim)))  # emb·√D + pos
+        # [B, 1, T, T]: query i may see key j when j <= i and j is a real item, and always itself
+        allowed = (torch.ones(t, t, dtype=torch.bool, device=emb.device).tril() & mask.unsqueeze(1)).unsqueeze(1)
+        allowed |= torch.eye(t, dtype=torch.bool, device=emb.device)
+        layers: Any = self.blocks.layers
+        for layer in layers[:-1]:
+            sa = layer.self_attn
+            h = F.layer_norm(x, (dim,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+            q, k, v = F.linear(h, sa.in_proj_weight, sa.in_proj_bias).view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2).reshape(b, t, dim)
+            x = x + F.linear(o, sa.out_proj.weight, sa.out_proj.bias)
+            x = x + _feed_forward(layer, x)
+        last = layers[-1]
+        sa = last.self_attn
+        h = F.layer_norm(x, (dim,), last.norm1.weight, last.norm1.bias, last.norm1.eps)
+        k, v = (
+            F.linear(h, sa.in_proj_weight[dim:], sa.in_proj_bias[dim:]).view(b, t, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        )
+        q = F.linear(h[:, -1], sa.in_proj_weight[:dim], sa.in_proj_bias[:dim]).view(b, heads, 1, hd)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, :, -1:]).reshape(b, dim)
+        y = x[:, -1] + F.linear(o, sa.out_proj.weight, sa.out_proj.bias)
+        y = y + _feed_forward(last, y)
+        return F.layer_norm(y, (dim,), self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+def _feed_forward(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
+    """The pre-norm feed-forward branch of an encoder layer in eval mode (no dropout)."""
+    h = F.layer_norm(x, (x.shape[-1],), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    return F.linear(
+        layer.activation(F.linear(h, layer.linear1.weight, layer.linear1.bias)),
+        layer.linear2.weight,
+        layer.linear2.bias,
+    )
 
 
 class GRU4RecEncoder(nn.Module):
@@ -229,12 +281,14 @@ class DeviceModel(nn.Module):
         """State after every position [B, T, D] of the history [B, T] (causal: for training)."""
         return self.encoder(self.items(history), history != PAD)
 
+    def embed(self, ids: Tensor) -> Tensor:
+        """Item embeddings [B, T, D] of ids [B, T]: through the TorchRec collection while training (shardable),
+        straight from the table for inference (see :meth:`ItemTable.lookup`)."""
+        return self.items(ids) if torch.is_grad_enabled() else self.items.lookup(ids)
+
     def encode(self, history: Tensor) -> Tensor:
         """User state h [B, D]: the state after the most recent item (only that one is computed)."""
-        # the last-query path saves work from ~8 sessions up; for one request the plain path is quicker
-        out: Tensor = self.encoder(self.items(history), history != PAD, last_only=history.shape[0] >= 8)
-        if out.dim() == 3:
-            out = out[:, -1]
+        out: Tensor = self.encoder(self.embed(history), history != PAD, last_only=True)
         return out
 
     def head(self, h: Tensor, edit: Edit | None = None) -> Tensor:
@@ -453,7 +507,7 @@ class PersonaModel(nn.Module):
     def codes(self, history: Tensor) -> Tensor:
         """Edit codes [B, L, d] of the sessions whose histories are [B, T]."""
         recent = self.recent(history)
-        emb = self.device_model.items(recent)
+        emb = self.device_model.embed(recent)
         return self.adapter.codes(emb, recent != PAD)
 
     def edit_for(self, codes: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:

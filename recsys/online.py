@@ -13,7 +13,8 @@ exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recsys.edited_head import EditedHead, GeneratorTerms
 from recsys.metrics import target_ranks
 from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, edit_norm_ratio, refine_centres
 from recsys.pipeline import TrainedModel, load_trained
@@ -34,6 +36,13 @@ INDEXED_FROM = 200_000
 ENCODE_CHUNK = 64
 
 
+class _Indices(dict[str, int]):
+    """Item id → vocabulary index; an unknown id maps to ``UNK`` (so a plain ``map`` can look up many)."""
+
+    def __missing__(self, key: str) -> int:
+        return UNK
+
+
 @dataclass(frozen=True)
 class BankState:
     """A snapshot of the prototype centres [K, L, d] and their counts [K], with the version it came from."""
@@ -41,9 +50,10 @@ class BankState:
     centres: Tensor
     counts: Tensor
     version: int = 0
-    # The prototypes' own edits, computed on first use; keyed by the centres' in-place version counter so an
-    # in-place change (re-seeding) can never serve stale edits.
+    # The prototypes' own edits and the factored head built from them, computed on first use; keyed by the centres'
+    # in-place version counter so an in-place change (re-seeding) can never serve stale edits.
     _edits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    _heads: dict[int, EditedHead] = field(default_factory=dict, compare=False, repr=False)
 
 
 class OnlineModel:
@@ -64,9 +74,10 @@ class OnlineModel:
         self.initial_bank = BankState(self.model.bank.centres.clone(), self.model.bank.counts.clone(), 0)
         self.item_counts = trained.item_counts
         self.drift = trained.drift
-        self._index = {item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)}
+        self._index = _Indices({item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)})
         self._index_built: NormOrderedIndex | None = None
         self._index_lock = threading.Lock()
+        self._generator_terms: GeneratorTerms | None = None
 
     @classmethod
     def load(cls, path: Path) -> OnlineModel:
@@ -81,6 +92,10 @@ class OnlineModel:
         """Vocabulary index of an item id; ``UNK`` (1) when the model does not know it."""
         return self._index.get(item_id, UNK)
 
+    def indices_of(self, item_ids: Sequence[str]) -> list[int]:
+        """:meth:`index_of` of every item id, in order (one C-level pass: this runs per session and request)."""
+        return list(map(self._index.__getitem__, item_ids))
+
     def known(self, item_id: str) -> bool:
         return item_id in self._index
 
@@ -89,7 +104,7 @@ class OnlineModel:
         t = self.cfg.max_len
         out = torch.zeros(len(recent), t, dtype=torch.long)
         for row, items in enumerate(recent):
-            idx = [self.index_of(i) for i in list(items)[-t:]]
+            idx = self.indices_of(list(items)[-t:])
             if idx:
                 out[row, t - len(idx) :] = torch.tensor(idx, dtype=torch.long)
         return out
@@ -109,18 +124,45 @@ class OnlineModel:
         centres = self._bank(bank).centres
         return torch.cdist(codes.flatten(1), centres.flatten(1)).argmin(1)
 
-    @torch.inference_mode()
-    def edit(self, codes: Tensor, bank: BankState | None = None, prototypes: Tensor | None = None) -> Edit:
-        """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
-        b = self._bank(bank)
-        proto = self.assign(codes, b) if prototypes is None else prototypes
+    def _bank_edits(self, b: BankState) -> tuple[Tensor, Tensor]:
         key = b.centres._version
         bank_edits = b._edits.get(key)
         if bank_edits is None:
             bank_edits = self.model.prototype_edits(b.centres)
             b._edits.clear()
             b._edits[key] = bank_edits
-        return self.model.prototype_edit(codes, b.centres, proto, bank_edits)
+        return bank_edits
+
+    @torch.inference_mode()
+    def edit(self, codes: Tensor, bank: BankState | None = None, prototypes: Tensor | None = None) -> Edit:
+        """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
+        b = self._bank(bank)
+        proto = self.assign(codes, b) if prototypes is None else prototypes
+        return self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
+
+    @torch.inference_mode()
+    def edited_head(self, bank: BankState | None = None) -> EditedHead:
+        """The factored edited head of a bank snapshot (:mod:`recsys.edited_head`), built once per snapshot."""
+        b = self._bank(bank)
+        key = b.centres._version
+        head = b._heads.get(key)
+        if head is None:
+            if self._generator_terms is None:
+                self._generator_terms = GeneratorTerms.build(self.model)
+            head = EditedHead.build(self.model, b.centres, self._bank_edits(b), self._generator_terms)
+            b._heads.clear()
+            b._heads[key] = head
+        return head
+
+    @torch.inference_mode()
+    def edited_queries(
+        self, states: Tensor, codes: Tensor, prototypes: Tensor, bank: BankState | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The Persona-edited head's outputs [B, D] and edit-norm ratios [B] for user states [B, D], codes
+        [B, L, d] and prototypes [B]: ``queries(states, edit(codes, bank, prototypes))`` without materialising the
+        edits (see :mod:`recsys.edited_head`)."""
+        b = self._bank(bank)
+        return self.edited_head(b).queries(states, codes, prototypes, b.centres)
 
     @torch.inference_mode()
     def edit_norm_ratio(self, edit: Edit) -> Tensor:
@@ -133,24 +175,63 @@ class OnlineModel:
 
     # ------------------------------------------------------------------ scores
     @torch.inference_mode()
-    def user_states(self, histories: Tensor) -> Tensor:
+    def user_states(self, histories: Tensor, pool: Executor | None = None) -> Tensor:
         """The device encoder's output h [B, D] for histories [B, T]: the costly, edit-independent part.
 
         A session's h depends on its history alone, so the consumer stores it with the session and the API
         scores from it. Rows are encoded shortest first in chunks of :data:`ENCODE_CHUNK` (activations stay in
         cache), each chunk cut to its longest history: positions are right-aligned and padding is masked out
         of attention, so the leading all-padding columns change nothing but cost a quadratic share of the work.
+        With a ``pool`` the chunks run on its threads side by side (see :meth:`submit_user_states`).
         """
+        if pool is not None:
+            return self.submit_user_states(histories, pool).result()
+        out = torch.empty(histories.shape[0], self.cfg.dim)
+        for chunk in self._encode_chunks(histories, out):
+            chunk()
+        return out
+
+    def submit_user_states(self, histories: Tensor, pool: Executor) -> Future[Tensor]:
+        """:meth:`user_states` with its chunks submitted to ``pool`` (longest first); the future completes with
+        the states [B, D] once every chunk has. Rows are independent, so the result is the same; torch releases
+        the GIL inside each op, so the chunks really run side by side and the caller can go on meanwhile."""
+        out = torch.empty(histories.shape[0], self.cfg.dim)
+        chunks = self._encode_chunks(histories, out)
+        done: Future[Tensor] = Future()
+        left = [len(chunks)]
+        lock = threading.Lock()
+
+        def finished(chunk: Future[None]) -> None:
+            error = chunk.exception()
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            elif last:
+                done.set_result(out)
+
+        for chunk in reversed(chunks):
+            pool.submit(chunk).add_done_callback(finished)
+        return done
+
+    def _encode_chunks(self, histories: Tensor, out: Tensor) -> list[Callable[[], None]]:
+        """Closures that each encode one chunk of rows into ``out`` (shortest rows first)."""
         dm = self.model.device_model
         lengths = (histories != PAD).sum(1)
-        if histories.shape[0] <= ENCODE_CHUNK:
-            return dm.encode(histories[:, -max(int(lengths.max()), 1) :])
         order = torch.argsort(lengths, stable=True)
-        out = torch.empty(histories.shape[0], self.cfg.dim)
-        for i in range(0, len(order), ENCODE_CHUNK):
-            rows = order[i : i + ENCODE_CHUNK]
-            out[rows] = dm.encode(histories[rows, -max(int(lengths[rows[-1]]), 1) :])
-        return out
+
+        def chunk(start: int) -> Callable[[], None]:
+            @torch.inference_mode()  # thread-local: a pool thread needs its own
+            def encode() -> None:
+                rows = order[start : start + ENCODE_CHUNK]
+                out[rows] = dm.encode(histories[rows, -max(int(lengths[rows[-1]]), 1) :])
+
+            return encode
+
+        return [chunk(start) for start in range(0, histories.shape[0], ENCODE_CHUNK)]
 
     @torch.inference_mode()
     def queries(self, states: Tensor, edit: Edit | None = None) -> Tensor:

@@ -130,6 +130,7 @@ def _pipeline(
     keep_freshness: bool = False,
     ready: threading.Event | None = None,
     idle_exit_s: float | None = None,
+    compute_threads: int = 1,
 ) -> Any:
     """Run one :class:`EventConsumer` over ``topic`` into the store at ``url``; returns its stats."""
     from persona.models import ModelProvider
@@ -148,6 +149,7 @@ def _pipeline(
             idle_exit_s=idle_exit_s,
             session_timeout_ms=FAST_GROUP["session_timeout_ms"],
             heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
+            compute_threads=compute_threads,
         )
         consumer = EventConsumer(store, models, cfg)
         gc.collect()
@@ -164,16 +166,26 @@ def _pipeline(
 
 
 def run_ingest_bench(
-    events: int, *, model: Path | None = None, postgres_url: str | None = None, sessions: int | None = None
+    events: int,
+    *,
+    model: Path | None = None,
+    postgres_url: str | None = None,
+    sessions: int | None = None,
+    compute_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Run the four measurements (see the module docstring) and return them as a JSON-able dict."""
+    """Run the four measurements (see the module docstring) and return them as a JSON-able dict.
+
+    ``compute_threads`` defaults to what ``persona consume`` uses (``PERSONA_CONSUMER_THREADS``).
+    """
     import torch
 
+    from persona.settings import load_settings
     from recsys.online import OnlineModel
     from streaming.broker import EmbeddedBroker
     from streaming.kafka_io import ensure_topics
 
-    torch.set_num_threads(1)  # what `persona consume` does: one intra-op thread per consumer process
+    torch.set_num_threads(1)  # what `persona consume` does: one intra-op thread per torch call
+    threads = compute_threads or load_settings().consumer_threads
     logging.getLogger("kafka").setLevel(logging.WARNING)
     n_sessions = sessions or max(20, events // 50)
     with tempfile.TemporaryDirectory(prefix="persona-bench-") as tmp_dir:
@@ -190,6 +202,7 @@ def run_ingest_bench(
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
             "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(),
+            "consumer_threads": threads,
             "poll_records": 500,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }
@@ -205,14 +218,14 @@ def run_ingest_bench(
             log.info("raw ceiling: %.0f events/s", results["raw_events_per_s"])
 
             sqlite_url = f"sqlite:///{(tmp / 'bench.db').as_posix()}"
-            stats = _pipeline(broker.bootstrap, topic, sqlite_url, bundle, events)
+            stats = _pipeline(broker.bootstrap, topic, sqlite_url, bundle, events, compute_threads=threads)
             results["sqlite_events_per_s"] = round(stats.rate, 1)
             results["sqlite_batches"] = stats.batches
             log.info("sqlite pipeline: %.0f events/s", stats.rate)
 
             if postgres_url is not None:
                 with temporary_database(postgres_url) as pg_url:
-                    stats = _pipeline(broker.bootstrap, topic, pg_url, bundle, events)
+                    stats = _pipeline(broker.bootstrap, topic, pg_url, bundle, events, compute_threads=threads)
                 results["postgres_events_per_s"] = round(stats.rate, 1)
                 log.info("postgres pipeline: %.0f events/s", stats.rate)
             else:
@@ -237,6 +250,7 @@ def run_ingest_bench(
                         keep_freshness=True,
                         ready=ready,
                         idle_exit_s=30,
+                        compute_threads=threads,
                     )
                 except BaseException as exc:  # reported below, in the caller's thread
                     box["error"] = exc

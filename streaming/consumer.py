@@ -1,6 +1,6 @@
 """The streaming consumer: Kafka poll batches through :class:`persona.ingest.Ingestor` into the store.
 
-One loop iteration = one poll batch (up to ``max_poll_records``):
+One poll batch (up to ``max_poll_records``) goes through:
 
 1. parse every record with :func:`persona.events.parse_event` (never raises);
 2. apply the valid events in ONE store transaction (:meth:`Ingestor.apply`);
@@ -10,8 +10,18 @@ One loop iteration = one poll batch (up to ``max_poll_records``):
    point replays the batch and dedup on ``event_id`` makes the replay harmless (exactly-once effect);
 5. update the metrics.
 
-If step 2 or 3 fails (store down, model missing, DLQ unreachable) nothing is committed: the consumer logs
-loudly, seeks back to the batch's first offsets, backs off and retries the same records. It never skips.
+Step 2 runs on an applier thread, one batch at a time and in poll order, while this thread polls and parses
+what comes next and finishes the applied batches (steps 3 to 5): Kafka I/O and parsing, mostly Python, overlap
+the model and store work, which mostly runs outside the GIL. What is polled while the applier is busy
+accumulates (up to ``max_poll_records``) into the batch it gets as soon as it is free, so batches grow with the
+load and an event never waits behind more than one batch. Batches still take effect strictly in order: a batch
+is applied only if every earlier one was.
+
+If step 2 or 3 fails (store down, model missing, DLQ unreachable), nothing of that batch or any later one is
+committed: the consumer logs loudly, lets the batches already handed to the applier finish (a failure makes
+it skip the rest), seeks every partition back to the first offset not yet committed, backs off and retries
+the same records. It never skips. Before a rebalance takes partitions away, everything in flight is finished
+and committed.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +40,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from persona.events import DEFAULT_POLICY, Event, Rejection, ValidationPolicy, parse_event
-from persona.ingest import Ingestor
+from persona.ingest import Ingestor, IngestResult
 from persona.store import Store
 from recsys.online import OnlineModel
 from streaming.kafka_io import dlq_send, ensure_topics, make_consumer, make_producer
@@ -53,6 +65,7 @@ class ConsumerConfig:
 
     ``max_events`` stops after that many records were processed (tests, benchmarks); ``idle_exit_s`` stops
     after that long without a record. ``refresh_s`` is how often the model registry is re-checked.
+    ``compute_threads`` run a batch's model work side by side (:class:`persona.ingest.Ingestor`).
     """
 
     bootstrap: str
@@ -71,6 +84,7 @@ class ConsumerConfig:
     refresh_s: float = 5.0
     retry_backoff_s: tuple[float, float] = (0.5, 30.0)
     validation: ValidationPolicy = DEFAULT_POLICY
+    compute_threads: int = 1
 
 
 @dataclass
@@ -95,19 +109,57 @@ class ConsumeStats:
         return self.records / self.active_seconds if self.active_seconds > 0 else 0.0
 
 
+#: While a batch is being applied, one poll waits at most this long for records: the loop must notice soon that
+#: the applier is free, and hand it what has been polled meanwhile.
+BUSY_POLL_MS = 5
+
+
+class _Halted(Exception):
+    """An earlier batch failed, so this one was not applied (batches take effect in poll order only)."""
+
+
+@dataclass
+class _Batch:
+    """One poll batch on its way through the pipeline."""
+
+    records: list[Any]
+    first: dict[TopicPartition, int]  # first offset per partition
+    nxt: dict[TopicPartition, int]  # offset after the last record per partition
+    valid: list[Event]
+    source: dict[str, Any]  # event_id -> its first record (for the unknown-item DLQ)
+    invalid: list[tuple[Any, Rejection]]
+    started: float  # perf_counter when parsing began
+    applied: Future[IngestResult] | None = None
+
+    def extend(self, more: _Batch) -> None:
+        """Append a later poll's records (while the applier was busy, polls accumulate into one batch)."""
+        self.records += more.records
+        for tp, off in more.first.items():
+            self.first.setdefault(tp, off)
+        self.nxt.update(more.nxt)
+        self.valid += more.valid
+        for event_id, rec in more.source.items():
+            self.source.setdefault(event_id, rec)
+        self.invalid += more.invalid
+
+
 class _CommitOnRevoke(ConsumerRebalanceListener):
-    """Commit what was processed before partitions move to another group member (no replay there)."""
+    """Finish and commit what is in flight before partitions move to another group member (no replay there)."""
 
     def __init__(self, owner: EventConsumer) -> None:
         self.owner = owner
 
     def on_partitions_revoked(self, revoked: Any) -> None:
+        owner = self.owner
+        # Positions come from the committed offsets after the assignment: what is not applied yet comes again.
+        owner._open = None
+        owner._finish_all(reposition=False)
         gone = set(revoked)
-        self.owner._commit_processed(gone)
+        owner._commit_processed(gone)
         # Forget them: a later commit must never move another member's offsets back.
         for tp in gone:
-            self.owner._processed.pop(tp, None)
-            self.owner._committed.pop(tp, None)
+            owner._processed.pop(tp, None)
+            owner._committed.pop(tp, None)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.owner.assigned.set()
@@ -138,7 +190,11 @@ class EventConsumer:
         self.cfg = cfg
         self.metrics = metrics or ConsumerMetrics()
         self.ingestor = Ingestor(
-            store, models, unknown_item_policy=cfg.unknown_item_policy, prototype_idle_s=cfg.prototype_idle_s
+            store,
+            models,
+            unknown_item_policy=cfg.unknown_item_policy,
+            prototype_idle_s=cfg.prototype_idle_s,
+            compute_threads=cfg.compute_threads,
         )
         self.stats = ConsumeStats()
         self._stop = threading.Event()
@@ -146,12 +202,17 @@ class EventConsumer:
         self.assigned = threading.Event()
         self._sleep = sleep or self._stop.wait
         self._consumer: KafkaConsumer | None = None
+        self._producer: Any = None
+        self._applier: ThreadPoolExecutor | None = None
+        self._in_flight: deque[_Batch] = deque()  # handed to the applier, in poll order, not finished yet
+        self._open: _Batch | None = None  # polled while the applier was busy: the next batch it gets
+        self._halted = False  # set by the applier when a batch fails; it then skips the batches after it
         self._processed: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._last_batch_end = 0.0
 
     def stop(self) -> None:
-        """Ask :meth:`run` to finish the current batch, commit and return (safe from a signal handler)."""
+        """Ask :meth:`run` to finish the batches in flight, commit and return (safe from a signal handler)."""
         self._stop.set()
 
     # ------------------------------------------------------------------------------------------ loop
@@ -166,7 +227,8 @@ class EventConsumer:
         consumer = make_consumer(cfg.bootstrap, cfg.group, [], max_poll_records=cfg.max_poll_records, **timeouts)
         consumer.subscribe([cfg.topic], listener=_CommitOnRevoke(self))
         self._consumer = consumer
-        producer = make_producer(cfg.bootstrap, client_id=f"persona-dlq-{cfg.group}")
+        self._producer = make_producer(cfg.bootstrap, client_id=f"persona-dlq-{cfg.group}")
+        self._applier = ThreadPoolExecutor(1, thread_name_prefix="persona-apply")
         started = time.monotonic()
         last_record = started
         last_refresh = started - cfg.refresh_s  # check the registry before the first batch
@@ -174,94 +236,160 @@ class EventConsumer:
         first_records: float | None = None
         try:
             while not self._stop.is_set():
-                if cfg.max_events is not None and self.stats.records >= cfg.max_events:
-                    break
+                busy = self._busy()
+                if not busy and self._open is not None:
+                    self._hand_over()
+                    busy = True
+                if not self._finish_done():
+                    self.stats.retries += 1
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, cfg.retry_backoff_s[1])
+                    continue
+                backoff = cfg.retry_backoff_s[0]
+                pending = self.stats.records + sum(len(b.records) for b in self._in_flight)
+                pending += len(self._open.records) if self._open is not None else 0
+                room = cfg.max_poll_records - (len(self._open.records) if self._open is not None else 0)
+                if cfg.max_events is not None:
+                    room = min(room, cfg.max_events - pending)
+                if room <= 0:  # enough polled: wait for the applier
+                    if not busy and not self._in_flight:
+                        break  # max_events reached and everything finished
+                    self._wait_for_applier(cfg.poll_timeout_ms / 1000)
+                    continue
                 now = time.monotonic()
                 if now - last_refresh >= cfg.refresh_s:
                     last_refresh = now
                     self._refresh_model()
-                limit = cfg.max_poll_records
-                if cfg.max_events is not None:
-                    limit = max(1, min(limit, cfg.max_events - self.stats.records))
-                polled = consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
+                polled = consumer.poll(timeout_ms=BUSY_POLL_MS if busy else cfg.poll_timeout_ms, max_records=room)
                 records = [rec for batch in polled.values() for rec in batch]
-                if not records:
+                if records:
+                    last_record = time.monotonic()
+                    if first_records is None:
+                        first_records = last_record
+                    parsed = self._parse(records)
+                    if self._open is None:
+                        self._open = parsed
+                    else:
+                        self._open.extend(parsed)
+                elif not busy and not self._in_flight and self._open is None:
                     self._update_lag()
                     if cfg.idle_exit_s is not None and time.monotonic() - last_record >= cfg.idle_exit_s:
                         log.info("no events for %.1fs: exiting", cfg.idle_exit_s)
                         break
-                    continue
-                last_record = time.monotonic()
-                if first_records is None:
-                    first_records = last_record
-                if self._process(records, producer):
-                    backoff = cfg.retry_backoff_s[0]
-                else:
-                    self.stats.retries += 1
-                    self._sleep(backoff)
-                    backoff = min(backoff * 2, cfg.retry_backoff_s[1])
+            # Stopping: finish what the applier has; what was only polled is left uncommitted (it comes again).
+            self._open = None
+            self._finish_all(reposition=True)
             self._commit_processed(None)
         finally:
             self.stats.seconds = time.monotonic() - started
             if first_records is not None:
                 self.stats.active_seconds = max(self._last_batch_end - first_records, 0.0)
+            self._applier.shutdown(wait=True)
+            self.ingestor.close()
             try:
-                producer.flush(timeout=10)
+                self._producer.flush(timeout=10)
             finally:
-                producer.close(timeout=10)
+                self._producer.close(timeout=10)
                 consumer.close(autocommit=False)
                 self._consumer = None
         return self.stats
 
-    def _process(self, records: list[Any], producer: Any) -> bool:
-        """One batch; ``True`` when it was applied and committed, ``False`` after a rollback + seek back."""
-        t0 = time.perf_counter()
-        cfg = self.cfg
-        first: dict[TopicPartition, int] = {}
-        nxt: dict[TopicPartition, int] = {}
-        valid: list[Event] = []
-        source: dict[str, Any] = {}  # event_id -> its first record (for the unknown-item DLQ)
-        invalid: list[tuple[Any, Rejection]] = []
+    def _parse(self, records: list[Any]) -> _Batch:
+        """Step 1 for one poll batch (on this thread, while the applier works on earlier batches)."""
+        batch = _Batch(records, {}, {}, [], {}, [], time.perf_counter())
+        policy = self.cfg.validation
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
-            first.setdefault(tp, rec.offset)
-            nxt[tp] = rec.offset + 1
-            parsed = parse_event(rec.value if rec.value is not None else b"", cfg.validation)
+            batch.first.setdefault(tp, rec.offset)
+            batch.nxt[tp] = rec.offset + 1
+            parsed = parse_event(rec.value if rec.value is not None else b"", policy)
             if isinstance(parsed, Rejection):
-                invalid.append((rec, parsed))
+                batch.invalid.append((rec, parsed))
             else:
-                valid.append(parsed)
-                source.setdefault(parsed.event_id, rec)
+                batch.valid.append(parsed)
+                batch.source.setdefault(parsed.event_id, rec)
+        return batch
+
+    def _busy(self) -> bool:
+        """Whether the applier is working on a batch (it gets one at a time, so only the newest can be running)."""
+        return bool(self._in_flight) and not self._in_flight[-1].applied.done()  # type: ignore[union-attr]
+
+    def _hand_over(self) -> None:
+        """Give the batch polled so far to the (idle) applier."""
+        assert self._applier is not None and self._open is not None
+        batch, self._open = self._open, None
+        batch.applied = self._applier.submit(self._apply, batch)
+        self._in_flight.append(batch)
+
+    def _wait_for_applier(self, timeout_s: float) -> None:
+        if self._in_flight:
+            wait([self._in_flight[-1].applied], timeout=timeout_s)  # type: ignore[list-item]
+
+    def _finish_done(self) -> bool:
+        """Finish, in order, the batches the applier is done with; ``False`` when one failed."""
+        while self._in_flight and self._in_flight[0].applied.done():  # type: ignore[union-attr]
+            if not self._finish_oldest(reposition=True):
+                return False
+        return True
+
+    def _apply(self, batch: _Batch) -> IngestResult:
+        """Step 2, on the applier thread: batches arrive in poll order; after a failure the rest are skipped."""
+        if self._halted:
+            raise _Halted
         try:
-            result = self.ingestor.apply(valid, source="kafka")
-            to_dlq = invalid + [(source[e.event_id], rej) for e, rej in result.rejected]
+            return self.ingestor.apply(batch.valid, source="kafka")
+        except BaseException:
+            self._halted = True
+            raise
+
+    def _finish_oldest(self, *, reposition: bool) -> bool:
+        """Steps 3 to 5 for the oldest batch in flight (waiting for its apply).
+
+        If it failed, or its dead letters cannot be sent, nothing from it on is committed: every batch in flight
+        is abandoned (see :meth:`_abandon_in_flight`) and ``False`` returned.
+        """
+        batch = self._in_flight[0]
+        try:
+            if batch.applied is None:
+                raise _Halted  # parsed but never handed over
+            result = batch.applied.result()
+            to_dlq = batch.invalid + [(batch.source[e.event_id], rej) for e, rej in result.rejected]
             for rec, rej in to_dlq:
-                dlq_send(producer, cfg.dlq_topic, rec.value or b"", rec.key, rej, rec.topic, rec.partition, rec.offset)
+                dlq_send(
+                    self._producer,
+                    self.cfg.dlq_topic,
+                    rec.value or b"",
+                    rec.key,
+                    rej,
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                )
             if to_dlq:
-                producer.flush(timeout=30)
-        except Exception:
-            log.exception(
-                "batch of %d records (offsets %s) failed; nothing committed, retrying the same records",
-                len(records),
-                {f"{tp.topic}[{tp.partition}]": off for tp, off in first.items()},
-            )
-            assert self._consumer is not None
-            for tp, off in first.items():
-                self._consumer.seek(tp, off)
+                self._producer.flush(timeout=30)
+        except Exception as exc:
+            if not isinstance(exc, _Halted):
+                log.exception(
+                    "batch of %d records (offsets %s) failed; nothing committed, retrying the same records",
+                    len(batch.records),
+                    {f"{tp.topic}[{tp.partition}]": off for tp, off in batch.first.items()},
+                )
+            self._abandon_in_flight(reposition=reposition)
             return False
-        self._processed.update(nxt)
-        self._commit_processed(set(nxt))
+        self._in_flight.popleft()
+        self._processed.update(batch.nxt)
+        self._commit_processed(set(batch.nxt))
         m = self.metrics
         m.set_model(self.models.get())
-        m.record_consumed(valid)
-        m.record_invalid(rej for _rec, rej in invalid)
+        m.record_consumed(batch.valid)
+        m.record_invalid(rej for _rec, rej in batch.invalid)
         m.record_dlq(rej for _rec, rej in to_dlq)
         m.record_result(result)
-        m.processing.observe(time.perf_counter() - t0)
+        m.processing.observe(time.perf_counter() - batch.started)
         m.last_batch.set(time.time())
         self._update_lag()
         st = self.stats
-        st.records += len(records)
+        st.records += len(batch.records)
         st.applied += result.applied
         st.duplicates += result.duplicates
         st.dlq += len(to_dlq)
@@ -270,6 +398,30 @@ class EventConsumer:
         if st.keep_freshness:
             st.freshness_s.extend(result.freshness_s)
         return True
+
+    def _abandon_in_flight(self, *, reposition: bool) -> None:
+        """Drop every batch in flight uncommitted, and the one being polled: wait until the applier let go of them
+        (a failure makes it skip the rest), then, with ``reposition``, seek each of their partitions back to its
+        first offset among them, so the same records come again. (After a rebalance the positions come from the
+        committed offsets.)"""
+        rewind: dict[TopicPartition, int] = {}
+        later = [self._open] if self._open is not None else []
+        self._open = None
+        for batch in [*self._in_flight, *later]:
+            if batch.applied is not None:
+                wait([batch.applied])
+            for tp, off in batch.first.items():
+                rewind.setdefault(tp, off)  # batches are in poll order: the earliest offset wins
+        self._in_flight.clear()
+        self._halted = False
+        if reposition and self._consumer is not None:
+            for tp, off in rewind.items():
+                self._consumer.seek(tp, off)
+
+    def _finish_all(self, *, reposition: bool) -> None:
+        """Finish every batch in flight, in order (before stopping or giving partitions away)."""
+        while self._in_flight and self._finish_oldest(reposition=reposition):
+            pass
 
     # ------------------------------------------------------------------------------------------ helpers
     def _commit_processed(self, partitions: set[TopicPartition] | None) -> None:

@@ -8,7 +8,7 @@ a fixed enum, prototypes and partitions are small integers).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,11 +18,36 @@ from persona.ingest import KS, VARIANTS, IngestResult
 from recsys.drift import SlidingCounts, js_divergence, psi
 from recsys.online import OnlineModel
 
-__all__ = ["ConsumerMetrics"]
+__all__ = ["ConsumerMetrics", "observe_many"]
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, as one bucket count per bucket (a poll batch observes hundreds).
+
+    Uses the client's internal per-bucket values (``_upper_bounds``, ``_buckets``, ``_sum``); a test compares the
+    result with plain ``observe`` calls, so a client release that changes them fails loudly instead of
+    silently miscounting. Without them it falls back to ``observe``.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for v in values:
+            histogram.observe(v)
+        return
+    if not len(values):
+        return
+    arr = np.asarray(values, dtype=np.float64)
+    # bucket i holds the values v with bounds[i-1] < v <= bounds[i] (observe's "first bound >= v")
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), arr, side="left"), minlength=len(bounds))
+    for bucket, n in zip(buckets, counts.tolist(), strict=False):
+        if n:
+            bucket.inc(n)
+    total.inc(float(arr.sum()))
 
 
 class ConsumerMetrics:
@@ -138,12 +163,9 @@ class ConsumerMetrics:
             for k in KS:
                 self.hits.labels(v, str(k)).inc(result.hits[(v, k)])
                 self.ndcg.labels(v, str(k)).inc(result.ndcg[(v, k)])
-        for x in result.freshness_s:
-            self.freshness.observe(max(x, 0.0))
-        for x in result.ood_scores:
-            self.ood.observe(x)
-        for x in result.edit_norm_ratios:
-            self.edit_norm.observe(x)
+        observe_many(self.freshness, np.maximum(np.asarray(result.freshness_s, dtype=np.float64), 0.0))
+        observe_many(self.ood, result.ood_scores)
+        observe_many(self.edit_norm, result.edit_norm_ratios)
         if result.prototypes:
             per_proto = np.bincount(np.asarray(result.prototypes, dtype=np.int64))
             for k, n in enumerate(per_proto.tolist()):
@@ -155,12 +177,10 @@ class ConsumerMetrics:
     def _update_drift(self, result: IngestResult) -> None:
         pw, iw = self._proto_window, self._item_window
         if pw is not None and self._proto_ref is not None and result.prototypes:
-            for k in result.prototypes:
-                if 0 <= k < len(self._proto_ref):
-                    pw.add(k)
+            n = len(self._proto_ref)
+            pw.add_many([k for k in result.prototypes if 0 <= k < n])
             self.psi.labels("prototype_mix").set(psi(self._proto_ref, pw.counts))
         if iw is not None and self._item_ref is not None and result.item_indices:
-            for i in result.item_indices:
-                if 0 <= i < len(self._item_ref):
-                    iw.add(i)
+            n = len(self._item_ref)
+            iw.add_many([i for i in result.item_indices if 0 <= i < n])
             self.js.labels("item_popularity").set(js_divergence(self._item_ref, iw.counts))

@@ -154,8 +154,9 @@ def consume(
     from streaming.consumer import ConsumerConfig, EventConsumer
     from streaming.metrics import ConsumerMetrics
 
-    # One intra-op thread per consumer: scale out with processes (one per partition set). Several torch
-    # threads per process on a shared machine spin against each other and run ~10x slower (measured).
+    # One intra-op thread per torch call: a consumer runs its batch's model work on PERSONA_CONSUMER_THREADS
+    # threads of its own instead (chunks side by side); torch's own threads on top would spin against them
+    # (measured ~10x slower on a shared machine). Scale out further with processes, one per partition set.
     torch.set_num_threads(1)
     settings = load_settings()
     store = Store.open(settings.resolved_database_url)
@@ -183,6 +184,7 @@ def consume(
         heartbeat_interval_ms=heartbeat_ms or settings.kafka_heartbeat_ms,
         max_events=max_events,
         idle_exit_s=idle_exit,
+        compute_threads=settings.consumer_threads,
     )
     consumer = EventConsumer(store, models, cfg, metrics=metrics)
     _quiet_long_running_process()
@@ -214,6 +216,10 @@ def bench_ingest(
         typer.Option("--postgres-url", help="PostgreSQL server URL (a temp database is created and dropped)."),
     ] = None,
     skip_postgres: Annotated[bool, typer.Option("--skip-postgres", help="Measure SQLite only.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, max=64, help="Consumer compute threads (default: PERSONA_CONSUMER_THREADS)."),
+    ] = None,
 ) -> None:
     """Measure ingestion: raw Kafka ceiling, full pipeline on SQLite and PostgreSQL, freshness at half load."""
     import json
@@ -221,7 +227,9 @@ def bench_ingest(
     from streaming.bench import DEFAULT_POSTGRES_URL, run_ingest_bench
 
     url = postgres_url or os.environ.get("PERSONA_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
-    results = run_ingest_bench(events, model=model, postgres_url=None if skip_postgres else url)
+    results = run_ingest_bench(
+        events, model=model, postgres_url=None if skip_postgres else url, compute_threads=threads
+    )
     text = json.dumps(results, indent=2, sort_keys=True)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

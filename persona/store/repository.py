@@ -18,7 +18,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from persona.store.engine import READ_ONLY, ensure_schema, make_engine, mask_url
-from persona.store.tables import events, model_versions, prototypes, sessions
+from persona.store.hot_path import SESSION_FIELDS, HotPath, hot_path
+from persona.store.tables import events, model_versions, prototypes
 from recsys.errors import PersonaError
 
 #: Rows per statement: keeps SQLite under its bound-parameter limit (32766) with room to spare.
@@ -123,6 +124,7 @@ _SESSION_COLUMNS = tuple(f.name for f in fields(SessionState))
 _EVENT_COLUMNS = tuple(f.name for f in fields(StoredEvent))
 _MODEL_COLUMNS = tuple(f.name for f in fields(ModelVersionRow))
 _PROTOTYPE_COLUMNS = tuple(f.name for f in fields(PrototypeRow))
+assert SESSION_FIELDS == _SESSION_COLUMNS, "the hot path's session columns must follow SessionState"
 
 
 class UnitOfWork:
@@ -131,6 +133,20 @@ class UnitOfWork:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         self._dialect = connection.dialect.name
+        self._hot: HotPath | None = None
+
+    @contextmanager
+    def _hot_cursor(self) -> Iterator[tuple[HotPath, Any]]:
+        """The dialect's :class:`HotPath` and a driver cursor on this transaction's connection (closed after)."""
+        if self._hot is None:
+            if self._dialect not in ("sqlite", "postgresql"):
+                self._insert(events)  # raises the one-line "unsupported database" error
+            self._hot = hot_path(self._dialect)
+        cursor = self.connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            yield self._hot, cursor
+        finally:
+            cursor.close()
 
     def _insert(self, table: Table) -> Any:
         """A dialect ``INSERT`` that knows ``ON CONFLICT`` (PostgreSQL and SQLite ≥ 3.24)."""
@@ -149,27 +165,8 @@ class UnitOfWork:
             unique.setdefault(row.event_id, row)
         if not unique:
             return set()
-        stmt = (
-            self._insert(events).on_conflict_do_nothing(index_elements=[events.c.event_id]).returning(events.c.event_id)
-        )
-        inserted: set[str] = set()
-        for chunk in _chunks(list(unique.values())):
-            params = [
-                {
-                    "event_id": e.event_id,
-                    "session_id": e.session_id,
-                    "item_id": e.item_id,
-                    "type": e.type,
-                    "ts": e.ts,
-                    "ingested_at": e.ingested_at,
-                    "known_item": e.known_item,
-                    "source": e.source,
-                    "attributes": e.attributes,
-                }
-                for e in chunk
-            ]
-            inserted.update(self.connection.execute(stmt, params).scalars())
-        return inserted
+        with self._hot_cursor() as (hot, cursor):
+            return hot.insert_events(cursor, list(unique.values()))
 
     def get_events(self, session_id: str | None = None, limit: int | None = None) -> list[StoredEvent]:
         """Logged events (one session's, or all), oldest first; ``limit`` keeps only the latest ones."""
@@ -194,29 +191,17 @@ class UnitOfWork:
 
     def get_sessions(self, session_ids: Collection[str]) -> dict[str, SessionState]:
         """The stored state of these sessions; unknown ids are simply absent."""
-        found: dict[str, SessionState] = {}
-        for chunk in _chunks(list(set(session_ids))):
-            # One id (every single ranking) is an equality: cheaper to compile than an expanding IN.
-            where = sessions.c.session_id == chunk[0] if len(chunk) == 1 else sessions.c.session_id.in_(chunk)
-            query = select(*(sessions.c[name] for name in _SESSION_COLUMNS)).where(where)
-            for row in self.connection.execute(query):
-                state = SessionState(**row._asdict())
-                state.recent_items = list(state.recent_items)
-                found[state.session_id] = state
-        return found
+        if not session_ids:
+            return {}
+        with self._hot_cursor() as (hot, cursor):
+            return {values[0]: SessionState(*values) for values in hot.get_sessions(cursor, session_ids)}
 
     def upsert_sessions(self, states: Sequence[SessionState]) -> None:
         """Insert or fully overwrite these sessions (the last state wins if an id repeats)."""
         latest = {s.session_id: s for s in states}
-        if not latest:
-            return
-        stmt = self._insert(sessions)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[sessions.c.session_id],
-            set_={name: stmt.excluded[name] for name in _SESSION_COLUMNS if name != "session_id"},
-        )
-        for chunk in _chunks(list(latest.values())):
-            self.connection.execute(stmt, [{name: getattr(s, name) for name in _SESSION_COLUMNS} for s in chunk])
+        if latest:
+            with self._hot_cursor() as (hot, cursor):
+                hot.upsert_sessions(cursor, list(latest.values()))
 
     # -- prototypes ---------------------------------------------------------------------------------------
 
