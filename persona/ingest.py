@@ -177,10 +177,12 @@ class Ingestor:
             return result
 
         with self.store.transaction() as uow:
-            session_ids = {e.session_id for e, _ in kept}
-            stored = uow.get_sessions(session_ids)
+            # The bank's lock first: it serialises ingesting transactions (the HTTP path, a consumer handing over
+            # partitions), so the sessions read next cannot change before this transaction writes them back.
             rows = uow.lock_prototypes(online.version)
             bank = _bank_from_rows(rows, online) if rows else online.initial_bank
+            session_ids = {e.session_id for e, _ in kept}
+            stored = uow.get_sessions(session_ids)
             # Events are almost always new: start the model work as if all of them were, and log them (the dedup)
             # meanwhile. If some turn out to be duplicates, that work is dropped and redone for the new ones only.
             plan = _walk(online, kept, stored, cap, now)

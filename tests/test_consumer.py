@@ -18,6 +18,7 @@ import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
+import streaming.consumer
 from persona.events import Event, RejectReason
 from persona.models import ModelProvider
 from persona.store import Store
@@ -79,14 +80,16 @@ def sqlite_store(tmp_path: Path) -> Any:
     s.close()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_replayed_events_consumed_equal_the_in_process_application(
-    kafka_broker: EmbeddedBroker, topic: str, store: Store, tiny_bundle: Path
+    kafka_broker: EmbeddedBroker, topic: str, store: Store, tiny_bundle: Path, threads: int
 ) -> None:
     models = ModelProvider(store, model_dir=tiny_bundle)
     online = models.get()
     events = make_events(online, 1200, sessions=40, prefix=f"{topic}-")
     publish(kafka_broker.bootstrap, topic, events)
-    consumer = EventConsumer(store, models, consumer_config(kafka_broker.bootstrap, topic, max_events=1200))
+    cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=1200, compute_threads=threads)
+    consumer = EventConsumer(store, models, cfg)
     stats = consumer.run()
     assert (stats.records, stats.applied, stats.dlq) == (1200, 1200, 0)
     assert_state_matches_in_process(store, online, events)
@@ -151,6 +154,51 @@ def test_malformed_messages_go_to_the_dlq_with_their_reason_and_the_consumer_goe
     dead = read_dlq(kafka_broker.bootstrap, f"{topic}.dlq", len(bad))
     got = sorted((r.value, dict(r.headers)[DLQ_HEADER_REASON].decode()) for r in dead)
     assert got == sorted((raw, str(reason)) for raw, reason in bad)
+
+
+def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
+    kafka_broker: EmbeddedBroker, topic: str, sqlite_store: Store, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store failure (apply raises) and a DLQ failure (send raises) each make the consumer abandon what it has in
+    flight, seek back and retry; the batches polled behind a failed one must not take effect before it."""
+    models = ModelProvider(sqlite_store, model_dir=tiny_bundle)
+    online = models.get()
+    events = make_events(online, 900, sessions=25, prefix=f"{topic}-")
+    producer = make_producer(kafka_broker.bootstrap)
+    for i, e in enumerate(events):
+        producer.send(topic, key=e.session_id.encode(), value=e.to_json_bytes())
+        if i == 400:
+            producer.send(topic, key=b"s", value=b"{not json")
+    producer.flush()
+    producer.close()
+
+    cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=len(events) + 1, compute_threads=2, idle_exit_s=15)
+    cfg.max_poll_records = 100
+    consumer = EventConsumer(sqlite_store, models, cfg, sleep=lambda _s: None)
+    calls = {"apply": 0, "dlq": 0}
+    apply = consumer.ingestor.apply
+
+    def flaky_apply(batch: Any, **kw: Any) -> Any:
+        calls["apply"] += 1
+        if calls["apply"] in (3, 4):
+            raise RuntimeError("store down")
+        return apply(batch, **kw)
+
+    real_send = streaming.consumer.dlq_send
+
+    def flaky_send(*args: Any, **kw: Any) -> None:
+        calls["dlq"] += 1
+        if calls["dlq"] == 1:
+            raise RuntimeError("DLQ unreachable")
+        real_send(*args, **kw)
+
+    monkeypatch.setattr(consumer.ingestor, "apply", flaky_apply)
+    monkeypatch.setattr(streaming.consumer, "dlq_send", flaky_send)
+    stats = consumer.run()
+    assert stats.retries >= 3  # two failed applies (the second is the retry of the first) and one failed send
+    assert (stats.records, stats.dlq) == (len(events) + 1, 1)
+    assert_state_matches_in_process(sqlite_store, online, events)
+    assert len(read_dlq(kafka_broker.bootstrap, f"{topic}.dlq", 2)) >= 1
 
 
 def persona_consume(env: dict[str, str], topic: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -112,6 +112,53 @@ def test_duplicates_are_applied_once_within_and_across_batches(store: Store, mod
     assert store.count_events() == 2
 
 
+def _wipe(store: Store) -> None:
+    with store.transaction() as uow:
+        for table in ("sessions", "events", "prototypes"):
+            uow.connection.exec_driver_sql(f"DELETE FROM {table}")
+
+
+def _outcome(store: Store, results: Sequence[Any], session_ids: set[str]) -> tuple[Any, ...]:
+    with store.read() as uow:
+        sessions = uow.get_sessions(session_ids)
+    for st in sessions.values():
+        st.updated_at = T0  # wall-clock stamps differ between runs
+    counters = [(r.applied, r.duplicates, r.predictions, r.hits, r.prototypes, r.edit_norm_ratios) for r in results]
+    centres = [(p.prototype_id, p.centre, p.count) for p in store.load_prototypes(results[0].model_version)]
+    return sessions, counters, centres
+
+
+def test_compute_threads_do_not_change_the_result(store: Store, models: ModelProvider) -> None:
+    """Encoder chunks, adapter codes and predictions on two threads give exactly the one-thread result."""
+    online = models.get()
+    events = make_events(online, 700, sessions=30, seed=5)
+    batches = [events[:300], events[300:310], events[310:]]
+    outcomes = []
+    for threads in (1, 2):
+        _wipe(store)
+        ingestor = Ingestor(store, models, compute_threads=threads)
+        try:
+            results = [ingestor.apply(batch) for batch in batches]
+        finally:
+            ingestor.close()
+        outcomes.append(_outcome(store, results, {e.session_id for e in events}))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_a_batch_with_duplicates_ends_like_one_without_them(store: Store, models: ModelProvider) -> None:
+    """The model work started before the dedup is redone for the new events only when some are repeats."""
+    online = models.get()
+    events = make_events(online, 200, sessions=8, seed=6)
+    ingestor = Ingestor(store, models)
+    clean = [ingestor.apply(events[:120]), ingestor.apply(events[120:])]
+    expected = _outcome(store, clean, {e.session_id for e in events})
+    _wipe(store)
+    redone = [ingestor.apply(events[:120]), ingestor.apply(events[100:])]  # 20 repeats lead the second batch
+    assert redone[1].duplicates == 20 and redone[1].applied == 80
+    redone[1].duplicates = 0  # the one expected difference
+    assert _outcome(store, redone, {e.session_id for e in events}) == expected
+
+
 def test_unknown_item_skip_policy_logs_and_counts_without_touching_the_model_state(
     store: Store, models: ModelProvider
 ) -> None:

@@ -67,6 +67,22 @@ def _sqlite_time_in(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
+def _memo(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert`` that reuses its last answer when given the same object again (a batch stamps every row with
+    one ``now``). Built per call: holds no state beyond it."""
+    last: list[Any] = [_MISSING, None]
+
+    def converted(value: Any) -> Any:
+        if value is not last[0]:
+            last[0], last[1] = value, convert(value)
+        return last[1]
+
+    return converted
+
+
+_MISSING = object()
+
+
 def _pg_time(value: datetime | None) -> datetime | None:
     return None if value is None else _aware(value)
 
@@ -123,7 +139,7 @@ class HotPath:
 
     def insert_events(self, cursor: Any, rows: Sequence[Any]) -> set[str]:
         """Log ``NewEvent`` rows (unique ``event_id``s), skipping ids already logged; returns those inserted."""
-        to_time, to_json = self._time, self._json
+        to_time, to_json, stamp = self._time, self._json, _memo(self._time)
         inserted: set[str] = set()
         for chunk in _chunks(rows):
             params: list[Any] = []
@@ -134,7 +150,7 @@ class HotPath:
                     e.item_id,
                     e.type,
                     to_time(e.ts),
-                    to_time(e.ingested_at),
+                    stamp(e.ingested_at),
                     bool(e.known_item),
                     e.source,
                     to_json(e.attributes),
@@ -178,7 +194,7 @@ class HotPath:
 
     def upsert_sessions(self, cursor: Any, states: Sequence[Any]) -> None:
         """Insert or overwrite ``SessionState`` rows (ids unique within ``states``)."""
-        to_time, to_json = self._time, self._json
+        to_time, to_json, stamp = self._time, self._json, _memo(self._time)
         params = [
             (
                 s.session_id,
@@ -193,7 +209,7 @@ class HotPath:
                 s.edit_version,
                 s.model_version,
                 to_time(s.last_event_at),
-                to_time(s.updated_at),
+                stamp(s.updated_at),
             )
             for s in states
         ]
