@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     require_api_key: bool = Field(False, description="Require a key on every route, not only admin ones.")
     rank_max_batch: int = Field(32, ge=1, le=256, description="Concurrent ranking requests served by one forward.")
     rank_workers: int = Field(
-        2, ge=1, le=64, description="Threads ranking a large catalogue (>= 200k items) off the event loop."
+        1, ge=1, le=64, description="Threads ranking a large catalogue (>= 200k items) off the event loop."
     )
     log_level: str = Field("INFO", description="Logging level.")
     seed: int = Field(0, description="Random seed for training and synthetic data.")

@@ -23,10 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from recsys.model import PersonaModel
+
+#: Up to this many rows :meth:`EditedHead.queries` runs in NumPy (see :meth:`EditedHead._small`).
+SMALL_BATCH = 4
 
 
 def generator_matrix(model: PersonaModel) -> Tensor:
@@ -127,6 +131,10 @@ class EditedHead:
         """
         cfg = self.model.cfg
         b, dim, tau = states.shape[0], cfg.dim, cfg.residual_tau
+        if b <= SMALL_BATCH:
+            small = self._small(states, codes, prototypes, centres)
+            if small is not None:
+                return small
         a = (codes - centres[prototypes]) * cfg.residual_weight  # [B, L, d]
         a_norm = a.norm(dim=2)  # [B, L]
         exact = ((a_norm * self.gen.bound_w <= tau) & (a_norm * self.gen.bound_b <= tau)).all(dim=1)
@@ -143,6 +151,38 @@ class EditedHead:
             out[slow] = self.model.device_model.head(states[slow], edit)
             norms[slow] = edit.weight.flatten(1).norm(dim=1)
         return out, norms / self.base_norm
+
+    def _small(
+        self, states: Tensor, codes: Tensor, prototypes: Tensor, centres: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """:meth:`queries` for a few rows (a single ranking) in NumPy: the same products, without torch's
+        per-operation overhead, which is most of the cost at this size. ``None`` when a row's clip may engage."""
+        cfg = self.model.cfg
+        n_layers, dim, d, tau = cfg.n_edit_layers, cfg.dim, cfg.code_dim, cfg.residual_tau
+        protos = prototypes.numpy()
+        a = (codes.numpy() - centres.numpy()[protos]) * np.float32(cfg.residual_weight)  # [B, L, d]
+        a_norm = np.sqrt(np.einsum("bld,bld->bl", a, a))
+        if (a_norm * self.gen.bound_w.numpy() > tau).any() or (a_norm * self.gen.bound_b.numpy() > tau).any():
+            return None
+        b = a.shape[0]
+        rows = np.arange(b)
+        x = states.numpy()
+        proto_weight, proto_bias = self.proto_weight.numpy(), self.proto_bias.numpy()
+        gen_x, gen_bias = self.gen.gen_x.numpy(), self.gen.gen_bias.numpy()
+        for layer in range(n_layers):
+            al = a[:, layer]
+            y = (x @ proto_weight[layer]).reshape(b, self.n_prototypes, dim)[rows, protos]
+            y += np.matmul(al[:, None, :], (x @ gen_x[layer]).reshape(b, d, dim))[:, 0]
+            y += proto_bias[protos, layer] + al @ gen_bias[layer]
+            x = np.tanh(y) if layer < n_layers - 1 else y
+        a64 = a.astype(np.float64)
+        sq = (
+            self.proto_sq.numpy()[protos]
+            + 2.0 * (a64 * self.cross.numpy()[protos]).sum(axis=(1, 2))
+            + np.einsum("bli,lij,blj->b", a64, self.gen.gram.numpy(), a64)
+        )
+        ratios = np.sqrt(np.maximum(sq, 0.0)) / self.base_norm
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(ratios.astype(np.float32))
 
     def _factored(self, states: Tensor, a: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.model.cfg

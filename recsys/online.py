@@ -75,6 +75,8 @@ class OnlineModel:
         self.item_counts = trained.item_counts
         self.drift = trained.drift
         self._index = _Indices({item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)})
+        #: Vocabulary index → item id (the reserved slots hold their tokens): :meth:`decode` as a plain list.
+        self.item_names: list[str] = self.vocab.decode(np.arange(self.vocab.size))
         self._index_built: NormOrderedIndex | None = None
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None

@@ -14,6 +14,8 @@ norms track popularity, usually stop earlier still.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import torch
 from torch import Tensor
 
@@ -57,17 +59,34 @@ class NormOrderedIndex:
         best_v = torch.full((b, k), float("-inf"))
         best_p = torch.zeros((b, k), dtype=torch.long)
         q_norm = queries.norm(dim=1)
-        skip = self.position[exclude] if exclude is not None else None  # [B, H] scan positions, -1 = none
+        # (scan position, row) of every exclusion, sorted by position: each chunk finds its own by bisection
+        skip_pos: list[int] = []
+        skip_row: list[int] = []
+        if exclude is not None:
+            skip = self.position[exclude]  # [B, H] scan positions, -1 = not in the index
+            rows, cols = (skip >= 0).nonzero(as_tuple=True)
+            at = skip[rows, cols]
+            order = at.argsort()
+            skip_pos, skip_row = at[order].tolist(), rows[order].tolist()
         for start in range(0, n, self.chunk):
             # Every item from here on has norm <= norms[start]: its score is at most ‖q‖·norms[start].
             if start and bool((q_norm * self.norms[start] < best_v[:, -1]).all()):
                 break
             stop = min(start + self.chunk, n)
             scores = queries @ self.table_t[:, start:stop]
-            if skip is not None:
-                rows, cols = ((skip >= start) & (skip < stop)).nonzero(as_tuple=True)
-                scores[rows, skip[rows, cols] - start] = float("-inf")
-            v, p = scores.topk(min(k, stop - start), dim=1)
+            lo, hi = bisect_left(skip_pos, start), bisect_left(skip_pos, stop)
+            if hi > lo:
+                scores[skip_row[lo:hi], [p - start for p in skip_pos[lo:hi]]] = float("-inf")
+            if start:
+                # Only items above some row's k-th best can change anything: once the k best are good, that is a
+                # handful of columns, and a top-k over them costs far less than one over the whole chunk.
+                live = (scores > best_v[:, -1:]).any(dim=0).nonzero().flatten()
+                if not len(live):
+                    continue
+                v, p = scores[:, live].topk(min(k, len(live)), dim=1)
+                p = live[p]
+            else:
+                v, p = scores.topk(min(k, stop - start), dim=1)
             merged_v = torch.cat([best_v, v], dim=1)
             merged_p = torch.cat([best_p, p + start], dim=1)
             best_v, pick = merged_v.topk(k, dim=1)

@@ -38,7 +38,7 @@ from torch import Tensor
 from persona.models import ModelProvider
 from persona.store import PrototypeRow, SessionState, Store
 from persona.user_state import unpack_user_state
-from recsys.model import PAD, UNK, Edit
+from recsys.model import PAD, UNK
 from recsys.online import BankState, OnlineModel, code_from_bytes
 from recsys.retrieval import NormOrderedIndex
 from serving.problems import Conflict, InvalidInput, NotFound
@@ -216,26 +216,32 @@ class Ranker:
         model_rows = [j for j, r in enumerate(rows) if r.mode != "popularity"]
         scores: Tensor | None = None
         tops: dict[int, tuple[Tensor, Tensor]] = {}
-        hist = online.histories([r.history for r in rows])
+        # Items each row must not return (its history window), as vocabulary indices: cheaper than a padded
+        # history tensor, which only the rows that must be re-encoded need.
+        seen = [
+            online.indices_of(r.history[-online.cfg.max_len :]) if q.exclude_seen else []
+            for q, r in zip(queries, rows, strict=True)
+        ]
         if model_rows:
             picked = [rows[j] for j in model_rows]
-            edit: Edit | None = None
+            h = _user_states(online, picked)
             if bank.centres.shape[0] > 0:
-                codes, protos = self._codes(online, picked, bank, hist[model_rows])
-                edit = online.edit(codes, bank, prototypes=protos)
+                codes, protos = self._codes(online, picked, bank)
+                vectors, _ratios = online.edited_queries(h, codes, protos, bank)
                 for r, p in zip(picked, protos.tolist(), strict=True):
                     r.prototype = int(p)
             else:
                 for r in picked:
                     r.fallback, r.prototype = "base", None
-            vectors = online.queries(_user_states(online, picked, hist[model_rows]), edit)
+                vectors = online.queries(h)
             asked = [queries[j] for j in model_rows]
+            masked = [seen[j] for j in model_rows]
             index = online.index
             if index is not None and all(q.candidates is None for q in asked):
-                tops = _index_top_k(index, vectors, asked, hist[model_rows])  # large catalogue: no full scan
+                tops = _index_top_k(index, vectors, asked, masked)  # large catalogue: no full scan
             else:
                 scores = online.scores_from_queries(vectors)
-                tops = _batched_top_k(scores, asked, hist[model_rows])
+                tops = _batched_top_k(scores, asked, masked)
 
         results: list[RankResult] = []
         position = {j: n for n, j in enumerate(model_rows)}
@@ -249,7 +255,7 @@ class Ranker:
                 items, unknown_candidates = _named(online, *top), []
             else:
                 s = scores[position[j]] if own and scores is not None else self.popularity(online)
-                items, unknown_candidates = _top_k(online, s, hist[j], q, shared=not own)
+                items, unknown_candidates = _top_k(online, s, seen[j], q, shared=not own)
             if r.fallback is not None and self.on_fallback is not None:
                 self.on_fallback(r.fallback)
             results.append(
@@ -315,16 +321,12 @@ class Ranker:
         return row
 
     @staticmethod
-    def _codes(
-        online: OnlineModel, rows: Sequence[_Row], bank: BankState, hist: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def _codes(online: OnlineModel, rows: Sequence[_Row], bank: BankState) -> tuple[Tensor, Tensor]:
         """Codes [B, L, d] and prototype ids [B] of model rows: stored ones reused, the rest computed batched."""
-        if hist is None:
-            hist = online.histories([r.history for r in rows])
         fresh = [n for n, r in enumerate(rows) if r.code is None]
         codes = torch.empty(len(rows), online.cfg.n_edit_layers, online.cfg.code_dim)
         if fresh:
-            codes[fresh] = online.codes(hist[fresh])
+            codes[fresh] = online.codes(online.histories([rows[n].history for n in fresh]))
         for n, r in enumerate(rows):
             if r.code is not None:
                 codes[n] = r.code
@@ -338,7 +340,7 @@ class Ranker:
         return codes, protos
 
 
-def _user_states(online: OnlineModel, rows: Sequence[_Row], hist: Tensor) -> Tensor:
+def _user_states(online: OnlineModel, rows: Sequence[_Row]) -> Tensor:
     """Encoder outputs h [B, D] of model rows: the stored ones reused, the others encoded in one batch.
 
     Reusing the stored h (written by the consumer in the same transaction as the history) is what makes a
@@ -347,7 +349,7 @@ def _user_states(online: OnlineModel, rows: Sequence[_Row], hist: Tensor) -> Ten
     missing = [n for n, r in enumerate(rows) if r.user_state is None]
     if not missing:
         return torch.stack([r.user_state for r in rows if r.user_state is not None])
-    computed = online.user_states(hist[missing])
+    computed = online.user_states(online.histories([rows[n].history for n in missing]))
     if len(missing) == len(rows):
         return computed
     out = torch.empty(len(rows), online.cfg.dim)
@@ -378,19 +380,22 @@ def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankSt
 
 @torch.inference_mode()
 def _index_top_k(
-    index: NormOrderedIndex, vectors: Tensor, queries: Sequence[RankQuery], hist: Tensor
+    index: NormOrderedIndex, vectors: Tensor, queries: Sequence[RankQuery], seen: Sequence[list[int]]
 ) -> dict[int, tuple[Tensor, Tensor]]:
     """Top-k of every row through the exact index (a large catalogue's rows, none with candidates)."""
-    exclude = hist.clone()
-    for n, q in enumerate(queries):
-        if not q.exclude_seen:
-            exclude[n] = PAD  # not in the index: nothing skipped
+    width = max((len(s) for s in seen), default=0)
+    exclude = torch.full((len(seen), max(width, 1)), PAD, dtype=torch.long)  # PAD is not in the index: skips nothing
+    for n, items in enumerate(seen):
+        if items:
+            exclude[n, : len(items)] = torch.tensor(items, dtype=torch.long)
     indices, values = index.top_k(vectors, max(q.k for q in queries), exclude)
     return {n: (indices[n, : q.k], values[n, : q.k]) for n, q in enumerate(queries)}
 
 
 @torch.inference_mode()
-def _batched_top_k(scores: Tensor, queries: Sequence[RankQuery], hist: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+def _batched_top_k(
+    scores: Tensor, queries: Sequence[RankQuery], seen: Sequence[list[int]]
+) -> dict[int, tuple[Tensor, Tensor]]:
     """Top-k (indices, values) of every row of ``scores`` [B, N] without candidates, in one masked topk call.
 
     One call over the whole batch instead of one per row (measured at 1M items before the index existed: the
@@ -401,8 +406,8 @@ def _batched_top_k(scores: Tensor, queries: Sequence[RankQuery], hist: Tensor) -
     if not plain:
         return {}
     for n in plain:
-        if queries[n].exclude_seen:
-            scores[n, hist[n]] = float("-inf")
+        if seen[n]:
+            scores[n, seen[n]] = float("-inf")
     k = min(max(queries[n].k for n in plain), scores.shape[1] - 2)
     sub = scores if len(plain) == len(queries) else scores[plain]
     top = torch.topk(sub, k, dim=1)
@@ -411,7 +416,7 @@ def _batched_top_k(scores: Tensor, queries: Sequence[RankQuery], hist: Tensor) -
 
 @torch.inference_mode()  # the scores are inference tensors: masking them in place needs the same mode
 def _top_k(
-    online: OnlineModel, scores: Tensor, history: Tensor, q: RankQuery, *, shared: bool = False
+    online: OnlineModel, scores: Tensor, seen: list[int], q: RankQuery, *, shared: bool = False
 ) -> tuple[list[tuple[str, float]], list[str]]:
     """Mask (seen items, candidates) and take the top k; items that cannot rank (-inf) are never returned.
 
@@ -420,8 +425,8 @@ def _top_k(
     by gathering their scores, not by adding a full-catalogue mask: with 1M items those copies dominated.
     """
     s = scores.clone() if shared else scores
-    if q.exclude_seen:
-        s[history] = float("-inf")
+    if seen:
+        s[seen] = float("-inf")
     unknown_candidates: list[str] = []
     if q.candidates is not None:
         idx = []
@@ -442,7 +447,5 @@ def _top_k(
 
 def _named(online: OnlineModel, indices: Tensor, values: Tensor) -> list[tuple[str, float]]:
     """(item id, score) pairs, best first; items that cannot rank (-inf) are dropped."""
-    scores = values.tolist()
-    keep = [n for n, v in enumerate(scores) if v != float("-inf")]
-    names = online.decode(indices[keep]) if keep else []
-    return [(name, scores[n]) for name, n in zip(names, keep, strict=True)]
+    names = online.item_names
+    return [(names[i], v) for i, v in zip(indices.tolist(), values.tolist(), strict=True) if v != float("-inf")]
