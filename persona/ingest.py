@@ -25,6 +25,8 @@ assignments inside a batch; with batches of one event it is exactly the sequenti
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
-from persona.store import NewEvent, PrototypeRow, SessionState, Store
+from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from persona.user_state import pack_user_states, user_state_payload
 from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
@@ -101,8 +103,8 @@ class Ingestor:
         max_recent: recent items kept per session (default and upper bound: the model's ``max_len``).
         prototype_idle_s: a prototype assigned nothing for this long is re-seeded at the batch's worst-served
             session (METHOD.md §3); ``None`` turns re-seeding off.
-        compute_threads: threads that run a batch's model work side by side (encoder chunks, adapter codes);
-            1 runs it all on the calling thread. The result does not depend on it.
+        compute_threads: threads that run a batch's model work side by side (encoder chunks, adapter codes,
+            prequential check); 1 runs it all on the calling thread. The result does not depend on it.
     """
 
     def __init__(
@@ -143,13 +145,22 @@ class Ingestor:
         Raises whatever the store raises (the transaction is then rolled back: nothing was applied, and
         the caller may retry the same batch safely).
         """
+        return self.commit(self.prepare(events, source=source))
+
+    def prepare(self, events: Sequence[Event], *, source: str = "kafka", pending: Sequence[Prepared] = ()) -> Prepared:
+        """The part of :meth:`apply` that needs no transaction: read the touched sessions, walk the events through
+        them and start the model work (sequence encoder, adapter) on the compute threads.
+
+        ``pending`` are batches prepared earlier and not committed yet, oldest first (the consumer prepares the next
+        batch while the previous one commits): a session one of them touches is taken from it, as that batch will
+        leave it, instead of from the store. :meth:`commit` checks that everything read here still holds, and
+        redoes the work inside its transaction when it does not (a duplicate event, another writer, a pending
+        batch that changed on commit), so the result is always exactly :meth:`apply`'s.
+        """
         online = self.models.get()
         result = IngestResult(model_version=online.version)
-        if not events:
-            return result
         cap = min(self.max_recent or online.cfg.max_len, online.cfg.max_len)
         now = datetime.now(UTC)
-
         to_log: list[NewEvent] = []
         kept: list[tuple[Event, bool]] = []
         for e in events:
@@ -173,41 +184,73 @@ class Ingestor:
                     ingested_at=now,
                 )
             )
+        prepared = Prepared(online, result, cap, now, kept, to_log, {e.session_id for e, _ in kept})
         if not kept:
-            return result
+            return prepared
+        stored: dict[str, SessionState] = {}
+        origins: dict[str, SessionState] = {}
+        for earlier in reversed(pending):  # the newest pending state of a session is the one it will have
+            if earlier.plan is None:
+                continue
+            common = (prepared.session_ids & earlier.plan.sessions.keys()) - stored.keys()
+            for sid in common:
+                origins[sid] = earlier.plan.sessions[sid].state
+                stored[sid] = dataclasses.replace(origins[sid])  # the walk below changes its own copy
+            if common:
+                prepared.depends_on.append(earlier)
+        missing = prepared.session_ids - stored.keys()
+        if missing:
+            with self.store.read() as uow:
+                stored.update(uow.get_sessions(missing))
+        prepared.expected = {sid: _version(stored.get(sid)) for sid in prepared.session_ids}
+        prepared.plan = _walk(online, kept, stored, cap, now, origins)
+        prepared.work = self._start(online, prepared.plan)
+        return prepared
 
+    def commit(self, prepared: Prepared) -> IngestResult:
+        """Apply a :meth:`prepare` d batch in one store transaction (earlier ones must have committed)."""
+        p = prepared
+        online, result = p.online, p.result
+        if p.plan is None or p.work is None:
+            return result
         with self.store.transaction() as uow:
             # The bank's lock first: it serialises ingesting transactions (the HTTP path, a consumer handing over
-            # partitions), so the sessions read next cannot change before this transaction writes them back.
+            # partitions), so the sessions checked next cannot change before this transaction writes them back.
             rows = uow.lock_prototypes(online.version)
             bank = _bank_from_rows(rows, online) if rows else online.initial_bank
-            session_ids = {e.session_id for e, _ in kept}
-            stored = uow.get_sessions(session_ids)
-            # Events are almost always new: start the model work as if all of them were, and log them (the dedup)
-            # meanwhile. If some turn out to be duplicates, that work is dropped and redone for the new ones only.
-            plan = _walk(online, kept, stored, cap, now)
-            work = self._start(online, plan, bank)
-            inserted = uow.insert_events(to_log)
+            plan, work = p.plan, p.work
+            current = uow.session_versions(p.session_ids)
+            if any(earlier.replanned for earlier in p.depends_on) or current != {
+                sid: v for sid, v in p.expected.items() if v is not None
+            }:
+                # Something changed since prepare read it (another writer, or a pending batch that was redone):
+                # read the sessions again, now under this transaction.
+                plan, work = self._replan(uow, p, p.kept, work)
+            scoring = self._score_previous(online, bank, plan, work)
+            # Events are almost always new: the model work above started as if all of them were, and runs while
+            # they are logged (the dedup). If some turn out to be duplicates, it is redone for the new ones only.
+            inserted = uow.insert_events(p.to_log)
             fresh: list[tuple[Event, bool]] = []
-            for e, known in kept:
+            for e, known in p.kept:
                 if e.event_id in inserted:
                     inserted.discard(e.event_id)  # a repeat later in this batch is a duplicate
                     fresh.append((e, known))
-            result.duplicates = len(kept) - len(fresh)
-            if len(fresh) < len(kept):
-                work.abandon()
+            result.duplicates = len(p.kept) - len(fresh)
+            if len(fresh) < len(p.kept):
+                scoring.abandon()
                 if not fresh:
+                    work.abandon()
+                    p.replanned = True
                     return result
-                stored = uow.get_sessions(session_ids)  # the walk above changed the states it was given
-                plan = _walk(online, fresh, stored, cap, now)
-                work = self._start(online, plan, bank)
-            codes = _conclude(online, plan, work, bank, result)
+                plan, work = self._replan(uow, p, fresh, work)
+                scoring = self._score_previous(online, bank, plan, work)
+            codes = _conclude(online, plan, work, scoring, bank, result)
 
             if codes is not None:
                 protos = torch.tensor(result.prototypes, dtype=torch.long)
                 refined = refine_bank(bank, codes, protos, online.cfg)
-                touched = set(result.prototypes) | self._reseed(online, refined, rows, codes, protos, now)
-                saved = uow.save_prototypes(online.version, _rows_from_bank(refined, touched, rows, now))
+                touched = set(result.prototypes) | self._reseed(online, refined, rows, codes, protos, p.now)
+                saved = uow.save_prototypes(online.version, _rows_from_bank(refined, touched, rows, p.now))
                 result.bank_version = max((r.version for r in saved), default=0)
             else:
                 result.bank_version = max((r.version for r in rows), default=0)
@@ -218,6 +261,16 @@ class Ingestor:
         return result
 
     # ------------------------------------------------------------------------------------------ internals
+    def _replan(
+        self, uow: UnitOfWork, p: Prepared, fresh: list[tuple[Event, bool]], stale: _Work
+    ) -> tuple[_Plan, _Work]:
+        """Walk ``fresh`` again from the sessions as stored now (inside the transaction); drops ``stale`` work."""
+        stale.abandon()
+        p.replanned = True  # batches prepared on top of this one read what it was going to write: they redo too
+        stored = uow.get_sessions(p.session_ids)
+        plan = _walk(p.online, fresh, stored, p.cap, p.now, {})
+        return plan, self._start(p.online, plan)
+
     def _reseed(
         self,
         online: OnlineModel,
@@ -245,36 +298,73 @@ class Ingestor:
         log.info("re-seeded idle prototypes %s of model %s", sorted(reseeded), online.version)
         return reseeded
 
-    def _start(self, online: OnlineModel, plan: _Plan, bank: BankState) -> _Work:
-        """Start a plan's model work: the encoder and the adapter on every post-event history, and the prequential
-        check of every event whose previous state is stored (that needs nothing from this batch's forward).
-
-        With compute threads it all runs on them while the caller goes on (logging the events); without, it runs
-        here and now. Either way :func:`_conclude` collects it.
-        """
-        work = _Work(plan)
+    def _start(self, online: OnlineModel, plan: _Plan) -> _Work:
+        """Start the encoder and the adapter on every post-event history of the plan: on the compute threads while
+        the caller goes on, or here and now without them. :func:`_conclude` collects the results."""
+        work = _Work()
         if not plan.post_hist:
             return work
-        cfg = online.cfg
         with torch.inference_mode():
-            work.prev = _previous_states(online, bank, plan.stored_prev)
-            recompute = [plan.stored_prev[j][1] for j in work.prev.recompute]
-            work.hist = _pad(plan.post_hist + recompute, cfg.max_len)
-        early = [n for n, (r, _i) in enumerate(plan.pre_rows) if r < -1 and -r - 2 not in set(work.prev.recompute)]
-        work.early = early
+            work.hist = _pad(plan.post_hist, online.cfg.max_len)
         pool = self._pool
         if pool is None:
             work.codes = _done(online.codes(work.hist))
             work.states = _done(online.user_states(work.hist))
-            work.early_scores = _done(_stored_predictions(online, bank, plan, work.prev, early))
-            return work
-        work.codes = pool.submit(online.codes, work.hist)
-        if early:
-            work.early_scores = pool.submit(_stored_predictions, online, bank, plan, work.prev, early)
         else:
-            work.early_scores = _done(_no_predictions())
-        work.states = online.submit_user_states(work.hist, pool)
+            work.codes = pool.submit(online.codes, work.hist)
+            work.states = online.submit_user_states(work.hist, pool)
         return work
+
+    def _score_previous(self, online: OnlineModel, bank: BankState, plan: _Plan, work: _Work) -> _Scoring:
+        """The previous states that predict this batch's events, and the prequential check of those that are stored
+        (it needs nothing from this batch's forward, so it runs beside the event log insert).
+
+        A stored state that cannot be used (another model version, a row from before user states were stored) is
+        recomputed from its history here: rare, so it is not part of the batched forward.
+        """
+        scoring = _Scoring()
+        if not plan.post_hist:
+            return scoring
+        with torch.inference_mode():
+            scoring.prev = prev = _previous_states(online, bank, [(s.resolved(), h) for s, h in plan.stored_prev])
+            if prev.recompute:
+                hist = _pad([plan.stored_prev[j][1] for j in prev.recompute], online.cfg.max_len)
+                codes = online.codes(hist)
+                prev.codes[prev.recompute] = codes
+                prev.states[prev.recompute] = online.user_states(hist, self._pool)
+                prev.protos[prev.recompute] = online.assign(codes, bank)
+        scoring.early = [n for n, (r, _i) in enumerate(plan.pre_rows) if r < -1]
+        if self._pool is None or not scoring.early:
+            scoring.early_scores = _done(_stored_predictions(online, bank, plan, prev, scoring.early))
+        else:
+            scoring.early_scores = self._pool.submit(_stored_predictions, online, bank, plan, prev, scoring.early)
+        return scoring
+
+
+#: (edit_version, unknown_item_count, updated_at): what every write of a session changes.
+_Version = tuple[int, int, datetime]
+
+
+def _version(state: SessionState | None) -> _Version | None:
+    return None if state is None else (state.edit_version, state.unknown_item_count, state.updated_at)
+
+
+@dataclass
+class Prepared:
+    """A batch between :meth:`Ingestor.prepare` and :meth:`Ingestor.commit`."""
+
+    online: OnlineModel
+    result: IngestResult
+    cap: int
+    now: datetime
+    kept: list[tuple[Event, bool]]
+    to_log: list[NewEvent]
+    session_ids: set[str]
+    expected: dict[str, _Version | None] = field(default_factory=dict)  # each session as prepare read it
+    depends_on: list[Prepared] = field(default_factory=list)  # pending batches it took sessions from
+    plan: _Plan | None = None
+    work: _Work | None = None
+    replanned: bool = False  # commit walked the events again: what was prepared from this plan is stale
 
 
 @dataclass
@@ -282,7 +372,7 @@ class _Previous:
     """Codes [S, L, d], prototypes [S] and user states [S, D] of stored sessions whose next event is scored.
 
     ``recompute`` lists the rows whose stored values cannot be used (another model version, rows written before
-    user states were stored, sizes that do not fit): the caller fills them from the batch's forward.
+    user states were stored, sizes that do not fit): the caller fills them in.
     """
 
     codes: Tensor
@@ -293,13 +383,19 @@ class _Previous:
 
 @dataclass(frozen=True, slots=True)
 class _Stored:
-    """What a stored session state was computed with, as read from the store."""
+    """What a stored session state was computed with, as read from the store; or, for a session a pending batch
+    touches (``origin``), that batch's state of it, read once it has committed."""
 
     model_version: str | None
     code: bytes | None
     user_state: bytes | None
     prototype_id: int | None
     edit_version: int
+    origin: SessionState | None = None
+
+    def resolved(self) -> _Stored:
+        o = self.origin
+        return self if o is None else _Stored(o.model_version, o.code, o.user_state, o.prototype_id, o.edit_version)
 
 
 def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Stored, list[int]]]) -> _Previous:
@@ -355,6 +451,7 @@ class _Touched:
     # Row of its current state (code, user state): >= 0 in this batch's post-event rows; -(j + 2) for the
     # j-th stored previous state; -1 before either is known.
     row: int = -1
+    origin: SessionState | None = None  # the pending batch's state this one was copied from (see Ingestor.prepare)
 
 
 @dataclass
@@ -371,7 +468,12 @@ class _Plan:
 
 
 def _walk(
-    online: OnlineModel, fresh: list[tuple[Event, bool]], stored: dict[str, SessionState], cap: int, now: datetime
+    online: OnlineModel,
+    fresh: list[tuple[Event, bool]],
+    stored: dict[str, SessionState],
+    cap: int,
+    now: datetime,
+    origins: dict[str, SessionState],
 ) -> _Plan:
     """Walk the new events in order, updating the sessions' states (in place) and building their histories.
 
@@ -388,7 +490,7 @@ def _walk(
             st = stored.get(e.session_id)
             if st is None:
                 st = SessionState(session_id=e.session_id, device_id=e.device_id, user_id=e.user_id)
-            w = _Touched(st, indices_of(st.recent_items[-cap:]))
+            w = _Touched(st, indices_of(st.recent_items[-cap:]), origin=origins.get(e.session_id))
             sessions[e.session_id] = w
         st = w.state
         if e.device_id is not None:
@@ -407,7 +509,9 @@ def _walk(
             if w.row == -1:
                 w.row = -(len(plan.stored_prev) + 2)
                 # Snapshot what the stored state was computed with: the loop re-stamps model_version below.
-                snapshot = _Stored(st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version)
+                snapshot = _Stored(
+                    st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version, origin=w.origin
+                )
                 plan.stored_prev.append((snapshot, w.indices))
             plan.pre_rows.append((w.row, item))
         w.indices = [*w.indices, item][-cap:]
@@ -428,20 +532,28 @@ _Scored = tuple[Tensor, Tensor, Tensor]
 
 @dataclass
 class _Work:
-    """A plan's model work, started by :meth:`Ingestor._start` (possibly still running on the compute threads)."""
+    """A plan's encoder and adapter work, started by :meth:`Ingestor._start` (maybe still running)."""
 
-    plan: _Plan
-    prev: _Previous | None = None
-    hist: Tensor | None = None  # post-event histories, then the stored histories whose state must be recomputed
+    hist: Tensor | None = None  # the post-event histories
     codes: Future[Tensor] | None = None
     states: Future[Tensor] | None = None
-    early: list[int] = field(default_factory=list)  # predictions scored from stored states, in _start
-    early_scores: Future[_Scored] | None = None
 
     def abandon(self) -> None:
         """Wait for whatever is still running (the results are not needed): compute threads must be free."""
-        running: list[Future[Any]] = [f for f in (self.codes, self.states, self.early_scores) if f is not None]
-        wait(running)
+        wait([f for f in (self.codes, self.states) if f is not None])
+
+
+@dataclass
+class _Scoring:
+    """The previous states of a plan's predictions, and the check of those scored from stored states."""
+
+    prev: _Previous | None = None
+    early: list[int] = field(default_factory=list)  # predictions scored from stored states
+    early_scores: Future[_Scored] | None = None
+
+    def abandon(self) -> None:
+        if self.early_scores is not None:
+            wait([self.early_scores])
 
 
 def _done(value: Any) -> Future[Any]:
@@ -470,7 +582,9 @@ def _stored_predictions(
     return ratios, persona, base
 
 
-def _conclude(online: OnlineModel, plan: _Plan, work: _Work, bank: BankState, result: IngestResult) -> Tensor | None:
+def _conclude(
+    online: OnlineModel, plan: _Plan, work: _Work, scoring: _Scoring, bank: BankState, result: IngestResult
+) -> Tensor | None:
     """Collect a plan's model work into ``result`` (counters, per-event lists, session codes and user states).
 
     Returns the codes [B, L, d] of the applied events (``None`` if none was applied). ``result.freshness_s``
@@ -481,44 +595,32 @@ def _conclude(online: OnlineModel, plan: _Plan, work: _Work, bank: BankState, re
     result.sessions = {sid: w.state for sid, w in plan.sessions.items()}
     result.freshness_s = plan.event_ts
     result.item_indices = plan.item_indices
+    for w in plan.sessions.values():
+        if w.row < 0 and w.origin is not None:  # no new state here: keep the one the pending batch computed
+            w.state.code, w.state.user_state = w.origin.code, w.origin.user_state
+            w.state.prototype_id, w.state.model_version = w.origin.prototype_id, w.origin.model_version
     if not plan.post_hist:
         return None
-    assert work.codes is not None and work.states is not None and work.prev is not None
-    assert work.early_scores is not None
-    b = len(plan.post_hist)
+    assert work.codes is not None and work.states is not None
+    assert scoring.early_scores is not None
     with torch.inference_mode():
-        all_codes, all_states, prev = work.codes.result(), work.states.result(), work.prev
-        codes, states = all_codes[:b], all_states[:b]
-        if prev.recompute:
-            prev.codes[prev.recompute] = all_codes[b:]
-            prev.states[prev.recompute] = all_states[b:]
-            prev.protos[prev.recompute] = online.assign(all_codes[b:], bank)
+        codes, states = work.codes.result(), work.states.result()
         protos = online.assign(codes, bank)
         dists = online.distances(codes, protos, bank)
         if plan.pre_rows:
             n_pred = len(plan.pre_rows)
-            ratios, persona, base = (
-                torch.empty(n_pred),
-                torch.empty(n_pred, dtype=torch.long),
-                torch.empty(n_pred, dtype=torch.long),
-            )
-            early = set(work.early)
+            ratios = torch.empty(n_pred)
+            persona = torch.empty(n_pred, dtype=torch.long)
+            base = torch.empty(n_pred, dtype=torch.long)
+            early = set(scoring.early)
             late = [n for n in range(n_pred) if n not in early]
-            if work.early:
-                ratios[work.early], persona[work.early], base[work.early] = work.early_scores.result()
-            if late:
-                # Row r >= 0: this batch's r-th post-event state; r = -(j + 2): the j-th stored previous state
-                # (one whose stored values could not be used, recomputed by this batch's forward).
-                rows = [plan.pre_rows[n][0] for n in late]
-                sel = torch.tensor([r if r >= 0 else b + (-r - 2) for r in rows], dtype=torch.long)
+            if scoring.early:
+                ratios[scoring.early], persona[scoring.early], base[scoring.early] = scoring.early_scores.result()
+            if late:  # previous state from this batch's forward (a session's second event or later)
+                sel = torch.tensor([plan.pre_rows[n][0] for n in late], dtype=torch.long)
                 targets = torch.tensor([plan.pre_rows[n][1] for n in late], dtype=torch.long)
                 late_ratios, (late_persona, late_base) = _edits_and_ranks(
-                    online,
-                    bank,
-                    torch.cat([codes, prev.codes])[sel],
-                    torch.cat([protos, prev.protos])[sel],
-                    torch.cat([states, prev.states])[sel],
-                    targets,
+                    online, bank, codes[sel], protos[sel], states[sel], targets
                 )
                 ratios[late], persona[late], base[late] = late_ratios, late_persona, late_base
             _score(result, "persona", persona)
@@ -567,10 +669,11 @@ def _edits_and_ranks(
 
 def _pad(histories: list[list[int]], t: int) -> torch.Tensor:
     """Left-padded [B, T] index tensor of these histories (each already at most T long)."""
+    lengths = np.fromiter(map(len, histories), dtype=np.int64, count=len(histories))
+    values = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=int(lengths.sum()))
     out = np.full((len(histories), t), PAD, dtype=np.int64)
-    for row, h in enumerate(histories):
-        if h:
-            out[row, t - len(h) :] = h
+    # row r's items go to its last lengths[r] columns: a boolean mask in row-major order matches the chain's order
+    out[np.arange(t) >= (t - lengths)[:, None]] = values
     return torch.from_numpy(out)
 
 

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         None, ge=1000, description="Consumer group session timeout (default: kafka-python's 45 s)."
     )
     kafka_heartbeat_ms: int | None = Field(None, ge=100, description="Consumer heartbeat interval (default 3 s).")
+    kafka_fetch_max_wait_ms: int | None = Field(
+        None,
+        ge=0,
+        le=60_000,
+        description="Longest the broker may hold a consumer's fetch (default kafka-python's 500).",
+    )
     unknown_item_policy: str = Field(
         "skip", pattern="^(skip|dlq)$", description="Unknown items: 'skip' (log, count, skip) or 'dlq'."
     )

@@ -10,12 +10,15 @@ One poll batch (up to ``max_poll_records``) goes through:
    point replays the batch and dedup on ``event_id`` makes the replay harmless (exactly-once effect);
 5. update the metrics.
 
-Step 2 runs on an applier thread, one batch at a time and in poll order, while this thread polls and parses
-what comes next and finishes the applied batches (steps 3 to 5): Kafka I/O and parsing, mostly Python, overlap
-the model and store work, which mostly runs outside the GIL. What is polled while the applier is busy
-accumulates (up to ``max_poll_records``) into the batch it gets as soon as it is free, so batches grow with the
-load and an event never waits behind more than one batch. Batches still take effect strictly in order: a batch
-is applied only if every earlier one was.
+Step 2 is split in two (:meth:`Ingestor.prepare` and :meth:`Ingestor.commit`). This thread polls, parses and
+*prepares* the next batch (session reads, the walk through the events, the sequence encoder started on the
+compute threads) while an applier thread *commits* the previous one (its one store transaction), then finishes
+the committed batches (steps 3 to 5). So Kafka I/O, parsing and the model's heaviest work overlap the store
+work, and most of them run outside the GIL. What is polled while a batch commits and another waits accumulates
+(up to ``max_poll_records``) into the batch prepared next, so batches grow with the load and an event never
+waits behind more than two batches. Batches still take effect strictly in order: one commits only if every
+earlier one did, and a session a batch in flight touches is taken from that batch, not from the store
+(``commit`` checks that whatever ``prepare`` read still holds, and redoes the work when it does not).
 
 If step 2 or 3 fails (store down, model missing, DLQ unreachable), nothing of that batch or any later one is
 committed: the consumer logs loudly, lets the batches already handed to the applier finish (a failure makes
@@ -40,7 +43,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from persona.events import DEFAULT_POLICY, Event, Rejection, ValidationPolicy, parse_event
-from persona.ingest import Ingestor, IngestResult
+from persona.ingest import Ingestor, IngestResult, Prepared
 from persona.store import Store
 from recsys.online import OnlineModel
 from streaming.kafka_io import dlq_send, ensure_topics, make_consumer, make_producer
@@ -66,6 +69,9 @@ class ConsumerConfig:
     ``max_events`` stops after that many records were processed (tests, benchmarks); ``idle_exit_s`` stops
     after that long without a record. ``refresh_s`` is how often the model registry is re-checked.
     ``compute_threads`` run a batch's model work side by side (:class:`persona.ingest.Ingestor`).
+    ``fetch_max_wait_ms`` caps how long the broker may hold a fetch (kafka-python's default: 500 ms); Kafka
+    answers as soon as records are there, the embedded development broker was seen to hold fetches much longer
+    under a steady stream (streaming/bench.py), so its users set it low.
     """
 
     bootstrap: str
@@ -79,6 +85,7 @@ class ConsumerConfig:
     poll_timeout_ms: int = 500
     session_timeout_ms: int | None = None
     heartbeat_interval_ms: int | None = None
+    fetch_max_wait_ms: int | None = None
     max_events: int | None = None
     idle_exit_s: float | None = None
     refresh_s: float = 5.0
@@ -109,6 +116,9 @@ class ConsumeStats:
         return self.records / self.active_seconds if self.active_seconds > 0 else 0.0
 
 
+#: Full batches prepared and queued behind the one the applier is committing, when there is a backlog: the next
+#: one is prepared while the current one commits (see :meth:`EventConsumer._hand_over`).
+QUEUE_BEHIND = 1
 #: While a batch is being applied, one poll waits at most this long for records: the loop must notice soon that
 #: the applier is free, and hand it what has been polled meanwhile.
 BUSY_POLL_MS = 5
@@ -129,6 +139,7 @@ class _Batch:
     source: dict[str, Any]  # event_id -> its first record (for the unknown-item DLQ)
     invalid: list[tuple[Any, Rejection]]
     started: float  # perf_counter when parsing began
+    prepared: Prepared | None = None
     applied: Future[IngestResult] | None = None
 
     def extend(self, more: _Batch) -> None:
@@ -224,6 +235,8 @@ class EventConsumer:
             timeouts["session_timeout_ms"] = cfg.session_timeout_ms
         if cfg.heartbeat_interval_ms is not None:
             timeouts["heartbeat_interval_ms"] = cfg.heartbeat_interval_ms
+        if cfg.fetch_max_wait_ms is not None:
+            timeouts["fetch_max_wait_ms"] = cfg.fetch_max_wait_ms
         consumer = make_consumer(cfg.bootstrap, cfg.group, [], max_poll_records=cfg.max_poll_records, **timeouts)
         consumer.subscribe([cfg.topic], listener=_CommitOnRevoke(self))
         self._consumer = consumer
@@ -236,11 +249,17 @@ class EventConsumer:
         first_records: float | None = None
         try:
             while not self._stop.is_set():
-                busy = self._busy()
-                if not busy and self._open is not None:
-                    self._hand_over()
-                    busy = True
-                if not self._finish_done():
+                unfinished = self._unfinished()
+                handed = True
+                # An idle applier gets what has been polled at once. A busy one gets a batch queued behind the
+                # running one only when a full batch is waiting (a backlog): preparing it during the running
+                # commit is what overlaps the two, but queueing small batches would only add a commit's time to
+                # every event's latency when the applier keeps up anyway.
+                full = self._open is not None and len(self._open.records) >= cfg.max_poll_records
+                if self._open is not None and (not unfinished or (full and len(unfinished) <= QUEUE_BEHIND)):
+                    handed = self._hand_over(unfinished)
+                busy = bool(self._unfinished())
+                if not handed or not self._finish_done():
                     self.stats.retries += 1
                     self._sleep(backoff)
                     backoff = min(backoff * 2, cfg.retry_backoff_s[1])
@@ -310,20 +329,39 @@ class EventConsumer:
                 batch.source.setdefault(parsed.event_id, rec)
         return batch
 
-    def _busy(self) -> bool:
-        """Whether the applier is working on a batch (it gets one at a time, so only the newest can be running)."""
-        return bool(self._in_flight) and not self._in_flight[-1].applied.done()  # type: ignore[union-attr]
+    def _unfinished(self) -> list[_Batch]:
+        """The batches handed to the applier that it has not finished (committed or failed), oldest first."""
+        return [b for b in self._in_flight if b.applied is not None and not b.applied.done()]
 
-    def _hand_over(self) -> None:
-        """Give the batch polled so far to the (idle) applier."""
+    def _hand_over(self, unfinished: list[_Batch]) -> bool:
+        """Prepare the batch polled so far (:meth:`Ingestor.prepare`: session reads, the walk, the encoder started)
+        and queue it on the applier, which commits it after the batches before it.
+
+        Preparing here, while the applier commits the previous batch, is what overlaps the two; sessions that a
+        batch still in flight touches are taken from it. ``False`` (after logging and repositioning) when the
+        preparation fails, like a failed batch.
+        """
         assert self._applier is not None and self._open is not None
         batch, self._open = self._open, None
+        try:
+            pending = [b.prepared for b in unfinished if b.prepared is not None]
+            batch.prepared = self.ingestor.prepare(batch.valid, source="kafka", pending=pending)
+        except Exception:
+            log.exception(
+                "preparing a batch of %d records failed; nothing committed, retrying the same records",
+                len(batch.records),
+            )
+            self._open = batch  # repositioned with the rest
+            self._abandon_in_flight(reposition=True)
+            return False
         batch.applied = self._applier.submit(self._apply, batch)
         self._in_flight.append(batch)
+        return True
 
     def _wait_for_applier(self, timeout_s: float) -> None:
-        if self._in_flight:
-            wait([self._in_flight[-1].applied], timeout=timeout_s)  # type: ignore[list-item]
+        unfinished = self._unfinished()
+        if unfinished:
+            wait([unfinished[0].applied], timeout=timeout_s)  # type: ignore[list-item]
 
     def _finish_done(self) -> bool:
         """Finish, in order, the batches the applier is done with; ``False`` when one failed."""
@@ -336,8 +374,9 @@ class EventConsumer:
         """Step 2, on the applier thread: batches arrive in poll order; after a failure the rest are skipped."""
         if self._halted:
             raise _Halted
+        assert batch.prepared is not None
         try:
-            return self.ingestor.apply(batch.valid, source="kafka")
+            return self.ingestor.commit(batch.prepared)
         except BaseException:
             self._halted = True
             raise

@@ -159,8 +159,8 @@ def test_malformed_messages_go_to_the_dlq_with_their_reason_and_the_consumer_goe
 def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
     kafka_broker: EmbeddedBroker, topic: str, sqlite_store: Store, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A store failure (apply raises) and a DLQ failure (send raises) each make the consumer abandon what it has in
-    flight, seek back and retry; the batches polled behind a failed one must not take effect before it."""
+    """A store failure (commit raises) and a DLQ failure (send raises) each make the consumer abandon what it has in
+    flight, seek back and retry; the batches prepared behind a failed one must not take effect before it."""
     models = ModelProvider(sqlite_store, model_dir=tiny_bundle)
     online = models.get()
     events = make_events(online, 900, sessions=25, prefix=f"{topic}-")
@@ -175,14 +175,14 @@ def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
     cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=len(events) + 1, compute_threads=2, idle_exit_s=15)
     cfg.max_poll_records = 100
     consumer = EventConsumer(sqlite_store, models, cfg, sleep=lambda _s: None)
-    calls = {"apply": 0, "dlq": 0}
-    apply = consumer.ingestor.apply
+    calls = {"commit": 0, "dlq": 0}
+    commit = consumer.ingestor.commit
 
-    def flaky_apply(batch: Any, **kw: Any) -> Any:
-        calls["apply"] += 1
-        if calls["apply"] in (3, 4):
+    def flaky_commit(prepared: Any) -> Any:
+        calls["commit"] += 1
+        if calls["commit"] in (3, 4):
             raise RuntimeError("store down")
-        return apply(batch, **kw)
+        return commit(prepared)
 
     real_send = streaming.consumer.dlq_send
 
@@ -192,10 +192,10 @@ def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
             raise RuntimeError("DLQ unreachable")
         real_send(*args, **kw)
 
-    monkeypatch.setattr(consumer.ingestor, "apply", flaky_apply)
+    monkeypatch.setattr(consumer.ingestor, "commit", flaky_commit)
     monkeypatch.setattr(streaming.consumer, "dlq_send", flaky_send)
     stats = consumer.run()
-    assert stats.retries >= 3  # two failed applies (the second is the retry of the first) and one failed send
+    assert stats.retries >= 3  # two failed commits (the second is the retry of the first) and one failed send
     assert (stats.records, stats.dlq) == (len(events) + 1, 1)
     assert_state_matches_in_process(sqlite_store, online, events)
     assert len(read_dlq(kafka_broker.bootstrap, f"{topic}.dlq", 2)) >= 1
@@ -243,7 +243,8 @@ def test_a_hard_killed_consumer_resumes_from_committed_offsets_without_loss_or_d
     db = f"sqlite:///{tmp_path / 'kill.db'}"
     store = Store.open(db)
     online = OnlineModel.load(tiny_bundle)
-    events = make_events(online, 3000, sessions=60, prefix=f"{topic}-")
+    # Enough events that the kill lands mid-stream: the tiny model is consumed at well over 10,000 events/s.
+    events = make_events(online, 30_000, sessions=300, prefix=f"{topic}-")
     publish(kafka_broker.bootstrap, topic, events)
     env = consume_env(kafka_broker.bootstrap, db, tiny_bundle, f"g-{uuid.uuid4().hex[:8]}")
     log = tmp_path / "consume.log"

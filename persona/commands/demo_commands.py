@@ -104,6 +104,8 @@ def demo(
             # the embedded broker joins a group in ~session_timeout/2: keep the demo snappy
             "PERSONA_KAFKA_SESSION_TIMEOUT_MS": "6000",
             "PERSONA_KAFKA_HEARTBEAT_MS": "1000",
+            # and it was seen to hold fetches under a steady stream: cap the wait (streaming/bench.py)
+            "PERSONA_KAFKA_FETCH_MAX_WAIT_MS": "20",
         }
         ensure_topics(broker.bootstrap, {topic: 4, "persona.events.dlq": 1})
         api_url = f"http://127.0.0.1:{api_port}"

@@ -182,6 +182,7 @@ def consume(
         prototype_idle_s=settings.prototype_idle_s,
         session_timeout_ms=session_timeout_ms or settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=heartbeat_ms or settings.kafka_heartbeat_ms,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         max_events=max_events,
         idle_exit_s=idle_exit,
         compute_threads=settings.consumer_threads,

@@ -192,6 +192,24 @@ class HotPath:
                 )
         return found
 
+    def session_versions(self, cursor: Any, session_ids: Collection[str]) -> dict[str, tuple[int, int, datetime]]:
+        """(edit_version, unknown_item_count, updated_at) of the stored sessions among ``session_ids``: every write
+        of a session changes one of them, so a reader can tell cheaply whether what it read still holds."""
+        from_time = self._time_in
+        found: dict[str, tuple[int, int, datetime]] = {}
+        for chunk in _chunks(list(set(session_ids))):
+            marks = ", ".join([self.mark] * len(chunk))
+            cursor.execute(
+                f"SELECT session_id, edit_version, unknown_item_count, updated_at FROM {sessions.name} "
+                f"WHERE session_id IN ({marks})",
+                list(chunk),
+            )
+            for sid, edit, unknown, updated in cursor.fetchall():
+                stamp = from_time(updated)
+                assert stamp is not None  # a non-null column
+                found[sid] = (edit, unknown, stamp)
+        return found
+
     def upsert_sessions(self, cursor: Any, states: Sequence[Any]) -> None:
         """Insert or overwrite ``SessionState`` rows (ids unique within ``states``)."""
         to_time, to_json, stamp = self._time, self._json, _memo(self._time)

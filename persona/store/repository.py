@@ -196,6 +196,13 @@ class UnitOfWork:
         with self._hot_cursor() as (hot, cursor):
             return {values[0]: SessionState(*values) for values in hot.get_sessions(cursor, session_ids)}
 
+    def session_versions(self, session_ids: Collection[str]) -> dict[str, tuple[int, int, datetime]]:
+        """(edit_version, unknown_item_count, updated_at) of these sessions, for checking that a read still holds."""
+        if not session_ids:
+            return {}
+        with self._hot_cursor() as (hot, cursor):
+            return hot.session_versions(cursor, session_ids)
+
     def upsert_sessions(self, states: Sequence[SessionState]) -> None:
         """Insert or fully overwrite these sessions (the last state wins if an id repeats)."""
         latest = {s.session_id: s for s in states}
