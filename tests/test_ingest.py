@@ -159,6 +159,62 @@ def test_a_batch_with_duplicates_ends_like_one_without_them(store: Store, models
     assert _outcome(store, redone, {e.session_id for e in events}) == expected
 
 
+def test_batches_prepared_on_top_of_pending_ones_end_like_sequential_ones(store: Store, models: ModelProvider) -> None:
+    """The consumer prepares batch n+1 while batch n commits, taking n's sessions from n: same end state."""
+    online = models.get()
+    events = make_events(online, 450, sessions=12, seed=8)
+    batches = [events[:150], events[150:300], events[300:]]
+    ingestor = Ingestor(store, models, compute_threads=2)
+    try:
+        expected = _outcome(store, [ingestor.apply(b) for b in batches], {e.session_id for e in events})
+        _wipe(store)
+        p1 = ingestor.prepare(batches[0])
+        p2 = ingestor.prepare(batches[1], pending=[p1])
+        assert p2.depends_on == [p1]
+        r1 = ingestor.commit(p1)
+        p3 = ingestor.prepare(batches[2], pending=[p2])
+        r2, r3 = ingestor.commit(p2), ingestor.commit(p3)
+        assert not (p2.replanned or p3.replanned)  # nothing to redo: every read held
+        assert _outcome(store, [r1, r2, r3], {e.session_id for e in events}) == expected
+    finally:
+        ingestor.close()
+
+
+def test_a_batch_prepared_on_one_that_is_redone_is_redone_too(store: Store, models: ModelProvider) -> None:
+    online = models.get()
+    events = make_events(online, 300, sessions=6, seed=9)
+    first, second, third = events[:100], events[80:200], events[200:]  # the second repeats 20 of the first
+    ingestor = Ingestor(store, models)
+    expected = _outcome(
+        store, [ingestor.apply(first), ingestor.apply(second), ingestor.apply(third)], {e.session_id for e in events}
+    )
+    _wipe(store)
+    r1 = ingestor.apply(first)
+    p2 = ingestor.prepare(second)
+    p3 = ingestor.prepare(third, pending=[p2])
+    r2 = ingestor.commit(p2)
+    assert p2.replanned and r2.duplicates == 20
+    r3 = ingestor.commit(p3)
+    assert p3.replanned  # it read sessions from the plan p2 dropped
+    assert _outcome(store, [r1, r2, r3], {e.session_id for e in events}) == expected
+
+
+def test_a_write_between_prepare_and_commit_is_not_lost(store: Store, models: ModelProvider) -> None:
+    """Another writer (the HTTP path, another consumer) changing a session after prepare read it: commit redoes."""
+    online = models.get()
+    events = make_events(online, 240, sessions=5, seed=10)
+    a, b, c = events[:80], events[80:160], events[160:]
+    ingestor = Ingestor(store, models)
+    expected = _outcome(store, [ingestor.apply(x) for x in (a, b, c)], {e.session_id for e in events})
+    _wipe(store)
+    ra = ingestor.apply(a)
+    pc = ingestor.prepare(c)  # reads the sessions as a left them
+    rb = Ingestor(store, models).apply(b)  # someone else writes them meanwhile
+    rc = ingestor.commit(pc)
+    assert pc.replanned
+    assert _outcome(store, [ra, rb, rc], {e.session_id for e in events}) == expected
+
+
 def test_unknown_item_skip_policy_logs_and_counts_without_touching_the_model_state(
     store: Store, models: ModelProvider
 ) -> None:

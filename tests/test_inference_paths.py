@@ -1,0 +1,135 @@
+"""The fast inference paths give what the plain model defines: the functional encoder, the factored edited head,
+batched metric observations and sliding counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, Histogram
+
+from recsys.drift import SlidingCounts
+from recsys.edited_head import SMALL_BATCH, EditedHead
+from recsys.model import PAD, ModelConfig, PersonaModel, edit_norm_ratio
+from streaming.metrics import observe_many
+
+
+def _model(**overrides: object) -> PersonaModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=60, dim=16, code_dim=8, max_len=12, n_prototypes=4, **overrides)  # type: ignore[arg-type]
+    model = PersonaModel(cfg).eval()
+    with torch.no_grad():  # a trained-looking model: generators and offsets away from their tiny initial values
+        model.bank.centres.normal_(0, 0.5)
+        model.bank.weight_offset.normal_(0, 0.05)
+        for p in model.adapter.parameters():
+            p.mul_(3.0)
+    return model
+
+
+def _histories(n: int, max_len: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(2, 60, (n, max_len), generator=g)
+    lengths = torch.randint(0, max_len + 1, (n,), generator=g)  # empty histories included
+    for row, length in enumerate(lengths.tolist()):
+        hist[row, : max_len - length] = PAD
+    return hist
+
+
+def test_functional_encoder_equals_the_module_path() -> None:
+    model = _model()
+    dm = model.device_model
+    hist = _histories(40, 12)
+    with torch.enable_grad():  # the module path (the one training uses)
+        expected = dm.encoder(dm.items(hist), hist != PAD, last_only=True).detach()
+    with torch.inference_mode():
+        got = dm.encode(hist)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+@pytest.mark.parametrize("rows", [1, SMALL_BATCH, 33])
+def test_factored_head_equals_the_materialised_edit(rank: int, rows: int) -> None:
+    model = _model(edit_rank=rank, residual_weight=0.7)
+    hist = _histories(rows, 12, seed=rows)
+    with torch.inference_mode():
+        states = model.device_model.encode(hist)
+        codes = model.codes(hist)
+        centres = model.bank.centres
+        protos = model.bank.assign(codes)
+        edit = model.prototype_edit(codes, centres, protos)
+        expected = model.device_model.head(states, edit)
+        expected_ratio = edit_norm_ratio(model, edit)
+        head = EditedHead.build(model, centres)
+        got, ratio = head.queries(states, codes, protos, centres)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ratio, expected_ratio, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_rows_whose_residual_clip_may_engage_take_the_materialised_path(rows: int) -> None:
+    """With a tight residual clip the factored form would be wrong; those rows must still get the exact edit."""
+    model = _model(residual_tau=0.01)
+    hist = _histories(rows, 12, seed=7)
+    with torch.inference_mode():
+        states, codes = model.device_model.encode(hist), model.codes(hist)
+        centres = model.bank.centres
+        protos = model.bank.assign(codes)
+        edit = model.prototype_edit(codes, centres, protos)
+        assert bool((model.adapter.raw_edit((codes - centres[protos]) * 1.0)[0].abs() > 0.01).any())  # clip engages
+        got, ratio = EditedHead.build(model, centres).queries(states, codes, protos, centres)
+        expected, expected_ratio = model.device_model.head(states, edit), edit_norm_ratio(model, edit)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ratio, expected_ratio, atol=1e-5, rtol=1e-5)
+
+
+def test_a_head_built_for_other_centres_is_not_reused_silently() -> None:
+    """The head is per bank snapshot: built for one bank, it gives that bank's edits, not another's."""
+    model = _model(residual_weight=0.5)  # with a full residual (1.0) the centre cancels out of the edit
+    hist = _histories(8, 12)
+    with torch.inference_mode():
+        states, codes = model.device_model.encode(hist), model.codes(hist)
+        centres = model.bank.centres
+        moved = centres + 0.3
+        protos = model.bank.assign(codes)
+        head = EditedHead.build(model, moved)
+        got, _ = head.queries(states, codes, protos, moved)
+        expected = model.device_model.head(states, model.prototype_edit(codes, moved, protos))
+        stale = model.device_model.head(states, model.prototype_edit(codes, centres, protos))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, stale, atol=1e-4)
+
+
+def test_observe_many_equals_observe_one_by_one() -> None:
+    buckets = (0.1, 0.5, 1.0, 5.0)
+    values = [0.0, 0.1, 0.10001, 0.5, 0.7, 1.0, 4.9, 5.0, 5.1, 100.0, -3.0]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    a = Histogram("h", "one", buckets=buckets, registry=one)
+    b = Histogram("h", "many", buckets=buckets, registry=many)
+    for v in values:
+        a.observe(v)
+    observe_many(b, values)
+    observe_many(b, [])
+    samples_a = {(s.name, tuple(s.labels.items())): s.value for m in one.collect() for s in m.samples}
+    samples_b = {(s.name, tuple(s.labels.items())): s.value for m in many.collect() for s in m.samples}
+    samples_a = {k: v for k, v in samples_a.items() if not k[0].endswith("_created")}
+    samples_b = {k: v for k, v in samples_b.items() if not k[0].endswith("_created")}
+    assert samples_a == pytest.approx(samples_b)
+
+
+def test_sliding_counts_add_many_equals_add_one_by_one() -> None:
+    rng = np.random.default_rng(0)
+    one, many = SlidingCounts(7, 50), SlidingCounts(7, 50)
+    for size in (3, 40, 0, 90, 1, 17):
+        batch = rng.integers(0, 7, size).tolist()
+        for c in batch:
+            one.add(c)
+        many.add_many(batch)
+        assert one.counts.tolist() == many.counts.tolist() and len(one) == len(many)
+
+
+def test_edited_head_is_a_frozen_snapshot() -> None:
+    head = EditedHead.build(_model(), _model().bank.centres)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        head.n_prototypes = 3  # type: ignore[misc]
