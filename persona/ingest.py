@@ -220,9 +220,9 @@ class Ingestor:
             bank = _bank_from_rows(rows, online) if rows else online.initial_bank
             plan, work = p.plan, p.work
             current = uow.session_versions(p.session_ids)
-            if any(earlier.replanned for earlier in p.depends_on) or current != {
-                sid: v for sid, v in p.expected.items() if v is not None
-            }:
+            redone = any(earlier.replanned for earlier in p.depends_on)
+            p.depends_on = []  # committed: batches on top of this one keep this one, not the whole chain
+            if redone or current != {sid: v for sid, v in p.expected.items() if v is not None}:
                 # Something changed since prepare read it (another writer, or a pending batch that was redone):
                 # read the sessions again, now under this transaction.
                 plan, work = self._replan(uow, p, p.kept, work)
