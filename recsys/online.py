@@ -24,7 +24,7 @@ from torch import Tensor
 
 from recsys.edited_head import EditedHead, GeneratorTerms
 from recsys.metrics import target_ranks
-from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, edit_norm_ratio, refine_centres
+from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, refine_centres
 from recsys.pipeline import TrainedModel, load_trained
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
@@ -165,10 +165,6 @@ class OnlineModel:
         edits (see :mod:`recsys.edited_head`)."""
         b = self._bank(bank)
         return self.edited_head(b).queries(states, codes, prototypes, b.centres)
-
-    @torch.inference_mode()
-    def edit_norm_ratio(self, edit: Edit) -> Tensor:
-        return edit_norm_ratio(self.model, edit)
 
     @torch.inference_mode()
     def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:

@@ -100,6 +100,18 @@ class _Row:
     prototype: int | None = None
     fallback: str | None = None
     unknown: list[str] = field(default_factory=list)
+    indices: Tensor | None = None  # the padded history [T] as vocabulary indices, once a step needs it
+
+
+def _histories(online: OnlineModel, rows: Sequence[_Row], which: Sequence[int]) -> Tensor:
+    """Padded histories [len(which), T] of ``rows[which]``: built once per row (one call for those not built yet),
+    since a row that must be re-encoded needs it for both its code and its user state."""
+    todo = [n for n in which if rows[n].indices is None]
+    if todo:
+        for n, built in zip(todo, online.histories([rows[n].history for n in todo]), strict=True):
+            rows[n].indices = built
+    built_rows = [rows[n].indices for n in which]
+    return torch.stack([t for t in built_rows if t is not None])
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +338,7 @@ class Ranker:
         fresh = [n for n, r in enumerate(rows) if r.code is None]
         codes = torch.empty(len(rows), online.cfg.n_edit_layers, online.cfg.code_dim)
         if fresh:
-            codes[fresh] = online.codes(online.histories([rows[n].history for n in fresh]))
+            codes[fresh] = online.codes(_histories(online, rows, fresh))
         for n, r in enumerate(rows):
             if r.code is not None:
                 codes[n] = r.code
@@ -349,7 +361,7 @@ def _user_states(online: OnlineModel, rows: Sequence[_Row]) -> Tensor:
     missing = [n for n, r in enumerate(rows) if r.user_state is None]
     if not missing:
         return torch.stack([r.user_state for r in rows if r.user_state is not None])
-    computed = online.user_states(online.histories([rows[n].history for n in missing]))
+    computed = online.user_states(_histories(online, rows, missing))
     if len(missing) == len(rows):
         return computed
     out = torch.empty(len(rows), online.cfg.dim)

@@ -388,9 +388,8 @@ class EventConsumer:
         is abandoned (see :meth:`_abandon_in_flight`) and ``False`` returned.
         """
         batch = self._in_flight[0]
+        assert batch.applied is not None  # a batch is in flight only once it is handed to the applier
         try:
-            if batch.applied is None:
-                raise _Halted  # parsed but never handed over
             result = batch.applied.result()
             to_dlq = batch.invalid + [(batch.source[e.event_id], rej) for e, rej in result.rejected]
             for rec, rej in to_dlq:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from persona.store.tables import events, sessions
+from persona.store.tables import events, sessions, to_utc
 
 #: Rows per statement: keeps SQLite under its bound-parameter limit (32766) with room to spare.
 CHUNK = 500
@@ -43,15 +43,10 @@ _SESSION_FIELDS = (
 _EVENT_FIELDS = ("event_id", "session_id", "item_id", "type", "ts", "ingested_at", "known_item", "source", "attributes")
 
 
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in slices of at most ``size`` rows (one statement each)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _aware(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError(f"naive datetime {value!r}: the store only accepts timezone-aware datetimes")
-    return value.astimezone(UTC)
 
 
 def _sqlite_time(value: datetime | None) -> str | None:
@@ -59,7 +54,7 @@ def _sqlite_time(value: datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is not UTC:
-        value = _aware(value)
+        value = to_utc(value)
     return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
 
 
@@ -84,7 +79,7 @@ _MISSING = object()
 
 
 def _pg_time(value: datetime | None) -> datetime | None:
-    return None if value is None else _aware(value)
+    return None if value is None else to_utc(value)
 
 
 def _pg_time_in(value: datetime | None) -> datetime | None:
@@ -141,7 +136,7 @@ class HotPath:
         """Log ``NewEvent`` rows (unique ``event_id``s), skipping ids already logged; returns those inserted."""
         to_time, to_json, stamp = self._time, self._json, _memo(self._time)
         inserted: set[str] = set()
-        for chunk in _chunks(rows):
+        for chunk in chunks(rows):
             params: list[Any] = []
             for e in chunk:
                 params += (
@@ -166,7 +161,7 @@ class HotPath:
         of :class:`~persona.store.repository.SessionState`)."""
         from_time, from_json = self._time_in, self._json_in
         found: list[tuple[Any, ...]] = []
-        for chunk in _chunks(list(set(session_ids))):
+        for chunk in chunks(list(set(session_ids))):
             if len(chunk) == 1:
                 cursor.execute(f"{self._select_sessions} = {self.mark}", (chunk[0],))
             else:
@@ -197,7 +192,7 @@ class HotPath:
         of a session changes one of them, so a reader can tell cheaply whether what it read still holds."""
         from_time = self._time_in
         found: dict[str, tuple[int, int, datetime]] = {}
-        for chunk in _chunks(list(set(session_ids))):
+        for chunk in chunks(list(set(session_ids))):
             marks = ", ".join([self.mark] * len(chunk))
             cursor.execute(
                 f"SELECT session_id, edit_version, unknown_item_count, updated_at FROM {sessions.name} "

@@ -18,12 +18,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from persona.store.engine import READ_ONLY, ensure_schema, make_engine, mask_url
-from persona.store.hot_path import SESSION_FIELDS, HotPath, hot_path
+from persona.store.hot_path import SESSION_FIELDS, HotPath, chunks, hot_path
 from persona.store.tables import events, model_versions, prototypes
 from recsys.errors import PersonaError
-
-#: Rows per statement: keeps SQLite under its bound-parameter limit (32766) with room to spare.
-CHUNK = 500
 
 
 def utcnow() -> datetime:
@@ -111,11 +108,6 @@ class ModelVersionRow:
 
 def _model_columns() -> list[Any]:
     return [model_versions.c[name] for name in _MODEL_COLUMNS]
-
-
-def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 # Reads and writes name the columns this code knows, never "all columns": a later additive migration then
@@ -258,7 +250,7 @@ class UnitOfWork:
                 }
                 for r in rows
             ]
-            for chunk in _chunks(params):
+            for chunk in chunks(params):
                 self.connection.execute(stmt, list(chunk))
         return self.load_prototypes(model_version)
 

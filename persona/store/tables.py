@@ -40,6 +40,13 @@ NAMING_CONVENTION = {
 }
 
 
+def to_utc(value: datetime) -> datetime:
+    """The same instant in UTC; a naive datetime is refused (it is ambiguous and would silently shift)."""
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: the store only accepts timezone-aware datetimes")
+    return value.astimezone(UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware timestamp that always comes back as UTC, also on SQLite (which stores no zone).
 
@@ -50,11 +57,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the store only accepts timezone-aware datetimes")
-        return value.astimezone(UTC)
+        return None if value is None else to_utc(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
