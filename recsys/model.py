@@ -52,6 +52,21 @@ class ModelConfig:
     proto_n0: float = 10.0  # refinement rate η_k = max(1 / (n_k + n0), eta_floor)
     proto_eta_floor: float = 0.01
     min_session_items: int = 1  # shorter sessions fall back to the base model
+    # The encoder's window (recsys.windows): 0 = the last max_len items, positions counted from the most recent
+    # (bundles trained before windows had a stride load as 0); S > 0 = a window that starts every S items,
+    # positions counted from its start. None = max_len // 2, at most max_len - adapter_window + 1.
+    window_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_stride is None:
+            self.window_stride = max(1, min(self.max_len // 2, self.max_len - self.adapter_window + 1))
+        if not 0 <= self.window_stride <= self.max_len:
+            raise ValueError(f"window_stride must be in [0, max_len={self.max_len}], got {self.window_stride}")
+
+    @property
+    def stride(self) -> int:
+        """:attr:`window_stride`, resolved."""
+        return self.window_stride or 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +75,11 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> ModelConfig:
+        """A bundle's config: one written before windows had a stride keeps the sliding window it was trained on."""
+        return cls.from_dict({"window_stride": 0, **data})
 
 
 class Edit(NamedTuple):
@@ -115,11 +135,14 @@ class SASRecEncoder(nn.Module):
 
     Call args: ``emb`` [B, T, D], ``mask`` bool [B, T] (True = real item). Returns the state after every
     position [B, T, D]; the last one is the user. Causal, so training can use every position at once.
+    Positions count from the window's first item (``cfg.stride > 0``) or back from its last (stride 0, bundles
+    trained before windows had a stride).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.from_start = cfg.stride > 0
         self.pos = nn.Parameter(torch.randn(cfg.max_len, cfg.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             cfg.dim,
@@ -137,7 +160,7 @@ class SASRecEncoder(nn.Module):
         if last_only and not self.training and not torch.is_grad_enabled():
             return self._infer_last(emb, mask)
         b, t, _ = emb.shape
-        x = self.drop(emb * math.sqrt(emb.shape[-1]) + self.pos[-t:])
+        x = self.drop(emb * math.sqrt(emb.shape[-1]) + self.positions(mask))
         # Query i may see key j when j <= i and j is a real item; every position also sees itself, so that
         # padding rows (left of the history) never have an empty softmax.
         eye = torch.eye(t, dtype=torch.bool, device=emb.device)
@@ -160,6 +183,13 @@ class SASRecEncoder(nn.Module):
         y = y + last._ff_block(last.norm2(y))
         return self.norm(y[:, -1])
 
+    def positions(self, mask: Tensor) -> Tensor:
+        """Position embeddings of left-padded rows: [B, T, D] counted from each row's first item, or [T, D] (shared
+        by all rows) counted back from the last."""
+        if not self.from_start:
+            return self.pos[-mask.shape[1] :]
+        return F.embedding((mask.cumsum(1) - 1).clamp(min=0), self.pos)
+
     def _infer_last(self, emb: Tensor, mask: Tensor) -> Tensor:
         """The last position's state [B, D] in eval mode: the same arithmetic as :meth:`forward` (pre-norm blocks,
         masked causal attention, last block from the last query only), written as direct functional calls.
@@ -171,7 +201,7 @@ class SASRecEncoder(nn.Module):
         b, t, dim = emb.shape
         heads = self.n_heads
         hd = dim // heads
-        x = torch.addcmul(self.pos[-t:], emb, emb.new_tensor(math.sqrt(dim)))  # emb·√D + pos
+        x = torch.addcmul(self.positions(mask), emb, emb.new_tensor(math.sqrt(dim)))  # emb·√D + pos
         # [B, 1, T, T]: query i may see key j when j <= i and j is a real item, and always itself
         allowed = (torch.ones(t, t, dtype=torch.bool, device=emb.device).tril() & mask.unsqueeze(1)).unsqueeze(1)
         allowed |= torch.eye(t, dtype=torch.bool, device=emb.device)
@@ -182,7 +212,7 @@ class SASRecEncoder(nn.Module):
             q, k, v = F.linear(h, sa.in_proj_weight, sa.in_proj_bias).view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2).reshape(b, t, dim)
             x = x + F.linear(o, sa.out_proj.weight, sa.out_proj.bias)
-            x = x + _feed_forward(layer, x)
+            x = x + feed_forward(layer, x)
         last = layers[-1]
         sa = last.self_attn
         h = F.layer_norm(x, (dim,), last.norm1.weight, last.norm1.bias, last.norm1.eps)
@@ -192,11 +222,11 @@ class SASRecEncoder(nn.Module):
         q = F.linear(h[:, -1], sa.in_proj_weight[:dim], sa.in_proj_bias[:dim]).view(b, heads, 1, hd)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, :, -1:]).reshape(b, dim)
         y = x[:, -1] + F.linear(o, sa.out_proj.weight, sa.out_proj.bias)
-        y = y + _feed_forward(last, y)
+        y = y + feed_forward(last, y)
         return F.layer_norm(y, (dim,), self.norm.weight, self.norm.bias, self.norm.eps)
 
 
-def _feed_forward(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
+def feed_forward(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
     """The pre-norm feed-forward branch of an encoder layer in eval mode (no dropout)."""
     h = F.layer_norm(x, (x.shape[-1],), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
     return F.linear(
@@ -357,6 +387,29 @@ class CloudAdapter(nn.Module):
 
     def codes(self, recent_emb: Tensor, mask: Tensor) -> Tensor:
         return self.layer_codes(self.session_code(recent_emb, mask))
+
+    def item_inputs(self, item_table: Tensor) -> Tensor:
+        """The session GRU's input projections of every item [N, 3D] (gates r, z, n): an item's projection is the
+        same wherever it appears, so inference computes it once per item instead of once per position."""
+        gru = self.session_gru
+        return F.linear(item_table, gru.weight_ih_l0, gru.bias_ih_l0)  # type: ignore[arg-type]
+
+    def codes_from_inputs(self, recent: Tensor, inputs: Tensor) -> Tensor:
+        """:meth:`codes` of the recent items ``recent`` [B, W] (left-padded ids) for inference, from
+        :meth:`item_inputs`: the GRU's recurrence written out, skipping padding as packing does (exact)."""
+        gru = self.session_gru
+        x = F.embedding(recent, inputs)  # [B, W, 3D]
+        real = recent != PAD
+        real[:, -1] |= ~real.any(1)  # as packing does: an empty window reads its last (padding) position
+        real = real.unsqueeze(-1)
+        h = x.new_zeros(recent.shape[0], gru.hidden_size)
+        for t in range(recent.shape[1]):
+            i_r, i_z, i_n = x[:, t].chunk(3, 1)
+            h_r, h_z, h_n = F.linear(h, gru.weight_hh_l0, gru.bias_hh_l0).chunk(3, 1)  # type: ignore[arg-type]
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = torch.where(real[:, t], n + z * (h - n), h)
+        return self.layer_codes(self.to_code(h))
 
     def raw_edit(self, codes: Tensor) -> tuple[Tensor, Tensor]:
         """Unclipped generator output for codes [B, L, d] → (ΔW [B, L, D, D], Δb [B, L, D])."""

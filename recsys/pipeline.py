@@ -55,7 +55,7 @@ class Prepared:
     fingerprint: str
 
 
-def prepare(spec: DatasetSpec, *, max_len: int = 50) -> Prepared:
+def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0) -> Prepared:
     """Load, k-core filter and split the data as ``spec`` says."""
     if spec.protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {spec.protocol!r}", f"use one of: {', '.join(PROTOCOLS)}")
@@ -66,7 +66,7 @@ def prepare(spec: DatasetSpec, *, max_len: int = 50) -> Prepared:
             f"no interactions left after {spec.min_user}-core users / {spec.min_item}-core items",
             "lower --min-user/--min-item or use a larger dataset",
         )
-    split = make_split(df, spec.protocol, max_len=max_len)
+    split = make_split(df, spec.protocol, max_len=max_len, window_stride=window_stride)
     log.info(
         "data %s: %d interactions, %d users, %d items; train/valid/test examples %d/%d/%d",
         spec.source,
@@ -137,9 +137,9 @@ def train_bundle(
     tc = tc or TrainConfig()
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists", "pass --overwrite to replace it or choose another --out")
-    base_cfg = ModelConfig(n_items=1)
-    prepared = prepare(spec, max_len=(model_overrides or {}).get("max_len", base_cfg.max_len))
-    cfg = ModelConfig.from_dict({**(model_overrides or {}), "n_items": prepared.split.vocab.size})
+    shape = ModelConfig.from_dict({**(model_overrides or {}), "n_items": 1})  # the window before the vocabulary
+    prepared = prepare(spec, max_len=shape.max_len, window_stride=shape.stride)
+    cfg = ModelConfig.from_dict({**shape.to_dict(), "n_items": prepared.split.vocab.size})
     result = train_persona(prepared.split, cfg, tc, progress=progress)
     bundle = save_trained(out, prepared, result, tc, overwrite=overwrite)
     log.info("wrote bundle %s (version %s)", out, bundle.version)
@@ -150,7 +150,7 @@ def load_trained(path: Path) -> TrainedModel:
     """Load and verify a bundle; refuses one this code cannot rebuild, with a clear message."""
     bundle = load_bundle(path)
     try:
-        cfg = ModelConfig.from_dict(bundle.documents["config"]["model"])
+        cfg = ModelConfig.from_stored(bundle.documents["config"]["model"])
         tc = TrainConfig.from_dict(bundle.documents["config"]["train"])
         spec = DatasetSpec.from_dict(bundle.documents["dataset"]["spec"])
         vocab = ItemVocab.from_json(bundle.documents["vocab"])

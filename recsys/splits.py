@@ -14,6 +14,7 @@ import polars as pl
 
 from recsys.errors import DataError
 from recsys.vocab import ItemVocab
+from recsys.windows import window_lengths
 
 PROTOCOLS = ("time-shift", "leave-one-out")
 MIN_INTERACTIONS = 20
@@ -92,6 +93,7 @@ def make_split(
     protocol: str = "time-shift",
     *,
     max_len: int = 50,
+    window_stride: int = 0,
     test_frac: float = 0.3,
     valid_frac: float = 0.1,
     min_train_items: int = 3,
@@ -109,7 +111,9 @@ def make_split(
     fewer than ``min_train_items + 2`` interactions only give train examples.
 
     Train examples: every train-part interaction with at least one earlier train-part item of the user.
-    Histories keep the last ``max_len`` items. Each set is sorted by (ts, user).
+    Histories are the encoder's window of the items before the target: the last ``max_len`` items
+    (``window_stride`` 0), or a window that starts every ``window_stride`` items (:func:`recsys.model.window_length`).
+    Each set is sorted by (ts, user).
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown split protocol {protocol!r}", f"use one of: {', '.join(PROTOCOLS)}")
@@ -209,7 +213,7 @@ def make_split(
         pos = np.flatnonzero(keep)
         pos = pos[np.lexsort((user_s[pos], ts_s[pos]))]
         sets[name] = Examples(
-            histories=_histories(codes_s, pos, start_s[pos], max_len),
+            histories=_histories(codes_s, pos, start_s[pos], max_len, window_stride),
             targets=codes_s[pos].astype(np.int64),
             users=user_s[pos].astype(np.int64),
             ts=ts_s[pos].astype(np.float64),
@@ -230,17 +234,19 @@ def make_split(
     )
 
 
-def _histories(codes: np.ndarray, pos: np.ndarray, start: np.ndarray, max_len: int) -> np.ndarray:
-    """The ``max_len`` items before each ``pos`` within its user block ``[start, pos)``, left-padded with PAD.
+def _histories(codes: np.ndarray, pos: np.ndarray, start: np.ndarray, max_len: int, stride: int) -> np.ndarray:
+    """The encoder's window of the items before each ``pos`` within its user block ``[start, pos)``, left-padded
+    with PAD.
 
-    Vectorised sliding windows over the per-user-ordered ``codes``, built in chunks to bound memory.
+    Vectorised windows over the per-user-ordered ``codes``, built in chunks to bound memory.
     """
     out = np.zeros((pos.size, max_len), dtype=np.int64)
     offsets = np.arange(-max_len, 0, dtype=np.int64)
+    first = pos - window_lengths(pos - start, max_len, stride)
     for lo in range(0, pos.size, _CHUNK):
         p = pos[lo : lo + _CHUNK, None]
         idx = p + offsets
-        out[lo : lo + _CHUNK] = np.where(idx >= start[lo : lo + _CHUNK, None], codes[np.maximum(idx, 0)], 0)
+        out[lo : lo + _CHUNK] = np.where(idx >= first[lo : lo + _CHUNK, None], codes[np.maximum(idx, 0)], 0)
     return out
 
 

@@ -101,6 +101,7 @@ class _Row:
     fallback: str | None = None
     unknown: list[str] = field(default_factory=list)
     indices: Tensor | None = None  # the padded history [T] as vocabulary indices, once a step needs it
+    before: int = 0  # items of the session older than ``history`` (they place the encoder's window)
 
 
 def _histories(online: OnlineModel, rows: Sequence[_Row], which: Sequence[int]) -> Tensor:
@@ -108,7 +109,8 @@ def _histories(online: OnlineModel, rows: Sequence[_Row], which: Sequence[int]) 
     since a row that must be re-encoded needs it for both its code and its user state."""
     todo = [n for n in which if rows[n].indices is None]
     if todo:
-        for n, built in zip(todo, online.histories([rows[n].history for n in todo]), strict=True):
+        built_all = online.histories([rows[n].history for n in todo], [rows[n].before for n in todo])
+        for n, built in zip(todo, built_all, strict=True):
             rows[n].indices = built
     built_rows = [rows[n].indices for n in which]
     return torch.stack([t for t in built_rows if t is not None])
@@ -223,7 +225,8 @@ class Ranker:
             state = states.get(q.session_id) if q.session_id is not None else None
             known = [i for i in q.recent_items or () if online.known(i)]
             unknown = [i for i in q.recent_items or () if not online.known(i)]
-            rows.append(self._plan(online, state, known[-online.cfg.max_len :], unknown, bank))
+            dropped = max(0, len(known) - online.cfg.max_len)
+            rows.append(self._plan(online, state, known[dropped:], unknown, bank, dropped))
 
         model_rows = [j for j, r in enumerate(rows) if r.mode != "popularity"]
         scores: Tensor | None = None
@@ -304,15 +307,24 @@ class Ranker:
             raise InvalidInput(f"{len(errors)} invalid request(s): {errors[0]['msg']}", errors=errors)
 
     def _plan(
-        self, online: OnlineModel, state: SessionState | None, extra: list[str], unknown: list[str], bank: BankState
+        self,
+        online: OnlineModel,
+        state: SessionState | None,
+        extra: list[str],
+        unknown: list[str],
+        bank: BankState,
+        dropped: int = 0,
     ) -> _Row:
-        """Decide where a row's edit comes from (stored code, recompute, or popularity)."""
+        """Decide where a row's edit comes from (stored code, recompute, or popularity). ``dropped``: the request's
+        items older than ``extra`` that were cut off (they still count for the encoder's window)."""
         stored = list(state.recent_items) if state is not None else []
         history = stored + extra
         window = history[-online.cfg.max_len :]
         if not any(online.known(i) for i in window):
             return _Row(history, state, "popularity", unknown=unknown)
-        row = _Row(history, state, "recompute", unknown=unknown)
+        # the session's items older than its stored recent ones, and the request's cut off ones
+        before = (max(0, state.event_count - len(stored)) if state is not None else 0) + dropped
+        row = _Row(history, state, "recompute", unknown=unknown, before=before)
         if state is None or extra or state.model_version != online.version or state.code is None:
             return row
         n_protos = bank.centres.shape[0]

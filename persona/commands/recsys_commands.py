@@ -135,7 +135,7 @@ def evaluate(
             "overlaps that protocol's test set",
             f"train another bundle with --protocol {proto}",
         )
-    prepared = prepare(trained.spec, max_len=trained.model.cfg.max_len)
+    prepared = prepare(trained.spec, max_len=trained.model.cfg.max_len, window_stride=trained.model.cfg.stride)
     if prepared.fingerprint != trained.bundle.manifest.get("data_fingerprint"):
         raise PersonaError(
             f"the data of {trained.spec.source} changed since bundle {model} was trained",
