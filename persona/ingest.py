@@ -29,7 +29,9 @@ import dataclasses
 import itertools
 import logging
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -43,9 +45,10 @@ from torch import Tensor
 from persona.events import Event, Rejection, RejectReason
 from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from persona.user_state import pack_user_states, user_state_payload
+from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
-from recsys.model import PAD, reseed_idle
+from recsys.model import PAD, SASRecEncoder, reseed_idle
 from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,11 @@ class Ingestor:
             session (METHOD.md §3); ``None`` turns re-seeding off.
         compute_threads: threads that run a batch's model work side by side (encoder chunks, adapter codes,
             prequential check); 1 runs it all on the calling thread. The result does not depend on it.
+        session_cache: sessions kept in memory between batches (0 = none): the state this ingestor last committed
+            for each, so :meth:`prepare` need not read it back (:meth:`commit` checks that the store still holds it,
+            as for any read), and the encoder's keys and values over its window (:mod:`recsys.encoder_cache`; SASRec
+            models whose windows have a stride), so an event encodes its new item only. ~56 KB a session at the
+            default model sizes. The result does not depend on it beyond float rounding.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class Ingestor:
         max_recent: int | None = None,
         prototype_idle_s: float | None = 3600.0,
         compute_threads: int = 1,
+        session_cache: int = 4096,
     ) -> None:
         if unknown_item_policy not in UNKNOWN_ITEM_POLICIES:
             raise PersonaError(
@@ -124,6 +133,11 @@ class Ingestor:
             )
         if max_recent is not None and max_recent < 1:
             raise PersonaError(f"max_recent must be >= 1, got {max_recent}")
+        if session_cache < 0:
+            raise PersonaError(
+                f"session_cache must be >= 0, got {session_cache}",
+                "fix PERSONA_SESSION_CACHE",
+            )
         if compute_threads < 1:
             raise PersonaError(f"compute_threads must be >= 1, got {compute_threads}", "fix PERSONA_CONSUMER_THREADS")
         self.store = store
@@ -132,11 +146,20 @@ class Ingestor:
         self.max_recent = max_recent
         self.prototype_idle_s = prototype_idle_s
         self._pool = ThreadPoolExecutor(compute_threads, "persona-ingest") if compute_threads > 1 else None
+        # the model work a commit waits for (predictions under its bank): one thread of its own
+        self._urgent = ThreadPoolExecutor(1, "persona-ingest-commit") if compute_threads > 1 else None
+        self.session_cache = session_cache
+        self._cache: tuple[str | None, EncoderCache | None] | None = None  # (model version, its cache)
+        # sessions as this ingestor last committed them, with their recent items' vocabulary indices and the model
+        # those are for; least recently used first (never mutated: copied on use)
+        self._committed: OrderedDict[str, tuple[SessionState, list[int], OnlineModel]] = OrderedDict()
+        self._committed_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop the compute threads (if any); :meth:`apply` must not be called afterwards."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._urgent, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------ public
     def apply(self, events: Sequence[Event], *, source: str = "kafka") -> IngestResult:
@@ -189,21 +212,35 @@ class Ingestor:
             return prepared
         stored: dict[str, SessionState] = {}
         origins: dict[str, SessionState] = {}
+        known_indices: dict[str, list[int]] = {}
         for earlier in reversed(pending):  # the newest pending state of a session is the one it will have
             if earlier.plan is None:
                 continue
             common = (prepared.session_ids & earlier.plan.sessions.keys()) - stored.keys()
             for sid in common:
-                origins[sid] = earlier.plan.sessions[sid].state
-                stored[sid] = dataclasses.replace(origins[sid])  # the walk below changes its own copy
+                touched = earlier.plan.sessions[sid]
+                origins[sid] = touched.state
+                stored[sid] = dataclasses.replace(touched.state)  # the walk below changes its own copy
+                if earlier.online is online:
+                    known_indices[sid] = touched.indices
             if common:
                 prepared.depends_on.append(earlier)
         missing = prepared.session_ids - stored.keys()
+        if missing and self.session_cache:
+            with self._committed_lock:
+                for sid in missing:
+                    remembered = self._committed.get(sid)
+                    if remembered is not None:
+                        self._committed.move_to_end(sid)
+                        stored[sid] = dataclasses.replace(remembered[0])  # the walk below changes its own copy
+                        if remembered[2] is online:
+                            known_indices[sid] = remembered[1]
+            missing = missing - stored.keys()
         if missing:
             with self.store.read() as uow:
                 stored.update(uow.get_sessions(missing))
         prepared.expected = {sid: _version(stored.get(sid)) for sid in prepared.session_ids}
-        prepared.plan = _walk(online, kept, stored, cap, now, origins)
+        prepared.plan = _walk(online, kept, stored, cap, now, origins, known_indices)
         prepared.work = self._start(online, prepared.plan)
         return prepared
 
@@ -244,7 +281,8 @@ class Ingestor:
                     return result
                 plan, work = self._replan(uow, p, fresh, work)
                 scoring = self._score_previous(online, bank, plan, work)
-            codes = _conclude(online, plan, work, scoring, bank, result)
+            assert scoring.outcome is not None
+            codes = _conclude(online, plan, scoring.outcome.result(), result)
 
             if codes is not None:
                 protos = torch.tensor(result.prototypes, dtype=torch.long)
@@ -258,7 +296,21 @@ class Ingestor:
 
         stored_at = time.time()
         result.freshness_s = [stored_at - ts for ts in result.freshness_s]  # event ts -> state committed
+        self._remember(plan, online)
         return result
+
+    def _remember(self, plan: _Plan, online: OnlineModel) -> None:
+        """Keep a committed plan's sessions for the next :meth:`prepare` (beyond the cap, the least recently used
+        go)."""
+        if not self.session_cache:
+            return
+        with self._committed_lock:
+            committed = self._committed
+            for sid, w in plan.sessions.items():
+                committed[sid] = (w.state, w.indices, online)
+                committed.move_to_end(sid)
+            while len(committed) > self.session_cache:
+                committed.popitem(last=False)
 
     # ------------------------------------------------------------------------------------------ internals
     def _replan(
@@ -304,16 +356,30 @@ class Ingestor:
         work = _Work()
         if not plan.post_hist:
             return work
-        with torch.inference_mode():
-            work.hist = _pad(plan.post_hist, online.cfg.max_len)
+        cache = self._encoder_cache(online)
+        window = online.cfg.adapter_window
         pool = self._pool
-        if pool is None:
-            work.codes = _done(online.codes(work.hist))
-            work.states = _done(online.user_states(work.hist))
-        else:
-            work.codes = pool.submit(online.codes, work.hist)
-            work.states = online.submit_user_states(work.hist, pool)
+        with torch.inference_mode():
+            recent = _pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
+        work.codes = _done(online.codes(recent)) if pool is None else pool.submit(online.codes, recent)
+        work.early = _done(_early_work(online, plan)) if pool is None else pool.submit(_early_work, online, plan)
+        if cache is not None:  # each window's new items only
+            work.states = (
+                _done(_cached_states(cache, plan)) if pool is None else pool.submit(_cached_states, cache, plan)
+            )
+            return work
+        with torch.inference_mode():
+            hist = _pad(plan.post_hist, online.cfg.max_len)
+        work.states = _done(online.user_states(hist)) if pool is None else online.submit_user_states(hist, pool)
         return work
+
+    def _encoder_cache(self, online: OnlineModel) -> EncoderCache | None:
+        """This model's encoder cache; ``None`` where it does not apply (turned off, GRU4Rec, a sliding window)."""
+        if self._cache is None or self._cache[0] != online.version:
+            dm = online.model.device_model
+            usable = self.session_cache > 0 and isinstance(dm.encoder, SASRecEncoder) and online.cfg.stride
+            self._cache = (online.version, EncoderCache(dm, self.session_cache) if usable else None)
+        return self._cache[1]
 
     def _score_previous(self, online: OnlineModel, bank: BankState, plan: _Plan, work: _Work) -> _Scoring:
         """The previous states that predict this batch's events, and the prequential check of those that are stored
@@ -324,20 +390,20 @@ class Ingestor:
         """
         scoring = _Scoring()
         if not plan.post_hist:
+            scoring.outcome = _done(None)
             return scoring
         with torch.inference_mode():
-            scoring.prev = prev = _previous_states(online, bank, [(s.resolved(), h) for s, h in plan.stored_prev])
+            prev = _previous_states(online, bank, [(s.resolved(), h) for s, h in plan.stored_prev])
             if prev.recompute:
                 hist = _pad([plan.stored_prev[j][1] for j in prev.recompute], online.cfg.max_len)
                 codes = online.codes(hist)
                 prev.codes[prev.recompute] = codes
                 prev.states[prev.recompute] = online.user_states(hist, self._pool)
                 prev.protos[prev.recompute] = online.assign(codes, bank)
-        scoring.early = [n for n, (r, _i) in enumerate(plan.pre_rows) if r < -1]
-        if self._pool is None or not scoring.early:
-            scoring.early_scores = _done(_stored_predictions(online, bank, plan, prev, scoring.early))
-        else:
-            scoring.early_scores = self._pool.submit(_stored_predictions, online, bank, plan, prev, scoring.early)
+        if self._urgent is None:
+            scoring.outcome = _done(_model_outcome(online, bank, plan, work, prev))
+        else:  # its own thread: never queued behind the next batch's model work on the compute threads
+            scoring.outcome = self._urgent.submit(_model_outcome, online, bank, plan, work, prev)
         return scoring
 
 
@@ -398,23 +464,29 @@ class _Stored:
         return self if o is None else _Stored(o.model_version, o.code, o.user_state, o.prototype_id, o.edit_version)
 
 
+def _usable_payload(online: OnlineModel, st: _Stored) -> bytes | None:
+    """The float32 bytes of a stored state's user state if it can predict with this model, else ``None``."""
+    cfg = online.cfg
+    code = st.code
+    if st.model_version != online.version or code is None or len(code) != 4 * cfg.n_edit_layers * cfg.code_dim:
+        return None
+    return user_state_payload(st.user_state, st.edit_version, cfg)
+
+
 def _previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[_Stored, list[int]]]) -> _Previous:
     cfg = online.cfg
     n_prev, n_protos = len(prev), bank.centres.shape[0]
-    code_size = 4 * cfg.n_edit_layers * cfg.code_dim
     usable: list[int] = []
     code_bytes: list[bytes] = []
     state_bytes: list[bytes] = []
     recompute: list[int] = []
     for j, (st, _hist) in enumerate(prev):
-        code, payload = st.code, None
-        if st.model_version == online.version and code is not None and len(code) == code_size:
-            payload = user_state_payload(st.user_state, st.edit_version, cfg)
-        if code is None or payload is None:
+        payload = _usable_payload(online, st)
+        if st.code is None or payload is None:
             recompute.append(j)
             continue
         usable.append(j)
-        code_bytes.append(code)
+        code_bytes.append(st.code)
         state_bytes.append(payload)
     out = _Previous(
         torch.zeros(n_prev, cfg.n_edit_layers, cfg.code_dim),
@@ -452,6 +524,7 @@ class _Touched:
     # j-th stored previous state; -1 before either is known.
     row: int = -1
     origin: SessionState | None = None  # the pending batch's state this one was copied from (see Ingestor.prepare)
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (post-event row, its window's start) per event
 
 
 @dataclass
@@ -474,23 +547,30 @@ def _walk(
     cap: int,
     now: datetime,
     origins: dict[str, SessionState],
+    known_indices: dict[str, list[int]] | None = None,
 ) -> _Plan:
     """Walk the new events in order, updating the sessions' states (in place) and building their histories.
 
     The sequence encoder then runs once per applied event, on its post-event history: that user state is stored
     with the session, and it is exactly what the session's *next* event is scored with. So a prediction never
-    re-encodes the previous history (the stored state, or the in-batch one, is it).
+    re-encodes the previous history (the stored state, or the in-batch one, is it). ``known_indices`` are the
+    vocabulary indices of some sessions' recent items when already known (from a pending batch, or remembered).
     """
     plan = _Plan()
+    known_indices = known_indices or {}
     sessions = plan.sessions
     index_of, indices_of = online.index_of, online.indices_of
+    max_len, stride = online.cfg.max_len, online.cfg.stride
     for e, known in fresh:
         w = sessions.get(e.session_id)
         if w is None:
             st = stored.get(e.session_id)
             if st is None:
                 st = SessionState(session_id=e.session_id, device_id=e.device_id, user_id=e.user_id)
-            w = _Touched(st, indices_of(st.recent_items[-cap:]), origin=origins.get(e.session_id))
+            indices = known_indices.get(e.session_id)
+            if indices is None:
+                indices = indices_of(st.recent_items[-cap:])
+            w = _Touched(st, indices, origin=origins.get(e.session_id))
             sessions[e.session_id] = w
         st = w.state
         if e.device_id is not None:
@@ -512,7 +592,10 @@ def _walk(
                 snapshot = _Stored(
                     st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version, origin=w.origin
                 )
-                plan.stored_prev.append((snapshot, w.indices))
+                n = st.event_count  # the window's size (recsys.windows.window_length, inline: this loop is hot)
+                size = n if n <= max_len else max_len - stride + 1 + (n - max_len - 1) % stride if stride else max_len
+                size = min(size, len(w.indices))
+                plan.stored_prev.append((snapshot, w.indices[len(w.indices) - size :]))
             plan.pre_rows.append((w.row, item))
         w.indices = [*w.indices, item][-cap:]
         st.recent_items = [*st.recent_items, e.item_id][-cap:]
@@ -520,40 +603,53 @@ def _walk(
         st.edit_version += 1
         st.model_version = online.version
         w.row = len(plan.post_hist)
-        plan.post_hist.append(w.indices)
+        n = st.event_count
+        size = n if n <= max_len else max_len - stride + 1 + (n - max_len - 1) % stride if stride else max_len
+        size = min(size, len(w.indices))
+        w.rows.append((w.row, n - size))
+        plan.post_hist.append(w.indices[len(w.indices) - size :])
         plan.event_ts.append(e.ts.timestamp())
         plan.item_indices.append(item)
     return plan
-
-
-#: (edit-norm ratios, Persona ranks, base ranks) of some predictions.
-_Scored = tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass
 class _Work:
     """A plan's encoder and adapter work, started by :meth:`Ingestor._start` (maybe still running)."""
 
-    hist: Tensor | None = None  # the post-event histories
     codes: Future[Tensor] | None = None
     states: Future[Tensor] | None = None
+    early: Future[_Early] | None = None
 
     def abandon(self) -> None:
         """Wait for whatever is still running (the results are not needed): compute threads must be free."""
-        wait([f for f in (self.codes, self.states) if f is not None])
+        running: list[Future[Any]] = [f for f in (self.codes, self.states, self.early) if f is not None]
+        wait(running)
 
 
 @dataclass
 class _Scoring:
-    """The previous states of a plan's predictions, and the check of those scored from stored states."""
+    """A plan's model outcome under the bank of its transaction (maybe still being computed)."""
 
-    prev: _Previous | None = None
-    early: list[int] = field(default_factory=list)  # predictions scored from stored states
-    early_scores: Future[_Scored] | None = None
+    outcome: Future[_Outcome | None] | None = None
 
     def abandon(self) -> None:
-        if self.early_scores is not None:
-            wait([self.early_scores])
+        if self.outcome is not None:
+            wait([self.outcome])
+
+
+@dataclass
+class _Outcome:
+    """Everything a plan's model work gives: codes [B, L, d], user states [B, D], prototypes [B] and their
+    distances [B] of the applied events, and per prediction the edit-norm ratio and both variants' ranks [P]."""
+
+    codes: Tensor
+    states: Tensor
+    protos: Tensor
+    dists: Tensor
+    ratios: Tensor
+    persona: Tensor
+    base: Tensor
 
 
 def _done(value: Any) -> Future[Any]:
@@ -562,30 +658,69 @@ def _done(value: Any) -> Future[Any]:
     return done
 
 
-def _no_predictions() -> _Scored:
-    empty = torch.empty(0, dtype=torch.long)
-    return torch.empty(0), empty, empty
-
-
 @torch.inference_mode()
-def _stored_predictions(
-    online: OnlineModel, bank: BankState, plan: _Plan, prev: _Previous, which: list[int]
-) -> _Scored:
-    """Score predictions ``which`` (indices into ``plan.pre_rows``) whose previous state is a stored one."""
-    if not which:
-        return _no_predictions()
-    sel = torch.tensor([-plan.pre_rows[n][0] - 2 for n in which], dtype=torch.long)
-    targets = torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long)
-    ratios, (persona, base) = _edits_and_ranks(
-        online, bank, prev.codes[sel], prev.protos[sel], prev.states[sel], targets
-    )
-    return ratios, persona, base
+def _model_outcome(online: OnlineModel, bank: BankState, plan: _Plan, work: _Work, prev: _Previous) -> _Outcome:
+    """A plan's model work under ``bank``: prototypes of the new codes, and the prequential check of every
+    prediction, from a stored previous state (``prev``) or from this batch's forward (a session's second event
+    or later)."""
+    assert work.codes is not None and work.states is not None and work.early is not None
+    checks = _Checks.start(len(plan.pre_rows), work.early.result())
+    early = [n for n, (r, _i) in enumerate(plan.pre_rows) if r < -1]
+    if early:  # needs nothing from this batch's forward: scored while it may still run
+        sel = torch.tensor([-plan.pre_rows[n][0] - 2 for n in early], dtype=torch.long)
+        checks.score(online, bank, plan, early, prev.codes[sel], prev.protos[sel], prev.states[sel])
+    codes, states = work.codes.result(), work.states.result()
+    protos = online.assign(codes, bank)
+    dists = online.distances(codes, protos, bank)
+    late = [n for n, (r, _i) in enumerate(plan.pre_rows) if r >= 0]
+    if late:
+        sel = torch.tensor([plan.pre_rows[n][0] for n in late], dtype=torch.long)
+        checks.score(online, bank, plan, late, codes[sel], protos[sel], states[sel])
+    return _Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base)
 
 
-def _conclude(
-    online: OnlineModel, plan: _Plan, work: _Work, scoring: _Scoring, bank: BankState, result: IngestResult
-) -> Tensor | None:
-    """Collect a plan's model work into ``result`` (counters, per-event lists, session codes and user states).
+@dataclass
+class _Checks:
+    """The prequential check of a plan's predictions, filled in as they are scored: per prediction the edit-norm
+    ratio and both variants' ranks. ``early`` holds what was computed while the batch was prepared."""
+
+    ratios: Tensor
+    persona: Tensor
+    base: Tensor
+    early: _Early
+    position: dict[int, int]  # prediction -> its row in early
+
+    @classmethod
+    def start(cls, n_pred: int, early: _Early) -> _Checks:
+        base = torch.empty(n_pred, dtype=torch.long)
+        base[early.which] = early.base
+        position = {n: j for j, n in enumerate(early.which)}
+        return cls(torch.empty(n_pred), torch.empty(n_pred, dtype=torch.long), base, early, position)
+
+    def score(
+        self,
+        online: OnlineModel,
+        bank: BankState,
+        plan: _Plan,
+        which: list[int],
+        codes: Tensor,
+        protos: Tensor,
+        states: Tensor,
+    ) -> None:
+        """Score predictions ``which`` from their previous states (codes, prototypes, user states [P, ...])."""
+        idx = torch.tensor(which, dtype=torch.long)
+        targets = torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long)
+        rows = [self.position.get(n, -1) for n in which]
+        first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
+        persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
+        self.persona[idx] = _ranks(online, persona_q, targets)
+        todo = [j for j, r in enumerate(rows) if r < 0]
+        if todo:
+            self.base[idx[todo]] = _ranks(online, online.queries(states[todo]), targets[todo])
+
+
+def _conclude(online: OnlineModel, plan: _Plan, outcome: _Outcome | None, result: IngestResult) -> Tensor | None:
+    """Collect a plan's model outcome into ``result`` (counters, per-event lists, session codes and user states).
 
     Returns the codes [B, L, d] of the applied events (``None`` if none was applied). ``result.freshness_s``
     temporarily holds the event timestamps (the caller turns them into ages once the transaction committed).
@@ -599,45 +734,23 @@ def _conclude(
         if w.row < 0 and w.origin is not None:  # no new state here: keep the one the pending batch computed
             w.state.code, w.state.user_state = w.origin.code, w.origin.user_state
             w.state.prototype_id, w.state.model_version = w.origin.prototype_id, w.origin.model_version
-    if not plan.post_hist:
+    if outcome is None:
         return None
-    assert work.codes is not None and work.states is not None
-    assert scoring.early_scores is not None
-    with torch.inference_mode():
-        codes, states = work.codes.result(), work.states.result()
-        protos = online.assign(codes, bank)
-        dists = online.distances(codes, protos, bank)
-        if plan.pre_rows:
-            n_pred = len(plan.pre_rows)
-            ratios = torch.empty(n_pred)
-            persona = torch.empty(n_pred, dtype=torch.long)
-            base = torch.empty(n_pred, dtype=torch.long)
-            early = set(scoring.early)
-            late = [n for n in range(n_pred) if n not in early]
-            if scoring.early:
-                ratios[scoring.early], persona[scoring.early], base[scoring.early] = scoring.early_scores.result()
-            if late:  # previous state from this batch's forward (a session's second event or later)
-                sel = torch.tensor([plan.pre_rows[n][0] for n in late], dtype=torch.long)
-                targets = torch.tensor([plan.pre_rows[n][1] for n in late], dtype=torch.long)
-                late_ratios, (late_persona, late_base) = _edits_and_ranks(
-                    online, bank, codes[sel], protos[sel], states[sel], targets
-                )
-                ratios[late], persona[late], base[late] = late_ratios, late_persona, late_base
-            _score(result, "persona", persona)
-            _score(result, "base", base)
-            result.edit_norm_ratios = ratios.tolist()
-
+    if plan.pre_rows:
+        _score(result, "persona", outcome.persona)
+        _score(result, "base", outcome.base)
+        result.edit_norm_ratios = outcome.ratios.tolist()
     q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
-    result.prototypes = protos.tolist()
-    result.ood_scores = (dists / q99).tolist()
-    code_np = codes.to(torch.float32).contiguous().numpy()
+    result.prototypes = outcome.protos.tolist()
+    result.ood_scores = (outcome.dists / q99).tolist()
+    code_np = outcome.codes.to(torch.float32).contiguous().numpy()
     latest = [w for w in plan.sessions.values() if w.row >= 0]
-    packed = pack_user_states(states[[w.row for w in latest]], [w.state.edit_version for w in latest])
+    packed = pack_user_states(outcome.states[[w.row for w in latest]], [w.state.edit_version for w in latest])
     for w, user_state in zip(latest, packed, strict=True):
         w.state.code = code_np[w.row].tobytes()
         w.state.user_state = user_state
         w.state.prototype_id = result.prototypes[w.row]
-    return codes
+    return outcome.codes
 
 
 #: Scores per chunk of the prequential ranks (rows × catalogue): 4M floats (16 MB) bound the temporary [rows, N]
@@ -645,26 +758,64 @@ def _conclude(
 _SCORE_BUDGET = 1 << 22
 
 
-def _edits_and_ranks(
-    online: OnlineModel, bank: BankState, codes: Tensor, protos: Tensor, states: Tensor, targets: Tensor
-) -> tuple[Tensor, list[Tensor]]:
-    """Edit-norm ratios [P] and the prequential ranks [P] per variant of P predictions.
-
-    Prediction j is scored from the previous state's user state ``states[j]`` under its edit (``codes[j]``,
-    prototype ``protos[j]``) and under the base model: exactly :meth:`OnlineModel.target_ranks` on the
-    previous history, with the encoder's output reused and the edits applied factored (never materialised).
-    """
-    persona_q, ratios = online.edited_queries(states, codes, protos, bank)
-    base_q = online.queries(states)
-    n_pred = len(targets)
-    persona = torch.empty(n_pred, dtype=torch.long)
-    base = torch.empty(n_pred, dtype=torch.long)
+def _ranks(online: OnlineModel, queries: Tensor, targets: Tensor) -> Tensor:
+    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time."""
+    ranks = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
-    for start in range(0, n_pred, step):
+    for start in range(0, len(targets), step):
         sl = slice(start, start + step)
-        base[sl] = target_ranks(online.scores_from_queries(base_q[sl]), targets[sl])
-        persona[sl] = target_ranks(online.scores_from_queries(persona_q[sl]), targets[sl])
-    return ratios, [persona, base]
+        ranks[sl] = target_ranks(online.scores_from_queries(queries[sl]), targets[sl])
+    return ranks
+
+
+@dataclass
+class _Early:
+    """What is computed while a batch is prepared for the predictions whose previous state was read from the store
+    (not one a pending batch will write): it needs neither this batch's forward nor the bank the commit scores
+    with. ``which``: those predictions (indices into ``plan.pre_rows``); their base model ranks, and the first
+    products of the edited head (:meth:`OnlineModel.first_products`)."""
+
+    which: list[int]
+    base: Tensor
+    first: Tensor
+
+
+@torch.inference_mode()
+def _early_work(online: OnlineModel, plan: _Plan) -> _Early:
+    """See :class:`_Early`; the commit does the rest of the prequential check."""
+    which: list[int] = []
+    payloads: list[bytes] = []
+    for n, (row, _item) in enumerate(plan.pre_rows):
+        if row < -1:
+            snapshot = plan.stored_prev[-row - 2][0]
+            payload = None if snapshot.origin is not None else _usable_payload(online, snapshot)
+            if payload is not None:
+                which.append(n)
+                payloads.append(payload)
+    if not which:
+        return _Early(which, torch.empty(0, dtype=torch.long), torch.empty(0))
+    states = _floats(payloads).view(len(which), online.cfg.dim)
+    targets = torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long)
+    return _Early(which, _ranks(online, online.queries(states), targets), online.first_products(states))
+
+
+def _cached_states(cache: EncoderCache, plan: _Plan) -> Tensor:
+    """The user states [R, D] of a plan's post-event rows through the encoder cache: one request per run of a
+    session's events in the same window (its rows are consecutive positions of that window)."""
+    requests: list[WindowRequest] = []
+    order: list[int] = []
+    for sid, w in plan.sessions.items():
+        rows = w.rows
+        lo = 0
+        for hi in range(1, len(rows) + 1):
+            if hi == len(rows) or rows[hi][1] != rows[lo][1]:
+                last = rows[hi - 1][0]
+                requests.append(WindowRequest(sid, rows[lo][1], plan.post_hist[last], hi - lo))
+                order.extend(row for row, _ in rows[lo:hi])
+                lo = hi
+    states = torch.empty(len(plan.post_hist), cache.dim)
+    states[torch.tensor(order, dtype=torch.long)] = cache.encode(requests)
+    return states
 
 
 def _pad(histories: list[list[int]], t: int) -> torch.Tensor:

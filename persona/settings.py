@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     consumer_threads: int = Field(
         2, ge=1, le=64, description="Threads per consumer process for a batch's model work (encoder, adapter)."
     )
+    consumer_max_batch: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="Events per consumer batch (one store transaction) at most; batches grow to it under a backlog.",
+    )
+    session_cache: int = Field(
+        4096,
+        ge=0,
+        le=10_000_000,
+        description="Sessions a consumer keeps in memory between batches: state, encoder keys/values (~56 KB each).",
+    )
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8000, ge=1, le=65535, description="API port.")
     api_keys: list[str] = Field(default_factory=list, description="Keys accepted on admin routes.")

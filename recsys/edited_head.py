@@ -75,6 +75,13 @@ class GeneratorTerms:
             gram=torch.einsum("lin,ljn->lij", g_flat, g_flat),
         )
 
+    @torch.inference_mode()
+    def first_products(self, states: Tensor) -> Tensor:
+        """``(G_1j x)_j`` [B, d, D] for user states x [B, D]: the first layer's generator products, the largest
+        product of the factored head, and independent of the prototype bank, so they can be computed before the
+        bank a batch is scored with is known (:meth:`EditedHead.queries` takes them as ``first``)."""
+        return (states @ self.gen_x[0]).view(states.shape[0], self.gen_bias.shape[1], -1)
+
 
 @dataclass(frozen=True)
 class EditedHead:
@@ -124,10 +131,13 @@ class EditedHead:
         )
 
     @torch.inference_mode()
-    def queries(self, states: Tensor, codes: Tensor, prototypes: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    def queries(
+        self, states: Tensor, codes: Tensor, prototypes: Tensor, centres: Tensor, first: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Edited head outputs [B, D] for user states [B, D], codes [B, L, d] and prototype ids [B] (all ≥ 0),
         with each row's ``edit_norm_ratio`` (‖ΔW‖_F / ‖W‖_F) [B]; ``centres`` [K, L, d] are the bank this head was
         built for. Exactly ``model.device_model.head(states, model.prototype_edit(codes, centres, prototypes))``.
+        ``first``: the states' :meth:`GeneratorTerms.first_products`, when already computed.
         """
         cfg = self.model.cfg
         b, dim, tau = states.shape[0], cfg.dim, cfg.residual_tau
@@ -143,9 +153,11 @@ class EditedHead:
         fast = exact.nonzero().flatten()
         slow = (~exact).nonzero().flatten()
         if len(fast) == b:
-            out, norms = self._factored(states, a, prototypes)
+            out, norms = self._factored(states, a, prototypes, first)
         elif len(fast):
-            out[fast], norms[fast] = self._factored(states[fast], a[fast], prototypes[fast])
+            out[fast], norms[fast] = self._factored(
+                states[fast], a[fast], prototypes[fast], None if first is None else first[fast]
+            )
         if len(slow):  # the residual clip may engage: materialise these rows' edits
             edit = self.model.prototype_edit(codes[slow], centres, prototypes[slow])
             out[slow] = self.model.device_model.head(states[slow], edit)
@@ -184,14 +196,16 @@ class EditedHead:
         ratios = np.sqrt(np.maximum(sq, 0.0)) / self.base_norm
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(ratios.astype(np.float32))
 
-    def _factored(self, states: Tensor, a: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+    def _factored(
+        self, states: Tensor, a: Tensor, prototypes: Tensor, first: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         cfg = self.model.cfg
         b, n_layers, dim, d = states.shape[0], cfg.n_edit_layers, cfg.dim, cfg.code_dim
         rows = torch.arange(b)
         x = states
         for layer in range(n_layers):
             base = (x @ self.proto_weight[layer]).view(b, self.n_prototypes, dim)[rows, prototypes]
-            gen = (x @ self.gen.gen_x[layer]).view(b, d, dim)
+            gen = first if layer == 0 and first is not None else (x @ self.gen.gen_x[layer]).view(b, d, dim)
             al = a[:, layer]
             y = base + torch.bmm(al.unsqueeze(1), gen).squeeze(1)
             y = y + self.proto_bias[prototypes, layer] + al @ self.gen.gen_bias[layer]

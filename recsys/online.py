@@ -28,6 +28,7 @@ from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, refine_centr
 from recsys.pipeline import TrainedModel, load_trained
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
+from recsys.windows import window_length
 
 #: Catalogues from this size on rank through :class:`NormOrderedIndex` instead of scoring every item.
 INDEXED_FROM = 200_000
@@ -80,6 +81,7 @@ class OnlineModel:
         self._index_built: NormOrderedIndex | None = None
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
+        self._item_inputs: Tensor | None = None  # the adapter's per-item input projections, built on first use
 
     @classmethod
     def load(cls, path: Path) -> OnlineModel:
@@ -101,12 +103,16 @@ class OnlineModel:
     def known(self, item_id: str) -> bool:
         return item_id in self._index
 
-    def histories(self, recent: Sequence[Sequence[str]]) -> Tensor:
-        """Left-padded history [B, T] of each session's item ids (most recent last; unknown → UNK)."""
+    def histories(self, recent: Sequence[Sequence[str]], before: Sequence[int] | None = None) -> Tensor:
+        """Left-padded history [B, T] of each session's item ids (most recent last; unknown → UNK): the encoder's
+        window (:func:`recsys.windows.window_length`) of a history of ``before[b] + len(recent[b])`` items, where
+        ``before`` counts the session's items older than ``recent`` (default none)."""
         t = self.cfg.max_len
         out = torch.zeros(len(recent), t, dtype=torch.long)
         for row, items in enumerate(recent):
-            idx = self.indices_of(list(items)[-t:])
+            n = len(items)
+            c = min(window_length(n + (before[row] if before is not None else 0), t, self.cfg.stride), n)
+            idx = self.indices_of(list(items)[n - c :])
             if idx:
                 out[row, t - len(idx) :] = torch.tensor(idx, dtype=torch.long)
         return out
@@ -114,8 +120,10 @@ class OnlineModel:
     # ------------------------------------------------------------------ edits
     @torch.inference_mode()
     def codes(self, histories: Tensor) -> Tensor:
-        """Edit codes [B, L, d] of the sessions."""
-        return self.model.codes(histories)
+        """Edit codes [B, L, d] of the sessions (histories [B, T], or just their last ``adapter_window`` items)."""
+        if self._item_inputs is None:
+            self._item_inputs = self.model.adapter.item_inputs(self.model.device_model.items.weight)
+        return self.model.adapter.codes_from_inputs(self.model.recent(histories), self._item_inputs)
 
     def _bank(self, bank: BankState | None) -> BankState:
         return bank or self.initial_bank
@@ -149,22 +157,35 @@ class OnlineModel:
         key = b.centres._version
         head = b._heads.get(key)
         if head is None:
-            if self._generator_terms is None:
-                self._generator_terms = GeneratorTerms.build(self.model)
-            head = EditedHead.build(self.model, b.centres, self._bank_edits(b), self._generator_terms)
+            head = EditedHead.build(self.model, b.centres, self._bank_edits(b), self._generators())
             b._heads.clear()
             b._heads[key] = head
         return head
 
     @torch.inference_mode()
     def edited_queries(
-        self, states: Tensor, codes: Tensor, prototypes: Tensor, bank: BankState | None = None
+        self,
+        states: Tensor,
+        codes: Tensor,
+        prototypes: Tensor,
+        bank: BankState | None = None,
+        first: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The Persona-edited head's outputs [B, D] and edit-norm ratios [B] for user states [B, D], codes
         [B, L, d] and prototypes [B]: ``queries(states, edit(codes, bank, prototypes))`` without materialising the
-        edits (see :mod:`recsys.edited_head`)."""
+        edits (see :mod:`recsys.edited_head`). ``first``: the states' :meth:`first_products`, if computed."""
         b = self._bank(bank)
-        return self.edited_head(b).queries(states, codes, prototypes, b.centres)
+        return self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
+
+    def first_products(self, states: Tensor) -> Tensor:
+        """The bank-independent first products of the factored edited head for user states [B, D]
+        (:meth:`recsys.edited_head.GeneratorTerms.first_products`)."""
+        return self._generators().first_products(states)
+
+    def _generators(self) -> GeneratorTerms:
+        if self._generator_terms is None:
+            self._generator_terms = GeneratorTerms.build(self.model)
+        return self._generator_terms
 
     @torch.inference_mode()
     def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:

@@ -46,6 +46,7 @@ def _context(settings: Settings, store: Store, models: ModelProvider, metrics: S
         models,
         unknown_item_policy=settings.unknown_item_policy,
         prototype_idle_s=settings.prototype_idle_s,
+        session_cache=settings.session_cache,
     )
     batcher = RankBatcher(
         ranker,

@@ -68,7 +68,10 @@ class ConsumerConfig:
 
     ``max_events`` stops after that many records were processed (tests, benchmarks); ``idle_exit_s`` stops
     after that long without a record. ``refresh_s`` is how often the model registry is re-checked.
-    ``compute_threads`` run a batch's model work side by side (:class:`persona.ingest.Ingestor`).
+    ``compute_threads`` run a batch's model work side by side, and ``session_cache`` is how many sessions it keeps
+    in memory (:class:`persona.ingest.Ingestor`). ``max_poll_records`` bounds one Kafka poll, ``max_batch_events``
+    one batch (one store transaction): polls accumulate into the next batch while one commits, so batches grow
+    with a backlog and per-batch costs (transaction, prototype bank, model calls) are shared by more events.
     ``fetch_max_wait_ms`` caps how long the broker may hold a fetch (kafka-python's default: 500 ms); Kafka
     answers as soon as records are there, the embedded development broker was seen to hold fetches much longer
     under a steady stream (streaming/bench.py), so its users set it low.
@@ -82,6 +85,7 @@ class ConsumerConfig:
     unknown_item_policy: str = "skip"
     prototype_idle_s: float | None = 3600.0
     max_poll_records: int = 500
+    max_batch_events: int = 2000
     poll_timeout_ms: int = 500
     session_timeout_ms: int | None = None
     heartbeat_interval_ms: int | None = None
@@ -92,6 +96,7 @@ class ConsumerConfig:
     retry_backoff_s: tuple[float, float] = (0.5, 30.0)
     validation: ValidationPolicy = DEFAULT_POLICY
     compute_threads: int = 1
+    session_cache: int = 4096
 
 
 @dataclass
@@ -206,6 +211,7 @@ class EventConsumer:
             unknown_item_policy=cfg.unknown_item_policy,
             prototype_idle_s=cfg.prototype_idle_s,
             compute_threads=cfg.compute_threads,
+            session_cache=cfg.session_cache,
         )
         self.stats = ConsumeStats()
         self._stop = threading.Event()
@@ -255,7 +261,7 @@ class EventConsumer:
                 # running one only when a full batch is waiting (a backlog): preparing it during the running
                 # commit is what overlaps the two, but queueing small batches would only add a commit's time to
                 # every event's latency when the applier keeps up anyway.
-                full = self._open is not None and len(self._open.records) >= cfg.max_poll_records
+                full = self._open is not None and len(self._open.records) >= cfg.max_batch_events
                 if self._open is not None and (not unfinished or (full and len(unfinished) <= QUEUE_BEHIND)):
                     handed = self._hand_over(unfinished)
                 busy = bool(self._unfinished())
@@ -267,7 +273,7 @@ class EventConsumer:
                 backoff = cfg.retry_backoff_s[0]
                 pending = self.stats.records + sum(len(b.records) for b in self._in_flight)
                 pending += len(self._open.records) if self._open is not None else 0
-                room = cfg.max_poll_records - (len(self._open.records) if self._open is not None else 0)
+                room = cfg.max_batch_events - (len(self._open.records) if self._open is not None else 0)
                 if cfg.max_events is not None:
                     room = min(room, cfg.max_events - pending)
                 if room <= 0:  # enough polled: wait for the applier

@@ -186,6 +186,8 @@ def consume(
         max_events=max_events,
         idle_exit_s=idle_exit,
         compute_threads=settings.consumer_threads,
+        session_cache=settings.session_cache,
+        max_batch_events=settings.consumer_max_batch,
     )
     consumer = EventConsumer(store, models, cfg, metrics=metrics)
     _quiet_long_running_process()
