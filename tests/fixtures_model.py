@@ -17,3 +17,22 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from streaming.bench import train_tiny_bundle
 
     return train_tiny_bundle(tmp_path_factory.mktemp("tiny-model") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def sliding_window_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle's recipe with ``window_stride=0``: the sliding window of bundles trained before windows had a
+    stride (positions counted back from the most recent item; no encoder cache)."""
+    from recsys.pipeline import DatasetSpec, train_bundle
+    from recsys.train import TrainConfig
+    from streaming.bench import TINY_SOURCE
+
+    out = tmp_path_factory.mktemp("sliding-model") / "bundle"
+    train_bundle(
+        DatasetSpec(source=TINY_SOURCE, min_user=2, min_item=2),
+        out,
+        model_overrides={"dim": 16, "code_dim": 8, "max_len": 20, "window_stride": 0},
+        tc=TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,)),
+        progress=False,
+    )
+    return out

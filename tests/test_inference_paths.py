@@ -48,6 +48,20 @@ def test_functional_encoder_equals_the_module_path() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_adapter_codes_from_item_inputs_equal_the_packed_gru() -> None:
+    """The written-out GRU over per-item input projections (inference) against the packed module (training):
+    full, partly padded and empty windows."""
+    model = _model()
+    hist = _histories(40, 12, seed=3)
+    adapter = model.adapter
+    with torch.enable_grad():
+        expected = model.codes(hist).detach()
+    with torch.inference_mode():
+        inputs = adapter.item_inputs(model.device_model.items.weight)
+        got = adapter.codes_from_inputs(model.recent(hist), inputs)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rank", [0, 3])
 @pytest.mark.parametrize("rows", [1, SMALL_BATCH, 33])
 def test_factored_head_equals_the_materialised_edit(rank: int, rows: int) -> None:
@@ -63,8 +77,12 @@ def test_factored_head_equals_the_materialised_edit(rank: int, rows: int) -> Non
         expected_ratio = edit_norm_ratio(model, edit)
         head = EditedHead.build(model, centres)
         got, ratio = head.queries(states, codes, protos, centres)
+        # the bank-independent first products computed beforehand (the consumer does so while it prepares)
+        early, early_ratio = head.queries(states, codes, protos, centres, head.gen.first_products(states))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ratio, expected_ratio, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(early, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(early_ratio, expected_ratio, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 33])

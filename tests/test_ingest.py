@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -90,7 +91,7 @@ def test_batched_apply_equals_one_at_a_time_application(store: Store, models: Mo
         # the encoder's output for the stored history, tagged with its edit version, reused by the API
         user_state = unpack_user_state(got.user_state, got.edit_version, online.cfg)
         assert user_state is not None
-        expected_state = online.user_states(online.histories([exp["recent"]]))[0]
+        expected_state = online.user_states(online.histories([exp["recent"]], [exp["count"] - len(exp["recent"])]))[0]
         torch.testing.assert_close(user_state, expected_state, atol=1e-5, rtol=1e-4)
     rows = store.load_prototypes(online.version)
     centres = torch.stack([code_from_bytes(r.centre, online.cfg) for r in rows])
@@ -128,6 +129,28 @@ def _outcome(store: Store, results: Sequence[Any], session_ids: set[str]) -> tup
     return sessions, counters, centres
 
 
+def _assert_same_sessions(got: dict[str, Any], want: dict[str, Any], online: OnlineModel) -> None:
+    """Equal sessions, user states up to float rounding (encoder caches encode windows in different pieces)."""
+    assert got.keys() == want.keys()
+    for sid, st in got.items():
+        ref = want[sid]
+        mine, theirs = (
+            unpack_user_state(st.user_state, st.edit_version, online.cfg),
+            unpack_user_state(ref.user_state, ref.edit_version, online.cfg),
+        )
+        assert mine is not None and theirs is not None
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+        assert dataclasses.replace(st, user_state=None, updated_at=T0) == dataclasses.replace(
+            ref, user_state=None, updated_at=T0
+        )
+
+
+def _assert_same_state(got: tuple[Any, ...], want: tuple[Any, ...], online: OnlineModel) -> None:
+    """:func:`_outcome` s equal up to float rounding in the user states."""
+    _assert_same_sessions(got[0], want[0], online)
+    assert got[1:] == want[1:]
+
+
 def test_compute_threads_do_not_change_the_result(store: Store, models: ModelProvider) -> None:
     """Encoder chunks, adapter codes and predictions on two threads give exactly the one-thread result."""
     online = models.get()
@@ -143,6 +166,88 @@ def test_compute_threads_do_not_change_the_result(store: Store, models: ModelPro
             ingestor.close()
         outcomes.append(_outcome(store, results, {e.session_id for e in events}))
     assert outcomes[0] == outcomes[1]
+
+
+def test_the_encoder_cache_changes_nothing_but_float_rounding(store: Store, models: ModelProvider) -> None:
+    """Windows that grow across batches, restart within one (a session's events split between two windows) and
+    sessions evicted from a small cache: the same state as encoding every window whole."""
+    online = models.get()
+    assert online.cfg.stride > 0
+    events = make_events(online, 900, sessions=12, seed=12)  # ~75 events a session: several windows each
+    batches = [events[:40], events[40:41], events[41:400], events[400:]]
+    runs = []
+    for cache_sessions in (0, 5, 4096):
+        _wipe(store)
+        ingestor = Ingestor(store, models, session_cache=cache_sessions, compute_threads=2)
+        try:
+            results = [ingestor.apply(batch) for batch in batches]
+        finally:
+            ingestor.close()
+        with store.read() as uow:
+            runs.append((uow.get_sessions({e.session_id for e in events}), results))
+    (plain, plain_results), *cached_runs = runs
+    for sessions, results in cached_runs:
+        _assert_same_sessions(sessions, plain, online)
+        for r, ref_r in zip(results, plain_results, strict=True):
+            assert (r.applied, r.predictions, r.hits, r.prototypes) == (
+                ref_r.applied,
+                ref_r.predictions,
+                ref_r.hits,
+                ref_r.prototypes,
+            )
+
+
+def test_a_sliding_window_model_is_served_as_it_was_trained(store: Store, sliding_window_bundle: Path) -> None:
+    """A bundle trained before windows had a stride keeps its sliding window (the last max_len items, positions
+    counted back from the most recent) and goes without the encoder cache."""
+    models = ModelProvider(store, model_dir=sliding_window_bundle)
+    online = models.get()
+    assert online.cfg.stride == 0
+    events = make_events(online, 200, sessions=3, seed=14)  # ~65 events a session: the window slides
+    ingestor = Ingestor(store, models)
+    try:
+        for start in range(0, 200, 50):
+            ingestor.apply(events[start : start + 50])
+        assert ingestor._encoder_cache(online) is None
+    finally:
+        ingestor.close()
+    with store.read() as uow:
+        sessions = uow.get_sessions({e.session_id for e in events})
+    for st in sessions.values():
+        assert st.event_count > online.cfg.max_len
+        got = unpack_user_state(st.user_state, st.edit_version, online.cfg)
+        expected = online.user_states(online.histories([st.recent_items], [st.event_count - len(st.recent_items)]))
+        assert got is not None
+        torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=1e-4)
+        padded = online.histories([st.recent_items])[0]
+        assert int((padded != 0).sum()) == online.cfg.max_len  # the whole stored history, not a window of it
+
+
+def test_a_remembered_session_another_writer_changed_is_read_again(store: Store, models: ModelProvider) -> None:
+    """An ingestor keeps the sessions it committed; when another writer (the HTTP route, a second consumer) has
+    changed one since, the commit sees it and works from the store's version: nothing is lost."""
+    online = models.get()
+    events = make_events(online, 90, sessions=3, seed=13)
+    first, other = Ingestor(store, models), Ingestor(store, models)
+    try:
+        r1 = first.apply(events[:30])
+        r2 = other.apply(events[30:60])
+        p3 = first.prepare(events[60:])
+        r3 = first.commit(p3)
+        assert p3.replanned  # what it remembered was stale
+    finally:
+        first.close()
+        other.close()
+    changed = _outcome(store, [r1, r2, r3], {e.session_id for e in events})  # three encoder caches: rounding
+    _wipe(store)
+    alone = Ingestor(store, models)
+    try:
+        expected = _outcome(
+            store, [alone.apply(b) for b in (events[:30], events[30:60], events[60:])], {e.session_id for e in events}
+        )
+    finally:
+        alone.close()
+    _assert_same_state(changed, expected, online)
 
 
 def test_a_batch_with_duplicates_ends_like_one_without_them(store: Store, models: ModelProvider) -> None:
@@ -164,10 +269,14 @@ def test_batches_prepared_on_top_of_pending_ones_end_like_sequential_ones(store:
     online = models.get()
     events = make_events(online, 450, sessions=12, seed=8)
     batches = [events[:150], events[150:300], events[300:]]
-    ingestor = Ingestor(store, models, compute_threads=2)
+    sequential = Ingestor(store, models, compute_threads=2)
     try:
-        expected = _outcome(store, [ingestor.apply(b) for b in batches], {e.session_id for e in events})
-        _wipe(store)
+        expected = _outcome(store, [sequential.apply(b) for b in batches], {e.session_id for e in events})
+    finally:
+        sequential.close()
+    _wipe(store)
+    ingestor = Ingestor(store, models, compute_threads=2)  # a new one: the first remembers what was wiped
+    try:
         p1 = ingestor.prepare(batches[0])
         p2 = ingestor.prepare(batches[1], pending=[p1])
         assert p2.depends_on == [p1]

@@ -283,3 +283,30 @@ def test_cli_db_upgrade_and_models(
     empty.mkdir()
     assert main(["models", "register", str(empty)]) == 2
     assert "manifest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["i1", "i 2", "~!#[]"],
+        [],
+        ["é"],
+        ['quote"d'],
+        ["back\\slash"],
+        ["tab\t"],
+        ["a", 1],
+        [1, 2],
+        {},
+        {"k": ["v"]},
+        "text",
+        None,
+    ],
+)
+def test_the_sqlite_hot_paths_json_is_what_sqlalchemy_writes(value: object) -> None:
+    """The shortcut for recent items and empty attributes writes exactly ``json.dumps``'s text."""
+    import json
+
+    from persona.store.hot_path import hot_path
+
+    converted = hot_path("sqlite")._json(value)
+    assert converted == (None if value is None else json.dumps(value))
