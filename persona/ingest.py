@@ -50,6 +50,7 @@ from recsys.errors import PersonaError
 from recsys.metrics import target_ranks
 from recsys.model import PAD, SASRecEncoder, reseed_idle
 from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
+from recsys.windows import window_length
 
 log = logging.getLogger(__name__)
 
@@ -592,9 +593,7 @@ def _walk(
                 snapshot = _Stored(
                     st.model_version, st.code, st.user_state, st.prototype_id, st.edit_version, origin=w.origin
                 )
-                n = st.event_count  # the window's size (recsys.windows.window_length, inline: this loop is hot)
-                size = n if n <= max_len else max_len - stride + 1 + (n - max_len - 1) % stride if stride else max_len
-                size = min(size, len(w.indices))
+                size = min(window_length(st.event_count, max_len, stride), len(w.indices))
                 plan.stored_prev.append((snapshot, w.indices[len(w.indices) - size :]))
             plan.pre_rows.append((w.row, item))
         w.indices = [*w.indices, item][-cap:]
@@ -603,10 +602,8 @@ def _walk(
         st.edit_version += 1
         st.model_version = online.version
         w.row = len(plan.post_hist)
-        n = st.event_count
-        size = n if n <= max_len else max_len - stride + 1 + (n - max_len - 1) % stride if stride else max_len
-        size = min(size, len(w.indices))
-        w.rows.append((w.row, n - size))
+        size = min(window_length(st.event_count, max_len, stride), len(w.indices))
+        w.rows.append((w.row, st.event_count - size))
         plan.post_hist.append(w.indices[len(w.indices) - size :])
         plan.event_ts.append(e.ts.timestamp())
         plan.item_indices.append(item)

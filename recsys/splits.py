@@ -112,7 +112,7 @@ def make_split(
 
     Train examples: every train-part interaction with at least one earlier train-part item of the user.
     Histories are the encoder's window of the items before the target: the last ``max_len`` items
-    (``window_stride`` 0), or a window that starts every ``window_stride`` items (:func:`recsys.model.window_length`).
+    (``window_stride`` 0), or a window that starts every ``window_stride`` items (:func:`recsys.windows.window_length`).
     Each set is sorted by (ts, user).
     """
     if protocol not in PROTOCOLS:

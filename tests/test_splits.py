@@ -25,8 +25,10 @@ def _random_frame(seed: int = 0, n: int = 600, users: int = 25, items: int = 40)
     )
 
 
-def _brute_force(df: pl.DataFrame, split: Split, max_len: int) -> dict[str, set[tuple]]:
-    """Reference examples from plain Python loops over the stable (ts, row) order."""
+def _brute_force(df: pl.DataFrame, split: Split, max_len: int, stride: int = 0) -> dict[str, set[tuple]]:
+    """Reference examples from plain Python loops over the stable (ts, row) order; with a ``stride``, a history
+    longer than ``max_len`` keeps the items since the last window start (starts at stride, 2·stride, ... while
+    keeping at least max_len - stride + 1 items)."""
     rows = sorted(enumerate(df.iter_rows()), key=lambda r: (r[1][2], r[0]))
     events = [(u, i, t) for _, (u, i, t) in rows]
     n = len(events)
@@ -52,7 +54,10 @@ def _brute_force(df: pl.DataFrame, split: Split, max_len: int) -> dict[str, set[
             target = index.get(item, 1)
             if k == 0 or target == 1:
                 continue
-            hist = [index.get(i, 1) for _, i, _ in seq[:k]][-max_len:]
+            window_start = max(0, k - max_len)
+            if stride and k > max_len:
+                window_start = next(s for s in range(0, k, stride) if k - s <= max_len)
+            hist = [index.get(i, 1) for _, i, _ in seq[window_start:k]]
             hist = [0] * (max_len - len(hist)) + hist
             name = ("train", "valid", "test")[part_of[g]]
             out[name].add((tuple(hist), target, user_index[u], t))
@@ -69,10 +74,11 @@ def _as_set(ex: Examples) -> set[tuple]:
 
 @pytest.mark.parametrize("protocol", ["time-shift", "leave-one-out"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_examples_match_brute_force_reference(protocol: str, seed: int) -> None:
+@pytest.mark.parametrize("stride", [0, 3])
+def test_examples_match_brute_force_reference(protocol: str, seed: int, stride: int) -> None:
     df = _random_frame(seed)
-    split = make_split(df, protocol, max_len=6)
-    reference = _brute_force(df, split, max_len=6)
+    split = make_split(df, protocol, max_len=6, window_stride=stride)
+    reference = _brute_force(df, split, max_len=6, stride=stride)
     for name in ("train", "valid", "test"):
         ex: Examples = getattr(split, name)
         assert len(_as_set(ex)) == len(ex), "duplicate examples"
