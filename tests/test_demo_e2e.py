@@ -105,3 +105,37 @@ def test_demo_end_to_end_with_live_prometheus(tiny_bundle: Path, tmp_path: Path)
     assert code == 0, (tmp_path / "demo.log").read_text()[-4000:]
     out = (tmp_path / "demo.log").read_text()
     assert "stopped broker, consumer and API" in out
+
+
+@pytest.mark.slow
+def test_a_terminated_demo_stops_what_it_started(tiny_bundle: Path, tmp_path: Path) -> None:
+    """SIGTERM (kill, a supervisor, a closed terminal's SIGHUP alike) takes the Ctrl-C path: the broker, consumer
+    and API the demo started, each in its own process group, stop with it instead of running on."""
+    import httpx
+
+    api_port, metrics_port = free_port(), free_port()
+    persona = str(Path(sys.executable).parent / "persona")
+    cmd = [
+        persona, "demo", "--bundle", str(tiny_bundle), "--dataset", TINY_DATASET, "--workdir", str(tmp_path / "w"),
+        "--api-port", str(api_port), "--metrics-port", str(metrics_port), "--limit", "300", "--no-progress",
+    ]  # fmt: skip
+    log_path = tmp_path / "demo.log"
+    with log_path.open("wb") as log:
+        demo = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "serving on" not in log_path.read_text(errors="replace"):
+                assert demo.poll() is None, log_path.read_text()[-4000:]
+                assert time.monotonic() < deadline, "the demo never started serving"
+                time.sleep(1)
+            assert httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=5).status_code == 200
+            demo.send_signal(signal.SIGTERM)  # the demo alone, not its children's process groups
+            code = demo.wait(60)
+        finally:
+            if demo.poll() is None:
+                os.killpg(demo.pid, signal.SIGKILL)
+    assert code == 0, log_path.read_text()[-4000:]
+    assert "stopped broker, consumer and API" in log_path.read_text()
+    for url in (f"http://127.0.0.1:{api_port}/healthz", f"http://127.0.0.1:{metrics_port}/metrics"):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, timeout=2)

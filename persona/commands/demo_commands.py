@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,6 +85,10 @@ def demo(
     from streaming.kafka_io import ensure_topics, make_producer
     from streaming.replay import replay
 
+    # `kill`, a closed terminal or a supervisor stop the demo the way Ctrl-C does: everything it started (broker,
+    # consumer and API, each in its own process group) is stopped too, not left running
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe request is noise here
     logging.getLogger("kafka").setLevel(logging.ERROR)  # the replay producer's event-loop timing warnings
     ensure_bundle(bundle, dataset, retrain=retrain, progress=progress)
@@ -146,6 +151,10 @@ def demo(
                 except KeyboardInterrupt:
                     pass
     typer.echo("stopped broker, consumer and API")
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _processed(samples: dict[Any, float]) -> float:
