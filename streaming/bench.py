@@ -157,6 +157,7 @@ def _pipeline(
     from persona.store import Store
     from streaming.consumer import ConsumerConfig, EventConsumer
 
+    settings = load_settings()
     store = Store.open(url)
     try:
         models = ModelProvider(store, model_dir=model)
@@ -170,8 +171,8 @@ def _pipeline(
             session_timeout_ms=FAST_GROUP["session_timeout_ms"],
             heartbeat_interval_ms=FAST_GROUP["heartbeat_interval_ms"],
             compute_threads=compute_threads,
-            session_cache=load_settings().session_cache,
-            max_batch_events=load_settings().consumer_max_batch,
+            session_cache=settings.session_cache,
+            max_batch_events=settings.consumer_max_batch,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         consumer = EventConsumer(store, models, cfg)
@@ -208,7 +209,8 @@ def run_ingest_bench(
     from streaming.kafka_io import ensure_topics
 
     torch.set_num_threads(1)  # what `persona consume` does: one intra-op thread per torch call
-    threads = compute_threads or load_settings().consumer_threads
+    settings = load_settings()
+    threads = compute_threads or settings.consumer_threads
     logging.getLogger("kafka").setLevel(logging.WARNING)
     n_sessions = sessions or max(20, events // 50)
     with tempfile.TemporaryDirectory(prefix="persona-bench-") as tmp_dir:
@@ -227,6 +229,8 @@ def run_ingest_bench(
             "torch_threads": torch.get_num_threads(),
             "consumer_threads": threads,
             "poll_records": 500,
+            "max_batch_events": settings.consumer_max_batch,
+            "session_cache": settings.session_cache,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }
         del online

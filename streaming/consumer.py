@@ -1,9 +1,9 @@
 """The streaming consumer: Kafka poll batches through :class:`persona.ingest.Ingestor` into the store.
 
-One poll batch (up to ``max_poll_records``) goes through:
+One batch (the records of one or more polls, up to ``max_batch_events``) goes through:
 
 1. parse every record with :func:`persona.events.parse_event` (never raises);
-2. apply the valid events in ONE store transaction (:meth:`Ingestor.apply`);
+2. apply the valid events in ONE store transaction (:meth:`Ingestor.prepare`, then :meth:`Ingestor.commit`);
 3. send the rejected records (invalid, and unknown items under the ``dlq`` policy) to the DLQ topic with
    their reason in headers and their original bytes, and flush;
 4. commit the batch's offsets — only now, after the store committed, so a crash anywhere before this
@@ -15,7 +15,7 @@ Step 2 is split in two (:meth:`Ingestor.prepare` and :meth:`Ingestor.commit`). T
 compute threads) while an applier thread *commits* the previous one (its one store transaction), then finishes
 the committed batches (steps 3 to 5). So Kafka I/O, parsing and the model's heaviest work overlap the store
 work, and most of them run outside the GIL. What is polled while a batch commits and another waits accumulates
-(up to ``max_poll_records``) into the batch prepared next, so batches grow with the load and an event never
+(up to ``max_batch_events``) into the batch prepared next, so batches grow with the load and an event never
 waits behind more than two batches. Batches still take effect strictly in order: one commits only if every
 earlier one did, and a session a batch in flight touches is taken from that batch, not from the store
 (``commit`` checks that whatever ``prepare`` read still holds, and redoes the work when it does not).
