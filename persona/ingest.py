@@ -43,12 +43,13 @@ import torch
 from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
+from persona.model_work import EarlyInput, ModelJob, Outcome, cached_states, early_work, outcome
+from persona.model_worker import ModelWorker, RemoteJob, uses_encoder_cache
 from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from persona.user_state import pack_user_states, user_state_payload
 from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.errors import PersonaError
-from recsys.metrics import target_ranks
-from recsys.model import PAD, SASRecEncoder, reseed_idle
+from recsys.model import PAD, reseed_idle
 from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
 from recsys.windows import window_length
 
@@ -114,6 +115,9 @@ class Ingestor:
             as for any read), and the encoder's keys and values over its window (:mod:`recsys.encoder_cache`; SASRec
             models whose windows have a stride), so an event encodes its new item only. ~56 KB a session at the
             default model sizes. The result does not depend on it beyond float rounding.
+        model_process: run the model work in a process of its own (:mod:`persona.model_worker`; its own GIL), for
+            models loaded from a bundle; the encoder cache then lives there. The result is the same. :meth:`warm`
+            starts it ahead of the first batch.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class Ingestor:
         prototype_idle_s: float | None = 3600.0,
         compute_threads: int = 1,
         session_cache: int = 4096,
+        model_process: bool = False,
     ) -> None:
         if unknown_item_policy not in UNKNOWN_ITEM_POLICIES:
             raise PersonaError(
@@ -155,12 +160,26 @@ class Ingestor:
         # those are for; least recently used first (never mutated: copied on use)
         self._committed: OrderedDict[str, tuple[SessionState, list[int], OnlineModel]] = OrderedDict()
         self._committed_lock = threading.Lock()
+        self._worker = ModelWorker(session_cache) if model_process else None
+
+    @property
+    def model_worker(self) -> ModelWorker | None:
+        return self._worker
+
+    def warm(self) -> None:
+        """Start the model process (if there is one) and load the active model there, so that the first batch
+        does not wait for it."""
+        online = self.models.get()
+        if self._worker is not None and online.path is not None:
+            self._worker.ensure(online)
 
     def close(self) -> None:
-        """Stop the compute threads (if any); :meth:`apply` must not be called afterwards."""
+        """Stop the compute threads and the model process (if any); :meth:`apply` must not be called afterwards."""
         for pool in (self._urgent, self._pool):
             if pool is not None:
                 pool.shutdown(wait=True)
+        if self._worker is not None:
+            self._worker.close()
 
     # ------------------------------------------------------------------------------------------ public
     def apply(self, events: Sequence[Event], *, source: str = "kafka") -> IngestResult:
@@ -352,34 +371,49 @@ class Ingestor:
         return reseeded
 
     def _start(self, online: OnlineModel, plan: _Plan) -> _Work:
-        """Start the encoder and the adapter on every post-event history of the plan: on the compute threads while
-        the caller goes on, or here and now without them. :func:`_conclude` collects the results."""
-        work = _Work()
+        """Start the encoder and the adapter on every post-event history of the plan: in the model process, on the
+        compute threads while the caller goes on, or here and now. :func:`_conclude` collects the results."""
         if not plan.post_hist:
+            return _Work()
+        job = self._job(online, plan)
+        work = _Work(job)
+        if self._worker is not None and online.path is not None:
+            work.remote = self._worker.submit(online, job)
             return work
-        cache = self._encoder_cache(online)
-        window = online.cfg.adapter_window
         pool = self._pool
-        with torch.inference_mode():
-            recent = _pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
-        work.codes = _done(online.codes(recent)) if pool is None else pool.submit(online.codes, recent)
-        work.early = _done(_early_work(online, plan)) if pool is None else pool.submit(_early_work, online, plan)
-        if cache is not None:  # each window's new items only
-            work.states = (
-                _done(_cached_states(cache, plan)) if pool is None else pool.submit(_cached_states, cache, plan)
-            )
+        work.codes = _done(online.codes(job.recent)) if pool is None else pool.submit(online.codes, job.recent)
+        early = job.early
+        work.early = _done(early_work(online, early)) if pool is None else pool.submit(early_work, online, early)
+        if job.requests is not None:  # each window's new items only
+            cache, order = self._encoder_cache(online), job.order
+            assert cache is not None and order is not None
+            args = (cache, job.requests, order, job.rows)
+            work.states = _done(cached_states(*args)) if pool is None else pool.submit(cached_states, *args)
             return work
-        with torch.inference_mode():
-            hist = _pad(plan.post_hist, online.cfg.max_len)
+        assert job.histories is not None
+        hist = job.histories
         work.states = _done(online.user_states(hist)) if pool is None else online.submit_user_states(hist, pool)
         return work
 
+    def _job(self, online: OnlineModel, plan: _Plan) -> ModelJob:
+        """The plan's model work as plain values (:mod:`persona.model_work`)."""
+        window = online.cfg.adapter_window
+        with torch.inference_mode():
+            recent = _pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
+            job = ModelJob(online.version, recent, plan.pre_rows, _early_input(online, plan))
+            if uses_encoder_cache(online, self.session_cache):
+                job.requests, job.order = _window_requests(plan)
+            else:
+                job.histories = _pad(plan.post_hist, online.cfg.max_len)
+        return job
+
     def _encoder_cache(self, online: OnlineModel) -> EncoderCache | None:
-        """This model's encoder cache; ``None`` where it does not apply (turned off, GRU4Rec, a sliding window)."""
+        """This model's encoder cache in this process; ``None`` where it does not apply (turned off, GRU4Rec, a
+        sliding window)."""
         if self._cache is None or self._cache[0] != online.version:
-            dm = online.model.device_model
-            usable = self.session_cache > 0 and isinstance(dm.encoder, SASRecEncoder) and online.cfg.stride
-            self._cache = (online.version, EncoderCache(dm, self.session_cache) if usable else None)
+            usable = uses_encoder_cache(online, self.session_cache)
+            cache = EncoderCache(online.model.device_model, self.session_cache) if usable else None
+            self._cache = (online.version, cache)
         return self._cache[1]
 
     def _score_previous(self, online: OnlineModel, bank: BankState, plan: _Plan, work: _Work) -> _Scoring:
@@ -401,10 +435,12 @@ class Ingestor:
                 prev.codes[prev.recompute] = codes
                 prev.states[prev.recompute] = online.user_states(hist, self._pool)
                 prev.protos[prev.recompute] = online.assign(codes, bank)
-        if self._urgent is None:
-            scoring.outcome = _done(_model_outcome(online, bank, plan, work, prev))
+        if work.remote is not None:
+            scoring.outcome = work.remote.outcome(bank, prev.codes, prev.protos, prev.states)
+        elif self._urgent is None:
+            scoring.outcome = _done(_local_outcome(online, bank, work, prev))
         else:  # its own thread: never queued behind the next batch's model work on the compute threads
-            scoring.outcome = self._urgent.submit(_model_outcome, online, bank, plan, work, prev)
+            scoring.outcome = self._urgent.submit(_local_outcome, online, bank, work, prev)
         return scoring
 
 
@@ -612,14 +648,19 @@ def _walk(
 
 @dataclass
 class _Work:
-    """A plan's encoder and adapter work, started by :meth:`Ingestor._start` (maybe still running)."""
+    """A plan's model work, started by :meth:`Ingestor._start` (maybe still running): in the model process
+    (``remote``) or on this process's compute threads (the futures)."""
 
+    job: ModelJob | None = None
+    remote: RemoteJob | None = None
     codes: Future[Tensor] | None = None
     states: Future[Tensor] | None = None
-    early: Future[_Early] | None = None
+    early: Future[Any] | None = None
 
     def abandon(self) -> None:
-        """Wait for whatever is still running (the results are not needed): compute threads must be free."""
+        """Drop the work (the results are not needed): compute threads must be free, the model process told."""
+        if self.remote is not None:
+            self.remote.drop()
         running: list[Future[Any]] = [f for f in (self.codes, self.states, self.early) if f is not None]
         wait(running)
 
@@ -628,25 +669,11 @@ class _Work:
 class _Scoring:
     """A plan's model outcome under the bank of its transaction (maybe still being computed)."""
 
-    outcome: Future[_Outcome | None] | None = None
+    outcome: Future[Outcome | None] | None = None
 
     def abandon(self) -> None:
         if self.outcome is not None:
             wait([self.outcome])
-
-
-@dataclass
-class _Outcome:
-    """Everything a plan's model work gives: codes [B, L, d], user states [B, D], prototypes [B] and their
-    distances [B] of the applied events, and per prediction the edit-norm ratio and both variants' ranks [P]."""
-
-    codes: Tensor
-    states: Tensor
-    protos: Tensor
-    dists: Tensor
-    ratios: Tensor
-    persona: Tensor
-    base: Tensor
 
 
 def _done(value: Any) -> Future[Any]:
@@ -655,68 +682,7 @@ def _done(value: Any) -> Future[Any]:
     return done
 
 
-@torch.inference_mode()
-def _model_outcome(online: OnlineModel, bank: BankState, plan: _Plan, work: _Work, prev: _Previous) -> _Outcome:
-    """A plan's model work under ``bank``: prototypes of the new codes, and the prequential check of every
-    prediction, from a stored previous state (``prev``) or from this batch's forward (a session's second event
-    or later)."""
-    assert work.codes is not None and work.states is not None and work.early is not None
-    checks = _Checks.start(len(plan.pre_rows), work.early.result())
-    early = [n for n, (r, _i) in enumerate(plan.pre_rows) if r < -1]
-    if early:  # needs nothing from this batch's forward: scored while it may still run
-        sel = torch.tensor([-plan.pre_rows[n][0] - 2 for n in early], dtype=torch.long)
-        checks.score(online, bank, plan, early, prev.codes[sel], prev.protos[sel], prev.states[sel])
-    codes, states = work.codes.result(), work.states.result()
-    protos = online.assign(codes, bank)
-    dists = online.distances(codes, protos, bank)
-    late = [n for n, (r, _i) in enumerate(plan.pre_rows) if r >= 0]
-    if late:
-        sel = torch.tensor([plan.pre_rows[n][0] for n in late], dtype=torch.long)
-        checks.score(online, bank, plan, late, codes[sel], protos[sel], states[sel])
-    return _Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base)
-
-
-@dataclass
-class _Checks:
-    """The prequential check of a plan's predictions, filled in as they are scored: per prediction the edit-norm
-    ratio and both variants' ranks. ``early`` holds what was computed while the batch was prepared."""
-
-    ratios: Tensor
-    persona: Tensor
-    base: Tensor
-    early: _Early
-    position: dict[int, int]  # prediction -> its row in early
-
-    @classmethod
-    def start(cls, n_pred: int, early: _Early) -> _Checks:
-        base = torch.empty(n_pred, dtype=torch.long)
-        base[early.which] = early.base
-        position = {n: j for j, n in enumerate(early.which)}
-        return cls(torch.empty(n_pred), torch.empty(n_pred, dtype=torch.long), base, early, position)
-
-    def score(
-        self,
-        online: OnlineModel,
-        bank: BankState,
-        plan: _Plan,
-        which: list[int],
-        codes: Tensor,
-        protos: Tensor,
-        states: Tensor,
-    ) -> None:
-        """Score predictions ``which`` from their previous states (codes, prototypes, user states [P, ...])."""
-        idx = torch.tensor(which, dtype=torch.long)
-        targets = torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long)
-        rows = [self.position.get(n, -1) for n in which]
-        first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
-        persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
-        self.persona[idx] = _ranks(online, persona_q, targets)
-        todo = [j for j, r in enumerate(rows) if r < 0]
-        if todo:
-            self.base[idx[todo]] = _ranks(online, online.queries(states[todo]), targets[todo])
-
-
-def _conclude(online: OnlineModel, plan: _Plan, outcome: _Outcome | None, result: IngestResult) -> Tensor | None:
+def _conclude(online: OnlineModel, plan: _Plan, outcome: Outcome | None, result: IngestResult) -> Tensor | None:
     """Collect a plan's model outcome into ``result`` (counters, per-event lists, session codes and user states).
 
     Returns the codes [B, L, d] of the applied events (``None`` if none was applied). ``result.freshness_s``
@@ -750,36 +716,26 @@ def _conclude(online: OnlineModel, plan: _Plan, outcome: _Outcome | None, result
     return outcome.codes
 
 
-#: Scores per chunk of the prequential ranks (rows × catalogue): 4M floats (16 MB) bound the temporary [rows, N]
-#: score matrices, so a 1M-item catalogue is ranked a few rows at a time and MovieLens in one go.
-_SCORE_BUDGET = 1 << 22
+def _local_outcome(online: OnlineModel, bank: BankState, work: _Work, prev: _Previous) -> Outcome:
+    """:func:`persona.model_work.outcome` of work on this process's compute threads (waiting for its forward only
+    once the stored previous states are scored)."""
+    assert work.job is not None and work.codes is not None and work.states is not None and work.early is not None
+    codes, states = work.codes, work.states
+    return outcome(
+        online,
+        bank,
+        work.job.pre_rows,
+        work.early.result(),
+        lambda: (codes.result(), states.result()),
+        prev.codes,
+        prev.protos,
+        prev.states,
+    )
 
 
-def _ranks(online: OnlineModel, queries: Tensor, targets: Tensor) -> Tensor:
-    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time."""
-    ranks = torch.empty(len(targets), dtype=torch.long)
-    step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
-    for start in range(0, len(targets), step):
-        sl = slice(start, start + step)
-        ranks[sl] = target_ranks(online.scores_from_queries(queries[sl]), targets[sl])
-    return ranks
-
-
-@dataclass
-class _Early:
-    """What is computed while a batch is prepared for the predictions whose previous state was read from the store
-    (not one a pending batch will write): it needs neither this batch's forward nor the bank the commit scores
-    with. ``which``: those predictions (indices into ``plan.pre_rows``); their base model ranks, and the first
-    products of the edited head (:meth:`OnlineModel.first_products`)."""
-
-    which: list[int]
-    base: Tensor
-    first: Tensor
-
-
-@torch.inference_mode()
-def _early_work(online: OnlineModel, plan: _Plan) -> _Early:
-    """See :class:`_Early`; the commit does the rest of the prequential check."""
+def _early_input(online: OnlineModel, plan: _Plan) -> EarlyInput:
+    """The predictions whose previous state was read from the store (not one a pending batch will write): their
+    half of the prequential check needs neither this batch's forward nor the bank the commit scores with."""
     which: list[int] = []
     payloads: list[bytes] = []
     for n, (row, _item) in enumerate(plan.pre_rows):
@@ -790,15 +746,14 @@ def _early_work(online: OnlineModel, plan: _Plan) -> _Early:
                 which.append(n)
                 payloads.append(payload)
     if not which:
-        return _Early(which, torch.empty(0, dtype=torch.long), torch.empty(0))
+        return EarlyInput([], torch.empty(0, online.cfg.dim), torch.empty(0, dtype=torch.long))
     states = _floats(payloads).view(len(which), online.cfg.dim)
-    targets = torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long)
-    return _Early(which, _ranks(online, online.queries(states), targets), online.first_products(states))
+    return EarlyInput(which, states, torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long))
 
 
-def _cached_states(cache: EncoderCache, plan: _Plan) -> Tensor:
-    """The user states [R, D] of a plan's post-event rows through the encoder cache: one request per run of a
-    session's events in the same window (its rows are consecutive positions of that window)."""
+def _window_requests(plan: _Plan) -> tuple[list[WindowRequest], list[int]]:
+    """Encoder cache requests for a plan's post-event rows: one per run of a session's events in the same window
+    (its rows are consecutive positions of that window); and the post-event row of each state they give."""
     requests: list[WindowRequest] = []
     order: list[int] = []
     for sid, w in plan.sessions.items():
@@ -810,9 +765,7 @@ def _cached_states(cache: EncoderCache, plan: _Plan) -> Tensor:
                 requests.append(WindowRequest(sid, rows[lo][1], plan.post_hist[last], hi - lo))
                 order.extend(row for row, _ in rows[lo:hi])
                 lo = hi
-    states = torch.empty(len(plan.post_hist), cache.dim)
-    states[torch.tensor(order, dtype=torch.long)] = cache.encode(requests)
-    return states
+    return requests, order
 
 
 def _pad(histories: list[list[int]], t: int) -> torch.Tensor:

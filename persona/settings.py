@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     consumer_threads: int = Field(
         2, ge=1, le=64, description="Threads per consumer process for a batch's model work (encoder, adapter)."
     )
+    consumer_model_process: bool = Field(
+        True,
+        description="Run a consumer's model work (encoder, adapter, prequential check) in a process of its own.",
+    )
     consumer_max_batch: int = Field(
         2000,
         ge=1,

@@ -82,10 +82,14 @@ class OnlineModel:
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
         self._item_inputs: Tensor | None = None  # the adapter's per-item input projections, built on first use
+        #: The bundle it was loaded from (``None`` when built in memory): another process can load it from there.
+        self.path: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> OnlineModel:
-        return cls(load_trained(path))
+        online = cls(load_trained(path))
+        online.path = path
+        return online
 
     # ------------------------------------------------------------------ inputs
     @property

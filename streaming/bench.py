@@ -173,6 +173,7 @@ def _pipeline(
             compute_threads=compute_threads,
             session_cache=settings.session_cache,
             max_batch_events=settings.consumer_max_batch,
+            model_process=settings.consumer_model_process,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         consumer = EventConsumer(store, models, cfg)
@@ -231,6 +232,7 @@ def run_ingest_bench(
             "poll_records": 500,
             "max_batch_events": settings.consumer_max_batch,
             "session_cache": settings.session_cache,
+            "model_process": settings.consumer_model_process,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }
         del online

@@ -69,9 +69,11 @@ class ConsumerConfig:
     ``max_events`` stops after that many records were processed (tests, benchmarks); ``idle_exit_s`` stops
     after that long without a record. ``refresh_s`` is how often the model registry is re-checked.
     ``compute_threads`` run a batch's model work side by side, and ``session_cache`` is how many sessions it keeps
-    in memory (:class:`persona.ingest.Ingestor`). ``max_poll_records`` bounds one Kafka poll, ``max_batch_events``
-    one batch (one store transaction): polls accumulate into the next batch while one commits, so batches grow
-    with a backlog and per-batch costs (transaction, prototype bank, model calls) are shared by more events.
+    in memory (:class:`persona.ingest.Ingestor`); with ``model_process`` the model work runs in a process of its
+    own (:mod:`persona.model_worker`), started when :meth:`EventConsumer.run` starts. ``max_poll_records``
+    bounds one Kafka poll, ``max_batch_events`` one batch (one store transaction): polls accumulate into the next
+    batch while one commits, so batches grow with a backlog and per-batch costs (transaction, prototype bank,
+    model calls) are shared by more events.
     ``fetch_max_wait_ms`` caps how long the broker may hold a fetch (kafka-python's default: 500 ms); Kafka
     answers as soon as records are there, the embedded development broker was seen to hold fetches much longer
     under a steady stream (streaming/bench.py), so its users set it low.
@@ -97,6 +99,7 @@ class ConsumerConfig:
     validation: ValidationPolicy = DEFAULT_POLICY
     compute_threads: int = 1
     session_cache: int = 4096
+    model_process: bool = False
 
 
 @dataclass
@@ -212,6 +215,7 @@ class EventConsumer:
             prototype_idle_s=cfg.prototype_idle_s,
             compute_threads=cfg.compute_threads,
             session_cache=cfg.session_cache,
+            model_process=cfg.model_process,
         )
         self.stats = ConsumeStats()
         self._stop = threading.Event()
@@ -246,6 +250,10 @@ class EventConsumer:
         consumer = make_consumer(cfg.bootstrap, cfg.group, [], max_poll_records=cfg.max_poll_records, **timeouts)
         consumer.subscribe([cfg.topic], listener=_CommitOnRevoke(self))
         self._consumer = consumer
+        try:
+            self.ingestor.warm()  # the model process, before the first batch needs it
+        except Exception as exc:  # no model yet, say: the first batch reports it (and starts the process)
+            log.warning("model process not started ahead of the first batch: %s", exc)
         self._producer = make_producer(cfg.bootstrap, client_id=f"persona-dlq-{cfg.group}")
         self._applier = ThreadPoolExecutor(1, thread_name_prefix="persona-apply")
         started = time.monotonic()

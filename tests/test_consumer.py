@@ -80,17 +80,22 @@ def sqlite_store(tmp_path: Path) -> Any:
     s.close()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("threads", "model_process"), [(1, False), (2, False), (2, True)])
 def test_replayed_events_consumed_equal_the_in_process_application(
-    kafka_broker: EmbeddedBroker, topic: str, store: Store, tiny_bundle: Path, threads: int
+    kafka_broker: EmbeddedBroker, topic: str, store: Store, tiny_bundle: Path, threads: int, model_process: bool
 ) -> None:
     models = ModelProvider(store, model_dir=tiny_bundle)
     online = models.get()
     events = make_events(online, 1200, sessions=40, prefix=f"{topic}-")
     publish(kafka_broker.bootstrap, topic, events)
-    cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=1200, compute_threads=threads)
+    cfg = consumer_config(
+        kafka_broker.bootstrap, topic, max_events=1200, compute_threads=threads, model_process=model_process
+    )
     consumer = EventConsumer(store, models, cfg)
     stats = consumer.run()
+    worker = consumer.ingestor.model_worker
+    assert (worker.starts if worker is not None else 0) == int(model_process)  # started once, ahead of the batches
+    assert worker is None or worker.pid is None  # and stopped with the consumer
     assert (stats.records, stats.applied, stats.dlq) == (1200, 1200, 0)
     assert_state_matches_in_process(store, online, events)
 
@@ -239,6 +244,20 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 4)
         consumer.close(autocommit=False)
 
 
+def child_pids(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
 @pytest.mark.slow
 def test_a_hard_killed_consumer_resumes_from_committed_offsets_without_loss_or_double_apply(
     kafka_broker: EmbeddedBroker, topic: str, tmp_path: Path, tiny_bundle: Path
@@ -254,10 +273,13 @@ def test_a_hard_killed_consumer_resumes_from_committed_offsets_without_loss_or_d
     first = persona_consume(env, topic, log)
     try:
         wait_for(lambda: store.count_events() >= 500, 120, "the first consumer to apply events")
+        children = child_pids(first.pid)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     assert store.count_events() < len(events), "killed too late to prove anything"
+    assert children, "the consumer runs its model work in a child process by default"
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 30, "its model process to exit")
     second = persona_consume(env, topic, log, "--idle-exit", "4")
     assert second.wait(180) == 0, log.read_text()[-3000:]
     assert_state_matches_in_process(store, online, events)

@@ -188,6 +188,7 @@ def consume(
         compute_threads=settings.consumer_threads,
         session_cache=settings.session_cache,
         max_batch_events=settings.consumer_max_batch,
+        model_process=settings.consumer_model_process,
     )
     consumer = EventConsumer(store, models, cfg, metrics=metrics)
     _quiet_long_running_process()

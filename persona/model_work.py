@@ -1,0 +1,255 @@
+"""A batch's model work as plain values: the part of :mod:`persona.ingest` that is nothing but tensor arithmetic.
+
+The ingestor describes a batch's model work as a :class:`ModelJob` (padded adapter inputs, encoder-cache requests,
+the stored states that predict events, the predictions' targets) and gets an :class:`Outcome` back. The same
+functions run on the ingestor's compute threads or, for the consumer, in a process of its own
+(:mod:`persona.model_worker`), so the two places cannot drift apart; everything here is picklable for that.
+
+The work comes in two halves. :func:`start_job` needs only the batch: the encoder's user states of every post-event
+history, the adapter's codes, and the bank-independent half of the prequential check (:class:`Early`). Once the
+commit has read the prototype bank, :func:`outcome` assigns the new codes to prototypes and scores every
+prediction under the Persona edit and the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from recsys.encoder_cache import EncoderCache, WindowRequest
+from recsys.metrics import target_ranks
+from recsys.online import BankState, OnlineModel
+from recsys.vocab import ItemVocab
+
+__all__ = [
+    "Early",
+    "EarlyInput",
+    "ModelJob",
+    "Outcome",
+    "Started",
+    "cached_states",
+    "early_work",
+    "outcome",
+    "start_job",
+    "warm_up",
+]
+
+#: Scores per chunk of the prequential ranks (rows × catalogue): 4M floats (16 MB) bound the temporary [rows, N]
+#: score matrices, so a 1M-item catalogue is ranked a few rows at a time and MovieLens in one go.
+_SCORE_BUDGET = 1 << 22
+
+
+@dataclass
+class EarlyInput:
+    """The predictions whose previous state was read from the store (not one a pending batch will write):
+    ``which`` indexes ``ModelJob.pre_rows``; their user states [E, D] and target items [E]."""
+
+    which: list[int]
+    states: Tensor
+    targets: Tensor
+
+
+@dataclass
+class ModelJob:
+    """Everything a batch's model work reads.
+
+    ``recent`` [B, W]: each post-event history's last ``adapter_window`` items (the adapter's input). The encoder
+    reads either ``requests`` through an encoder cache (``order``: the post-event row of each state they give,
+    in order) or ``histories`` [B, T], whole windows. ``pre_rows``: per prediction, the row of its previous state
+    (>= 0: a post-event row of this batch; < 0: a stored state) and its target item.
+    """
+
+    version: str
+    recent: Tensor
+    pre_rows: list[tuple[int, int]]
+    early: EarlyInput
+    requests: list[WindowRequest] | None = None
+    order: list[int] | None = None
+    histories: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.recent.shape[0])
+
+
+@dataclass
+class Early:
+    """The bank-independent half of the prequential check of :attr:`EarlyInput.which`: their base model ranks [E]
+    and the first products of the edited head (:meth:`OnlineModel.first_products`)."""
+
+    which: list[int]
+    base: Tensor
+    first: Tensor
+
+
+@dataclass
+class Started:
+    """What :func:`start_job` gives: user states [B, D], codes [B, L, d] and the early half of the check."""
+
+    states: Tensor
+    codes: Tensor
+    early: Early
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """Codes and user states, as :func:`outcome` asks for them."""
+        return self.codes, self.states
+
+
+@dataclass
+class Outcome:
+    """Everything a batch's model work gives: codes [B, L, d], user states [B, D], prototypes [B] and their
+    distances [B] of the applied events, and per prediction the edit-norm ratio and both variants' ranks [P]."""
+
+    codes: Tensor
+    states: Tensor
+    protos: Tensor
+    dists: Tensor
+    ratios: Tensor
+    persona: Tensor
+    base: Tensor
+
+
+@torch.inference_mode()
+def early_work(online: OnlineModel, early: EarlyInput) -> Early:
+    """See :class:`Early`; :func:`outcome` does the rest of the prequential check."""
+    if not early.which:
+        return Early([], torch.empty(0, dtype=torch.long), torch.empty(0))
+    base = ranks(online, online.queries(early.states), early.targets)
+    return Early(early.which, base, online.first_products(early.states))
+
+
+def cached_states(cache: EncoderCache, requests: list[WindowRequest], order: list[int], rows: int) -> Tensor:
+    """User states [rows, D] of a batch's post-event rows through the encoder cache."""
+    states = torch.empty(rows, cache.dim)
+    states[torch.tensor(order, dtype=torch.long)] = cache.encode(requests)
+    return states
+
+
+def user_states(online: OnlineModel, cache: EncoderCache | None, job: ModelJob) -> Tensor:
+    """The job's user states [B, D], on this thread: through ``cache`` when the job has requests for one."""
+    if job.requests is not None:
+        assert cache is not None and job.order is not None
+        return cached_states(cache, job.requests, job.order, job.rows)
+    assert job.histories is not None
+    return online.user_states(job.histories)
+
+
+def start_job(online: OnlineModel, cache: EncoderCache | None, job: ModelJob) -> Started:
+    """The bank-independent half of a job, on this thread."""
+    return Started(user_states(online, cache, job), online.codes(job.recent), early_work(online, job.early))
+
+
+@torch.inference_mode()
+def outcome(
+    online: OnlineModel,
+    bank: BankState,
+    pre_rows: list[tuple[int, int]],
+    early_half: Early,
+    forward: Callable[[], tuple[Tensor, Tensor]],
+    prev_codes: Tensor,
+    prev_protos: Tensor,
+    prev_states: Tensor,
+) -> Outcome:
+    """A job's outcome under ``bank``: prototypes of the new codes, and the prequential check of every prediction,
+    from a stored previous state (``prev_*``, indexed by ``-row - 2``) or from this batch's forward (a session's
+    second event or later). ``forward()`` gives the batch's codes and user states; it is called once the stored
+    states are scored, so on compute threads that scoring overlaps the forward still running."""
+    checks = _Checks.start(len(pre_rows), early_half)
+    early = [n for n, (r, _i) in enumerate(pre_rows) if r < -1]
+    if early:
+        sel = torch.tensor([-pre_rows[n][0] - 2 for n in early], dtype=torch.long)
+        checks.score(online, bank, pre_rows, early, prev_codes[sel], prev_protos[sel], prev_states[sel])
+    codes, states = forward()
+    protos = online.assign(codes, bank)
+    dists = online.distances(codes, protos, bank)
+    late = [n for n, (r, _i) in enumerate(pre_rows) if r >= 0]
+    if late:
+        sel = torch.tensor([pre_rows[n][0] for n in late], dtype=torch.long)
+        checks.score(online, bank, pre_rows, late, codes[sel], protos[sel], states[sel])
+    return Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base)
+
+
+@dataclass
+class _Checks:
+    """The prequential check of a job's predictions, filled in as they are scored: per prediction the edit-norm
+    ratio and both variants' ranks. ``early`` holds what :func:`early_work` computed."""
+
+    ratios: Tensor
+    persona: Tensor
+    base: Tensor
+    early: Early
+    position: dict[int, int]  # prediction -> its row in early
+
+    @classmethod
+    def start(cls, n_pred: int, early: Early) -> _Checks:
+        base = torch.empty(n_pred, dtype=torch.long)
+        base[early.which] = early.base
+        position = {n: j for j, n in enumerate(early.which)}
+        return cls(torch.empty(n_pred), torch.empty(n_pred, dtype=torch.long), base, early, position)
+
+    def score(
+        self,
+        online: OnlineModel,
+        bank: BankState,
+        pre_rows: list[tuple[int, int]],
+        which: list[int],
+        codes: Tensor,
+        protos: Tensor,
+        states: Tensor,
+    ) -> None:
+        """Score predictions ``which`` from their previous states (codes, prototypes, user states [P, ...])."""
+        idx = torch.tensor(which, dtype=torch.long)
+        targets = torch.tensor([pre_rows[n][1] for n in which], dtype=torch.long)
+        rows = [self.position.get(n, -1) for n in which]
+        first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
+        persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
+        self.persona[idx] = ranks(online, persona_q, targets)
+        todo = [j for j, r in enumerate(rows) if r < 0]
+        if todo:
+            self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo])
+
+
+def ranks(online: OnlineModel, queries: Tensor, targets: Tensor) -> Tensor:
+    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time."""
+    out = torch.empty(len(targets), dtype=torch.long)
+    step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
+    for start in range(0, len(targets), step):
+        sl = slice(start, start + step)
+        out[sl] = target_ranks(online.scores_from_queries(queries[sl]), targets[sl])
+    return out
+
+
+def warm_up(online: OnlineModel, with_cache: bool, rows: int = 64) -> Outcome:
+    """One small synthetic job through every step (its own throwaway encoder cache), so that the first real batch
+    does not pay for first calls: the model's lazily built terms, the allocator's first blocks. A new consumer's
+    first batches come all at once (measured: ~3× slower per event than later ones without this)."""
+    cfg = online.cfg
+    gen = torch.Generator().manual_seed(0)
+    high = max(online.n_items, ItemVocab.OFFSET + 1)
+    windows = [torch.randint(ItemVocab.OFFSET, high, (1 + r % cfg.max_len,), generator=gen) for r in range(rows)]
+    recent = torch.zeros(rows, cfg.adapter_window, dtype=torch.long)
+    for r, w in enumerate(windows):
+        tail = w[-cfg.adapter_window :]
+        recent[r, cfg.adapter_window - len(tail) :] = tail
+    stored = rows // 2
+    targets = [int(w[-1]) for w in windows]
+    pre_rows = [(-(j + 2), targets[j]) for j in range(stored)] + [(r, targets[r]) for r in range(rows)]
+    early = EarlyInput(list(range(stored)), torch.randn(stored, cfg.dim, generator=gen), torch.tensor(targets[:stored]))
+    job = ModelJob(online.version, recent, pre_rows, early)
+    cache: EncoderCache | None = None
+    if with_cache:
+        cache = EncoderCache(online.model.device_model, rows)
+        job.requests = [WindowRequest(r, 0, w.tolist(), 1) for r, w in enumerate(windows)]
+        job.order = list(range(rows))
+    else:
+        job.histories = torch.zeros(rows, cfg.max_len, dtype=torch.long)
+        for r, w in enumerate(windows):
+            job.histories[r, cfg.max_len - len(w) :] = w
+    started = start_job(online, cache, job)
+    bank = online.initial_bank
+    prev_codes = torch.zeros(stored, cfg.n_edit_layers, cfg.code_dim)
+    prev_protos = torch.zeros(stored, dtype=torch.long)
+    return outcome(online, bank, pre_rows, started.early, started.forward, prev_codes, prev_protos, early.states)
