@@ -237,9 +237,12 @@ class Ingestor:
             if earlier.plan is None:
                 continue
             common = (prepared.session_ids & earlier.plan.sessions.keys()) - stored.keys()
+            # Concluded, its sessions' states are final unless its transaction fails, which abandons this batch too.
+            final = earlier.concluded.is_set() and not earlier.replanned
             for sid in common:
                 touched = earlier.plan.sessions[sid]
-                origins[sid] = touched.state
+                if not final:
+                    origins[sid] = touched.state  # its code and user state are filled in when it concludes
                 stored[sid] = dataclasses.replace(touched.state)  # the walk below changes its own copy
                 if earlier.online is online:
                     known_indices[sid] = touched.indices
@@ -303,6 +306,7 @@ class Ingestor:
                 scoring = self._score_previous(online, bank, plan, work)
             assert scoring.outcome is not None
             codes = _conclude(online, plan, scoring.outcome.result(), result)
+            p.concluded.set()
 
             if codes is not None:
                 protos = torch.tensor(result.prototypes, dtype=torch.long)
@@ -468,6 +472,9 @@ class Prepared:
     plan: _Plan | None = None
     work: _Work | None = None
     replanned: bool = False  # commit walked the events again: what was prepared from this plan is stale
+    #: Set once the commit has the batch's model outcome in its sessions (what remains is writing them): a batch
+    #: prepared on top of it from then on takes its sessions' new states as if stored (see :meth:`Ingestor.prepare`).
+    concluded: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import persona.ingest as ingest_module
 from persona.events import Event, RejectReason
 from persona.ingest import KS, Ingestor
 from persona.models import ModelProvider
@@ -284,6 +287,50 @@ def test_batches_prepared_on_top_of_pending_ones_end_like_sequential_ones(store:
         p3 = ingestor.prepare(batches[2], pending=[p2])
         r2, r3 = ingestor.commit(p2), ingestor.commit(p3)
         assert not (p2.replanned or p3.replanned)  # nothing to redo: every read held
+        assert _outcome(store, [r1, r2, r3], {e.session_id for e in events}) == expected
+    finally:
+        ingestor.close()
+
+
+def test_a_batch_prepared_while_the_one_below_writes_takes_its_outcome_as_stored(
+    store: Store, models: ModelProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a commit has its model outcome (``concluded``), the consumer prepares the next batch while it writes:
+    that batch reads the sessions' new states as if stored, so their predictions are scored early, not left for
+    its own commit; the end state is the sequential one."""
+    online = models.get()
+    events = make_events(online, 450, sessions=12, seed=24)
+    batches = [events[:150], events[150:300], events[300:]]
+    sequential = Ingestor(store, models, compute_threads=2)
+    try:
+        expected = _outcome(store, [sequential.apply(b) for b in batches], {e.session_id for e in events})
+    finally:
+        sequential.close()
+    _wipe(store)
+    writing, prepared = threading.Event(), threading.Event()
+    real_refine = ingest_module.refine_bank
+
+    def pausing_refine(*args: Any) -> Any:  # runs after the outcome is concluded, before the writes
+        if not writing.is_set():
+            writing.set()
+            assert prepared.wait(30)
+        return real_refine(*args)
+
+    monkeypatch.setattr(ingest_module, "refine_bank", pausing_refine)
+    ingestor = Ingestor(store, models, compute_threads=2)
+    try:
+        p1 = ingestor.prepare(batches[0])
+        with ThreadPoolExecutor(1) as applier:
+            first = applier.submit(ingestor.commit, p1)
+            assert writing.wait(30) and p1.concluded.is_set()
+            p2 = ingestor.prepare(batches[1], pending=[p1])
+            prepared.set()
+            r1 = first.result()
+        assert p2.plan is not None and p2.work is not None and p2.work.job is not None
+        stored = [n for n, (row, _item) in enumerate(p2.plan.pre_rows) if row < -1]
+        assert stored and p2.work.job.early.which == stored  # every one scored early
+        r2, r3 = ingestor.commit(p2), ingestor.apply(batches[2])
+        assert not p2.replanned
         assert _outcome(store, [r1, r2, r3], {e.session_id for e in events}) == expected
     finally:
         ingestor.close()
