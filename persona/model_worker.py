@@ -25,6 +25,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import pickle
+import sys
 import threading
 import traceback
 from collections import OrderedDict, deque
@@ -238,6 +239,16 @@ def _outcome_from_wire(wire: tuple[np.ndarray, ...]) -> Outcome:
 
 
 # ---------------------------------------------------------------------------------------------- the process
+def _reason() -> str:
+    """The exception being handled, in one line for the consumer's log; an unexpected one's traceback goes to this
+    process's stderr (the consumer's) as well."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, PersonaError):
+        return str(exc)
+    traceback.print_exc()
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _serve(conn: Connection, session_cache: int) -> None:
     """The process's main loop: one receiving thread queues messages; this thread computes, an outcome whose job
     has started before any start (a commit is waiting for it), starts in the order they came."""
@@ -308,7 +319,7 @@ def _serve(conn: Connection, session_cache: int) -> None:
                     model(version, path)
                     answer("loaded", job_id, version)
                 except Exception:
-                    answer("error", job_id, traceback.format_exc(limit=4))
+                    answer("error", job_id, _reason())
         ready = sorted(j for j in outcomes if j in started)
         if ready:
             _, job_id, (centres, counts, version), (codes, protos, states) = outcomes.pop(ready[0])
@@ -324,7 +335,7 @@ def _serve(conn: Connection, session_cache: int) -> None:
                 result = outcome(online, bank, pre_rows, first_half.early, first_half.forward, *prev)
                 answer("outcome", job_id, _outcome_to_wire(result))
             except Exception:
-                answer("error", job_id, traceback.format_exc(limit=4))
+                answer("error", job_id, _reason())
         elif starts:
             _, job_id, version, path, wire = starts.popleft()
             try:
@@ -332,4 +343,4 @@ def _serve(conn: Connection, session_cache: int) -> None:
                 job = _job_from_wire(wire)
                 started[job_id] = (version, job.pre_rows, start_job(online, cache, job))
             except Exception:
-                started[job_id] = traceback.format_exc(limit=4)
+                started[job_id] = _reason()

@@ -171,3 +171,24 @@ def test_reserving_the_cache_changes_no_state(tiny_bundle: Path) -> None:
     windows = [torch.randint(2, online.n_items, (n,), generator=gen).tolist() for n in lengths]
     requests = [WindowRequest(r, 0, w, len(w)) for r, w in enumerate(windows)]
     torch.testing.assert_close(reserved.encode(requests), growing.encode(requests))
+
+
+def test_a_job_the_model_process_cannot_do_fails_its_batch_with_the_reason(
+    store: Store, models: ModelProvider, tmp_path: Path
+) -> None:
+    """A bundle gone from its path (say): the batch fails with the process's reason; the process stays up."""
+    online = models.get()
+    events = make_events(online, 100, sessions=5, seed=25)
+    ingestor = Ingestor(store, models, model_process=True)
+    try:
+        real = online.path
+        online.path = tmp_path / "gone"
+        with pytest.raises(PersonaError, match="model process failed.*gone"):
+            ingestor.apply(events[:50])
+        assert store.count_events() == 0
+        online.path = real
+        assert ingestor.apply(events[:50]).applied == 50
+        worker = ingestor.model_worker
+        assert worker is not None and worker.starts == 1
+    finally:
+        ingestor.close()
