@@ -44,7 +44,7 @@ from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
 from persona.model_work import EarlyInput, ModelJob, Outcome, cached_states, early_work, outcome
-from persona.model_worker import ModelWorker, RemoteJob, uses_encoder_cache
+from persona.model_worker import START_TIMEOUT_S, ModelWorker, RemoteJob, uses_encoder_cache
 from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from persona.user_state import pack_user_states, user_state_payload
 from recsys.encoder_cache import EncoderCache, WindowRequest
@@ -166,12 +166,12 @@ class Ingestor:
     def model_worker(self) -> ModelWorker | None:
         return self._worker
 
-    def warm(self) -> None:
+    def warm(self, *, wait: bool = True) -> None:
         """Start the model process (if there is one) and load the active model there, so that the first batch
-        does not wait for it."""
+        does not wait for it; ``wait=False`` (a model swap) returns at once while it loads."""
         online = self.models.get()
         if self._worker is not None and online.path is not None:
-            self._worker.ensure(online)
+            self._worker.ensure(online, None if not wait else START_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop the compute threads and the model process (if any); :meth:`apply` must not be called afterwards."""

@@ -25,6 +25,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import pickle
+import signal
 import sys
 import threading
 import traceback
@@ -100,12 +101,15 @@ class ModelWorker:
         return proc.pid if proc is not None and proc.is_alive() else None
 
     # ------------------------------------------------------------------------------------------ public
-    def ensure(self, online: OnlineModel, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Start the process if it is not running and have it load ``online``; returns once it has, so the first
-        batch does not wait for torch's import and the model's load."""
+    def ensure(self, online: OnlineModel, timeout_s: float | None = START_TIMEOUT_S) -> None:
+        """Start the process if it is not running and have it load ``online`` (and warm up); returns once it has, so
+        the first batch does not wait for torch's import and the model's load. ``timeout_s=None``: do not wait (a
+        model swap: the process loads the new version while the consumer goes on)."""
         conn = self._connection()
         job_id = next(self._ids)
-        self._request(conn, ("load", job_id, online.version, str(_path(online))), job_id).result(timeout=timeout_s)
+        loaded = self._request(conn, ("load", job_id, online.version, str(_path(online))), job_id)
+        if timeout_s is not None:
+            loaded.result(timeout=timeout_s)
 
     def submit(self, online: OnlineModel, job: ModelJob) -> RemoteJob:
         """Send a job (the process starts on it at once); :meth:`RemoteJob.outcome` gets its result."""
@@ -253,6 +257,10 @@ def _serve(conn: Connection, session_cache: int) -> None:
     """The process's main loop: one receiving thread queues messages; this thread computes, an outcome whose job
     has started before any start (a commit is waiting for it), starts in the order they came."""
     torch.set_num_threads(1)  # as the consumer: one core's worth, the other is the consumer's
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the consumer finishes its batch (with this
+    # process's help) and then stops it; on its own, this process ends when the consumer's end of the pipe closes.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     inbox: deque[tuple[Any, ...]] = deque()
     arrived = threading.Condition()
 

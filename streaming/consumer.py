@@ -522,6 +522,7 @@ class EventConsumer:
         try:
             if self.models.refresh():
                 log.info("switched to model version %s", self.models.get().version)
+                self.ingestor.warm(wait=False)  # the model process loads it while this batch goes on
         except Exception:
             log.exception("model registry check failed; keeping the current model")
         else:

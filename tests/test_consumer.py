@@ -211,7 +211,10 @@ def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
 
 def persona_consume(env: dict[str, str], topic: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "persona", "consume", "--topic", topic, "--metrics-port", "0", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    # its own process group, as under the demo or a supervisor, so a test can signal the group
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def consume_env(bootstrap: str, db: str, bundle: Path, group: str) -> dict[str, str]:
@@ -300,8 +303,11 @@ def test_sigterm_finishes_the_batch_commits_and_exits_zero(
     proc = persona_consume(consume_env(kafka_broker.bootstrap, db, tiny_bundle, group), topic, log)
     try:
         wait_for(lambda: store.count_events() >= 500, 120, "the consumer to apply events")
-        proc.send_signal(signal.SIGTERM)
+        assert child_pids(proc.pid), "the consumer runs its model work in a child process by default"
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group, model process included, as a supervisor does
         assert proc.wait(60) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "Traceback" not in text and "exited with code" not in text, text[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

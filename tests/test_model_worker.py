@@ -183,7 +183,7 @@ def test_a_job_the_model_process_cannot_do_fails_its_batch_with_the_reason(
     try:
         real = online.path
         online.path = tmp_path / "gone"
-        with pytest.raises(PersonaError, match="model process failed.*gone"):
+        with pytest.raises(PersonaError, match=r"model process failed.*gone"):
             ingestor.apply(events[:50])
         assert store.count_events() == 0
         online.path = real
