@@ -93,6 +93,7 @@ def _produce(
     rate: float | None,
     seed: int,
     partitions: int = 4,
+    report: Any = None,
 ) -> None:
     """Send ``n`` events, paced at ``rate``/s when given (runs in a child process for the freshness run).
 
@@ -103,6 +104,7 @@ def _produce(
 
     messages = _messages(n, items, sessions, seed)
     producer = make_producer(bootstrap, linger_ms=5 if rate else 20)
+    started = time.time()
     t0 = time.monotonic()
     for i, (key, head, tail) in enumerate(messages):
         if rate:
@@ -112,7 +114,51 @@ def _produce(
         ts = datetime.now(UTC).isoformat()[:-6].encode()  # without "+00:00": the tail ends it with "Z"
         producer.send(topic, key=key, value=head + ts + tail, partition=zlib.crc32(key) % partitions)
     producer.flush()
+    if report is not None:  # the send window, for the freshness run's achieved rate and CPU accounting
+        report.put((started, time.time()))
     producer.close(timeout=10)
+
+
+class _CpuSampler:
+    """CPU time of the freshness run's processes (consumer, its model process, producer, broker), read from /proc
+    every 0.1 s, so the run can say how much of the machine each took while the producer sent: on a small
+    machine the load generator and the broker share the cores with the consumer being measured. Linux only;
+    elsewhere it reports nothing."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            ticks: dict[str, int] = {}
+            for role, pid in list(self.pids.items()):
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                ticks[role] = int(fields[11]) + int(fields[12])  # utime + stime
+            self.samples.append((time.time(), ticks))
+            if self._stop.wait(0.1):
+                return
+
+    def cores(self, start: float, end: float) -> dict[str, float]:
+        """Average cores each process used between the samples closest inside ``[start, end]``."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (t0, a), (t1, b) = inside[0], inside[-1]
+        return {role: round((b[role] - a[role]) / self._hz / (t1 - t0), 2) for role in b if role in a}
 
 
 def _raw_rate(bootstrap: str, topic: str, n: int) -> float:
@@ -150,6 +196,7 @@ def _pipeline(
     ready: threading.Event | None = None,
     idle_exit_s: float | None = None,
     compute_threads: int = 1,
+    pids: dict[str, int] | None = None,
 ) -> Any:
     """Run one :class:`EventConsumer` over ``topic`` into the store at ``url``; returns its stats."""
     from persona.models import ModelProvider
@@ -181,7 +228,15 @@ def _pipeline(
         gc.freeze()  # as `persona consume` does (see _quiet_long_running_process there)
         consumer.stats.keep_freshness = keep_freshness
         if ready is not None:
-            threading.Thread(target=lambda: ready.set() if consumer.assigned.wait(60) else None, daemon=True).start()
+
+            def joined() -> None:
+                if consumer.assigned.wait(60):
+                    worker = consumer.ingestor.model_worker
+                    if pids is not None and worker is not None and worker.pid is not None:
+                        pids["model_process"] = worker.pid
+                    ready.set()
+
+            threading.Thread(target=joined, daemon=True).start()
         stats = consumer.run()
     finally:
         store.close()
@@ -267,6 +322,9 @@ def run_ingest_bench(
             ensure_topics(broker.bootstrap, {fresh_topic: 4})
             ready = threading.Event()
             box: dict[str, Any] = {}
+            pids: dict[str, int] = {"consumer": os.getpid()}
+            if broker.pid is not None:
+                pids["broker"] = broker.pid
 
             def consume() -> None:
                 try:
@@ -280,6 +338,7 @@ def run_ingest_bench(
                         ready=ready,
                         idle_exit_s=30,
                         compute_threads=threads,
+                        pids=pids,
                     )
                 except BaseException as exc:  # reported below, in the caller's thread
                     box["error"] = exc
@@ -289,12 +348,24 @@ def run_ingest_bench(
             if not ready.wait(60):
                 raise PersonaError("the freshness consumer did not join its group within 60 s")
             ctx = mp.get_context("spawn")
+            window = ctx.Queue()
             producer = ctx.Process(
-                target=_produce, args=(broker.bootstrap, fresh_topic, n_fresh, items, n_sessions, rate, 2)
+                target=_produce, args=(broker.bootstrap, fresh_topic, n_fresh, items, n_sessions, rate, 2, 4, window)
             )
             producer.start()
+            pids["producer"] = producer.pid or 0
+            sampler = _CpuSampler(pids)
+            sampler.start()
             producer.join()
             worker.join()
+            sampler.stop()
+            try:
+                sent_from, sent_to = window.get(timeout=5)
+            except Exception:  # the producer died before reporting: the join above already tells
+                sent_from = sent_to = 0.0
+            if sent_to > sent_from:
+                results["freshness_sent_events_per_s"] = round(n_fresh / (sent_to - sent_from), 1)
+                results["freshness_cpu_cores"] = sampler.cores(sent_from, sent_to)
             if "error" in box:
                 raise box["error"]
             fresh = sorted(box["stats"].freshness_s)
