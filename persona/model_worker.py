@@ -51,6 +51,9 @@ __all__ = ["ModelWorker", "RemoteJob", "uses_encoder_cache"]
 
 #: Model versions the process keeps loaded (the active one and the one it replaced, for batches in flight).
 KEEP_MODELS = 2
+#: Encoder cache slots allocated when a model is loaded (at most the cache's capacity, ~51 KB each at the default
+#: sizes): the doublings up to here would otherwise stall the first batches; beyond it the cache grows as needed.
+RESERVE_SLOTS = 4096
 #: How long :meth:`ModelWorker.ensure` waits for a new process to import torch and load the model.
 START_TIMEOUT_S = 300.0
 
@@ -290,7 +293,7 @@ def _serve(conn: Connection, session_cache: int) -> None:
             use = uses_encoder_cache(online, session_cache)
             cache = EncoderCache(online.model.device_model, session_cache) if use else None
             if cache is not None:
-                cache.reserve()
+                cache.reserve(RESERVE_SLOTS)
             warm_up(online, use)
             models[version] = (online, cache)
             while len(models) > KEEP_MODELS:

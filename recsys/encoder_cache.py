@@ -89,13 +89,14 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def reserve(self) -> None:
-        """Allocate the slabs for ``capacity`` sessions now. Growing them as sessions come copies them each time
-        they double (~140 ms at the last doubling to 4,096 sessions, measured): a long-running consumer reserves
-        ahead of its first batch instead."""
+    def reserve(self, slots: int | None = None) -> None:
+        """Allocate the slabs for ``slots`` sessions (default and at most ``capacity``) now. Growing them as
+        sessions come copies them each time they double (~140 ms at the last doubling to 4,096 sessions,
+        measured): a long-running consumer reserves ahead of its first batch instead."""
+        want = self.capacity if slots is None else min(slots, self.capacity)
         with self._lock:
-            if self._slots < self.capacity:
-                self._grow(self.capacity)
+            if self._slots < want:
+                self._grow(want)
 
     @torch.inference_mode()
     def encode(self, requests: Sequence[WindowRequest]) -> Tensor:

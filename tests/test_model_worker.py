@@ -164,7 +164,9 @@ def test_reserving_the_cache_changes_no_state(tiny_bundle: Path) -> None:
     online = OnlineModel.load(tiny_bundle)
     dm = online.model.device_model
     reserved, growing = EncoderCache(dm, 300), EncoderCache(dm, 300)
-    reserved.reserve()
+    reserved.reserve(100)
+    assert reserved._slots == 100
+    reserved.reserve(10_000)  # never beyond the capacity
     assert reserved._slots == 300 and growing._slots == 0
     gen = torch.Generator().manual_seed(3)
     lengths = [1 + r % online.cfg.max_len for r in range(200)]
