@@ -305,7 +305,7 @@ class Ingestor:
                 plan, work = self._replan(uow, p, fresh, work)
                 scoring = self._score_previous(online, bank, plan, work)
             assert scoring.outcome is not None
-            codes = _conclude(online, plan, scoring.outcome.result(), result)
+            codes = _conclude(online, plan, scoring.result(), result)
             p.concluded.set()
 
             if codes is not None:
@@ -441,6 +441,7 @@ class Ingestor:
                 prev.protos[prev.recompute] = online.assign(codes, bank)
         if work.remote is not None:
             scoring.outcome = work.remote.outcome(bank, prev.codes, prev.protos, prev.states)
+            scoring.worker = self._worker
         elif self._urgent is None:
             scoring.outcome = _done(_local_outcome(online, bank, work, prev))
         else:  # its own thread: never queued behind the next batch's model work on the compute threads
@@ -677,9 +678,15 @@ class _Scoring:
     """A plan's model outcome under the bank of its transaction (maybe still being computed)."""
 
     outcome: Future[Outcome | None] | None = None
+    worker: ModelWorker | None = None  # computing it, when it is the model process
+
+    def result(self) -> Outcome | None:
+        assert self.outcome is not None
+        return self.outcome.result() if self.worker is None else self.worker.wait(self.outcome)
 
     def abandon(self) -> None:
-        if self.outcome is not None:
+        """Wait until the compute threads let go of it; the model process just discards its answer."""
+        if self.outcome is not None and self.worker is None:
             wait([self.outcome])
 
 

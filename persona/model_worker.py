@@ -13,7 +13,8 @@ gets the :class:`persona.model_work.Outcome` back. The process keeps what must p
 so a model swap needs no message of its own.
 
 Failure: if the process dies, every job waiting on it fails with a :class:`PersonaError` (the consumer then retries
-the batch, as for any failed batch), and the next job starts a new process. It also dies with the consumer: it
+the batch, as for any failed batch), and the next job starts a new process; one that stops answering is killed
+after ``answer_timeout_s`` (120 s), with the same effect. It also dies with the consumer: it
 exits when its pipe closes. Messages are plain pickles of tuples, lists and numpy arrays (tensors pickle ~8×
 slower, and torch's multiprocessing pickler would move them through shared memory files).
 """
@@ -31,6 +32,7 @@ import threading
 import traceback
 from collections import OrderedDict, deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,9 @@ KEEP_MODELS = 2
 #: Encoder cache slots allocated when a model is loaded (at most the cache's capacity, ~51 KB each at the default
 #: sizes): the doublings up to here would otherwise stall the first batches; beyond it the cache grows as needed.
 RESERVE_SLOTS = 4096
+#: How long a commit waits for the model process's answer before it kills the process and fails the batch: a
+#: batch takes well under a second, loading a large model on a swap some seconds.
+ANSWER_TIMEOUT_S = 120.0
 #: How long :meth:`ModelWorker.ensure` waits for a new process to import torch and load the model.
 START_TIMEOUT_S = 300.0
 
@@ -88,8 +93,9 @@ class ModelWorker:
     Thread-safe (the consumer prepares on its polling thread and commits on its applier thread).
     """
 
-    def __init__(self, session_cache: int) -> None:
+    def __init__(self, session_cache: int, *, answer_timeout_s: float = ANSWER_TIMEOUT_S) -> None:
         self.session_cache = session_cache
+        self.answer_timeout_s = answer_timeout_s
         self._lock = threading.Lock()  # the process, the pipe and the futures
         self._send_lock = threading.Lock()
         self._proc: Any = None
@@ -120,6 +126,22 @@ class ModelWorker:
         job_id = next(self._ids)
         self._send(conn, ("start", job_id, online.version, str(_path(online)), _job_to_wire(job)))
         return RemoteJob(self, job_id, conn)
+
+    def wait(self, future: Future[Any]) -> Any:
+        """The answer of a request, waiting at most ``answer_timeout_s``: a process that stops answering (stopped,
+        swapping, deadlocked) is killed, so the batch fails and is retried with a new one instead of hanging."""
+        try:
+            return future.result(timeout=self.answer_timeout_s)
+        except FutureTimeout:
+            with self._lock:
+                proc = self._proc
+            if proc is not None:
+                proc.kill()  # its reader thread fails whatever else waits on it; the next job starts a new one
+            raise PersonaError(
+                f"the model process (pid {proc.pid if proc else None}) did not answer within "
+                f"{self.answer_timeout_s:g} s and was stopped",
+                "the batch is retried with a new model process; if this repeats, see the consumer's log",
+            ) from None
 
     def close(self) -> None:
         """Stop the process (it finishes nothing: whatever is waiting fails)."""

@@ -49,6 +49,7 @@ def _run(store: Store, models: ModelProvider, batches: list[list[Event]], *, mod
     with store.read() as uow:
         sessions = uow.get_sessions({e.session_id for batch in batches for e in batch})
     version = results[0].model_version
+    assert version is not None
     return sessions, results, store.load_prototypes(version), starts
 
 
@@ -192,5 +193,29 @@ def test_a_job_the_model_process_cannot_do_fails_its_batch_with_the_reason(
         assert ingestor.apply(events[:50]).applied == 50
         worker = ingestor.model_worker
         assert worker is not None and worker.starts == 1
+    finally:
+        ingestor.close()
+
+
+def test_a_model_process_that_stops_answering_is_replaced(store: Store, models: ModelProvider) -> None:
+    """Stopped (SIGSTOP here; a deadlock, a swap storm): the commit gives up after the timeout instead of hanging,
+    the process is killed, and the retried batch runs on a new one."""
+    online = models.get()
+    events = make_events(online, 100, sessions=5, seed=26)
+    ingestor = Ingestor(store, models, model_process=True)
+    try:
+        ingestor.warm()
+        worker = ingestor.model_worker
+        assert worker is not None and worker.pid is not None
+        worker.answer_timeout_s = 1.0
+        stopped = worker.pid
+        os.kill(stopped, signal.SIGSTOP)
+        with pytest.raises(PersonaError, match="did not answer within 1 s"):
+            ingestor.apply(events[:50])
+        _wait_gone(stopped)
+        assert store.count_events() == 0
+        worker.answer_timeout_s = 120.0  # a new process needs a few seconds to start
+        assert ingestor.apply(events[:50]).applied == 50
+        assert worker.starts == 2
     finally:
         ingestor.close()
