@@ -267,17 +267,23 @@ def test_a_batch_with_duplicates_ends_like_one_without_them(store: Store, models
     assert _outcome(store, redone, {e.session_id for e in events}) == expected
 
 
+def _sequential_outcome(store: Store, models: ModelProvider, batches: list[list[Event]]) -> tuple[Any, ...]:
+    """The batches applied one after another by a fresh ingestor; the store is wiped afterwards."""
+    sequential = Ingestor(store, models, compute_threads=2)
+    try:
+        expected = _outcome(store, [sequential.apply(b) for b in batches], {e.session_id for b in batches for e in b})
+    finally:
+        sequential.close()
+    _wipe(store)
+    return expected
+
+
 def test_batches_prepared_on_top_of_pending_ones_end_like_sequential_ones(store: Store, models: ModelProvider) -> None:
     """The consumer prepares batch n+1 while batch n commits, taking n's sessions from n: same end state."""
     online = models.get()
     events = make_events(online, 450, sessions=12, seed=8)
     batches = [events[:150], events[150:300], events[300:]]
-    sequential = Ingestor(store, models, compute_threads=2)
-    try:
-        expected = _outcome(store, [sequential.apply(b) for b in batches], {e.session_id for e in events})
-    finally:
-        sequential.close()
-    _wipe(store)
+    expected = _sequential_outcome(store, models, batches)
     ingestor = Ingestor(store, models, compute_threads=2)  # a new one: the first remembers what was wiped
     try:
         p1 = ingestor.prepare(batches[0])
@@ -301,12 +307,7 @@ def test_a_batch_prepared_while_the_one_below_writes_takes_its_outcome_as_stored
     online = models.get()
     events = make_events(online, 450, sessions=12, seed=24)
     batches = [events[:150], events[150:300], events[300:]]
-    sequential = Ingestor(store, models, compute_threads=2)
-    try:
-        expected = _outcome(store, [sequential.apply(b) for b in batches], {e.session_id for e in events})
-    finally:
-        sequential.close()
-    _wipe(store)
+    expected = _sequential_outcome(store, models, batches)
     writing, prepared = threading.Event(), threading.Event()
     real_refine = ingest_module.refine_bank
 

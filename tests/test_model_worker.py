@@ -15,6 +15,7 @@ import torch
 from persona.events import Event
 from persona.ingest import Ingestor
 from persona.model_work import warm_up
+from persona.model_worker import ModelWorker
 from persona.models import ModelProvider
 from persona.store import Store
 from recsys.encoder_cache import EncoderCache, WindowRequest
@@ -85,16 +86,23 @@ def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
     raise AssertionError(f"process {pid} still running after {timeout_s}s")
 
 
+def _warm_ingestor(store: Store, models: ModelProvider) -> tuple[Ingestor, ModelWorker]:
+    """An ingestor whose model process is up (the caller closes the ingestor)."""
+    ingestor = Ingestor(store, models, model_process=True)
+    ingestor.warm()
+    worker = ingestor.model_worker
+    assert worker is not None and worker.pid is not None
+    return ingestor, worker
+
+
 def test_a_dead_model_process_fails_the_batch_and_the_next_one_starts_a_new_one(
     store: Store, models: ModelProvider
 ) -> None:
     online = models.get()
     events = make_events(online, 300, sessions=10, seed=22)
-    ingestor = Ingestor(store, models, model_process=True)
+    ingestor, worker = _warm_ingestor(store, models)
     try:
-        ingestor.warm()
-        worker = ingestor.model_worker
-        assert worker is not None and worker.pid is not None and worker.starts == 1
+        assert worker.starts == 1
         ingestor.apply(events[:100])
         prepared = ingestor.prepare(events[100:200])
         pid = worker.pid
@@ -202,11 +210,8 @@ def test_a_model_process_that_stops_answering_is_replaced(store: Store, models: 
     the process is killed, and the retried batch runs on a new one."""
     online = models.get()
     events = make_events(online, 100, sessions=5, seed=26)
-    ingestor = Ingestor(store, models, model_process=True)
+    ingestor, worker = _warm_ingestor(store, models)
     try:
-        ingestor.warm()
-        worker = ingestor.model_worker
-        assert worker is not None and worker.pid is not None
         worker.answer_timeout_s = 1.0
         stopped = worker.pid
         os.kill(stopped, signal.SIGSTOP)
