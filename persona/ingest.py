@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
-from persona.model_work import EarlyInput, ModelJob, Outcome, cached_states, early_work, outcome
+from persona.model_work import Early, EarlyInput, ModelJob, Outcome, cached_states, early_work, outcome
 from persona.model_worker import START_TIMEOUT_S, ModelWorker, RemoteJob, uses_encoder_cache
 from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from persona.user_state import pack_user_states, user_state_payload
@@ -663,7 +663,7 @@ class _Work:
     remote: RemoteJob | None = None
     codes: Future[Tensor] | None = None
     states: Future[Tensor] | None = None
-    early: Future[Any] | None = None
+    early: Future[Early] | None = None
 
     def abandon(self) -> None:
         """Drop the work (the results are not needed): compute threads must be free, the model process told."""
