@@ -166,12 +166,13 @@ class Ingestor:
     def model_worker(self) -> ModelWorker | None:
         return self._worker
 
-    def warm(self, *, wait: bool = True) -> None:
+    def warm(self, *, wait: bool = True) -> Future[Any] | None:
         """Start the model process (if there is one) and load the active model there, so that the first batch
-        does not wait for it; ``wait=False`` (a model swap) returns at once while it loads."""
+        does not wait for it; ``wait=False`` returns at once while it loads. The future completes when loaded."""
         online = self.models.get()
-        if self._worker is not None and online.path is not None:
-            self._worker.ensure(online, None if not wait else START_TIMEOUT_S)
+        if self._worker is None or online.path is None:
+            return None
+        return self._worker.ensure(online, START_TIMEOUT_S if wait else None)
 
     def close(self) -> None:
         """Stop the compute threads and the model process (if any); :meth:`apply` must not be called afterwards."""

@@ -110,15 +110,17 @@ class ModelWorker:
         return proc.pid if proc is not None and proc.is_alive() else None
 
     # ------------------------------------------------------------------------------------------ public
-    def ensure(self, online: OnlineModel, timeout_s: float | None = START_TIMEOUT_S) -> None:
-        """Start the process if it is not running and have it load ``online`` (and warm up); returns once it has, so
-        the first batch does not wait for torch's import and the model's load. ``timeout_s=None``: do not wait (a
-        model swap: the process loads the new version while the consumer goes on)."""
+    def ensure(self, online: OnlineModel, timeout_s: float | None = START_TIMEOUT_S) -> Future[Any]:
+        """Start the process if it is not running and have it load ``online`` (and warm up), so that the first batch
+        does not wait for torch's import and the model's load. Waits up to ``timeout_s`` for it; ``None`` returns at
+        once (the consumer joins its group meanwhile; jobs queue behind the load). The future completes when loaded.
+        """
         conn = self._connection()
         job_id = next(self._ids)
         loaded = self._request(conn, ("load", job_id, online.version, str(_path(online))), job_id)
         if timeout_s is not None:
             loaded.result(timeout=timeout_s)
+        return loaded
 
     def submit(self, online: OnlineModel, job: ModelJob) -> RemoteJob:
         """Send a job (the process starts on it at once); :meth:`RemoteJob.outcome` gets its result."""

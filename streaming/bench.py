@@ -17,6 +17,7 @@ vocabulary, every event valid and new.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -231,6 +232,9 @@ def _pipeline(
 
             def joined() -> None:
                 if consumer.assigned.wait(60):
+                    if consumer.model_loaded is not None:  # a warm model process, as a long-running consumer has
+                        with contextlib.suppress(Exception):  # a failed load fails the first batch, reported there
+                            consumer.model_loaded.result(timeout=120)
                     worker = consumer.ingestor.model_worker
                     if pids is not None and worker is not None and worker.pid is not None:
                         pids["model_process"] = worker.pid
