@@ -17,7 +17,6 @@ vocabulary, every event valid and new.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -225,6 +224,9 @@ def _pipeline(
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         consumer = EventConsumer(store, models, cfg)
+        # A warm model process, as a long-running consumer has: its start (~3 s here) would otherwise be charged to
+        # the first batches, like the group join that the rates leave out.
+        consumer.ingestor.warm()
         gc.collect()
         gc.freeze()  # as `persona consume` does (see _quiet_long_running_process there)
         consumer.stats.keep_freshness = keep_freshness
@@ -232,9 +234,6 @@ def _pipeline(
 
             def joined() -> None:
                 if consumer.assigned.wait(60):
-                    if consumer.model_loaded is not None:  # a warm model process, as a long-running consumer has
-                        with contextlib.suppress(Exception):  # a failed load fails the first batch, reported there
-                            consumer.model_loaded.result(timeout=120)
                     worker = consumer.ingestor.model_worker
                     if pids is not None and worker is not None and worker.pid is not None:
                         pids["model_process"] = worker.pid

@@ -230,8 +230,6 @@ class EventConsumer:
         self._stop = threading.Event()
         #: Set once the group gave this member its partitions (benchmarks wait for it before producing).
         self.assigned = threading.Event()
-        #: Completes once the model process has loaded the model (``None`` without one); benchmarks wait for it too.
-        self.model_loaded: Future[Any] | None = None
         self._sleep = sleep or self._stop.wait
         self._consumer: KafkaConsumer | None = None
         self._producer: Any = None
@@ -262,7 +260,7 @@ class EventConsumer:
         consumer.subscribe([cfg.topic], listener=_CommitOnRevoke(self))
         self._consumer = consumer
         try:  # the model process loads while the group is joined; the first batch's work queues behind the load
-            self.model_loaded = self.ingestor.warm(wait=False)
+            self.ingestor.warm(wait=False)
         except Exception as exc:  # no model yet, say: the first batch reports it (and starts the process)
             log.warning("model process not started ahead of the first batch: %s", exc)
         self._producer = make_producer(cfg.bootstrap, client_id=f"persona-dlq-{cfg.group}")
