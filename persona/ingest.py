@@ -43,8 +43,18 @@ import torch
 from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
-from persona.model_work import Early, EarlyInput, ModelJob, Outcome, cached_states, early_work, outcome
-from persona.model_worker import START_TIMEOUT_S, ModelWorker, RemoteJob, uses_encoder_cache
+from persona.model_work import (
+    Early,
+    EarlyInput,
+    ModelJob,
+    Outcome,
+    cached_states,
+    early_work,
+    encoder_cache_for,
+    outcome,
+    uses_encoder_cache,
+)
+from persona.model_worker import START_TIMEOUT_S, ModelWorker, RemoteJob
 from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from persona.user_state import pack_user_states, user_state_payload
 from recsys.encoder_cache import EncoderCache, WindowRequest
@@ -170,9 +180,13 @@ class Ingestor:
         """Start the model process (if there is one) and load the active model there, so that the first batch
         does not wait for it; ``wait=False`` returns at once while it loads. The future completes when loaded."""
         online = self.models.get()
-        if self._worker is None or online.path is None:
-            return None
-        return self._worker.ensure(online, START_TIMEOUT_S if wait else None)
+        worker = self._remote(online)
+        return None if worker is None else worker.ensure(online, START_TIMEOUT_S if wait else None)
+
+    def _remote(self, online: OnlineModel) -> ModelWorker | None:
+        """The model process that does this model's work, if any: it loads bundles by path, so a model built in
+        memory stays in this process."""
+        return self._worker if online.path is not None else None
 
     def close(self) -> None:
         """Stop the compute threads and the model process (if any); :meth:`apply` must not be called afterwards."""
@@ -305,7 +319,6 @@ class Ingestor:
                     return result
                 plan, work = self._replan(uow, p, fresh, work)
                 scoring = self._score_previous(online, bank, plan, work)
-            assert scoring.outcome is not None
             codes = _conclude(online, plan, scoring.result(), result)
             p.concluded.set()
 
@@ -382,8 +395,9 @@ class Ingestor:
             return _Work()
         job = self._job(online, plan)
         work = _Work(job)
-        if self._worker is not None and online.path is not None:
-            work.remote = self._worker.submit(online, job)
+        worker = self._remote(online)
+        if worker is not None:
+            work.remote = worker.submit(online, job)
             return work
         pool = self._pool
         work.codes = _done(online.codes(job.recent)) if pool is None else pool.submit(online.codes, job.recent)
@@ -416,9 +430,7 @@ class Ingestor:
         """This model's encoder cache in this process; ``None`` where it does not apply (turned off, GRU4Rec, a
         sliding window)."""
         if self._cache is None or self._cache[0] != online.version:
-            usable = uses_encoder_cache(online, self.session_cache)
-            cache = EncoderCache(online.model.device_model, self.session_cache) if usable else None
-            self._cache = (online.version, cache)
+            self._cache = (online.version, encoder_cache_for(online, self.session_cache))
         return self._cache[1]
 
     def _score_previous(self, online: OnlineModel, bank: BankState, plan: _Plan, work: _Work) -> _Scoring:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.metrics import target_ranks
+from recsys.model import SASRecEncoder
 from recsys.online import BankState, OnlineModel
 from recsys.vocab import ItemVocab
 
@@ -32,8 +33,10 @@ __all__ = [
     "Started",
     "cached_states",
     "early_work",
+    "encoder_cache_for",
     "outcome",
     "start_job",
+    "uses_encoder_cache",
     "warm_up",
 ]
 
@@ -110,6 +113,17 @@ class Outcome:
     ratios: Tensor
     persona: Tensor
     base: Tensor
+
+
+def uses_encoder_cache(online: OnlineModel, session_cache: int) -> bool:
+    """Whether a batch's user states go through an encoder cache: SASRec models whose windows have a stride."""
+    return session_cache > 0 and isinstance(online.model.device_model.encoder, SASRecEncoder) and online.cfg.stride > 0
+
+
+def encoder_cache_for(online: OnlineModel, session_cache: int) -> EncoderCache | None:
+    """A new encoder cache of ``session_cache`` sessions for this model; ``None`` where it does not apply (turned
+    off, GRU4Rec, a sliding window)."""
+    return EncoderCache(online.model.device_model, session_cache) if uses_encoder_cache(online, session_cache) else None
 
 
 @torch.inference_mode()

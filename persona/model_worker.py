@@ -41,15 +41,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from persona.model_work import EarlyInput, ModelJob, Outcome, Started, outcome, start_job, warm_up
+from persona.model_work import (
+    EarlyInput,
+    ModelJob,
+    Outcome,
+    Started,
+    encoder_cache_for,
+    outcome,
+    start_job,
+    warm_up,
+)
 from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.errors import PersonaError
-from recsys.model import SASRecEncoder
 from recsys.online import BankState, OnlineModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelWorker", "RemoteJob", "uses_encoder_cache"]
+__all__ = ["ModelWorker", "RemoteJob"]
 
 #: Model versions the process keeps loaded (the active one and the one it replaced, for batches in flight).
 KEEP_MODELS = 2
@@ -61,11 +69,6 @@ RESERVE_SLOTS = 4096
 ANSWER_TIMEOUT_S = 120.0
 #: How long :meth:`ModelWorker.ensure` waits for a new process to import torch and load the model.
 START_TIMEOUT_S = 300.0
-
-
-def uses_encoder_cache(online: OnlineModel, session_cache: int) -> bool:
-    """Whether a batch's user states go through an encoder cache: SASRec models whose windows have a stride."""
-    return session_cache > 0 and isinstance(online.model.device_model.encoder, SASRecEncoder) and online.cfg.stride > 0
 
 
 class RemoteJob:
@@ -126,7 +129,7 @@ class ModelWorker:
         """Send a job (the process starts on it at once); :meth:`RemoteJob.outcome` gets its result."""
         conn = self._connection()
         job_id = next(self._ids)
-        self._send(conn, ("start", job_id, online.version, str(_path(online)), _job_to_wire(job)))
+        self._send(conn, ("start", job_id, str(_path(online)), _job_to_wire(job)))
         return RemoteJob(self, job_id, conn)
 
     def wait(self, future: Future[Any]) -> Any:
@@ -307,18 +310,17 @@ def _serve(conn: Connection, session_cache: int) -> None:
     models: OrderedDict[str, tuple[OnlineModel, EncoderCache | None]] = OrderedDict()
     starts: deque[tuple[Any, ...]] = deque()
     outcomes: dict[int, tuple[Any, ...]] = {}
-    started: dict[int, tuple[str, list[tuple[int, int]], Started] | str] = {}  # version, pre_rows, the half; or why not
+    started: dict[int, tuple[ModelJob, Started] | str] = {}  # a job and its started half, or why it failed
 
     def model(version: str, path: str) -> tuple[OnlineModel, EncoderCache | None]:
         if version not in models:
             online = OnlineModel.load(Path(path))
             if online.version != version:
                 raise PersonaError(f"the bundle at {path} is model {online.version}, not {version}")
-            use = uses_encoder_cache(online, session_cache)
-            cache = EncoderCache(online.model.device_model, session_cache) if use else None
+            cache = encoder_cache_for(online, session_cache)
             if cache is not None:
                 cache.reserve(RESERVE_SLOTS)
-            warm_up(online, use)
+            warm_up(online, cache is not None)
             models[version] = (online, cache)
             while len(models) > KEEP_MODELS:
                 models.popitem(last=False)
@@ -362,20 +364,20 @@ def _serve(conn: Connection, session_cache: int) -> None:
             if isinstance(half, str):
                 answer("error", job_id, half)
                 continue
-            version_of_job, pre_rows, first_half = half
+            job, first_half = half
             try:
-                online = models[version_of_job][0]
+                online = models[job.version][0]
                 bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version)
                 prev = (torch.from_numpy(codes), torch.from_numpy(protos), torch.from_numpy(states))
-                result = outcome(online, bank, pre_rows, first_half.early, first_half.forward, *prev)
+                result = outcome(online, bank, job.pre_rows, first_half.early, first_half.forward, *prev)
                 answer("outcome", job_id, _outcome_to_wire(result))
             except Exception:
                 answer("error", job_id, _reason())
         elif starts:
-            _, job_id, version, path, wire = starts.popleft()
+            _, job_id, path, wire = starts.popleft()
             try:
-                online, cache = model(version, path)
                 job = _job_from_wire(wire)
-                started[job_id] = (version, job.pre_rows, start_job(online, cache, job))
+                online, cache = model(job.version, path)
+                started[job_id] = (job, start_job(online, cache, job))
             except Exception:
                 started[job_id] = _reason()

@@ -227,19 +227,14 @@ def _pipeline(
         # A warm model process, as a long-running consumer has: its start (~3 s here) would otherwise be charged to
         # the first batches, like the group join that the rates leave out.
         consumer.ingestor.warm()
+        worker = consumer.ingestor.model_worker
+        if pids is not None and worker is not None and worker.pid is not None:
+            pids["model_process"] = worker.pid
         gc.collect()
         gc.freeze()  # as `persona consume` does (see _quiet_long_running_process there)
         consumer.stats.keep_freshness = keep_freshness
         if ready is not None:
-
-            def joined() -> None:
-                if consumer.assigned.wait(60):
-                    worker = consumer.ingestor.model_worker
-                    if pids is not None and worker is not None and worker.pid is not None:
-                        pids["model_process"] = worker.pid
-                    ready.set()
-
-            threading.Thread(target=joined, daemon=True).start()
+            threading.Thread(target=lambda: ready.set() if consumer.assigned.wait(60) else None, daemon=True).start()
         stats = consumer.run()
     finally:
         store.close()
@@ -364,7 +359,7 @@ def run_ingest_bench(
             sampler.stop()
             try:
                 sent_from, sent_to = window.get(timeout=5)
-            except Exception:  # the producer died before reporting: the join above already tells
+            except Exception:  # the producer died before reporting: the consumer, short of events, fails below
                 sent_from = sent_to = 0.0
             if sent_to > sent_from:
                 results["freshness_sent_events_per_s"] = round(n_fresh / (sent_to - sent_from), 1)

@@ -11,14 +11,14 @@ One batch (the records of one or more polls, up to ``max_batch_events``) goes th
 5. update the metrics.
 
 Step 2 is split in two (:meth:`Ingestor.prepare` and :meth:`Ingestor.commit`). This thread polls, parses and
-*prepares* the next batch (session reads, the walk through the events, the sequence encoder started on the
-compute threads) while an applier thread *commits* the previous one (its one store transaction), then finishes
-the committed batches (steps 3 to 5). So Kafka I/O, parsing and the model's heaviest work overlap the store
-work, and most of them run outside the GIL. What is polled while a batch commits and another waits accumulates
-(up to ``max_batch_events``) into the batch prepared next, so batches grow with the load and an event never
-waits behind more than two batches. Batches still take effect strictly in order: one commits only if every
-earlier one did, and a session a batch in flight touches is taken from that batch, not from the store
-(``commit`` checks that whatever ``prepare`` read still holds, and redoes the work when it does not).
+*prepares* the next batch (session reads, the walk through the events, the model work started in the model
+process or on the compute threads) while an applier thread *commits* the previous one (its one store
+transaction), then finishes the committed batches (steps 3 to 5). So Kafka I/O, parsing and the model's heaviest
+work overlap the store work, and most of them run outside the GIL. What is polled while a batch commits and
+another waits accumulates (up to ``max_batch_events``) into the batch prepared next, so batches grow with the
+load and an event never waits behind more than two batches. Batches still take effect strictly in order: one
+commits only if every earlier one did, and a session a batch in flight touches is taken from that batch, not from
+the store (``commit`` checks that whatever ``prepare`` read still holds, and redoes the work when it does not).
 
 If step 2 or 3 fails (store down, model missing, DLQ unreachable), nothing of that batch or any later one is
 committed: the consumer logs loudly, lets the batches already handed to the applier finish (a failure makes
