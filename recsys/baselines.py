@@ -85,18 +85,20 @@ class SessionRepeatMethod:
     name = "session-repeat"
 
     def __init__(self, item_counts: np.ndarray) -> None:
-        self._tie = tie_break(item_counts)
+        self._tie = tie_break(item_counts).float()
 
     def score(self, histories: Tensor) -> Tensor:
         b, t = histories.shape
-        real = (histories > UNK).to(torch.float64)
-        counts = torch.zeros(b, len(self._tie), dtype=torch.float64).scatter_add_(1, histories, real)
-        # The latest position of each item (0..T-1, most recent = T-1); padding writes to PAD, never ranked.
-        pos = torch.arange(t, dtype=torch.float64).expand(b, t)
-        last = torch.zeros_like(counts).scatter_reduce_(1, histories, pos, "amax")
-        # One more occurrence always outweighs recency (T + 1 > T - 1); any history item outranks any other.
-        seen = counts > 0
-        return torch.where(seen, 1.0 + counts * (t + 1) + last, self._tie.expand(b, -1))
+        real = histories > UNK
+        # Per history position: how often its item occurs in the session and where it last occurs ([B, T, T],
+        # not [B, N]: the catalogue may be large, the history is not).
+        same = (histories.unsqueeze(2) == histories.unsqueeze(1)) & real.unsqueeze(1)
+        count = same.sum(2).float()
+        last = torch.where(same, torch.arange(t, dtype=torch.float32), -1.0).amax(2)
+        # One more occurrence always outweighs recency (T + 1 > T - 1); any session item outranks any other.
+        value = torch.where(real, 1.0 + count * (t + 1) + last, 0.0)
+        scores = self._tie.expand(b, -1).clone()
+        return scores.scatter_(1, torch.where(real, histories, PAD), value)  # padding writes PAD, never ranked
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         return None

@@ -61,9 +61,12 @@ def test_recent_popularity_through_the_evaluation_path_sees_each_batch_only_afte
 def test_session_repeat_ranks_the_sessions_items_by_count_then_recency_then_popularity() -> None:
     counts = np.array([0, 0, 1, 9, 0, 0, 4])
     m = SessionRepeatMethod(counts)
-    hist = torch.tensor([[PAD, 1, 4, 3, 4, 5, 3]]).expand(5, -1)  # UNK (1) and PAD are never counted
-    # 3 and 4 twice each (3 more recent), 5 once; then items not in the session by popularity: 6 (4), 2 (1)
-    assert _ranks(m, hist, [3, 4, 5, 6, 2]) == [0, 1, 2, 3, 4]
+    first = [PAD, 1, 4, 3, 4, 5, 3]  # UNK (1) and PAD are never counted
+    second = [PAD, PAD, PAD, PAD, 6, 2, 6]
+    hist = torch.tensor([first] * 5 + [second] * 2)
+    # first: 3 and 4 twice each (3 more recent), 5 once; then the others by popularity: 6 (4), 2 (1)
+    # second: 6 twice, 2 once, then 3 (popularity 9)
+    assert _ranks(m, hist, [3, 4, 5, 6, 2, 6, 3]) == [0, 1, 2, 3, 4, 0, 2]
 
 
 def test_session_repeat_with_an_empty_history_is_popularity() -> None:
