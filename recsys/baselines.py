@@ -83,11 +83,14 @@ class SessionRepeatMethod:
     first), then every other item by training-period popularity."""
 
     name = "session-repeat"
+    reads_repeats = True  # given the session's whole-history item counts, it ranks by those (recsys.repeats)
 
     def __init__(self, item_counts: np.ndarray) -> None:
         self._tie = tie_break(item_counts).float()
 
-    def score(self, histories: Tensor) -> Tensor:
+    def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
+        if repeats is not None:
+            return self._score_counts(histories.shape[0], repeats)
         b, t = histories.shape
         real = histories > UNK
         # Per history position: how often its item occurs in the session and where it last occurs ([B, T, T],
@@ -99,6 +102,16 @@ class SessionRepeatMethod:
         value = torch.where(real, 1.0 + count * (t + 1) + last, 0.0)
         scores = self._tie.expand(b, -1).clone()
         return scores.scatter_(1, torch.where(real, histories, PAD), value)  # padding writes PAD, never ranked
+
+    def _score_counts(self, b: int, repeats: Tensor) -> Tensor:
+        """From whole-history entries [B, R, 3] (item, count, age): more occurrences first, then more recent."""
+        items, count, age = repeats[..., 0], repeats[..., 1].float(), repeats[..., 2].float()
+        real = items > UNK
+        horizon = float(age.max()) + 1.0 if age.numel() else 1.0
+        # recency as a fraction in (0, 1): one more occurrence outweighs it; any session item outranks any other
+        value = torch.where(real, 1.0 + count + (horizon - age) / (horizon + 1.0), 0.0)
+        scores = self._tie.expand(b, -1).clone()
+        return scores.scatter_(1, torch.where(real, items, PAD), value)
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         return None

@@ -33,6 +33,7 @@ METHOD_NAMES = (
     "recent-popularity",
     "session-repeat",
     "base",
+    "base-no-repeat",
     "persona",
     "persona-no-prototypes",
     "persona-static-prototypes",
@@ -46,6 +47,7 @@ PAIRED: dict[str, tuple[str, str]] = {
     "persona_vs_finetune": ("persona", "finetune"),
     "persona_vs_recent_popularity": ("persona", "recent-popularity"),
     "persona_vs_session_repeat": ("persona", "session-repeat"),
+    "persona_vs_base_no_repeat": ("persona", "base-no-repeat"),
 }
 
 
@@ -59,6 +61,15 @@ class Method(Protocol):
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         """See the batch's true next items after scoring it (online methods learn here)."""
         ...
+
+
+def score_batch(method: Method, histories: Tensor, repeats: Tensor | None) -> Tensor:
+    """``method.score``, with the sessions' whole-history item counts [B, R, 3] for a method that reads them
+    (``reads_repeats``: the device model's repeat part, session-repeat)."""
+    if repeats is not None and getattr(method, "reads_repeats", False):
+        out: Tensor = method.score(histories, repeats)  # type: ignore[call-arg]
+        return out
+    return method.score(histories)
 
 
 class PopularityMethod:
@@ -77,15 +88,15 @@ class PopularityMethod:
 
 
 class BaseMethod:
-    """The un-edited device model."""
+    """The un-edited device model (``repeats=False``: without its repeat part, the ablation)."""
 
-    name = "base"
-
-    def __init__(self, model: PersonaModel) -> None:
+    def __init__(self, model: PersonaModel, *, repeats: bool = True) -> None:
         self.model = model
+        self.reads_repeats = repeats
+        self.name = "base" if repeats else "base-no-repeat"
 
-    def score(self, histories: Tensor) -> Tensor:
-        return self.model.score(histories)
+    def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
+        return self.model.score(histories, repeats=repeats)
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         return None
@@ -98,6 +109,8 @@ class PersonaMethod:
     centres toward its session codes and adds its next items to the prototypes' counts (the group bias), exactly as
     the consumer does online; without it the bank stays as trained ("static prototypes").
     """
+
+    reads_repeats = True
 
     def __init__(
         self,
@@ -113,10 +126,10 @@ class PersonaMethod:
         self._codes: Tensor | None = None
         self._edit: Edit | None = None
 
-    def score(self, histories: Tensor) -> Tensor:
+    def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
         self._codes = self.model.codes(histories)
         self._edit = self.model.edit_for(self._codes, self.mode)
-        return self.model.score(histories, self._edit)
+        return self.model.score(histories, self._edit, repeats=repeats)
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         if self.refine and self._codes is not None and self._edit is not None:
@@ -126,12 +139,13 @@ class PersonaMethod:
             self.model.bank.observe(self._edit.prototype, targets)
 
 
-def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
+def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tensor, Tensor | None]]:
     for start in range(0, len(examples), batch_size):
         stop = start + batch_size
         yield (
             torch.from_numpy(examples.histories[start:stop]),
             torch.from_numpy(examples.targets[start:stop]),
+            None if examples.repeats is None else torch.from_numpy(examples.repeats[start:stop]).long(),
         )
 
 
@@ -179,8 +193,10 @@ def evaluate_examples(
     per_example: list[np.ndarray] = []
     g = torch.Generator().manual_seed(seed)
     n_batches = (len(examples) + batch_size - 1) // batch_size
-    for hist, tgt in track(_batches(examples, batch_size), f"evaluating {method.name}", n_batches, enabled=progress):
-        scores = method.score(hist)
+    for hist, tgt, reps in track(
+        _batches(examples, batch_size), f"evaluating {method.name}", n_batches, enabled=progress
+    ):
+        scores = score_batch(method, hist, reps)
         if sampled:
             neg = sample_negatives(scores.shape[1], tgt, sampled, g)
             ranks = sampled_ranks(scores, tgt, neg, g)
@@ -215,12 +231,14 @@ def build_methods(
         "recent-popularity": lambda: RecentPopularityMethod(item_counts, prior, recent_window),
         "session-repeat": lambda: SessionRepeatMethod(item_counts),
         "base": lambda: BaseMethod(model),
+        "base-no-repeat": lambda: BaseMethod(model, repeats=False),
         "persona": lambda: PersonaMethod(model, "persona", "prototype", refine=True),
         "persona-no-prototypes": lambda: PersonaMethod(no_prototype_model or model, "persona-no-prototypes", "session"),
         "persona-static-prototypes": lambda: PersonaMethod(model, "persona-static-prototypes", "prototype"),
         "finetune": lambda: FinetuneMethod(model, lr=ft.lr, optimizer=ft.optimizer),
     }
-    return [factories[n]() for n in names]
+    # without a repeat part, base-no-repeat is base: not evaluated twice
+    return [factories[n]() for n in names if n != "base-no-repeat" or model.device_model.repeat is not None]
 
 
 @dataclass

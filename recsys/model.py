@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
+from recsys.repeats import RepeatPart, add_repeat_bias
+
 PAD = 0
 UNK = 1
 Encoder = Literal["sasrec", "gru4rec"]
@@ -62,6 +64,10 @@ class ModelConfig:
     # (bundles trained before windows had a stride load as 0); S > 0 = a window that starts every S items,
     # positions counted from its start. None = max_len // 2, at most max_len - adapter_window + 1.
     window_stride: int | None = None
+    # The repeat part (recsys.repeats.RepeatPart): R > 0 = the device model reads the session's whole history as at
+    # most R (item, count, age) entries and mixes "repeat one of them" with "explore the catalogue"; 0 = none
+    # (bundles trained before it, and data where it did not win on validation).
+    repeat_size: int = 0
 
     def __post_init__(self) -> None:
         if self.window_stride is None:
@@ -312,6 +318,12 @@ class DeviceModel(nn.Module):
         with torch.no_grad():
             self.target.weight.copy_(torch.eye(cfg.dim))
             self.target.bias.zero_()
+        self.repeat: RepeatPart | None = None
+        if cfg.repeat_size > 0:
+            # its own random stream: the rest of the model initialises (and trains) exactly as without it
+            with torch.random.fork_rng():
+                torch.manual_seed(torch.initial_seed() + 7919)
+                self.repeat = RepeatPart(cfg.dim)
 
     def encode_all(self, history: Tensor) -> Tensor:
         """State after every position [B, T, D] of the history [B, T] (causal: for training)."""
@@ -345,9 +357,25 @@ class DeviceModel(nn.Module):
         """t(E): [N, D]; cached by callers that score many requests with frozen weights."""
         return self.target(self.items.weight)
 
-    def forward(self, history: Tensor, edit: Edit | None = None, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self, history: Tensor, edit: Edit | None = None, targets: Tensor | None = None, repeats: Tensor | None = None
+    ) -> Tensor:
         x = self.head(self.encode(history), edit)
-        return x @ (self.item_targets() if targets is None else targets).T
+        return self.scores_from_head(x, self.item_targets() if targets is None else targets, repeats)
+
+    def scores_from_head(self, x: Tensor, targets: Tensor, repeats: Tensor | None = None) -> Tensor:
+        """Scores [B, N] from (edited) head outputs x [B, D]: ``<x, t(E_i)>``, plus the repeat part's bias at the
+        session's items when the model has one and ``repeats`` [B, R, 3] are given."""
+        scores = x @ targets.T
+        bias = self.repeat_bias(x, targets, repeats)
+        return scores if bias is None else add_repeat_bias(scores, *bias)
+
+    def repeat_bias(self, x: Tensor, targets: Tensor, repeats: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(items [B, R], bias [B, R]) of the repeat part (:class:`recsys.repeats.RepeatPart`); ``None`` without it."""
+        if self.repeat is None or repeats is None:
+            return None
+        out: tuple[Tensor, Tensor] = self.repeat(x, targets, repeats)
+        return out
 
 
 # --------------------------------------------------------------------------------------------- cloud adapter
@@ -660,10 +688,17 @@ class PersonaModel(nn.Module):
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
         return self.edit_for(self.codes(history), mode)
 
-    def score(self, history: Tensor, edit: Edit | None = None, targets: Tensor | None = None) -> Tensor:
-        """Scores [B, N] of the (edited) device model; ``targets`` = cached ``item_targets()``. An edit with
-        prototypes (prototype mode) adds their group bias (:func:`group_bias`); base and session edits do not."""
-        scores: Tensor = self.device_model(history, edit, targets)
+    def score(
+        self,
+        history: Tensor,
+        edit: Edit | None = None,
+        targets: Tensor | None = None,
+        repeats: Tensor | None = None,
+    ) -> Tensor:
+        """Scores [B, N] of the (edited) device model; ``targets`` = cached ``item_targets()``; ``repeats`` = the
+        sessions' item counts [B, R, 3] for the repeat part. An edit with prototypes (prototype mode) adds their
+        group bias (:func:`group_bias`); base and session edits do not."""
+        scores: Tensor = self.device_model(history, edit, targets, repeats)
         bias = None if edit is None else self.bank.item_bias(edit.prototype)
         return scores if bias is None else scores + bias
 

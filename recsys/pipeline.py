@@ -55,8 +55,9 @@ class Prepared:
     fingerprint: str
 
 
-def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0) -> Prepared:
-    """Load, k-core filter and split the data as ``spec`` says."""
+def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0, repeat_size: int = 0) -> Prepared:
+    """Load, k-core filter and split the data as ``spec`` says (``repeat_size`` > 0: with each example's
+    whole-history item counts, :mod:`recsys.repeats`)."""
     if spec.protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {spec.protocol!r}", f"use one of: {', '.join(PROTOCOLS)}")
     df = load_interactions(spec.source, user_col=spec.user_col, item_col=spec.item_col, time_col=spec.time_col)
@@ -66,7 +67,7 @@ def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0) -> 
             f"no interactions left after {spec.min_user}-core users / {spec.min_item}-core items",
             "lower --min-user/--min-item or use a larger dataset",
         )
-    split = make_split(df, spec.protocol, max_len=max_len, window_stride=window_stride)
+    split = make_split(df, spec.protocol, max_len=max_len, window_stride=window_stride, repeat_size=repeat_size)
     log.info(
         "data %s: %d interactions, %d users, %d items; train/valid/test examples %d/%d/%d",
         spec.source,
@@ -138,7 +139,7 @@ def train_bundle(
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists", "pass --overwrite to replace it or choose another --out")
     shape = ModelConfig.from_dict({**(model_overrides or {}), "n_items": 1})  # the window before the vocabulary
-    prepared = prepare(spec, max_len=shape.max_len, window_stride=shape.stride)
+    prepared = prepare(spec, max_len=shape.max_len, window_stride=shape.stride, repeat_size=shape.repeat_size)
     cfg = ModelConfig.from_dict({**shape.to_dict(), "n_items": prepared.split.vocab.size})
     result = train_persona(prepared.split, cfg, tc, progress=progress)
     bundle = save_trained(out, prepared, result, tc, overwrite=overwrite)

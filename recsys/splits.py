@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from recsys.errors import DataError
+from recsys.repeats import repeat_features
 from recsys.vocab import ItemVocab
 from recsys.windows import window_lengths
 
@@ -54,19 +55,23 @@ class Examples:
     ``histories`` int64 [M, T] item indices, LEFT-padded with ``ItemVocab.PAD``; last column = most recent.
     ``targets`` int64 [M]; ``users`` int64 [M] (index into ``Split.user_ids``);
     ``ts`` float64 [M] (time of the target interaction).
+    ``repeats`` int32 [M, R, 3] or ``None``: the session's whole history before the target as bounded item counts
+    ``(item, count, age)`` (:mod:`recsys.repeats`), for the device model's repeat part.
     """
 
     histories: np.ndarray
     targets: np.ndarray
     users: np.ndarray
     ts: np.ndarray
+    repeats: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
     def subset(self, idx: np.ndarray) -> Examples:
         """Rows ``idx`` (integer indices or a boolean mask), e.g. for batching or sampling."""
-        return Examples(self.histories[idx], self.targets[idx], self.users[idx], self.ts[idx])
+        reps = None if self.repeats is None else self.repeats[idx]
+        return Examples(self.histories[idx], self.targets[idx], self.users[idx], self.ts[idx], reps)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -97,6 +102,7 @@ def make_split(
     test_frac: float = 0.3,
     valid_frac: float = 0.1,
     min_train_items: int = 3,
+    repeat_size: int = 0,
 ) -> Split:
     """Turn ``user_id, item_id, ts`` interactions into train/valid/test next-item examples.
 
@@ -113,7 +119,8 @@ def make_split(
     Train examples: every train-part interaction with at least one earlier train-part item of the user.
     Histories are the encoder's window of the items before the target: the last ``max_len`` items
     (``window_stride`` 0), or a window that starts every ``window_stride`` items (:func:`recsys.windows.window_length`).
-    Each set is sorted by (ts, user).
+    Each set is sorted by (ts, user). ``repeat_size`` > 0 adds each example's whole-history item counts
+    (``Examples.repeats``, :func:`recsys.repeats.repeat_features`).
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown split protocol {protocol!r}", f"use one of: {', '.join(PROTOCOLS)}")
@@ -200,6 +207,7 @@ def make_split(
     item_counts[: ItemVocab.OFFSET] = 0
     codes_s = codes[order]
     ts_s = ts[order]
+    keys_s = np.unique(items.to_numpy(), return_inverse=True)[1].astype(np.int64)[order] if repeat_size > 0 else None
 
     sets: dict[str, Examples] = {}
     for pid, name in enumerate(("train", "valid", "test")):
@@ -217,6 +225,7 @@ def make_split(
             targets=codes_s[pos].astype(np.int64),
             users=user_s[pos].astype(np.int64),
             ts=ts_s[pos].astype(np.float64),
+            repeats=None if keys_s is None else repeat_features(keys_s, codes_s, start_s[pos], pos, repeat_size),
         )
         stats[f"n_{name}"] = float(pos.size)
         if pos.size == 0:

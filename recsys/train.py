@@ -13,7 +13,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ class TrainConfig:
     group_bias_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
     group_bias_decays: tuple[float, ...] = (1.0, 0.999, 0.99)
     group_bias_smoothings: tuple[float, ...] = (1.0,)
+    # the repeat part (recsys.repeats): trained after the base model on its frozen state, kept only if it raises the
+    # base model's validation NDCG@10 (so data without re-consumption gets the model without it)
+    repeat_epochs: int = 20
     seed: int = 0
     valid_batch: int = 1024
     max_valid: int | None = 20_000  # cap on validation examples per check (time, not accuracy)
@@ -95,11 +98,26 @@ class TrainResult:
     group_bias: GroupBias
 
 
-def _batches(examples: Examples, batch_size: int, g: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
+class Batch(NamedTuple):
+    """A shuffled training batch: example rows [B], histories [B, T], targets [B], item counts [B, R, 3] or None."""
+
+    rows: Tensor
+    histories: Tensor
+    targets: Tensor
+    repeats: Tensor | None
+
+
+def _batches(examples: Examples, batch_size: int, g: torch.Generator) -> Iterable[Batch]:
     order = torch.randperm(len(examples), generator=g).numpy()
     for start in range(0, len(order), batch_size):
         idx = np.sort(order[start : start + batch_size])
-        yield torch.from_numpy(examples.histories[idx]), torch.from_numpy(examples.targets[idx])
+        reps = None if examples.repeats is None else torch.from_numpy(examples.repeats[idx]).long()
+        yield Batch(
+            torch.from_numpy(idx),
+            torch.from_numpy(examples.histories[idx]),
+            torch.from_numpy(examples.targets[idx]),
+            reps,
+        )
 
 
 def causal_windows(train: Examples, stride: int) -> Examples:
@@ -136,7 +154,7 @@ def stage_seed_offset(name: str) -> int:
 def fit_stage(
     name: str,
     trainable: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Batch], Tensor],
     validate: Callable[[], float],
     train: Examples,
     tc: TrainConfig,
@@ -163,8 +181,9 @@ def fit_stage(
     for epoch in range(1, epochs + 1):
         set_modes()
         total, count = 0.0, 0
-        for hist, tgt in track(_batches(train, bs, g), f"{name} epoch {epoch}", n_batches, enabled=progress):
-            loss = loss_fn(hist, tgt)
+        for batch in track(_batches(train, bs, g), f"{name} epoch {epoch}", n_batches, enabled=progress):
+            loss = loss_fn(batch)
+            tgt = batch.targets
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 5.0)
@@ -225,7 +244,8 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     dm = model.device_model
     stages: list[StageLog] = []
 
-    def base_loss(h: Tensor, t: Tensor) -> Tensor:
+    def base_loss(batch: Batch) -> Tensor:
+        h, t = batch.histories, batch.targets
         # Causal encoder: every position of the window predicts the item after it (SASRec-style).
         labels = torch.cat([h[:, 1:], t.unsqueeze(1)], 1)
         use = (h != PAD) & (labels > UNK)
@@ -251,13 +271,17 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     )
 
     model.freeze_device_model()
+    repeat_stage = train_repeat_part(model, split, tc, base_score=stages[-1].best_ndcg10, progress=progress)
+    if repeat_stage is not None:
+        stages.append(repeat_stage)
 
     def adapter_modes() -> None:
         model.train()
         dm.eval()  # the device model is frozen: no dropout while the adapter learns to edit it
 
-    def session_loss(h: Tensor, t: Tensor) -> Tensor:
-        return cross_entropy(model.score(h, model.session_edit(h, "session")), t)
+    def session_loss(b: Batch) -> Tensor:
+        h = b.histories
+        return cross_entropy(model.score(h, model.session_edit(h, "session"), repeats=b.repeats), b.targets)
 
     stages.append(
         fit_stage(
@@ -274,10 +298,10 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     )
     no_proto_state = {k: v.clone() for k, v in model.adapter.state_dict().items()}
 
-    def proto_loss(h: Tensor, t: Tensor) -> Tensor:
+    def proto_loss(b: Batch) -> Tensor:
         # without the group bias: the training period's counts contain each example's own target
-        edit = model.session_edit(h, "prototype")
-        return cross_entropy(model.device_model(h, edit), t)
+        edit = model.session_edit(b.histories, "prototype")
+        return cross_entropy(model.device_model(b.histories, edit, None, b.repeats), b.targets)
 
     def proto_valid() -> float:
         with _group_bias_off(model):
@@ -410,6 +434,7 @@ class ValidProbe:
     states: Tensor
     codes: Tensor
     targets: Tensor
+    repeats: Tensor | None = None
     batch: int = 512
 
     @classmethod
@@ -421,20 +446,23 @@ class ValidProbe:
             h = torch.from_numpy(valid.histories[i : i + batch])
             states.append(model.device_model.encode(h))
             codes.append(model.codes(h))
-        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets))
+        reps = None if valid.repeats is None else torch.from_numpy(valid.repeats).long()
+        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets), reps)
 
     @torch.inference_mode()
     def ndcg10(self, model: PersonaModel, *, refine: bool) -> float:
         """Validation NDCG@10 of prototype mode on these sessions in time order, exactly as ``persona`` (refine) or
         ``persona-static-prototypes`` evaluate it, on a copy of the bank."""
         bank = copy.deepcopy(model.bank)
-        targets_t = model.device_model.item_targets().T
+        dm = model.device_model
+        item_targets = dm.item_targets()
         metrics = RankingMetrics()
         for i in range(0, len(self.targets), self.batch):
             codes, tgt = self.codes[i : i + self.batch], self.targets[i : i + self.batch]
+            reps = None if self.repeats is None else self.repeats[i : i + self.batch]
             protos = bank.assign(codes)
             edit = model.prototype_edit(codes, bank.centres, protos)
-            scores = model.device_model.head(self.states[i : i + self.batch], edit) @ targets_t
+            scores = dm.scores_from_head(dm.head(self.states[i : i + self.batch], edit), item_targets, reps)
             bias = bank.item_bias(protos)
             metrics.update(target_ranks(scores if bias is None else scores + bias, tgt))
             if refine:
@@ -475,3 +503,62 @@ def choose_group_bias(
     count_next_items(counts, train_assignment, targets, chosen.decay)
     model.bank.next_items.copy_(counts)
     return chosen
+
+
+@torch.inference_mode()
+def _head_states(model: PersonaModel, examples: Examples, batch: int = 2048) -> Tensor:
+    """The frozen base model's head outputs [M, D] of every example (the repeat part's input)."""
+    model.eval()
+    dm = model.device_model
+    parts = [
+        dm.head(dm.encode(torch.from_numpy(examples.histories[i : i + batch]))) for i in range(0, len(examples), batch)
+    ]
+    return torch.cat(parts)
+
+
+def train_repeat_part(
+    model: PersonaModel, split: Split, tc: TrainConfig, *, base_score: float, progress: bool
+) -> StageLog | None:
+    """Train the device model's repeat part on the frozen base model; keep it only if it wins on validation.
+
+    The base model is frozen, so its head outputs are computed once and the part trains on them (one small MLP per
+    epoch instead of the encoder). If its best validation NDCG@10 does not exceed ``base_score`` (the base model's
+    without it), the part is removed (``repeat_size`` 0): a model for data without re-consumption stays as it was.
+    """
+    dm = model.device_model
+    part = dm.repeat
+    if part is None:
+        return None
+    if split.train.repeats is None or split.valid.repeats is None:
+        raise ValueError("the model has a repeat part but the split has no item counts (make_split repeat_size)")
+    states = _head_states(model, split.train)
+    for p in part.parameters():
+        p.requires_grad_(True)
+
+    def repeat_loss(b: Batch) -> Tensor:
+        targets = dm.item_targets().detach()
+        return cross_entropy(dm.scores_from_head(states[b.rows], targets, b.repeats), b.targets)
+
+    def repeat_modes() -> None:
+        model.eval()
+        part.train()
+
+    stage = fit_stage(
+        "repeat",
+        part,
+        repeat_loss,
+        lambda: valid_ndcg(BaseMethod(_eval(model)), split.valid, tc),
+        split.train,
+        tc,
+        tc.repeat_epochs,
+        set_modes=repeat_modes,
+        progress=progress,
+    )
+    for p in part.parameters():
+        p.requires_grad_(False)
+    log.info("repeat part: valid NDCG@10 %.4f with it, %.4f without", stage.best_ndcg10, base_score)
+    if stage.best_ndcg10 <= base_score:
+        dm.repeat = None
+        model.cfg.repeat_size = 0
+        log.info("repeat part: no gain on validation, left out")
+    return stage

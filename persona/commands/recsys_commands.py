@@ -52,6 +52,14 @@ def train(
     code_dim: Annotated[int, typer.Option(min=4, help="Edit code width d.")] = 32,
     edit_rank: Annotated[int, typer.Option(min=0, help="0 = full D×D edits; r > 0 = rank-r edits.")] = 0,
     tau: Annotated[float, typer.Option(min=0.0, help="Clip of generated edit entries.")] = 0.5,
+    repeat_size: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Repeat part: the device model reads the session's whole history as this many (item, count, age) "
+            "entries and mixes repeating them with exploring; kept only if it wins on validation. 0 = none.",
+        ),
+    ] = 64,
     epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the base model.")] = 30,
     adapter_epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the adapter.")] = 20,
     proto_rounds: Annotated[int, typer.Option(min=0, help="Alternating prototype rounds.")] = 1,
@@ -88,6 +96,7 @@ def train(
         "edit_rank": edit_rank,
         "tau": tau,
         "residual_tau": tau / 2,
+        "repeat_size": repeat_size,
     }
     start = time.perf_counter()
     bundle, result = train_bundle(spec, out, model_overrides=overrides, tc=tc, overwrite=overwrite, progress=progress)
@@ -106,7 +115,8 @@ def evaluate(
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated subset of: popularity, recent-popularity, session-repeat, base, persona, "
+            help="Comma-separated subset of: popularity, recent-popularity, session-repeat, base, base-no-repeat, "
+            "persona, "
             "persona-no-prototypes, persona-static-prototypes, finetune."
         ),
     ] = "all",
@@ -124,6 +134,7 @@ def evaluate(
     from recsys.evaluate import METHOD_NAMES, PAIRED, build_methods, evaluate_examples, measure_cost
     from recsys.pipeline import load_trained as load
     from recsys.pipeline import prepare
+    from recsys.repeats import REPEAT_SIZE
 
     names = METHOD_NAMES if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     unknown = [m for m in names if m not in METHOD_NAMES]
@@ -137,7 +148,11 @@ def evaluate(
             "overlaps that protocol's test set",
             f"train another bundle with --protocol {proto}",
         )
-    prepared = prepare(trained.spec, max_len=trained.model.cfg.max_len, window_stride=trained.model.cfg.stride)
+    # every example with its whole-history item counts: the repeat part reads them, and session-repeat ranks by them
+    cfg = trained.model.cfg
+    prepared = prepare(
+        trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=cfg.repeat_size or REPEAT_SIZE
+    )
     if prepared.fingerprint != trained.bundle.manifest.get("data_fingerprint"):
         raise PersonaError(
             f"the data of {trained.spec.source} changed since bundle {model} was trained",
