@@ -69,6 +69,7 @@ from recsys.online import (
     refine_bank,
     stored_next_items,
 )
+from recsys.repeats import RepeatCounts
 from recsys.windows import window_length
 
 log = logging.getLogger(__name__)
@@ -433,6 +434,9 @@ class Ingestor:
         with torch.inference_mode():
             recent = _pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
             job = ModelJob(online.version, recent, plan.pre_rows, _early_input(online, plan))
+            if plan.pre_counts:
+                job.repeats = torch.from_numpy(np.stack(plan.pre_counts)).long()
+                job.early.repeats = job.repeats[job.early.which]
             if uses_encoder_cache(online, self.session_cache):
                 job.requests, job.order = _window_requests(plan)
             else:
@@ -596,6 +600,7 @@ class _Touched:
     row: int = -1
     origin: SessionState | None = None  # the pending batch's state this one was copied from (see Ingestor.prepare)
     rows: list[tuple[int, int]] = field(default_factory=list)  # (post-event row, its window's start) per event
+    counts: RepeatCounts[str] | None = None  # its whole-history item counts (models with a repeat part)
 
 
 @dataclass
@@ -609,6 +614,7 @@ class _Plan:
     event_ts: list[float] = field(default_factory=list)  # per applied event
     item_indices: list[int] = field(default_factory=list)  # per applied event
     unknown_items: int = 0
+    pre_counts: list[np.ndarray] = field(default_factory=list)  # per prediction: item counts before it [R, 3]
 
 
 def _walk(
@@ -628,6 +634,7 @@ def _walk(
     vocabulary indices of some sessions' recent items when already known (from a pending batch, or remembered).
     """
     plan = _Plan()
+    repeats = online.has_repeat_part
     known_indices = known_indices or {}
     sessions = plan.sessions
     index_of, indices_of = online.index_of, online.indices_of
@@ -642,6 +649,8 @@ def _walk(
             if indices is None:
                 indices = indices_of(st.recent_items[-cap:])
             w = _Touched(st, indices, origin=origins.get(e.session_id))
+            if repeats:
+                w.counts = online.session_counts(st.item_counts, st.recent_items)
             sessions[e.session_id] = w
         st = w.state
         if e.device_id is not None:
@@ -666,6 +675,10 @@ def _walk(
                 size = min(window_length(st.event_count, max_len, stride), len(w.indices))
                 plan.stored_prev.append((snapshot, w.indices[len(w.indices) - size :]))
             plan.pre_rows.append((w.row, item))
+            if w.counts is not None:
+                plan.pre_counts.append(online.encode_counts(w.counts))
+        if w.counts is not None:
+            w.counts.add(e.item_id)
         w.indices = [*w.indices, item][-cap:]
         st.recent_items = [*st.recent_items, e.item_id][-cap:]
         st.event_count += 1
@@ -677,6 +690,9 @@ def _walk(
         plan.post_hist.append(w.indices[len(w.indices) - size :])
         plan.event_ts.append(e.ts.timestamp())
         plan.item_indices.append(item)
+    for w in sessions.values():
+        if w.counts is not None:
+            w.state.item_counts = w.counts.to_json()
     return plan
 
 
@@ -772,6 +788,7 @@ def _local_outcome(online: OnlineModel, bank: BankState, work: _Work, prev: _Pre
         prev.codes,
         prev.protos,
         prev.states,
+        repeats=work.job.repeats,
     )
 
 

@@ -53,6 +53,7 @@ class EarlyInput:
     which: list[int]
     states: Tensor
     targets: Tensor
+    repeats: Tensor | None = None  # their sessions' item counts before the event [E, R, 3] (the repeat part)
 
 
 @dataclass
@@ -62,7 +63,9 @@ class ModelJob:
     ``recent`` [B, W]: each post-event history's last ``adapter_window`` items (the adapter's input). The encoder
     reads either ``requests`` through an encoder cache (``order``: the post-event row of each state they give,
     in order) or ``histories`` [B, T], whole windows. ``pre_rows``: per prediction, the row of its previous state
-    (>= 0: a post-event row of this batch; < 0: a stored state) and its target item.
+    (>= 0: a post-event row of this batch; < 0: a stored state) and its target item. ``repeats``: per prediction,
+    its session's item counts before the event [P, R, 3] (:meth:`OnlineModel.repeat_entries`; ``None`` when the
+    model has no repeat part).
     """
 
     version: str
@@ -72,6 +75,7 @@ class ModelJob:
     requests: list[WindowRequest] | None = None
     order: list[int] | None = None
     histories: Tensor | None = None
+    repeats: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -133,7 +137,7 @@ def early_work(online: OnlineModel, early: EarlyInput) -> Early:
     """See :class:`Early`; :func:`outcome` does the rest of the prequential check."""
     if not early.which:
         return Early([], torch.empty(0, dtype=torch.long), torch.empty(0))
-    base = ranks(online, online.queries(early.states), early.targets)
+    base = ranks(online, online.queries(early.states), early.targets, repeats=early.repeats)
     return Early(early.which, base, online.first_products(early.states))
 
 
@@ -168,12 +172,14 @@ def outcome(
     prev_codes: Tensor,
     prev_protos: Tensor,
     prev_states: Tensor,
+    repeats: Tensor | None = None,
 ) -> Outcome:
     """A job's outcome under ``bank``: prototypes of the new codes, and the prequential check of every prediction,
     from a stored previous state (``prev_*``, indexed by ``-row - 2``) or from this batch's forward (a session's
     second event or later). ``forward()`` gives the batch's codes and user states; it is called once the stored
-    states are scored, so on compute threads that scoring overlaps the forward still running."""
-    checks = _Checks.start(len(pre_rows), early_half)
+    states are scored, so on compute threads that scoring overlaps the forward still running. ``repeats``: the
+    predictions' item counts before their events [P, R, 3] (:attr:`ModelJob.repeats`)."""
+    checks = _Checks.start(len(pre_rows), early_half, repeats)
     early = [n for n, (r, _i) in enumerate(pre_rows) if r < -1]
     if early:
         sel = torch.tensor([-pre_rows[n][0] - 2 for n in early], dtype=torch.long)
@@ -199,14 +205,15 @@ class _Checks:
     protos: Tensor
     early: Early
     position: dict[int, int]  # prediction -> its row in early
+    repeats: Tensor | None = None  # per prediction [P, R, 3]
 
     @classmethod
-    def start(cls, n_pred: int, early: Early) -> _Checks:
+    def start(cls, n_pred: int, early: Early, repeats: Tensor | None = None) -> _Checks:
         base = torch.empty(n_pred, dtype=torch.long)
         base[early.which] = early.base
         position = {n: j for j, n in enumerate(early.which)}
         persona, protos = torch.empty(n_pred, dtype=torch.long), torch.empty(n_pred, dtype=torch.long)
-        return cls(torch.empty(n_pred), persona, base, protos, early, position)
+        return cls(torch.empty(n_pred), persona, base, protos, early, position, repeats)
 
     def score(
         self,
@@ -223,25 +230,33 @@ class _Checks:
         targets = torch.tensor([pre_rows[n][1] for n in which], dtype=torch.long)
         rows = [self.position.get(n, -1) for n in which]
         first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
+        reps = None if self.repeats is None else self.repeats[idx]
         persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
-        self.persona[idx] = ranks(online, persona_q, targets, (protos, bank))
+        self.persona[idx] = ranks(online, persona_q, targets, (protos, bank), reps)
         self.protos[idx] = protos
         todo = [j for j, r in enumerate(rows) if r < 0]
         if todo:
-            self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo])
+            base_reps = None if reps is None else reps[todo]
+            self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo], repeats=base_reps)
 
 
 def ranks(
-    online: OnlineModel, queries: Tensor, targets: Tensor, group: tuple[Tensor, BankState] | None = None
+    online: OnlineModel,
+    queries: Tensor,
+    targets: Tensor,
+    group: tuple[Tensor, BankState] | None = None,
+    repeats: Tensor | None = None,
 ) -> Tensor:
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
-    = (prototypes [P], bank) adds the prototypes' group bias under that bank (Persona's scores)."""
+    = (prototypes [P], bank) adds the prototypes' group bias under that bank (Persona's scores); ``repeats``
+    [P, R, 3] the repeat part's bias (the sessions' item counts before the event)."""
     out = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
         sl = slice(start, start + step)
         bias = None if group is None else online.group_bias(group[0][sl], group[1])
-        out[sl] = target_ranks(online.scores_from_queries(queries[sl], bias), targets[sl])
+        reps = None if repeats is None else repeats[sl]
+        out[sl] = target_ranks(online.scores_from_queries(queries[sl], bias, reps), targets[sl])
     return out
 
 

@@ -249,19 +249,22 @@ def _job_to_wire(job: ModelJob) -> tuple[Any, ...]:
         requests,
         job.order,
         None if job.histories is None else job.histories.numpy(),
+        None if job.repeats is None else job.repeats.numpy(),
     )
 
 
 def _job_from_wire(wire: tuple[Any, ...]) -> ModelJob:
-    version, recent, pre_rows, (which, states, targets), requests, order, histories = wire
+    version, recent, pre_rows, (which, states, targets), requests, order, histories, repeats = wire
+    reps = None if repeats is None else torch.from_numpy(repeats)
     return ModelJob(
         version,
         torch.from_numpy(recent),
         pre_rows,
-        EarlyInput(which, torch.from_numpy(states), torch.from_numpy(targets)),
+        EarlyInput(which, torch.from_numpy(states), torch.from_numpy(targets), None if reps is None else reps[which]),
         None if requests is None else [WindowRequest(*r) for r in requests],
         order,
         None if histories is None else torch.from_numpy(histories),
+        reps,
     )
 
 
@@ -371,7 +374,9 @@ def _serve(conn: Connection, session_cache: int) -> None:
                 group = None if next_items is None else torch.from_numpy(next_items)
                 bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version, group)
                 prev = (torch.from_numpy(codes), torch.from_numpy(protos), torch.from_numpy(states))
-                result = outcome(online, bank, job.pre_rows, first_half.early, first_half.forward, *prev)
+                result = outcome(
+                    online, bank, job.pre_rows, first_half.early, first_half.forward, *prev, repeats=job.repeats
+                )
                 answer("outcome", job_id, _outcome_to_wire(result))
             except Exception:
                 answer("error", job_id, _reason())

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from recsys.model import (
     refine_centres,
 )
 from recsys.pipeline import TrainedModel, load_trained
+from recsys.repeats import REPEAT_SIZE, RepeatCounts, encode_entries, entries_tensor
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -282,18 +284,51 @@ class OnlineModel:
         """The (edited) head's output [B, D] for user states [B, D]: an item's score is its dot product."""
         return self.model.device_model.head(states, edit)
 
-    @torch.inference_mode()
-    def scores_from_states(self, states: Tensor, edit: Edit | None = None, bank: BankState | None = None) -> Tensor:
-        """Scores [B, N] from user states [B, D] (edited head, then every item, plus a prototype-mode edit's group
-        bias under ``bank``); PAD/UNK never rank."""
-        bias = None if edit is None else self.group_bias(edit.prototype, bank)
-        return self.scores_from_queries(self.queries(states, edit), bias)
+    @property
+    def has_repeat_part(self) -> bool:
+        """Whether the device model mixes repeating the session's items with exploring (:mod:`recsys.repeats`)."""
+        return self.model.device_model.repeat is not None
+
+    def repeat_entries(self, counts: Sequence[RepeatCounts[str] | None]) -> Tensor | None:
+        """The model's input [B, R, 3] (code, count, age) of each session's whole-history item counts (``None``: a
+        session without counts); ``None`` when the model has no repeat part. Items it does not know are left out."""
+        if not self.has_repeat_part:
+            return None
+        size = self.cfg.repeat_size
+        rows = [np.zeros((size, 3), dtype=np.int32) if c is None else self.encode_counts(c) for c in counts]
+        return entries_tensor(rows) if rows else torch.zeros(0, size, 3, dtype=torch.long)
+
+    def session_counts(self, stored: dict[str, Any] | None, recent_items: Sequence[str] = ()) -> RepeatCounts[str]:
+        """A session's item counts: as ``stored`` (:meth:`RepeatCounts.to_json`), or, when it has none (a stateless
+        request, a session stored before it kept counts), started from its known ``recent_items``."""
+        size = self.cfg.repeat_size if self.has_repeat_part else REPEAT_SIZE
+        if stored is not None:
+            return RepeatCounts.from_json(stored, size)
+        return RepeatCounts.of([i for i in recent_items if i in self._index], size)
+
+    def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
+        """One session's counts as the repeat part's input [R, 3] int32 (code, count, age); unknown items left out."""
+        index_of = self._index.__getitem__
+        return encode_entries([(index_of(i), n, a) for i, n, a in counts.entries()], self.cfg.repeat_size)
 
     @torch.inference_mode()
-    def scores_from_queries(self, queries: Tensor, bias: Tensor | None = None) -> Tensor:
+    def scores_from_states(
+        self, states: Tensor, edit: Edit | None = None, bank: BankState | None = None, repeats: Tensor | None = None
+    ) -> Tensor:
+        """Scores [B, N] from user states [B, D] (edited head, then every item, plus a prototype-mode edit's group
+        bias under ``bank`` and the repeat part's bias from ``repeats`` [B, R, 3]); PAD/UNK never rank."""
+        bias = None if edit is None else self.group_bias(edit.prototype, bank)
+        return self.scores_from_queries(self.queries(states, edit), bias, repeats)
+
+    @torch.inference_mode()
+    def scores_from_queries(self, queries: Tensor, bias: Tensor | None = None, repeats: Tensor | None = None) -> Tensor:
         """Scores [B, N] of head outputs [B, D] against every item, plus ``bias`` [B, N] (the group bias of
-        :meth:`group_bias`) when given; PAD/UNK never rank."""
+        :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, 3],
+        :meth:`repeat_entries`); PAD/UNK never rank."""
         s = queries @ self.item_targets_t
+        rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats)
+        if rep is not None:
+            s.scatter_add_(1, *rep)
         if bias is not None:
             s += bias
         s[:, PAD] = float("-inf")
@@ -313,10 +348,13 @@ class OnlineModel:
         return self._index_built
 
     @torch.inference_mode()
-    def scores(self, histories: Tensor, edit: Edit | None = None, bank: BankState | None = None) -> Tensor:
+    def scores(
+        self, histories: Tensor, edit: Edit | None = None, bank: BankState | None = None, repeats: Tensor | None = None
+    ) -> Tensor:
         """Scores [B, N] of the base (``edit=None``) or edited device model, with the group bias of a prototype-mode
-        edit's prototypes under ``bank`` (the bundle's by default); PAD/UNK never rank."""
-        return self.scores_from_states(self.user_states(histories), edit, bank)
+        edit's prototypes under ``bank`` (the bundle's by default) and the repeat part's bias from ``repeats``
+        (:meth:`repeat_entries`); PAD/UNK never rank."""
+        return self.scores_from_states(self.user_states(histories), edit, bank, repeats)
 
     @torch.inference_mode()
     def rank(
@@ -328,12 +366,13 @@ class OnlineModel:
         exclude_seen: bool = False,
         candidates: Sequence[Sequence[int]] | None = None,
         bank: BankState | None = None,
+        repeats: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Top-k item indices and scores, each [B, k'] (k' = min(k, rankable items)).
 
         ``exclude_seen`` drops the items in each history; ``candidates`` restricts each row to those indices.
         """
-        s = self.scores(histories, edit, bank)
+        s = self.scores(histories, edit, bank, repeats)
         if exclude_seen:
             s.scatter_(1, histories, float("-inf"))
             s[:, PAD] = float("-inf")
@@ -350,10 +389,15 @@ class OnlineModel:
 
     @torch.inference_mode()
     def target_ranks(
-        self, histories: Tensor, targets: Tensor, edit: Edit | None = None, bank: BankState | None = None
+        self,
+        histories: Tensor,
+        targets: Tensor,
+        edit: Edit | None = None,
+        bank: BankState | None = None,
+        repeats: Tensor | None = None,
     ) -> Tensor:
         """0-based full-catalogue rank [B] of each target (the prequential hit check)."""
-        return target_ranks(self.scores(histories, edit, bank), targets)
+        return target_ranks(self.scores(histories, edit, bank, repeats), targets)
 
     def decode(self, indices: Tensor | np.ndarray | Sequence[int]) -> list[str]:
         return self.vocab.decode(np.asarray(indices, dtype=np.int64))

@@ -90,33 +90,30 @@ def encode_entries(entries: Sequence[tuple[int, int, int]], size: int) -> np.nda
     return out
 
 
-def repeat_features(keys: np.ndarray, codes: np.ndarray, starts: np.ndarray, pos: np.ndarray, size: int) -> np.ndarray:
+def repeat_features(codes: np.ndarray, starts: np.ndarray, pos: np.ndarray, size: int) -> np.ndarray:
     """The counts each example's session holds before its target: int32 [M, size, 3] ``(code, count, age)``.
 
-    ``keys`` identify items (every distinct raw id its own key, so items the vocabulary does not know take their
-    slot as they do online), ``codes`` their vocabulary codes; both per-user ordered as in
-    :func:`recsys.splits.make_split`. ``pos`` [M] are example positions, ``starts`` [M] their user block's start.
-    One pass over each user's events (the rule of :class:`RepeatCounts`).
+    ``codes`` are vocabulary codes, per-user ordered as in :func:`recsys.splits.make_split`; ``pos`` [M] are example
+    positions, ``starts`` [M] their user block's start. Items the vocabulary does not know (UNK) are not counted,
+    as the live stream does not apply them to a session. One pass over each user's events (the rule of
+    :class:`RepeatCounts`).
     """
     out = np.zeros((pos.size, size, 3), dtype=np.int32)
-    if pos.size == 0:
-        return out
     by_start: dict[int, list[int]] = {}
     for j, s in enumerate(starts.tolist()):
         by_start.setdefault(s, []).append(j)
     for start, rows in by_start.items():
         rows.sort(key=lambda j: int(pos[j]))
         state: RepeatCounts[int] = RepeatCounts(size)
-        code_of: dict[int, int] = {}
         at = start
         for j in rows:
             p = int(pos[j])
             while at < p:
-                k = int(keys[at])
-                code_of[k] = int(codes[at])
-                state.add(k)
+                code = int(codes[at])
+                if code > UNK:
+                    state.add(code)
                 at += 1
-            out[j] = encode_entries([(code_of[k], c, a) for k, c, a in state.entries()], size)
+            out[j] = encode_entries(state.entries(), size)
     return out
 
 

@@ -207,7 +207,6 @@ def make_split(
     item_counts[: ItemVocab.OFFSET] = 0
     codes_s = codes[order]
     ts_s = ts[order]
-    keys_s = np.unique(items.to_numpy(), return_inverse=True)[1].astype(np.int64)[order] if repeat_size > 0 else None
 
     sets: dict[str, Examples] = {}
     for pid, name in enumerate(("train", "valid", "test")):
@@ -225,7 +224,7 @@ def make_split(
             targets=codes_s[pos].astype(np.int64),
             users=user_s[pos].astype(np.int64),
             ts=ts_s[pos].astype(np.float64),
-            repeats=None if keys_s is None else repeat_features(keys_s, codes_s, start_s[pos], pos, repeat_size),
+            repeats=repeat_features(codes_s, start_s[pos], pos, repeat_size) if repeat_size > 0 else None,
         )
         stats[f"n_{name}"] = float(pos.size)
         if pos.size == 0:

@@ -40,6 +40,7 @@ from persona.store import PrototypeRow, SessionState, Store
 from persona.user_state import unpack_user_state
 from recsys.model import PAD, UNK
 from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
+from recsys.repeats import RepeatCounts
 from recsys.retrieval import NormOrderedIndex
 from serving.problems import Conflict, InvalidInput, NotFound
 
@@ -102,6 +103,7 @@ class _Row:
     unknown: list[str] = field(default_factory=list)
     indices: Tensor | None = None  # the padded history [T] as vocabulary indices, once a step needs it
     before: int = 0  # items of the session older than ``history`` (they place the encoder's window)
+    counts: RepeatCounts[str] | None = None  # its whole-history item counts (a model with a repeat part)
 
 
 def _histories(online: OnlineModel, rows: Sequence[_Row], which: Sequence[int]) -> Tensor:
@@ -227,6 +229,11 @@ class Ranker:
             unknown = [i for i in q.recent_items or () if not online.known(i)]
             dropped = max(0, len(known) - online.cfg.max_len)
             rows.append(self._plan(online, state, known[dropped:], unknown, bank, dropped))
+            if online.has_repeat_part:  # the whole history's item counts: stored ones, then the request's items
+                counts = online.session_counts(*((state.item_counts, state.recent_items) if state else (None, ())))
+                for item in known:
+                    counts.add(item)
+                rows[-1].counts = counts
 
         model_rows = [j for j, r in enumerate(rows) if r.mode != "popularity"]
         scores: Tensor | None = None
@@ -253,11 +260,13 @@ class Ranker:
                 vectors = online.queries(h)
             asked = [queries[j] for j in model_rows]
             masked = [seen[j] for j in model_rows]
+            repeats = online.repeat_entries([r.counts for r in picked])  # None: the model has no repeat part
             index = online.index
             if index is not None and all(q.candidates is None for q in asked):
+                bias = _with_repeat_bias(online, vectors, bias, repeats)
                 tops = _index_top_k(index, vectors, asked, masked, bias)  # large catalogue: no full scan
             else:
-                scores = online.scores_from_queries(vectors, bias)
+                scores = online.scores_from_queries(vectors, bias, repeats)
                 tops = _batched_top_k(scores, asked, masked)
 
         results: list[RankResult] = []
@@ -408,6 +417,19 @@ def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankSt
         max(r.version for r in rows),  # the consumer's notion of the bank version
         next_items,
     )
+
+
+@torch.inference_mode()
+def _with_repeat_bias(
+    online: OnlineModel, vectors: Tensor, bias: Tensor | None, repeats: Tensor | None
+) -> Tensor | None:
+    """The rows' group bias [B, N] plus the repeat part's bias at each session's items, as one dense bias for the
+    index (exact with any bias); ``bias`` unchanged without a repeat part."""
+    rep = online.model.device_model.repeat_bias(vectors, online.item_targets_t.T, repeats)
+    if rep is None:
+        return bias
+    dense = torch.zeros(vectors.shape[0], online.n_items) if bias is None else bias.clone()
+    return dense.scatter_add_(1, *rep)
 
 
 @torch.inference_mode()

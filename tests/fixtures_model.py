@@ -80,3 +80,33 @@ def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFa
         data_fingerprint=bundle.manifest["data_fingerprint"],
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def repeat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle with a repeat part (R = 8 entries) whose gate favours repeating, so the online paths are
+    checked with the part changing rankings whatever the tiny bundle's validation would choose."""
+    import torch
+
+    from recsys.bundle import load_bundle, save_bundle
+    from recsys.repeats import RepeatPart
+
+    bundle = load_bundle(tiny_bundle)
+    config = bundle.documents["config"]
+    config["model"]["repeat_size"] = 8
+    dim = int(config["model"]["dim"])
+    torch.manual_seed(3)
+    part = RepeatPart(dim)
+    with torch.no_grad():
+        part.gate.bias.fill_(4.0)
+        part.query.weight.mul_(10.0)
+    model = dict(bundle.tensors["model"])
+    model.update({f"device_model.repeat.{k}": v for k, v in part.state_dict().items()})
+    out = tmp_path_factory.mktemp("repeat-model") / "bundle"
+    save_bundle(
+        out,
+        tensors={**bundle.tensors, "model": model},
+        documents={**bundle.documents, "config": config},
+        data_fingerprint=bundle.manifest["data_fingerprint"],
+    )
+    return out

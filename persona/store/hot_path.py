@@ -40,6 +40,7 @@ _SESSION_FIELDS = (
     "model_version",
     "last_event_at",
     "updated_at",
+    "item_counts",
 )
 _EVENT_FIELDS = ("event_id", "session_id", "item_id", "type", "ts", "ingested_at", "known_item", "source", "attributes")
 
@@ -190,7 +191,9 @@ class HotPath:
             else:
                 cursor.execute(f"{self._select_sessions} IN ({', '.join([self.mark] * len(chunk))})", list(chunk))
             for row in cursor.fetchall():
-                (sid, device, user, recent, count, unknown, proto, code, state, edit, model, last, updated) = row
+                (sid, device, user, recent, count, unknown, proto, code, state, edit, model, last, updated, counts) = (
+                    row
+                )
                 found.append(
                     (
                         sid,
@@ -206,6 +209,7 @@ class HotPath:
                         model,
                         from_time(last),
                         from_time(updated),
+                        from_json(counts),
                     )
                 )
         return found
@@ -246,6 +250,7 @@ class HotPath:
                 s.model_version,
                 to_time(s.last_event_at),
                 stamp(s.updated_at),
+                to_json(s.item_counts),
             )
             for s in states
         ]

@@ -49,6 +49,9 @@ class SessionState:
     model_version: str | None = None
     last_event_at: datetime | None = None
     updated_at: datetime = field(default_factory=utcnow)
+    # The session's whole history as bounded item counts (recsys.repeats.RepeatCounts.to_json: item ids, counts and
+    # latest positions), for the device model's repeat part; None = none kept yet (rows from before 0004)
+    item_counts: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

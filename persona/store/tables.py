@@ -95,6 +95,7 @@ class SessionRow(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    item_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # whole-history item counts (0004)
 
 
 class EventRow(Base):

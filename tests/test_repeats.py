@@ -1,0 +1,221 @@
+"""The repeat part: whole-history item counts (offline and online by one rule), the repeat/explore mixture, its
+training decision, and the same scores offline, in the consumer's prequential check and in the API's rankings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from persona.events import Event
+from persona.ingest import Ingestor
+from persona.models import ModelProvider
+from persona.store import Store
+from recsys.baselines import SessionRepeatMethod
+from recsys.evaluate import BaseMethod, evaluate_method
+from recsys.metrics import target_ranks
+from recsys.model import ModelConfig, PersonaModel
+from recsys.online import OnlineModel
+from recsys.repeats import RepeatCounts, encode_entries, repeat_features
+from recsys.splits import make_split
+from recsys.synthetic import SyntheticConfig, generate
+from recsys.train import TrainConfig, train_repeat_part
+from serving.ranking import Ranker, RankQuery
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def test_counts_keep_the_most_frequent_then_the_most_recent_items() -> None:
+    counts: RepeatCounts[str] = RepeatCounts.of(["a", "b", "a", "c", "d"], size=3)
+    # full at "d": b, c have one occurrence each, b's is older -> b leaves; a (2) stays
+    assert counts.entries() == [("a", 2, 3), ("d", 1, 1), ("c", 1, 2)]
+    counts.add("b")  # c (1, older than d) leaves
+    assert [e[0] for e in counts.entries()] == ["a", "b", "d"]
+    assert counts.n == 6
+    back = RepeatCounts.from_json(counts.to_json(), size=3)
+    assert back.entries() == counts.entries()
+
+
+def test_offline_counts_follow_the_online_rule_over_the_whole_history() -> None:
+    df = generate(SyntheticConfig(users=30, items=40, events=1500, repeat=0.6, seed=1))
+    split = make_split(df, max_len=5, repeat_size=6)
+    assert split.test.repeats is not None and split.test.repeats.shape[1:] == (6, 3)
+    # rebuild each user's code sequence and check a few examples against a fresh RepeatCounts of its whole prefix
+    ordered = df.sort("ts", maintain_order=True)
+    codes = split.vocab.encode(ordered.get_column("item_id").cast(str))
+    users = ordered.get_column("user_id").cast(str).to_list()
+    per_user: dict[str, list[int]] = {}
+    checked = 0
+    for ex in range(0, len(split.test), 97):
+        user = split.user_ids[int(split.test.users[ex])]
+        seq = per_user.setdefault(user, [int(c) for c, u in zip(codes, users, strict=True) if u == user])
+        ts = split.test.ts[ex]
+        before = int((ordered.filter(ordered.get_column("user_id").cast(str) == user).get_column("ts") < ts).sum())
+        expected = encode_entries(RepeatCounts.of([c for c in seq[:before] if c > 1], 6).entries(), 6)
+        np.testing.assert_array_equal(split.test.repeats[ex], expected)
+        checked += 1
+    assert checked >= 5
+    # the window alone sees less than the counts: some targets are in the counts but not in the 5-item window
+    in_counts = (split.test.repeats[:, :, 0] == split.test.targets[:, None]).any(1)
+    in_window = (split.test.histories == split.test.targets[:, None]).any(1)
+    assert (in_counts & ~in_window).any()
+
+
+def _model(repeat_size: int = 4) -> PersonaModel:
+    torch.manual_seed(0)
+    model = PersonaModel(ModelConfig(n_items=30, dim=16, code_dim=8, max_len=6, repeat_size=repeat_size))
+    assert model.device_model.repeat is not None
+    with torch.no_grad():
+        model.device_model.repeat.gate.bias.fill_(3.0)
+    return model.eval()
+
+
+def test_the_mixture_moves_only_the_sessions_items_and_an_edit_moves_it() -> None:
+    model = _model()
+    hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
+    reps = torch.tensor(
+        [[[5, 2, 2], [9, 1, 1], [7, 1, 3], [0, 0, 0]], [[3, 2, 1], [4, 1, 2], [0, 0, 0], [0, 0, 0]]], dtype=torch.long
+    )
+    with torch.inference_mode():
+        plain = model.score(hist)
+        mixed = model.score(hist, repeats=reps)
+        x = model.device_model.head(model.device_model.encode(hist))
+        targets = model.device_model.item_targets()
+        rep = model.device_model.repeat
+        assert rep is not None
+        items, bias = rep(x, targets, reps)
+    session_items = [{5, 7, 9}, {3, 4}]
+    for row, own in enumerate(session_items):
+        others = [i for i in range(30) if i not in own]
+        torch.testing.assert_close(mixed[row, others], plain[row, others])  # exploring: the base scores
+        for i in own:
+            assert float(mixed[row, i]) > float(plain[row, i])  # log(e^s + e^(ρ + log P_r)) > s
+    # the additive form is the mixture: log(e^s_i + e^(ρ + log P_r(i)))
+    j = 0
+    s = float(plain[0, int(items[0, j])])
+    assert float(mixed[0, int(items[0, j])]) == pytest.approx(s + float(bias[0, j]), rel=1e-5)
+    # no entries: exactly the model without the part
+    torch.testing.assert_close(model.score(hist, repeats=torch.zeros_like(reps)), plain)
+    # an edit of the head changes the state the gate and the repeat distribution read
+    with torch.inference_mode():
+        edit = model.adapter.edit_from_codes(torch.full((2, 2, 8), 0.9))
+        edited_plain, edited = model.score(hist, edit), model.score(hist, edit, repeats=reps)
+    assert not torch.allclose(edited - edited_plain, mixed - plain)
+
+
+def test_a_model_without_the_part_ignores_counts_and_loads_old_configs() -> None:
+    cfg = ModelConfig.from_stored({"n_items": 30, "dim": 16, "code_dim": 8, "max_len": 6})
+    assert cfg.repeat_size == 0
+    model = PersonaModel(cfg).eval()
+    assert model.device_model.repeat is None
+    assert not any(k.startswith("device_model.repeat") for k in model.state_dict())
+    hist = torch.tensor([[0, 2, 5, 7, 5, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model.score(hist, repeats=torch.tensor([[[5, 2, 2]]])), model.score(hist))
+
+
+def test_session_repeat_ranks_whole_history_counts_then_popularity() -> None:
+    method = SessionRepeatMethod(np.array([0, 0, 5, 1, 9, 2, 3]))
+    reps = torch.tensor([[[3, 2, 4], [5, 2, 1], [6, 1, 2], [0, 0, 0]]])
+    scores = method.score(torch.zeros(1, 3, dtype=torch.long), reps)
+    order = torch.argsort(scores[0], descending=True).tolist()
+    # 5 and 3 twice (5 more recent), then 6, then the rest by popularity (4: 9, 2: 5)
+    assert order[:5] == [5, 3, 6, 4, 2]
+
+
+def test_the_part_is_left_out_when_it_does_not_win_on_validation() -> None:
+    df = generate(SyntheticConfig(users=40, items=30, events=1200, repeat=0.5, seed=2))
+    split = make_split(df, max_len=6, repeat_size=4)
+    model = PersonaModel(ModelConfig(n_items=split.vocab.size, dim=16, code_dim=8, max_len=6, repeat_size=4))
+    model.freeze_device_model()
+    tc = TrainConfig(repeat_epochs=1, patience=1)
+    stage = train_repeat_part(model, split, tc, base_score=1.0, progress=False)  # nothing beats NDCG 1.0
+    assert stage is not None
+    assert model.device_model.repeat is None and model.cfg.repeat_size == 0
+    assert evaluate_method(BaseMethod(model), split.valid)["ndcg@10"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------- online
+
+
+@pytest.fixture
+def repeat_models(store: Store, repeat_bundle: Path) -> ModelProvider:
+    return ModelProvider(store, model_dir=repeat_bundle)
+
+
+def _offline(online: OnlineModel, seq: list[str]) -> tuple[list[int], list[int], list[int]]:
+    """Per prediction of ``seq`` (from its second item): the offline ranks of Persona and base with the repeat part
+    (recsys.model, counts from recsys.repeats.repeat_features), and Persona's without it."""
+    model = online.model
+    codes = np.array([online.index_of(i) for i in seq], dtype=np.int64)
+    size = online.cfg.repeat_size
+    persona, base, plain = [], [], []
+    for i in range(1, len(seq)):
+        hist = online.histories([seq[:i]])
+        reps = torch.from_numpy(repeat_features(codes, np.array([0]), np.array([i]), size)).long()
+        target = torch.tensor([codes[i]])
+        with torch.inference_mode():
+            edit = model.edit_for(online.codes(hist), "prototype")
+            persona.append(int(target_ranks(model.score(hist, edit, repeats=reps), target)[0]))
+            base.append(int(target_ranks(model.score(hist, repeats=reps), target)[0]))
+            plain.append(int(target_ranks(model.score(hist, edit), target)[0]))
+    return persona, base, plain
+
+
+@pytest.mark.parametrize("model_process", [False, True])
+def test_the_prequential_check_scores_with_the_repeat_part_as_offline(
+    store: Store, repeat_models: ModelProvider, model_process: bool
+) -> None:
+    online = repeat_models.get()
+    assert online.has_repeat_part
+    items = list(online.vocab.ids)
+    seq = [items[i] for i in (3, 7, 3, 11, 3, 7, 5, 12, 13, 14, 15, 16, 17, 3, 7)]  # more distinct items than R = 8
+    events = [Event(f"r{i}", "rep", item, T0 + timedelta(seconds=i)) for i, item in enumerate(seq)]
+    ingestor = Ingestor(store, repeat_models, model_process=model_process)
+    try:
+        # one event per batch: each prediction is scored from the stored state (and counts) of the one before
+        results = [ingestor.apply([e]) for e in events]
+    finally:
+        ingestor.close()
+    persona, base, plain = _offline(online, seq)
+    assert persona != plain  # the part changes the ranking here, so the checks below can fail
+    assert sum(r.reciprocal_rank["persona"] for r in results) == pytest.approx(sum(1 / (r + 1) for r in persona))
+    assert sum(r.reciprocal_rank["base"] for r in results) == pytest.approx(sum(1 / (r + 1) for r in base))
+    stored = store.get_session("rep")
+    assert stored is not None and stored.item_counts == RepeatCounts.of(seq, 8).to_json()
+
+
+def test_one_batch_gives_the_same_check_as_one_event_at_a_time(store: Store, repeat_models: ModelProvider) -> None:
+    online = repeat_models.get()
+    items = list(online.vocab.ids)
+    seq = [items[i] for i in (2, 4, 2, 6, 4, 2, 8)]
+    events = [Event(f"b{i}", "batch", item, T0 + timedelta(seconds=i)) for i, item in enumerate(seq)]
+    result = Ingestor(store, repeat_models).apply(events)
+    persona, base, _ = _offline(online, seq)
+    assert result.reciprocal_rank["persona"] == pytest.approx(sum(1 / (r + 1) for r in persona))
+    assert result.reciprocal_rank["base"] == pytest.approx(sum(1 / (r + 1) for r in base))
+
+
+def test_the_api_ranks_with_the_stored_counts(store: Store, repeat_models: ModelProvider) -> None:
+    online = repeat_models.get()
+    items = list(online.vocab.ids)
+    seq = [items[i] for i in (9, 10, 9, 11, 9, 12, 13, 14, 15, 16, 17, 18)]
+    Ingestor(store, repeat_models).apply(
+        [Event(f"a{i}", "api", it, T0 + timedelta(seconds=i)) for i, it in enumerate(seq)]
+    )
+    ranker = Ranker(store, repeat_models)
+    [got] = ranker.rank([RankQuery(session_id="api", k=5, exclude_seen=False)])
+    bank = ranker.bank(online)
+    hist = online.histories([seq])
+    counts = online.session_counts(store.get_session("api").item_counts)  # type: ignore[union-attr]
+    with torch.inference_mode():
+        edit = online.edit(online.codes(hist), bank)
+        scores = online.scores(hist, edit, bank, online.repeat_entries([counts]))
+        without = online.scores(hist, edit, bank)
+    top = torch.topk(scores[0], 5)
+    assert [i for i, _ in got.items] == online.decode(top.indices)
+    assert [s for _, s in got.items] == pytest.approx(top.values.tolist(), rel=1e-5)
+    assert online.decode(torch.topk(without[0], 5).indices) != [i for i, _ in got.items]
