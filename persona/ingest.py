@@ -435,7 +435,7 @@ class Ingestor:
             recent = _pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
             job = ModelJob(online.version, recent, plan.pre_rows, _early_input(online, plan))
             if plan.pre_counts:
-                job.repeats = torch.from_numpy(np.stack(plan.pre_counts)).long()
+                job.repeats = torch.from_numpy(np.stack(plan.pre_counts))
                 job.early.repeats = job.repeats[job.early.which]
             if uses_encoder_cache(online, self.session_cache):
                 job.requests, job.order = _window_requests(plan)

@@ -53,7 +53,7 @@ class EarlyInput:
     which: list[int]
     states: Tensor
     targets: Tensor
-    repeats: Tensor | None = None  # their sessions' item counts before the event [E, R, 3] (the repeat part)
+    repeats: Tensor | None = None  # their sessions' item counts before the event [E, R, W] (the repeat part)
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ModelJob:
     reads either ``requests`` through an encoder cache (``order``: the post-event row of each state they give,
     in order) or ``histories`` [B, T], whole windows. ``pre_rows``: per prediction, the row of its previous state
     (>= 0: a post-event row of this batch; < 0: a stored state) and its target item. ``repeats``: per prediction,
-    its session's item counts before the event [P, R, 3] (:meth:`OnlineModel.repeat_entries`; ``None`` when the
+    its session's item counts before the event [P, R, W] (:meth:`OnlineModel.repeat_entries`; ``None`` when the
     model has no repeat part).
     """
 
@@ -178,7 +178,7 @@ def outcome(
     from a stored previous state (``prev_*``, indexed by ``-row - 2``) or from this batch's forward (a session's
     second event or later). ``forward()`` gives the batch's codes and user states; it is called once the stored
     states are scored, so on compute threads that scoring overlaps the forward still running. ``repeats``: the
-    predictions' item counts before their events [P, R, 3] (:attr:`ModelJob.repeats`)."""
+    predictions' item counts before their events [P, R, W] (:attr:`ModelJob.repeats`)."""
     checks = _Checks.start(len(pre_rows), early_half, repeats)
     early = [n for n, (r, _i) in enumerate(pre_rows) if r < -1]
     if early:
@@ -205,7 +205,7 @@ class _Checks:
     protos: Tensor
     early: Early
     position: dict[int, int]  # prediction -> its row in early
-    repeats: Tensor | None = None  # per prediction [P, R, 3]
+    repeats: Tensor | None = None  # per prediction [P, R, W]
 
     @classmethod
     def start(cls, n_pred: int, early: Early, repeats: Tensor | None = None) -> _Checks:
@@ -249,7 +249,7 @@ def ranks(
 ) -> Tensor:
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
     = (prototypes [P], bank) adds the prototypes' group bias under that bank (Persona's scores); ``repeats``
-    [P, R, 3] the repeat part's bias (the sessions' item counts before the event)."""
+    [P, R, W] the repeat part's bias (the sessions' item counts before the event)."""
     out = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):

@@ -104,8 +104,8 @@ class SessionRepeatMethod:
         return scores.scatter_(1, torch.where(real, histories, PAD), value)  # padding writes PAD, never ranked
 
     def _score_counts(self, b: int, repeats: Tensor) -> Tensor:
-        """From whole-history entries [B, R, 3] (item, count, age): more occurrences first, then more recent."""
-        items, count, age = repeats[..., 0], repeats[..., 1].float(), repeats[..., 2].float()
+        """From whole-history entries [B, R, W] (item, count, age, ...): more occurrences first, then more recent."""
+        items, count, age = repeats[..., 0].long(), repeats[..., 1].float(), repeats[..., 2].float()
         real = items > UNK
         horizon = float(age.max()) + 1.0 if age.numel() else 1.0
         # recency as a fraction in (0, 1): one more occurrence outweighs it; any session item outranks any other

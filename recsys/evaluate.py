@@ -64,7 +64,7 @@ class Method(Protocol):
 
 
 def score_batch(method: Method, histories: Tensor, repeats: Tensor | None) -> Tensor:
-    """``method.score``, with the sessions' whole-history item counts [B, R, 3] for a method that reads them
+    """``method.score``, with the sessions' whole-history item counts [B, R, W] for a method that reads them
     (``reads_repeats``: the device model's repeat part, session-repeat)."""
     if repeats is not None and getattr(method, "reads_repeats", False):
         out: Tensor = method.score(histories, repeats)  # type: ignore[call-arg]
@@ -145,7 +145,7 @@ def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tens
         yield (
             torch.from_numpy(examples.histories[start:stop]),
             torch.from_numpy(examples.targets[start:stop]),
-            None if examples.repeats is None else torch.from_numpy(examples.repeats[start:stop]).long(),
+            None if examples.repeats is None else torch.from_numpy(examples.repeats[start:stop]),
         )
 
 

@@ -365,7 +365,7 @@ class DeviceModel(nn.Module):
 
     def scores_from_head(self, x: Tensor, targets: Tensor, repeats: Tensor | None = None) -> Tensor:
         """Scores [B, N] from (edited) head outputs x [B, D]: ``<x, t(E_i)>``, plus the repeat part's bias at the
-        session's items when the model has one and ``repeats`` [B, R, 3] are given."""
+        session's items when the model has one and ``repeats`` [B, R, W] are given."""
         scores = x @ targets.T
         bias = self.repeat_bias(x, targets, repeats)
         return scores if bias is None else add_repeat_bias(scores, *bias)
@@ -696,7 +696,7 @@ class PersonaModel(nn.Module):
         repeats: Tensor | None = None,
     ) -> Tensor:
         """Scores [B, N] of the (edited) device model; ``targets`` = cached ``item_targets()``; ``repeats`` = the
-        sessions' item counts [B, R, 3] for the repeat part. An edit with prototypes (prototype mode) adds their
+        sessions' item counts [B, R, W] for the repeat part. An edit with prototypes (prototype mode) adds their
         group bias (:func:`group_bias`); base and session edits do not."""
         scores: Tensor = self.device_model(history, edit, targets, repeats)
         bias = None if edit is None else self.bank.item_bias(edit.prototype)

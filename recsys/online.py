@@ -36,7 +36,7 @@ from recsys.model import (
     refine_centres,
 )
 from recsys.pipeline import TrainedModel, load_trained
-from recsys.repeats import REPEAT_SIZE, RepeatCounts, encode_entries, entries_tensor
+from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, RepeatCounts, encode_entries, entries_tensor
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -290,13 +290,14 @@ class OnlineModel:
         return self.model.device_model.repeat is not None
 
     def repeat_entries(self, counts: Sequence[RepeatCounts[str] | None]) -> Tensor | None:
-        """The model's input [B, R, 3] (code, count, age) of each session's whole-history item counts (``None``: a
-        session without counts); ``None`` when the model has no repeat part. Items it does not know are left out."""
+        """The model's input [B, R, W] (:func:`recsys.repeats.encode_entries`) of each session's whole-history item
+        counts (``None``: a session without counts); ``None`` when the model has no repeat part. Items it does not
+        know are left out."""
         if not self.has_repeat_part:
             return None
         size = self.cfg.repeat_size
-        rows = [np.zeros((size, 3), dtype=np.int32) if c is None else self.encode_counts(c) for c in counts]
-        return entries_tensor(rows) if rows else torch.zeros(0, size, 3, dtype=torch.long)
+        rows = [np.zeros((size, ENTRY_WIDTH), dtype=np.float32) if c is None else self.encode_counts(c) for c in counts]
+        return entries_tensor(rows) if rows else torch.zeros(0, size, ENTRY_WIDTH)
 
     def session_counts(self, stored: dict[str, Any] | None, recent_items: Sequence[str] = ()) -> RepeatCounts[str]:
         """A session's item counts: as ``stored`` (:meth:`RepeatCounts.to_json`), or, when it has none (a stateless
@@ -307,23 +308,24 @@ class OnlineModel:
         return RepeatCounts.of([i for i in recent_items if i in self._index], size)
 
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
-        """One session's counts as the repeat part's input [R, 3] int32 (code, count, age); unknown items left out."""
+        """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);
+        unknown items left out."""
         index_of = self._index.__getitem__
-        return encode_entries([(index_of(i), n, a) for i, n, a in counts.entries()], self.cfg.repeat_size)
+        return encode_entries([(index_of(i), n, a, d) for i, n, a, d in counts.entries()], self.cfg.repeat_size)
 
     @torch.inference_mode()
     def scores_from_states(
         self, states: Tensor, edit: Edit | None = None, bank: BankState | None = None, repeats: Tensor | None = None
     ) -> Tensor:
         """Scores [B, N] from user states [B, D] (edited head, then every item, plus a prototype-mode edit's group
-        bias under ``bank`` and the repeat part's bias from ``repeats`` [B, R, 3]); PAD/UNK never rank."""
+        bias under ``bank`` and the repeat part's bias from ``repeats`` [B, R, W]); PAD/UNK never rank."""
         bias = None if edit is None else self.group_bias(edit.prototype, bank)
         return self.scores_from_queries(self.queries(states, edit), bias, repeats)
 
     @torch.inference_mode()
     def scores_from_queries(self, queries: Tensor, bias: Tensor | None = None, repeats: Tensor | None = None) -> Tensor:
         """Scores [B, N] of head outputs [B, D] against every item, plus ``bias`` [B, N] (the group bias of
-        :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, 3],
+        :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, W],
         :meth:`repeat_entries`); PAD/UNK never rank."""
         s = queries @ self.item_targets_t
         rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats)

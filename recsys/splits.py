@@ -55,7 +55,7 @@ class Examples:
     ``histories`` int64 [M, T] item indices, LEFT-padded with ``ItemVocab.PAD``; last column = most recent.
     ``targets`` int64 [M]; ``users`` int64 [M] (index into ``Split.user_ids``);
     ``ts`` float64 [M] (time of the target interaction).
-    ``repeats`` int32 [M, R, 3] or ``None``: the session's whole history before the target as bounded item counts
+    ``repeats`` float32 [M, R, W] or ``None``: the session's whole history before the target as bounded item counts
     ``(item, count, age)`` (:mod:`recsys.repeats`), for the device model's repeat part.
     """
 

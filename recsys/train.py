@@ -99,7 +99,7 @@ class TrainResult:
 
 
 class Batch(NamedTuple):
-    """A shuffled training batch: example rows [B], histories [B, T], targets [B], item counts [B, R, 3] or None."""
+    """A shuffled training batch: example rows [B], histories [B, T], targets [B], item counts [B, R, W] or None."""
 
     rows: Tensor
     histories: Tensor
@@ -111,7 +111,7 @@ def _batches(examples: Examples, batch_size: int, g: torch.Generator) -> Iterabl
     order = torch.randperm(len(examples), generator=g).numpy()
     for start in range(0, len(order), batch_size):
         idx = np.sort(order[start : start + batch_size])
-        reps = None if examples.repeats is None else torch.from_numpy(examples.repeats[idx]).long()
+        reps = None if examples.repeats is None else torch.from_numpy(examples.repeats[idx])
         yield Batch(
             torch.from_numpy(idx),
             torch.from_numpy(examples.histories[idx]),
@@ -446,7 +446,7 @@ class ValidProbe:
             h = torch.from_numpy(valid.histories[i : i + batch])
             states.append(model.device_model.encode(h))
             codes.append(model.codes(h))
-        reps = None if valid.repeats is None else torch.from_numpy(valid.repeats).long()
+        reps = None if valid.repeats is None else torch.from_numpy(valid.repeats)
         return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets), reps)
 
     @torch.inference_mode()

@@ -19,7 +19,7 @@ from recsys.evaluate import BaseMethod, evaluate_method
 from recsys.metrics import target_ranks
 from recsys.model import ModelConfig, PersonaModel
 from recsys.online import OnlineModel
-from recsys.repeats import RepeatCounts, encode_entries, repeat_features
+from recsys.repeats import DECAYS, ENTRY_WIDTH, RepeatCounts, encode_entries, repeat_features
 from recsys.splits import make_split
 from recsys.synthetic import SyntheticConfig, generate
 from recsys.train import TrainConfig, train_repeat_part
@@ -31,7 +31,10 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 def test_counts_keep_the_most_frequent_then_the_most_recent_items() -> None:
     counts: RepeatCounts[str] = RepeatCounts.of(["a", "b", "a", "c", "d"], size=3)
     # full at "d": b, c have one occurrence each, b's is older -> b leaves; a (2) stays
-    assert counts.entries() == [("a", 2, 3), ("d", 1, 1), ("c", 1, 2)]
+    assert [e[:3] for e in counts.entries()] == [("a", 2, 3), ("d", 1, 1), ("c", 1, 2)]
+    # decayed counts: a at ages 3 and 5 -> γ^2 + γ^4 per γ
+    assert counts.entries()[0][3] == pytest.approx([g**2 + g**4 for g in DECAYS])
+    assert counts.entries()[2][3] == pytest.approx([g**1 for g in DECAYS])
     counts.add("b")  # c (1, older than d) leaves
     assert [e[0] for e in counts.entries()] == ["a", "b", "d"]
     assert counts.n == 6
@@ -42,7 +45,7 @@ def test_counts_keep_the_most_frequent_then_the_most_recent_items() -> None:
 def test_offline_counts_follow_the_online_rule_over_the_whole_history() -> None:
     df = generate(SyntheticConfig(users=30, items=40, events=1500, repeat=0.6, seed=1))
     split = make_split(df, max_len=5, repeat_size=6)
-    assert split.test.repeats is not None and split.test.repeats.shape[1:] == (6, 3)
+    assert split.test.repeats is not None and split.test.repeats.shape[1:] == (6, ENTRY_WIDTH)
     # rebuild each user's code sequence and check a few examples against a fresh RepeatCounts of its whole prefix
     ordered = df.sort("ts", maintain_order=True)
     codes = split.vocab.encode(ordered.get_column("item_id").cast(str))
@@ -64,6 +67,16 @@ def test_offline_counts_follow_the_online_rule_over_the_whole_history() -> None:
     assert (in_counts & ~in_window).any()
 
 
+def _entries(rows: list[list[tuple[int, int, int]]], size: int) -> torch.Tensor:
+    """Model input [B, size, W] of (code, count, age) entries (decayed counts as if the occurrences were in a row)."""
+    out = np.zeros((len(rows), size, ENTRY_WIDTH), dtype=np.float32)
+    for b, row in enumerate(rows):
+        out[b] = encode_entries(
+            [(c, n, a, [sum(g ** (a - 1 + k) for k in range(n)) for g in DECAYS]) for c, n, a in row], size
+        )
+    return torch.from_numpy(out)
+
+
 def _model(repeat_size: int = 4) -> PersonaModel:
     torch.manual_seed(0)
     model = PersonaModel(ModelConfig(n_items=30, dim=16, code_dim=8, max_len=6, repeat_size=repeat_size))
@@ -76,9 +89,7 @@ def _model(repeat_size: int = 4) -> PersonaModel:
 def test_the_mixture_moves_only_the_sessions_items_and_an_edit_moves_it() -> None:
     model = _model()
     hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
-    reps = torch.tensor(
-        [[[5, 2, 2], [9, 1, 1], [7, 1, 3], [0, 0, 0]], [[3, 2, 1], [4, 1, 2], [0, 0, 0], [0, 0, 0]]], dtype=torch.long
-    )
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)]], 4)
     with torch.inference_mode():
         plain = model.score(hist)
         mixed = model.score(hist, repeats=reps)
@@ -114,12 +125,12 @@ def test_a_model_without_the_part_ignores_counts_and_loads_old_configs() -> None
     assert not any(k.startswith("device_model.repeat") for k in model.state_dict())
     hist = torch.tensor([[0, 2, 5, 7, 5, 9]])
     with torch.inference_mode():
-        torch.testing.assert_close(model.score(hist, repeats=torch.tensor([[[5, 2, 2]]])), model.score(hist))
+        torch.testing.assert_close(model.score(hist, repeats=_entries([[(5, 2, 2)]], 1)), model.score(hist))
 
 
 def test_session_repeat_ranks_whole_history_counts_then_popularity() -> None:
     method = SessionRepeatMethod(np.array([0, 0, 5, 1, 9, 2, 3]))
-    reps = torch.tensor([[[3, 2, 4], [5, 2, 1], [6, 1, 2], [0, 0, 0]]])
+    reps = _entries([[(3, 2, 4), (5, 2, 1), (6, 1, 2)]], 4)
     scores = method.score(torch.zeros(1, 3, dtype=torch.long), reps)
     order = torch.argsort(scores[0], descending=True).tolist()
     # 5 and 3 twice (5 more recent), then 6, then the rest by popularity (4: 9, 2: 5)
@@ -155,7 +166,7 @@ def _offline(online: OnlineModel, seq: list[str]) -> tuple[list[int], list[int],
     persona, base, plain = [], [], []
     for i in range(1, len(seq)):
         hist = online.histories([seq[:i]])
-        reps = torch.from_numpy(repeat_features(codes, np.array([0]), np.array([i]), size)).long()
+        reps = torch.from_numpy(repeat_features(codes, np.array([0]), np.array([i]), size))
         target = torch.tensor([codes[i]])
         with torch.inference_mode():
             edit = model.edit_for(online.codes(hist), "prototype")
