@@ -230,3 +230,24 @@ def test_the_api_ranks_with_the_stored_counts(store: Store, repeat_models: Model
     assert [i for i, _ in got.items] == online.decode(top.indices)
     assert [s for _, s in got.items] == pytest.approx(top.values.tolist(), rel=1e-5)
     assert online.decode(torch.topk(without[0], 5).indices) != [i for i, _ in got.items]
+
+
+def test_without_repeats_in_the_data_the_part_is_dropped_and_the_model_is_unchanged() -> None:
+    """Where nobody chooses an item twice (MovieLens: nobody re-rates a film), the part can only push session items
+    up past targets that are never among them, so validation always drops it; its own random stream leaves the rest
+    of the model bit-identical to one trained without it."""
+    from recsys.train import train_persona
+
+    df = generate(SyntheticConfig(users=60, items=80, events=2500, seed=4)).unique(["user_id", "item_id"], keep="first")
+    df = df.sort("ts", maintain_order=True)
+    tc = TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,), repeat_epochs=2)
+    states = []
+    for size in (0, 8):
+        split = make_split(df, max_len=10, repeat_size=size)
+        cfg = ModelConfig(n_items=split.vocab.size, dim=16, code_dim=8, max_len=10, repeat_size=size)
+        result = train_persona(split, cfg, tc, progress=False)
+        assert result.model.device_model.repeat is None and result.model.cfg.repeat_size == 0
+        states.append(result.model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
