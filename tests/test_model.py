@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from recsys.evaluate import finetune_edit
+from recsys.baselines import finetune_edit
 from recsys.model import (
     PAD,
     CloudAdapter,
