@@ -356,12 +356,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     codes = _codes(model, split.train)
     train_assignment = model.bank.assign(codes)
     probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
-    chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)
-    chosen_bias.apply(model.cfg)
-    with torch.no_grad():
-        model.bank.next_items.zero_()
-        model.bank.observe(train_assignment, torch.from_numpy(split.train.targets))
-        model.bank.observe(model.bank.assign(_codes(model, split.valid)), torch.from_numpy(split.valid.targets))
+    chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
 
     _eval(model)
     no_proto = copy.deepcopy(model)
@@ -372,6 +367,8 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
         "persona-static-prototypes": evaluate_method(PersonaMethod(model, "static", "prototype"), split.valid),
         "persona": evaluate_method(PersonaMethod(model, "persona", "prototype", refine=True), split.valid),
     }
+    with torch.no_grad():  # then the validation period's, as a live bank would have counted them
+        model.bank.observe(model.bank.assign(_codes(model, split.valid)), torch.from_numpy(split.valid.targets))
     return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias)
 
 
