@@ -158,19 +158,9 @@ class Evaluation:
     ndcg10: np.ndarray = field(repr=False)
 
 
-def evaluate_method(
-    method: Method,
-    examples: Examples,
-    *,
-    batch_size: int = 512,
-    sampled: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[str, float]:
-    """HR/NDCG/MRR of one method over examples in time order (see :func:`evaluate_examples`)."""
-    return evaluate_examples(
-        method, examples, batch_size=batch_size, sampled=sampled, seed=seed, progress=progress
-    ).metrics
+def evaluate_method(method: Method, examples: Examples, **options: Any) -> dict[str, float]:
+    """HR/NDCG/MRR of one method over examples in time order: :func:`evaluate_examples`' metrics alone."""
+    return evaluate_examples(method, examples, **options).metrics
 
 
 @torch.inference_mode()

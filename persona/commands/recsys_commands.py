@@ -66,7 +66,7 @@ def train(
     k: Annotated[
         str,
         typer.Option("--prototypes", help="Candidate prototype counts K, comma separated (chosen on validation)."),
-    ] = "4,8,16,32",
+    ] = "4,8,16,32,64",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
