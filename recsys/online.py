@@ -36,7 +36,7 @@ from recsys.model import (
     refine_centres,
 )
 from recsys.pipeline import TrainedModel, load_trained
-from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, RepeatCounts, encode_entries, entries_tensor
+from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, RepeatCounts, entries_tensor
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -310,8 +310,7 @@ class OnlineModel:
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
         """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);
         unknown items left out."""
-        index_of = self._index.__getitem__
-        return encode_entries([(index_of(i), n, a, d) for i, n, a, d in counts.entries()], self.cfg.repeat_size)
+        return counts.encode(self._index.__getitem__, self.cfg.repeat_size)
 
     @torch.inference_mode()
     def scores_from_states(

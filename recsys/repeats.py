@@ -14,13 +14,13 @@ read lazily, so an entry costs O(1) per event.
 
 The model reads ``(item, count, age, decayed_short, decayed_long)`` rows, float32 [B, R, ENTRY_WIDTH] (age = events
 since the latest occurrence, 1 = the previous event; item 0 = an empty entry; item codes are exact below 2^24),
-most frequent then most recent first.
+in the order the entries entered the session's counts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 REPEAT_SIZE = 64  # entries a session keeps (the default of ``persona train``)
 DECAYS = (0.8, 0.97)  # the decayed counts' memories: about 5 and 33 events
+_SHORT, _LONG = DECAYS
 ENTRY_WIDTH = 3 + len(DECAYS)
 PAD, UNK = 0, 1  # as recsys.model
 
@@ -37,64 +38,78 @@ K = TypeVar("K")
 
 
 class RepeatCounts(Generic[K]):
-    """One session's bounded item counts: ``add`` each event in order, read :meth:`entries`.
+    """One session's bounded item counts: ``add`` each event in order, read :meth:`entries` or :meth:`encode`.
 
-    Keys are whatever identifies an item (ids online, integer codes offline); ``n`` counts every event added.
+    Keys are whatever identifies an item (ids online, integer codes offline); ``n`` counts every event added. Each
+    entry is ``[count, last, decayed_short, decayed_long]`` (decayed as of its latest occurrence). Entries keep the
+    order they entered in (a dict's), through :meth:`to_json` and :meth:`from_json` too, so offline and online read
+    them in the same order and the model's sums over them agree to the bit.
     """
 
-    __slots__ = ("counts", "decayed", "last", "n", "size")
+    __slots__ = ("n", "size", "table")
 
     def __init__(self, size: int = REPEAT_SIZE) -> None:
         self.size = size
-        self.counts: dict[K, int] = {}
-        self.last: dict[K, int] = {}
-        self.decayed: dict[K, list[float]] = {}  # Σ γ^(last − position) per γ, as of the latest occurrence
+        self.table: dict[K, list[Any]] = {}
         self.n = 0
 
     def add(self, item: K) -> None:
-        count = self.counts.get(item)
-        if count is None:
-            if len(self.counts) >= self.size:
+        entry = self.table.get(item)
+        if entry is None:
+            if len(self.table) >= self.size:
                 # fewest occurrences first, then the oldest latest occurrence: the most frequent and recent stay
-                out = min(self.counts, key=lambda k: (self.counts[k], self.last[k]))
-                del self.counts[out], self.last[out], self.decayed[out]
-            self.counts[item] = 1
-            self.decayed[item] = [1.0] * len(DECAYS)
+                del self.table[min(self.table.items(), key=_eviction_rank)[0]]
+            self.table[item] = [1, self.n, 1.0, 1.0]
         else:
-            self.counts[item] = count + 1
-            gap = self.n - self.last[item]
-            self.decayed[item] = [d * g**gap + 1.0 for d, g in zip(self.decayed[item], DECAYS, strict=True)]
-        self.last[item] = self.n
+            gap = self.n - entry[1]
+            entry[0] += 1
+            entry[1] = self.n
+            entry[2] = entry[2] * _SHORT**gap + 1.0
+            entry[3] = entry[3] * _LONG**gap + 1.0
         self.n += 1
 
-    def _order(self) -> list[K]:
-        return sorted(self.counts, key=lambda k: (-self.counts[k], -self.last[k]))
-
     def entries(self) -> list[tuple[K, int, int, list[float]]]:
-        """``(item, count, age, decayed)`` most frequent, then most recent first; age = events since its latest
-        occurrence, decayed = ``Σ_occurrences γ^(age − 1)`` per γ of :data:`DECAYS`."""
+        """``(item, count, age, decayed)`` per entry; age = events since its latest occurrence, decayed =
+        ``Σ_occurrences γ^(age − 1)`` per γ of :data:`DECAYS`."""
+        n = self.n
         out = []
-        for k in self._order():
-            age = self.n - self.last[k]
-            out.append(
-                (k, self.counts[k], age, [d * g ** (age - 1) for d, g in zip(self.decayed[k], DECAYS, strict=True)])
-            )
+        for k, (count, last, short, long) in self.table.items():
+            age = n - last
+            out.append((k, count, age, [short * _SHORT ** (age - 1), long * _LONG ** (age - 1)]))
+        return out
+
+    def encode(self, code_of: Callable[[K], int], size: int) -> np.ndarray:
+        """The model's input [size, ENTRY_WIDTH] float32 (:func:`encode_entries` of :meth:`entries`, written
+        directly: this runs once per event in the consumer); ``code_of`` maps an item to its vocabulary code."""
+        out = np.zeros((size, ENTRY_WIDTH), dtype=np.float32)
+        if not self.table:
+            return out
+        codes = np.fromiter(map(code_of, self.table), dtype=np.float64, count=len(self.table))
+        values = np.array(list(self.table.values()), dtype=np.float64)  # [E, 4]: count, last, short, long
+        known = codes > UNK
+        if not known.all():
+            codes, values = codes[known], values[known]
+        m = min(len(codes), size)
+        age = self.n - values[:m, 1]
+        out[:m, 0] = codes[:m]
+        out[:m, 1] = values[:m, 0]
+        out[:m, 2] = age
+        out[:m, 3] = values[:m, 2] * np.power(_SHORT, age - 1.0)
+        out[:m, 4] = values[:m, 3] * np.power(_LONG, age - 1.0)
         return out
 
     def to_json(self) -> dict[str, Any]:
-        """The stored form: ``{"n": events, "items": [[item, count, last, decayed...], ...]}`` (most frequent
-        first; decayed as of the latest occurrence)."""
-        return {"n": self.n, "items": [[k, self.counts[k], self.last[k], *self.decayed[k]] for k in self._order()]}
+        """The stored form: ``{"n": events, "items": [[item, count, last, decayed_short, decayed_long], ...]}``."""
+        return {"n": self.n, "items": [[k, *e] for k, e in self.table.items()]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, size: int = REPEAT_SIZE) -> RepeatCounts[Any]:
         out: RepeatCounts[Any] = cls(size)
         if data:
             out.n = int(data.get("n", 0))
-            for item, count, last, *decayed in data.get("items", [])[:size]:
-                out.counts[item] = int(count)
-                out.last[item] = int(last)
-                out.decayed[item] = [float(d) for d in decayed] if len(decayed) == len(DECAYS) else [1.0] * len(DECAYS)
+            table = out.table
+            for row in data.get("items", [])[:size]:
+                table[row[0]] = [int(row[1]), int(row[2]), float(row[3]), float(row[4])]
         return out
 
     @classmethod
@@ -103,6 +118,10 @@ class RepeatCounts(Generic[K]):
         for item in items:
             out.add(item)
         return out
+
+
+def _eviction_rank(kv: tuple[Any, list[Any]]) -> tuple[int, int]:
+    return kv[1][0], kv[1][1]
 
 
 def encode_entries(entries: Sequence[tuple[int, int, int, list[float]]], size: int) -> np.ndarray:
@@ -141,7 +160,7 @@ def repeat_features(codes: np.ndarray, starts: np.ndarray, pos: np.ndarray, size
                 if code > UNK:
                     state.add(code)
                 at += 1
-            out[j] = encode_entries(state.entries(), size)
+            out[j] = state.encode(int, size)
     return out
 
 

@@ -3,6 +3,7 @@ training decision, and the same scores offline, in the consumer's prequential ch
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,15 +32,22 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 def test_counts_keep_the_most_frequent_then_the_most_recent_items() -> None:
     counts: RepeatCounts[str] = RepeatCounts.of(["a", "b", "a", "c", "d"], size=3)
     # full at "d": b, c have one occurrence each, b's is older -> b leaves; a (2) stays
-    assert [e[:3] for e in counts.entries()] == [("a", 2, 3), ("d", 1, 1), ("c", 1, 2)]
+    assert [e[:3] for e in counts.entries()] == [("a", 2, 3), ("c", 1, 2), ("d", 1, 1)]  # in the order they entered
     # decayed counts: a at ages 3 and 5 -> γ^2 + γ^4 per γ
     assert counts.entries()[0][3] == pytest.approx([g**2 + g**4 for g in DECAYS])
-    assert counts.entries()[2][3] == pytest.approx([g**1 for g in DECAYS])
+    assert counts.entries()[1][3] == pytest.approx([g**1 for g in DECAYS])
     counts.add("b")  # c (1, older than d) leaves
-    assert [e[0] for e in counts.entries()] == ["a", "b", "d"]
+    assert [e[0] for e in counts.entries()] == ["a", "d", "b"]
     assert counts.n == 6
-    back = RepeatCounts.from_json(counts.to_json(), size=3)
+    back = RepeatCounts.from_json(json.loads(json.dumps(counts.to_json())), size=3)  # as stored: same order, bits
     assert back.entries() == counts.entries()
+    back.add("a")
+    counts.add("a")
+    code_of = {"a": 5, "b": 6, "d": 7}.__getitem__
+    encoded = counts.encode(code_of, 4)
+    np.testing.assert_array_equal(back.encode(code_of, 4), encoded)
+    np.testing.assert_array_equal(encoded, encode_entries([(code_of(k), *rest) for k, *rest in counts.entries()], 4))
+    assert encoded[3].tolist() == [0.0] * ENTRY_WIDTH and encoded[0, :3].tolist() == [5.0, 3.0, 1.0]
 
 
 def test_offline_counts_follow_the_online_rule_over_the_whole_history() -> None:

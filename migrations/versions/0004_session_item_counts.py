@@ -1,8 +1,8 @@
 """Sessions keep their whole history as bounded item counts (the device model's repeat part, recsys.repeats).
 
-``item_counts`` holds ``{"n": events, "items": [[item_id, count, last], ...]}``: at most the model's ``repeat_size``
-(64 by default) entries, most frequent then most recent first, ``last`` = the index of the item's latest event in
-the session. The consumer updates it with every applied event, in the same transaction as the rest of the session
+``item_counts`` holds ``{"n": events, "items": [[item_id, count, last, decayed_short, decayed_long], ...]}``: at most
+the model's ``repeat_size`` (64 by default) entries, ``last`` = the index of the item's latest event in the session,
+the decayed counts as of that event (recsys.repeats.RepeatCounts). The consumer updates it with every applied event, in the same transaction as the rest of the session
 row; the prequential check and the API's rankings read it. NULL (rows written before this revision) means "no counts
 yet": such a session starts from its stored recent items, so the upgrade needs no backfill.
 
