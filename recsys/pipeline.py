@@ -163,6 +163,7 @@ def load_trained(path: Path) -> TrainedModel:
             f"bundle {path} lacks a part this persona needs ({exc})", "retrain with `persona train`"
         ) from None
     model = PersonaModel(cfg)
+    state = with_group_counts(state, model)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -173,6 +174,21 @@ def load_trained(path: Path) -> TrainedModel:
     model.eval()
     no_proto = PersonaModel(cfg)
     no_proto.load_state_dict(state)
-    no_proto.adapter.load_state_dict(no_proto_state)
+    try:
+        no_proto.adapter.load_state_dict(no_proto_state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(
+            f"bundle {path} does not fit this model code: {first}", "retrain with `persona train`"
+        ) from None
     no_proto.eval()
     return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle)
+
+
+def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> dict[str, torch.Tensor]:
+    """A bundle trained before prototypes counted their members' next items has no ``bank.next_items``: it loads
+    with empty counts, which add no group bias (and its config has β = 0), so it serves exactly as it was trained."""
+    if "bank.next_items" in state or "bank.centres" not in state:
+        return state
+    k = state["bank.centres"].shape[0]
+    return {**state, "bank.next_items": torch.zeros(k, model.cfg.n_items)}

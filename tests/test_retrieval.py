@@ -61,6 +61,34 @@ def test_the_index_returns_exactly_the_full_top_k(
     assert not bool(((indices == PAD) | (indices == UNK))[finite].any())
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(3, 2000),
+    b=st.integers(1, 4),
+    k=st.integers(1, 30),
+    chunk=st.sampled_from([1, 16, 256]),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.0, 0.5, 5.0]),
+)
+def test_the_index_stays_exact_with_a_group_bias(n: int, b: int, k: int, chunk: int, seed: int, scale: float) -> None:
+    """A non-negative per-row bias (the prototypes' group bias) added to the scores: still the full top-k."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randn(n, 6, generator=g) * torch.rand(n, 1, generator=g).pow(3) * 3.0 + 0.3
+    queries = torch.randn(b, 6, generator=g)
+    bias = torch.rand(b, n, generator=g).pow(8) * scale  # a few items get most of it, as counts do
+    index = NormOrderedIndex(targets, excluded=(PAD, UNK), chunk=chunk)
+    values = index.top_k(queries, k, bias=bias)[1]
+    scores = queries @ targets.T + bias
+    scores[:, [PAD, UNK]] = float("-inf")
+    torch.testing.assert_close(values, scores.topk(min(k, n - 2), dim=1).values)
+
+
+def test_a_negative_bias_is_refused() -> None:
+    index = NormOrderedIndex(torch.randn(10, 3), excluded=(PAD, UNK))
+    with pytest.raises(ValueError, match=">= 0"):
+        index.top_k(torch.randn(1, 3), 3, bias=torch.full((1, 10), -1.0))
+
+
 def test_the_scan_stops_early_on_a_skewed_table() -> None:
     """What the index is for: with a few long vectors, the top-k is found without reading the rest."""
     g = torch.Generator().manual_seed(0)
