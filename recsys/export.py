@@ -23,12 +23,13 @@ still self-describing.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,7 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
         "delta_bias": {0: batch},
         "item_bias": {0: batch},
     }
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx", "torch.fx", "torch.export"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph,
@@ -256,6 +257,20 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
     buf = io.BytesIO()
     onnx.save_model(proto, buf)
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Exporter chatter (optional torchvision ops skipped, tracing notes) off: only errors are worth a line."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def write_device_files(out: Path, onnx_bytes: bytes, manifest: dict[str, Any]) -> tuple[Path, Path]:
