@@ -235,7 +235,11 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
         "delta_bias": {0: batch},
         "item_bias": {0: batch},
     }
-    with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx", "torch.fx", "torch.export"):
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        _quiet("torch.onnx", "torch.fx", "torch.fx._symbolic_trace", "torch.export"),
+    ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph,
