@@ -4,7 +4,7 @@ Needs only ``numpy`` and ``onnxruntime`` (no torch, nothing of Persona's own cod
 written so it can be ported line by line to any language with an ONNX runtime (docs/device.md).
 
     device = Device("http://127.0.0.1:8000", cache_dir=Path("~/.persona-device").expanduser())
-    device.observe(["50", "172", "133"])         # the items this session interacted with, oldest first
+    device.observe("session-1", ["50", "172", "133"])  # this session's items, oldest first
     for item_id, score in device.recommend("session-1", k=10):
         print(item_id, score)
 
