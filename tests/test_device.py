@@ -321,7 +321,7 @@ def server(tmp_path: Path, group_bias_bundle: Path) -> Iterator[tuple[str, Model
         store.close()
 
 
-def _same_ranking(device: list[tuple[str, float]], server: list[dict[str, Any]], atol: float, swaps: bool) -> None:
+def same_ranking(device: list[tuple[str, float]], server: list[dict[str, Any]], atol: float, swaps: bool) -> None:
     """Device top-k == server top-k: same scores rank by rank (within ``atol``), same items in the same order; with
     ``swaps``, two neighbours may trade places only when the server scores them within ``2·atol`` (a near-tie that
     float16 rounding can flip)."""
@@ -367,8 +367,8 @@ def test_reference_device_ranks_like_the_server(server: tuple[str, ModelProvider
         for sid in sessions:
             served = http.get(f"/v1/sessions/{sid}/recommendations", params={"k": 10}).json()
             assert served["fallback"] is None, served
-            _same_ranking(f32.recommend(sid, k=10), served["items"], atol=1e-4, swaps=False)
-            _same_ranking(f16.recommend(sid, k=10), served["items"], atol=2e-2, swaps=True)
+            same_ranking(f32.recommend(sid, k=10), served["items"], atol=1e-4, swaps=False)
+            same_ranking(f16.recommend(sid, k=10), served["items"], atol=5e-3, swaps=True)
             edit = http.get(f"/v1/sessions/{sid}/edit").json()
             biased += edit["item_bias"] is not None and max(edit["item_bias"]) > 0.1
         assert biased == len(sessions)  # every session's ranking includes its prototype's group bias
