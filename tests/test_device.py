@@ -7,6 +7,7 @@ session, item for item and in order, with the edit's float16 rounding as the onl
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -149,6 +150,25 @@ def test_gru4rec_and_sliding_window_export(tmp_path: Path) -> None:
         scores, top_i, _ = _run(graph, _inputs(hist, edit, None, cfg.n_items, cfg))
         _close(scores, expected)
         assert np.array_equal(top_i, torch.topk(expected, 5, dim=1).indices.numpy())
+
+
+def test_export_command_writes_graph_and_manifest(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from persona.cli import main
+
+    out = tmp_path / "phone" / "model.onnx"
+    assert main(["export", "--model", str(tiny_bundle), "--format", "onnx", "--out", str(out), "--k", "5"]) == 0
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    version = load_bundle(tiny_bundle).version
+    assert manifest["model_version"] == version and manifest["k"] == 5 and len(manifest["items"]) == 100
+    session = ort.InferenceSession(out.read_bytes())
+    assert [o.shape[1] for o in session.get_outputs()[1:]] == [5, 5]
+    assert json.loads(session.get_modelmeta().custom_metadata_map["persona"])["model_version"] == version
+    assert main(["export", "--model", str(tiny_bundle), "--format", "tflite", "--out", str(out)]) == 2
+    assert main(["export", "--model", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "use --format onnx" in err and "no model bundle" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------------------------- binary edits
