@@ -59,6 +59,8 @@ def decode_edit(data: bytes) -> Edit:
     def take(*shape: int) -> np.ndarray:
         nonlocal pos
         count = int(np.prod(shape))
+        if pos + count * dtype.itemsize > len(data):
+            raise ValueError("edit truncated")
         out = np.frombuffer(data, dtype=dtype, count=count, offset=pos).reshape(shape).astype(np.float32)
         pos += count * dtype.itemsize
         pos += -pos % 4
@@ -71,6 +73,8 @@ def decode_edit(data: bytes) -> Edit:
         weight = take(n_layers, dim, dim)
     bias = take(n_layers, dim)
     item_bias = take(n_items) if flags & 2 else None
+    if pos != len(data):
+        raise ValueError("edit has trailing bytes")
     return Edit(model_version, version, proto, weight, bias, item_bias)
 
 
@@ -98,7 +102,7 @@ class Device:
     history: dict[str, list[str]] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"model_downloads": 0, "model_revalidated": 0})
     online: bool = True  # whether the last recommend() reached the server
-    _loaded: tuple[str, ort.InferenceSession, dict[str, Any]] | None = None
+    _loaded: tuple[str, ort.InferenceSession, dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ local state
     def observe(self, session_id: str, item_ids: list[str]) -> None:
