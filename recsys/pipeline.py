@@ -19,6 +19,7 @@ from recsys.bundle import Bundle, load_bundle, save_bundle
 from recsys.data import fingerprint, load_interactions
 from recsys.drift import DriftReference, drift_reference
 from recsys.errors import BundleError, DataError
+from recsys.export import DEVICE_DOCUMENT, DEVICE_ONNX, device_manifest, export_onnx
 from recsys.model import ModelConfig, PersonaModel
 from recsys.splits import PROTOCOLS, Split, k_core, make_split
 from recsys.train import TrainConfig, TrainResult, train_persona
@@ -99,8 +100,20 @@ class TrainedModel:
         return self.bundle.version
 
 
+def device_files(model: PersonaModel, vocab: ItemVocab) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The bundle's device model (``device.onnx``, :mod:`recsys.export`) and its ``device`` document; none when the
+    export fails (logged: the trained model is worth keeping, and the API exports on first request instead)."""
+    try:
+        graph = export_onnx(model, vocab, None)
+    except Exception:
+        log.exception("exporting the device model failed; the bundle is written without device.onnx")
+        return {}, {}
+    return {DEVICE_ONNX: graph}, {DEVICE_DOCUMENT: device_manifest(model, vocab, None)}
+
+
 def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainConfig, *, overwrite: bool) -> Bundle:
     model = result.model
+    artifacts, device_doc = device_files(model, prepared.split.vocab)
     return save_bundle(
         out,
         tensors={
@@ -121,7 +134,9 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
                 "k_scores": {str(k): v for k, v in result.k_scores.items()},
                 "stages": [asdict(s) for s in result.stages],
             },
+            **device_doc,
         },
+        artifacts=artifacts,
         data_fingerprint=prepared.fingerprint,
         overwrite=overwrite,
     )

@@ -78,7 +78,8 @@ class RankResult:
 
 @dataclass(frozen=True, slots=True)
 class ExportedEdit:
-    """The additive edit of one session: ΔW [L, D, D], Δb [L, D], its code [L, d]."""
+    """The additive edit of one session: ΔW [L, D, D], Δb [L, D], its code [L, d], and the per-item score bias [N]
+    its prototype adds (the group bias; ``None`` when the model has none)."""
 
     session_id: str
     model_version: str
@@ -87,6 +88,7 @@ class ExportedEdit:
     weight: Tensor
     bias: Tensor
     code: Tensor
+    item_bias: Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -201,6 +203,7 @@ class Ranker:
             raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
         codes, protos = self._codes(online, [row], bank)
         edit = online.edit(codes, bank, prototypes=protos)
+        group = online.group_bias(protos, bank)
         return ExportedEdit(
             session_id=session_id,
             model_version=online.version,
@@ -209,6 +212,7 @@ class Ranker:
             weight=edit.weight[0],
             bias=edit.bias[0],
             code=codes[0],
+            item_bias=None if group is None else group[0],
         )
 
     # ------------------------------------------------------------------ ranking
