@@ -10,7 +10,11 @@ does for one session with a given edit:
   last ``max_len`` items), padded with 0; any S ≥ 1;
 - ``delta_weight`` float32 [B, L, D, D] and ``delta_bias`` float32 [B, L, D]: the edit of every editable layer,
   ``W_l + ΔW_l``, ``b_l + Δb_l`` (zeros = the base model);
-- ``item_bias`` float32 [B, N]: an additive per-item score bias (the session's prototype's group bias, zeros = none).
+- ``item_bias`` float32 [B, N]: an additive per-item score bias (the session's prototype's group bias, zeros = none);
+- ``repeat_entries`` float32 [B, R, 5], only in the graph of a model with a repeat part (:mod:`recsys.repeats`):
+  the session's whole-history item counts, rows ``(item index, count, age, decayed_short, decayed_long)`` (0 =
+  empty), which the device keeps by the rule of :class:`recsys.repeats.RepeatCounts` (the manifest's ``repeat``
+  block gives the size and the decays); the repeat part's bias is added at those items.
 
 Outputs: ``scores`` [B, N] (PAD, UNK and ``seen`` at -inf) and ``top_indices`` int64 / ``top_scores`` float32
 [B, k] for the ``k`` fixed at export time. Scores are ``<x_L, t(E_i)> + bias_i``: the item targets ``t(E)`` are a
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys.model import PAD, UNK, GRU4RecEncoder, PersonaModel, SASRecEncoder, feed_forward
+from recsys.repeats import DECAYS, ENTRY_WIDTH
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
 
@@ -54,6 +59,14 @@ TOP_K = 10
 DEVICE_ONNX = "device.onnx"
 DEVICE_DOCUMENT = "device"
 INPUTS = ("history", "seen", "delta_weight", "delta_bias", "item_bias")
+REPEAT_INPUT = "repeat_entries"  # the extra input of a model with a repeat part
+
+
+def graph_inputs(model: PersonaModel) -> tuple[str, ...]:
+    """The graph's input names for this model: :data:`INPUTS`, plus :data:`REPEAT_INPUT` with a repeat part."""
+    return (*INPUTS, REPEAT_INPUT) if model.device_model.repeat is not None else INPUTS
+
+
 OUTPUTS = ("scores", "top_indices", "top_scores")
 
 
@@ -73,6 +86,7 @@ class DeviceGraph(nn.Module):
         self.head_bias = nn.Parameter(dm.head_bias.detach().clone(), requires_grad=False)
         with torch.no_grad():
             self.register_buffer("item_targets", dm.item_targets().detach().clone())
+        self.repeat = dm.repeat
         self.eval()
 
     def encode(self, history: Tensor) -> Tensor:
@@ -136,6 +150,11 @@ class DeviceGraph(nn.Module):
     def forward(
         self, history: Tensor, seen: Tensor, delta_weight: Tensor, delta_bias: Tensor, item_bias: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.head(history, delta_weight, delta_bias)
+        return self.rank(x @ self.item_targets.T + item_bias, seen)
+
+    def head(self, history: Tensor, delta_weight: Tensor, delta_bias: Tensor) -> Tensor:
+        """The edited head's output x [B, D]."""
         x = self.encode(history)
         n_layers = self.head_weight.shape[0]
         for layer in range(n_layers):
@@ -143,13 +162,34 @@ class DeviceGraph(nn.Module):
             x = (w @ x.unsqueeze(-1)).squeeze(-1) + self.head_bias[layer] + delta_bias[:, layer]
             if layer < n_layers - 1:
                 x = torch.tanh(x)
-        s = x @ self.item_targets.T + item_bias
+        return x
+
+    def rank(self, s: Tensor, seen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores with PAD, UNK and ``seen`` at -inf, and their top k."""
         never = torch.zeros_like(s[:1])
         never[:, PAD] = float("-inf")
         never[:, UNK] = float("-inf")
         s = (s + never).scatter(1, seen, float("-inf"))
         top = torch.topk(s, self.k, dim=1)
         return s, top.indices, top.values
+
+
+class RepeatDeviceGraph(DeviceGraph):
+    """:class:`DeviceGraph` of a model with a repeat part: one more input, ``repeat_entries`` [B, R, 5]."""
+
+    def forward(  # type: ignore[override]
+        self,
+        history: Tensor,
+        seen: Tensor,
+        delta_weight: Tensor,
+        delta_bias: Tensor,
+        item_bias: Tensor,
+        repeat_entries: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.head(history, delta_weight, delta_bias)
+        assert self.repeat is not None
+        items, bias = self.repeat(x, self.item_targets, repeat_entries)
+        return self.rank((x @ self.item_targets.T + item_bias).scatter_add(1, items, bias), seen)
 
 
 @dataclass(frozen=True)
@@ -165,6 +205,7 @@ class DeviceSpec:
     edit_rank: int
     k: int
     items: list[str]  # vocabulary: index i + 2 is item items[i]; 0 = padding, 1 = unknown
+    repeat_size: int = 0  # entries of the repeat part's input (0: the model has none, nor the input)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -182,7 +223,17 @@ class DeviceSpec:
             "pad_index": PAD,
             "unknown_index": UNK,
             "index_offset": ItemVocab.OFFSET,
-            "inputs": list(INPUTS),
+            "inputs": [*INPUTS, REPEAT_INPUT] if self.repeat_size else list(INPUTS),
+            "repeat": (
+                {
+                    "size": self.repeat_size,
+                    "entry": ["item", "count", "age", *(f"decayed_{g}" for g in DECAYS)],
+                    "decays": list(DECAYS),
+                    "rule": "recsys.repeats.RepeatCounts",
+                }
+                if self.repeat_size
+                else None
+            ),
             "outputs": list(OUTPUTS),
             "items": self.items,
         }
@@ -202,6 +253,7 @@ def device_manifest(model: PersonaModel, vocab: ItemVocab, version: str | None, 
         edit_rank=cfg.edit_rank,
         k=min(k, cfg.n_items - 2),
         items=list(vocab.ids),
+        repeat_size=cfg.repeat_size if model.device_model.repeat is not None else 0,
     ).to_json()
 
 
@@ -209,13 +261,16 @@ def example_inputs(model: PersonaModel, batch: int = 1) -> tuple[Tensor, ...]:
     """Zero edit, zero bias, an empty history: valid inputs of the right shapes (for export and tests)."""
     cfg = model.cfg
     n, dim, layers = cfg.n_items, cfg.dim, cfg.n_edit_layers
-    return (
+    base = (
         torch.zeros(batch, cfg.max_len, dtype=torch.long),
         torch.zeros(batch, 1, dtype=torch.long),
         torch.zeros(batch, layers, dim, dim),
         torch.zeros(batch, layers, dim),
         torch.zeros(batch, n),
     )
+    if model.device_model.repeat is None:
+        return base
+    return (*base, torch.zeros(batch, cfg.repeat_size, ENTRY_WIDTH))
 
 
 def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k: int = TOP_K) -> bytes:
@@ -226,7 +281,8 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
     k = min(k, model.cfg.n_items - 2)
     if k < 1:
         raise ValueError(f"the catalogue has {model.cfg.n_items - 2} items, too few for a top-k output")
-    graph = DeviceGraph(model, k)
+    graph = DeviceGraph(model, k) if model.device_model.repeat is None else RepeatDeviceGraph(model, k)
+    inputs = graph_inputs(model)
     batch = torch.export.Dim("batch", min=1)
     shapes = {
         "history": {0: batch},
@@ -235,6 +291,8 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
         "delta_bias": {0: batch},
         "item_bias": {0: batch},
     }
+    if REPEAT_INPUT in inputs:
+        shapes[REPEAT_INPUT] = {0: batch}
     with (
         torch.no_grad(),
         warnings.catch_warnings(),
@@ -244,7 +302,7 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
         program = torch.onnx.export(
             graph,
             example_inputs(model, 2),
-            input_names=list(INPUTS),
+            input_names=list(inputs),
             output_names=list(OUTPUTS),
             opset_version=OPSET,
             dynamic_shapes=shapes,
@@ -257,7 +315,7 @@ def export_onnx(model: PersonaModel, vocab: ItemVocab, version: str | None, *, k
     meta = proto.metadata_props.add()
     meta.key = "persona"
     meta.value = json.dumps(device_manifest(model, vocab, version, k), separators=(",", ":"))
-    proto.doc_string = f"Persona device model {version or ''}: inputs {', '.join(INPUTS)}; outputs {', '.join(OUTPUTS)}"
+    proto.doc_string = f"Persona device model {version or ''}: inputs {', '.join(inputs)}; outputs {', '.join(OUTPUTS)}"
     buf = io.BytesIO()
     onnx.save_model(proto, buf)
     return buf.getvalue()

@@ -259,3 +259,44 @@ def test_without_repeats_in_the_data_the_part_is_dropped_and_the_model_is_unchan
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_the_device_graph_of_a_repeat_model_scores_like_the_server() -> None:
+    """The exported graph takes the session's counts as one more input and adds the same repeat bias."""
+    import onnxruntime as ort
+
+    from recsys.export import REPEAT_INPUT, device_manifest, export_onnx
+    from recsys.vocab import ItemVocab
+
+    model = _model(repeat_size=4)
+    vocab = ItemVocab([str(i) for i in range(28)])
+    manifest = device_manifest(model, vocab, "test")
+    assert manifest["inputs"][-1] == REPEAT_INPUT and manifest["repeat"]["size"] == 4
+    graph = export_onnx(model, vocab, "test", k=5)
+    hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3], [0, 0, 0, 0, 0, 6]])
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)], []], 4)
+    with torch.inference_mode():
+        edit = model.session_edit(hist, mode="session")
+        expected = model.score(hist, edit, repeats=reps)
+    expected = expected.clone()
+    expected[:, :2] = float("-inf")
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    cfg = model.cfg
+    scores, top_i, _ = session.run(
+        None,
+        {
+            "history": hist.numpy(),
+            "seen": np.zeros((3, 1), dtype=np.int64),
+            "delta_weight": edit.weight.numpy(),
+            "delta_bias": edit.bias.numpy(),
+            "item_bias": np.zeros((3, cfg.n_items), dtype=np.float32),
+            REPEAT_INPUT: reps.numpy(),
+        },
+    )
+    finite = np.isfinite(expected.numpy())
+    assert np.array_equal(np.isfinite(scores), finite)
+    np.testing.assert_allclose(scores[finite], expected.numpy()[finite], atol=1e-4, rtol=1e-4)
+    assert np.array_equal(top_i, torch.topk(expected, 5, dim=1).indices.numpy())
+    # no repeat part: the graph keeps its five inputs
+    plain = PersonaModel(ModelConfig(n_items=30, dim=16, code_dim=8, max_len=6)).eval()
+    assert REPEAT_INPUT not in device_manifest(plain, vocab, "test")["inputs"]
