@@ -528,6 +528,14 @@ def train_repeat_part(
         return None
     if split.train.repeats is None or split.valid.repeats is None:
         raise ValueError("the model has a repeat part but the split has no item counts (make_split repeat_size)")
+    repeat_share = float((split.valid.repeats[:, :, 0] == split.valid.targets[:, None]).any(1).mean())
+    if repeat_share == 0.0:
+        # no validation target is among its session's counted items (nobody re-consumes): the part can only add
+        # to items that are never the answer, so it cannot win; skip its training
+        dm.repeat = None
+        model.cfg.repeat_size = 0
+        log.info("repeat part: no validation target repeats an earlier item; left out without training")
+        return None
     states = _head_states(model, split.train)
     for p in part.parameters():
         p.requires_grad_(True)
