@@ -173,11 +173,10 @@ def evaluate(
             "overlaps that protocol's test set",
             f"train another bundle with --protocol {proto}",
         )
-    # every example with its whole-history item counts: the repeat part reads them, and session-repeat ranks by them
+    # every example with its whole-history item counts where a method reads them: the repeat part, session-repeat
     cfg = trained.model.cfg
-    prepared = prepare(
-        trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=cfg.repeat_size or REPEAT_SIZE
-    )
+    counts = cfg.repeat_size or (REPEAT_SIZE if "session-repeat" in names else 0)
+    prepared = prepare(trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=counts)
     if prepared.fingerprint != trained.bundle.manifest.get("data_fingerprint"):
         raise PersonaError(
             f"the data of {trained.spec.source} changed since bundle {model} was trained",
