@@ -244,29 +244,31 @@ def evaluate(
 
 
 def _print_paired(paired: dict[str, Any], pairs: dict[str, tuple[str, str]], resamples: int) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from persona.commands import output
 
     table = Table(title=f"NDCG@10 ratio, paired 95% CI ({resamples} bootstrap resamples of the test examples)")
     for col in ("comparison", "ratio", "95% CI"):
-        table.add_column(col, justify="left" if col == "comparison" else "right")
+        table.add_column(col, justify="left" if col == "comparison" else "right", overflow="fold")
     for label, r in paired.items():
         a, b = pairs[label]
         ratio = "n/a" if r.ratio is None else f"{r.ratio:.3f}"
         ci = "n/a" if r.ci95 is None else f"{r.ci95[0]:.3f} – {r.ci95[1]:.3f}"
         table.add_row(f"{a} / {b}", ratio, ci)
-    Console().print(table)
+    output.console().print(table)
 
 
 def _print_table(title: str, results: dict[str, dict[str, float]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from persona.commands import output
 
     cols = ("hr@5", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
     table = Table(title=title)
-    table.add_column("method")
+    table.add_column("method", overflow="fold")
     for c in cols:
         table.add_column(c.upper(), justify="right")
     for name, m in results.items():
         table.add_row(name, *(f"{m.get(c, 0.0):.4f}" for c in cols))
-    Console().print(table)
+    output.console().print(table)
