@@ -276,6 +276,27 @@ def test_invalid_events_are_refused_with_each_index_and_reason(api: Api) -> None
     assert again["applied"] == 0 and again["duplicates"] == 1
 
 
+def test_events_kafka_refuses_are_refused_over_http_too(api: Api) -> None:
+    """Lone surrogates (escaped or as raw bytes ED A0 80), NUL and oversized events: 422 problem+json naming the
+    reason, never a 500 or a stored event ("same validation as Kafka")."""
+    item = _items(api, 0, 1)[0]
+    good = {"event_id": "e1", "session_id": "s", "item_id": item, "ts": "2026-01-01T00:00:00Z"}
+    escaped = b'{"event_id":"e2","session_id":"s-\\ud800","item_id":"' + item.encode() + b'","ts":1.7e9}'
+    raw = b'{"event_id":"e3","session_id":"s-\xed\xa0\x80","item_id":"' + item.encode() + b'","ts":1.7e9}'
+    nul = b'{"event_id":"e4","session_id":"s","item_id":"' + item.encode() + b'","ts":1.7e9,"note":"a\\u0000"}'
+    for body in (escaped, raw, nul, b'{"events": [' + escaped + b"]}"):
+        problem = _problem(
+            api.client.post("/v1/events", content=body, headers={"content-type": "application/json"}), 422
+        )
+        assert problem["errors"][0]["type"] == "invalid_value"
+    oversized = {**good, "event_id": "e5", "pad": "x" * 16_384}
+    problem = _problem(api.client.post("/v1/events", json={"events": [good, oversized]}), 422)
+    assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["body", "events", 1], "oversized")]
+    assert "limit 16384" in problem["errors"][0]["msg"]
+    assert api.store.count_events() == 0
+    assert api.client.post("/v1/events", json=good).json()["applied"] == 1
+
+
 def test_admin_needs_a_key_compared_in_constant_time(api: Api) -> None:
     _problem(api.client.get("/v1/admin/models"), 401)
     _problem(api.client.get("/v1/admin/models", headers={"X-API-Key": "wrong"}), 403)
