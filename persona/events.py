@@ -108,6 +108,9 @@ class RejectReason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
     OVERSIZED = "oversized"
     UNKNOWN_ITEM = "unknown_item"
+    #: Valid, but applying it failed on every retry while the store and the model were healthy (a poison record
+    #: the consumer isolated by bisecting its batch); the DLQ detail carries the error.
+    PROCESSING_FAILED = "processing_failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,22 @@ class ConsumerMetrics:
         self.last_batch = Gauge(
             "persona_consumer_last_batch_timestamp_seconds", "Unix time of the last processed batch.", registry=r
         )
+        self.last_poll = Gauge(
+            "persona_consumer_last_poll_timestamp_seconds",
+            "Unix time the broker last answered this consumer (records fetched, or end offsets read when idle).",
+            registry=r,
+        )
+        self.last_commit = Gauge(
+            "persona_consumer_last_commit_timestamp_seconds", "Unix time of the last offset commit.", registry=r
+        )
+        self.dependency_up = Gauge(
+            "persona_dependency_up",
+            "1 while a dependency (store, kafka, model) works for this consumer, 0 during an outage.",
+            ["dependency"],
+            registry=r,
+        )
+        for dependency in ("store", "kafka", "model"):
+            self.dependency_up.labels(dependency).set(1)
         self.predictions = Counter(
             "persona_predictions", "Prequential predictions made before applying an event.", ["variant"], registry=r
         )

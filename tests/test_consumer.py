@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 import streaming.consumer
 from persona.events import Event, RejectReason
 from persona.models import ModelProvider
-from persona.store import Store
+from persona.store import Store, StoreUnavailable
 from recsys.online import OnlineModel, code_from_bytes
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import ConsumerConfig, ConsumeStats, EventConsumer
@@ -186,7 +186,7 @@ def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
     def flaky_commit(prepared: Any) -> Any:
         calls["commit"] += 1
         if calls["commit"] in (3, 4):
-            raise RuntimeError("store down")
+            raise StoreUnavailable("store down")  # an outage: retried as it is, never bisected
         return commit(prepared)
 
     real_send = streaming.consumer.dlq_send

@@ -1,0 +1,234 @@
+"""The consumer against poison records and outages: real tansu broker, real stores, the tiny bundle.
+
+A poison record is one that passes validation and still fails the store transaction every time. To make one
+without a mock, the store itself refuses it: a trigger on the events table aborts the insert of chosen event ids
+(what a constraint, a driver limit or a bug on one value does in production). The outage is a real one too: the
+test's own PostgreSQL database stops accepting connections (``ALLOW_CONNECTIONS false``, its sessions terminated)
+while the server stays up for everyone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import TopicPartition
+from sqlalchemy import create_engine, make_url, text
+
+from persona.events import Event
+from persona.models import ModelProvider
+from persona.store import Store
+from persona.store.engine import temporary_database
+from streaming.broker import EmbeddedBroker
+from streaming.consumer import EventConsumer
+from streaming.kafka_io import (
+    DLQ_HEADER_DETAIL,
+    DLQ_HEADER_ORIGINAL_SHA256,
+    DLQ_HEADER_ORIGINAL_SIZE,
+    DLQ_HEADER_REASON,
+    DLQ_HEADER_SOURCE_OFFSET,
+    DLQ_HEADER_TRUNCATED,
+    DLQ_MAX_VALUE_BYTES,
+    make_consumer,
+    make_producer,
+)
+from tests.fixtures_kafka import FAST_GROUP
+from tests.fixtures_store import DEFAULT_POSTGRES_URL
+from tests.test_consumer import assert_state_matches_in_process, consumer_config, publish, read_dlq
+from tests.test_ingest import make_events
+
+
+def dlq_size(bootstrap: str, topic: str) -> int:
+    """Records in the DLQ topic (all partitions): proves "exactly once", where reading n records cannot."""
+    consumer = make_consumer(bootstrap, f"size-{uuid.uuid4().hex[:8]}", [], **FAST_GROUP)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return sum(ends.values())
+    finally:
+        consumer.close(autocommit=False)
+
+
+@pytest.fixture
+def poisoned_store(tmp_path: Path) -> Iterator[Store]:
+    """A SQLite store whose events table refuses (aborts the transaction on) any event id starting with 'poison'."""
+    store = Store.open(f"sqlite:///{tmp_path / 'poison.db'}")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER poison_pill BEFORE INSERT ON events WHEN NEW.event_id LIKE 'poison%' "
+            "BEGIN SELECT RAISE(ABORT, 'poison pill refused by the store'); END"
+        )
+    yield store
+    store.close()
+
+
+def test_poison_records_are_isolated_and_every_valid_event_after_them_is_applied(
+    kafka_broker: EmbeddedBroker, topic: str, poisoned_store: Store, tiny_bundle: Path
+) -> None:
+    """One partition, batches of 40: lone surrogates (escaped and raw bytes), a 1 MB message and three records the
+    store refuses (two of them adjacent) among 120 valid events. Every valid event is applied once and in order,
+    each bad record reaches the DLQ exactly once with its reason, and the 1 MB one arrives cut to a bounded head."""
+    models = ModelProvider(poisoned_store, model_dir=tiny_bundle)
+    online = models.get()
+    good = make_events(online, 120, sessions=6, prefix=f"{topic}-")
+
+    def poison(n: int, like: Event) -> bytes:  # valid in every way: only the store refuses it
+        return Event(f"poison-{n}", like.session_id, like.item_id, like.ts).to_json_bytes()
+
+    huge = b'{"event_id":"big","session_id":"s","item_id":"1","ts":1,"pad":"' + b"x" * 1_000_000 + b'"}'
+    bad: dict[int, tuple[bytes, str]] = {
+        10: (b'{"event_id":"sur1","session_id":"s-\\ud800","item_id":"1","ts":1}', "invalid_value"),
+        11: (b'{"event_id":"sur2","session_id":"s-\xed\xa0\x80","item_id":"1","ts":1}', "invalid_value"),
+        30: (poison(1, good[30]), "processing_failed"),
+        31: (poison(2, good[31]), "processing_failed"),
+        60: (huge, "oversized"),
+        75: (poison(3, good[75]), "processing_failed"),
+    }
+    producer = make_producer(kafka_broker.bootstrap, max_request_size=2 << 20)
+    sent: list[bytes] = []
+    for i, e in enumerate(good):
+        if i in bad:
+            producer.send(topic, key=b"k", value=bad[i][0], partition=0)
+            sent.append(bad[i][0])
+        producer.send(topic, key=b"k", value=e.to_json_bytes(), partition=0)
+        sent.append(e.to_json_bytes())
+    producer.flush()
+    producer.close()
+
+    cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=len(sent), idle_exit_s=20)
+    cfg.max_poll_records = cfg.max_batch_events = 40
+    consumer = EventConsumer(poisoned_store, models, cfg, sleep=lambda _s: None)
+    stats = consumer.run()
+
+    assert (stats.records, stats.applied, stats.dlq) == (len(sent), len(good), len(bad))
+    assert stats.retries == 0  # isolated where it failed: no blind retry loop
+    assert_state_matches_in_process(poisoned_store, online, good)  # each once, in order, around the poison
+
+    dlq = f"{topic}.dlq"
+    dead = read_dlq(kafka_broker.bootstrap, dlq, len(bad))
+    assert dlq_size(kafka_broker.bootstrap, dlq) == len(bad)  # exactly once: nothing re-sent by the retries
+    by_offset = {sent.index(raw): reason for raw, reason in bad.values()}
+    got = {int(dict(r.headers)[DLQ_HEADER_SOURCE_OFFSET]): r for r in dead}
+    assert {o: dict(r.headers)[DLQ_HEADER_REASON].decode() for o, r in got.items()} == by_offset
+    for offset, r in got.items():
+        headers = dict(r.headers)
+        if by_offset[offset] == "processing_failed":
+            assert r.value == sent[offset]
+            assert b"poison pill refused by the store" in headers[DLQ_HEADER_DETAIL]
+        elif by_offset[offset] == "oversized":
+            assert r.value == huge[:DLQ_MAX_VALUE_BYTES] and headers[DLQ_HEADER_TRUNCATED] == b"true"
+            assert headers[DLQ_HEADER_ORIGINAL_SIZE] == str(len(huge)).encode()
+            assert headers[DLQ_HEADER_ORIGINAL_SHA256] == hashlib.sha256(huge).hexdigest().encode()
+        else:
+            assert r.value == sent[offset] and DLQ_HEADER_TRUNCATED not in headers
+    sample = consumer.metrics.registry.get_sample_value
+    assert sample("persona_events_dlq_total", {"reason": "processing_failed"}) == 3
+    assert sample("persona_dependency_up", {"dependency": "store"}) == 1
+
+
+class _Lines(logging.Handler):
+    """Collects the records of the consumer's logger (the test counts lines and tracebacks)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database (the shared server keeps running; only this database goes away)."""
+    with temporary_database(os.environ.get("PERSONA_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL), "persona_outage") as url:
+        yield url
+
+
+def _set_reachable(url: str, reachable: bool) -> None:
+    """Open or close the database to new connections; closing it also ends the sessions it has (an outage)."""
+    name = make_url(url).database
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(reachable).lower()}'))
+            if not reachable:
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+                )
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.slow
+def test_a_store_outage_is_retried_with_backoff_logged_once_and_recovered_without_loss(
+    kafka_broker: EmbeddedBroker, topic: str, pg_url: str, tiny_bundle: Path
+) -> None:
+    store = Store.open(pg_url)
+    models = ModelProvider(store, model_dir=tiny_bundle)
+    online = models.get()
+    events = make_events(online, 400, sessions=20, prefix=f"{topic}-")
+    cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=len(events), idle_exit_s=60)
+    cfg.retry_backoff_s = (0.05, 0.8)
+    consumer = EventConsumer(store, models, cfg)
+    lines = _Lines()
+    logger = logging.getLogger("streaming.consumer")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    runner = threading.Thread(target=consumer.run)
+    try:
+        runner.start()
+        publish(kafka_broker.bootstrap, topic, events[:200])
+        _wait(lambda: consumer.stats.applied == 200, 60, "the first half")
+        sample = consumer.metrics.registry.get_sample_value
+
+        _set_reachable(pg_url, False)
+        down_at = time.monotonic()
+        publish(kafka_broker.bootstrap, topic, events[200:])
+        _wait(lambda: sample("persona_dependency_up", {"dependency": "store"}) == 0, 30, "the outage to be seen")
+        time.sleep(4)
+        retries = consumer.stats.retries
+        # backoff: 0.05 s doubling to a 0.8 s cap with jitter is at most ~12 tries in 4 s; no backoff would be 80
+        assert 2 <= retries <= 14, retries
+        lag = sum(sample("persona_consumer_lag", {"partition": str(p)}) or 0 for p in range(4))
+        assert lag > 0  # the waiting events show while the store is down
+        assert consumer.stats.applied == 200
+
+        _set_reachable(pg_url, True)
+        _wait(lambda: consumer.stats.applied == len(events), 60, "recovery")
+        outage_s = time.monotonic() - down_at
+    finally:
+        _set_reachable(pg_url, True)
+        consumer.stop()
+        runner.join(timeout=60)
+        logger.removeHandler(lines)
+        store.close()
+
+    assert sample("persona_dependency_up", {"dependency": "store"}) == 1
+    warnings = [r for r in lines.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].getMessage().startswith("store unavailable")
+    assert not any(r.exc_info for r in lines.records)  # an expected outage: no traceback
+    recovered = [r.getMessage() for r in lines.records if "recovered" in r.getMessage()]
+    assert len(recovered) == 1 and recovered[0].startswith("store recovered after")
+    assert float(recovered[0].split("after ")[1].rstrip("s")) <= outage_s
+    check = Store.open(pg_url)
+    try:
+        assert_state_matches_in_process(check, online, events)  # nothing lost, nothing applied twice
+    finally:
+        check.close()
