@@ -116,7 +116,7 @@ def create_app(
     if store is not None and models is not None:
         app.state.ctx = _context(settings, store, models, metrics)  # usable without running the lifespan
 
-    problems.install(app)
+    problems.install(app)  # first: its middleware must be the innermost
     # Only wired in when configured: a dependency that does nothing still costs every request its resolution.
     keyed = [Depends(require_key_if_configured)] if settings.require_api_key else []
     app.include_router(health.live_router)

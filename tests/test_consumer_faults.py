@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 import uuid
@@ -21,12 +20,10 @@ from typing import Any
 
 import pytest
 from kafka import TopicPartition
-from sqlalchemy import create_engine, make_url, text
 
 from persona.events import Event
 from persona.models import ModelProvider
 from persona.store import Store
-from persona.store.engine import temporary_database
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import EventConsumer
 from streaming.kafka_io import (
@@ -41,7 +38,7 @@ from streaming.kafka_io import (
     make_producer,
 )
 from tests.fixtures_kafka import FAST_GROUP
-from tests.fixtures_store import DEFAULT_POSTGRES_URL
+from tests.fixtures_store import set_reachable
 from tests.test_consumer import assert_state_matches_in_process, consumer_config, publish, read_dlq
 from tests.test_ingest import make_events
 
@@ -153,33 +150,11 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A throwaway PostgreSQL database (the shared server keeps running; only this database goes away)."""
-    with temporary_database(os.environ.get("PERSONA_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL), "persona_outage") as url:
-        yield url
-
-
-def _set_reachable(url: str, reachable: bool) -> None:
-    """Open or close the database to new connections; closing it also ends the sessions it has (an outage)."""
-    name = make_url(url).database
-    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(reachable).lower()}'))
-            if not reachable:
-                conn.execute(
-                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
-                )
-    finally:
-        admin.dispose()
-
-
 @pytest.mark.slow
 def test_a_store_outage_is_retried_with_backoff_logged_once_and_recovered_without_loss(
-    kafka_broker: EmbeddedBroker, topic: str, pg_url: str, tiny_bundle: Path
+    kafka_broker: EmbeddedBroker, topic: str, outage_db_url: str, tiny_bundle: Path
 ) -> None:
-    store = Store.open(pg_url)
+    store = Store.open(outage_db_url)
     models = ModelProvider(store, model_dir=tiny_bundle)
     online = models.get()
     events = make_events(online, 400, sessions=20, prefix=f"{topic}-")
@@ -197,7 +172,7 @@ def test_a_store_outage_is_retried_with_backoff_logged_once_and_recovered_withou
         _wait(lambda: consumer.stats.applied == 200, 60, "the first half")
         sample = consumer.metrics.registry.get_sample_value
 
-        _set_reachable(pg_url, False)
+        set_reachable(outage_db_url, False)
         down_at = time.monotonic()
         publish(kafka_broker.bootstrap, topic, events[200:])
         _wait(lambda: sample("persona_dependency_up", {"dependency": "store"}) == 0, 30, "the outage to be seen")
@@ -209,11 +184,11 @@ def test_a_store_outage_is_retried_with_backoff_logged_once_and_recovered_withou
         assert lag > 0  # the waiting events show while the store is down
         assert consumer.stats.applied == 200
 
-        _set_reachable(pg_url, True)
+        set_reachable(outage_db_url, True)
         _wait(lambda: consumer.stats.applied == len(events), 60, "recovery")
         outage_s = time.monotonic() - down_at
     finally:
-        _set_reachable(pg_url, True)
+        set_reachable(outage_db_url, True)
         consumer.stop()
         runner.join(timeout=60)
         logger.removeHandler(lines)
@@ -227,7 +202,7 @@ def test_a_store_outage_is_retried_with_backoff_logged_once_and_recovered_withou
     recovered = [r.getMessage() for r in lines.records if "recovered" in r.getMessage()]
     assert len(recovered) == 1 and recovered[0].startswith("store recovered after")
     assert float(recovered[0].split("after ")[1].rstrip("s")) <= outage_s
-    check = Store.open(pg_url)
+    check = Store.open(outage_db_url)
     try:
         assert_state_matches_in_process(check, online, events)  # nothing lost, nothing applied twice
     finally:
