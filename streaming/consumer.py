@@ -777,10 +777,10 @@ class EventConsumer:
         if consumer is None:
             return
         assigned = list(consumer.assignment())
-        if not assigned:
-            return
+        # a member without partitions (more members than partitions) asks about one all the same
+        asked = assigned or [TopicPartition(self.cfg.topic, 0)]
         try:
-            ends = consumer.end_offsets(assigned, timeout_ms=BROKER_CHECK_TIMEOUT_MS)
+            ends = consumer.end_offsets(asked, timeout_ms=BROKER_CHECK_TIMEOUT_MS)
         except KafkaError as exc:
             self._dependency_down("kafka", exc)
             return

@@ -207,3 +207,59 @@ def test_a_store_outage_is_retried_with_backoff_logged_once_and_recovered_withou
         assert_state_matches_in_process(check, online, events)  # nothing lost, nothing applied twice
     finally:
         check.close()
+
+
+@pytest.mark.slow
+def test_a_broker_outage_shows_in_the_poll_timestamp_and_lag_keeps_its_last_value(
+    sqlite_store_path: Path, tiny_bundle: Path
+) -> None:
+    """The consumer's own broker is paused (SIGSTOP) for 8 s while it idles: the broker-answer timestamp stops,
+    ``persona_dependency_up{dependency="kafka"}`` drops to 0 with one WARNING line, the lag is not reset, and both
+    come back after the pause with one "recovered" line."""
+    store = Store.open(f"sqlite:///{sqlite_store_path}")
+    models = ModelProvider(store, model_dir=tiny_bundle)
+    lines = _Lines()
+    logger = logging.getLogger("streaming.consumer")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    with EmbeddedBroker() as broker:
+        topic = f"t-{uuid.uuid4().hex[:8]}"
+        events = make_events(models.get(), 50, sessions=5, prefix=f"{topic}-")
+        consumer = EventConsumer(store, models, consumer_config(broker.bootstrap, topic, idle_exit_s=120))
+        runner = threading.Thread(target=consumer.run)
+        sample = consumer.metrics.registry.get_sample_value
+        try:
+            runner.start()
+            _wait(consumer.assigned.is_set, 30, "the assignment")
+            publish(broker.bootstrap, topic, events)
+            _wait(lambda: consumer.stats.applied == len(events), 60, "the events")
+            _wait(
+                lambda: (sample("persona_consumer_last_poll_timestamp_seconds") or 0) > time.time() - 3, 20, "a check"
+            )
+            lag = {p: sample("persona_consumer_lag", {"partition": str(p)}) for p in range(4)}
+            broker.pause()
+            try:
+                paused = time.time()
+                _wait(lambda: sample("persona_dependency_up", {"dependency": "kafka"}) == 0, 20, "the outage")
+                time.sleep(max(0.0, paused + 8 - time.time()))
+                assert sample("persona_consumer_last_poll_timestamp_seconds") <= paused  # stale, and says so
+                assert {p: sample("persona_consumer_lag", {"partition": str(p)}) for p in range(4)} == lag
+            finally:
+                broker.resume()
+            _wait(lambda: sample("persona_dependency_up", {"dependency": "kafka"}) == 1, 30, "the recovery")
+            assert sample("persona_consumer_last_poll_timestamp_seconds") > paused
+        finally:
+            consumer.stop()
+            runner.join(timeout=60)
+            logger.removeHandler(lines)
+            store.close()
+    messages = [r.getMessage() for r in lines.records]
+    warnings = [r.getMessage() for r in lines.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("kafka unavailable"), warnings
+    assert sum(m.startswith("kafka recovered after") for m in messages) == 1, messages
+    assert not any(r.exc_info for r in lines.records)
+
+
+@pytest.fixture
+def sqlite_store_path(tmp_path: Path) -> Path:
+    return tmp_path / "broker-outage.db"
