@@ -255,6 +255,7 @@ class EventConsumer:
         self.models = models
         self.cfg = cfg
         self.metrics = metrics or ConsumerMetrics()
+        self.metrics.online.read_from(store.online_counters)
         self.ingestor = Ingestor(
             store,
             models,

@@ -286,6 +286,11 @@ def test_a_hard_killed_consumer_resumes_from_committed_offsets_without_loss_or_d
     second = persona_consume(env, topic, log, "--idle-exit", "4")
     assert second.wait(180) == 0, log.read_text()[-3000:]
     assert_state_matches_in_process(store, online, events)
+    # the online counters are exactly-once too: every event after a session's first is predicted once, kill or not
+    counters = store.online_counters()
+    for variant in ("persona", "base"):
+        assert counters[("predictions", variant, 0)] == len(events) - 300
+        assert 0 < counters[("hits", variant, 10)] <= counters[("hits", variant, 20)] <= len(events) - 300
     store.close()
 
 

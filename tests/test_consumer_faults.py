@@ -23,7 +23,7 @@ from kafka import TopicPartition
 
 from persona.events import Event
 from persona.models import ModelProvider
-from persona.store import Store
+from persona.store import Store, StoreUnavailable
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import EventConsumer
 from streaming.kafka_io import (
@@ -37,6 +37,7 @@ from streaming.kafka_io import (
     make_consumer,
     make_producer,
 )
+from streaming.metrics import ConsumerMetrics
 from tests.fixtures_kafka import FAST_GROUP
 from tests.fixtures_store import set_reachable
 from tests.test_consumer import assert_state_matches_in_process, consumer_config, publish, read_dlq
@@ -263,3 +264,28 @@ def test_a_broker_outage_shows_in_the_poll_timestamp_and_lag_keeps_its_last_valu
 @pytest.fixture
 def sqlite_store_path(tmp_path: Path) -> Path:
     return tmp_path / "broker-outage.db"
+
+
+def test_exported_online_counters_are_the_stores_and_keep_their_values_through_an_outage(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'counters.db'}")
+    try:
+        with store.transaction() as uow:
+            uow.add_online_counters({("predictions", "persona", 0): 7, ("hits", "persona", 10): 3})
+        with store.transaction() as uow:
+            uow.add_online_counters({("predictions", "persona", 0): 2, ("predictions", "base", 0): 9})
+        metrics = ConsumerMetrics()
+        sample = metrics.registry.get_sample_value
+        assert sample("persona_predictions_total", {"variant": "persona"}) == 0  # no store yet: zeros, not gaps
+        metrics.online.read_from(store.online_counters)
+        assert sample("persona_predictions_total", {"variant": "persona"}) == 9
+        assert sample("persona_predictions_total", {"variant": "base"}) == 9
+        assert sample("persona_hits_total", {"variant": "persona", "k": "10"}) == 3
+        assert sample("persona_ndcg_gain_total", {"variant": "base", "k": "20"}) == 0
+
+        def down() -> dict[tuple[str, str, int], float]:
+            raise StoreUnavailable("the database is unavailable")
+
+        metrics.online.read_from(down)
+        assert sample("persona_predictions_total", {"variant": "persona"}) == 9  # a counter never drops to 0
+    finally:
+        store.close()

@@ -8,7 +8,7 @@ Deduplication on ``event_id`` is what turns at-least-once delivery into an exact
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from persona.store.engine import READ_ONLY, ensure_schema, make_engine, mask_url
 from persona.store.hot_path import SESSION_FIELDS, HotPath, chunks, hot_path
-from persona.store.tables import events, model_versions, prototypes
+from persona.store.tables import events, model_versions, online_counters, prototypes
 from recsys.errors import PersonaError
 
 try:  # the PostgreSQL driver we ship; the hot path raises its errors unwrapped
@@ -271,6 +271,29 @@ class UnitOfWork:
                 self.connection.execute(stmt, list(chunk))
         return self.load_prototypes(model_version)
 
+    # -- online evaluation counters ------------------------------------------------------------------------
+
+    def add_online_counters(self, increments: Mapping[tuple[str, str, int], float]) -> None:
+        """Add ``{(name, variant, k): amount}`` to the running counters (created at 0), in this transaction."""
+        todo = [{"name": n, "variant": v, "k": k, "value": float(x)} for (n, v, k), x in increments.items() if x]
+        if not todo:
+            return
+        stmt: Insert = self._insert(online_counters)
+        excluded = stmt.excluded  # type: ignore[attr-defined]
+        stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
+            index_elements=[online_counters.c.name, online_counters.c.variant, online_counters.c.k],
+            set_={"value": online_counters.c.value + excluded.value},
+        )
+        # a fixed order: two transactions adding to the same rows lock them in the same order (no deadlock)
+        self.connection.execute(stmt, sorted(todo, key=lambda r: (r["name"], r["variant"], r["k"])))
+
+    def online_counters(self) -> dict[tuple[str, str, int], float]:
+        """Every counter as ``{(name, variant, k): value}``."""
+        rows = self.connection.execute(
+            select(online_counters.c.name, online_counters.c.variant, online_counters.c.k, online_counters.c.value)
+        )
+        return {(r.name, r.variant, int(r.k)): float(r.value) for r in rows}
+
     # -- model registry -----------------------------------------------------------------------------------
 
     def _model(self, version: str) -> ModelVersionRow | None:
@@ -421,3 +444,7 @@ class Store:
     def count_events(self, session_id: str | None = None) -> int:
         with self.read() as uow:
             return uow.count_events(session_id)
+
+    def online_counters(self) -> dict[tuple[str, str, int], float]:
+        with self.read() as uow:
+            return uow.online_counters()
