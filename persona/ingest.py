@@ -294,7 +294,23 @@ class Ingestor:
         return prepared
 
     def commit(self, prepared: Prepared) -> IngestResult:
-        """Apply a :meth:`prepare` d batch in one store transaction (earlier ones must have committed)."""
+        """Apply a :meth:`prepare` d batch in one store transaction (earlier ones must have committed).
+
+        If it fails, its model work is dropped (:meth:`discard`): a retry prepares the batch again.
+        """
+        try:
+            return self._commit(prepared)
+        except BaseException:
+            self.discard(prepared)
+            raise
+
+    def discard(self, prepared: Prepared) -> None:
+        """Drop the model work of a prepared batch that will not be committed (its commit failed, or an earlier
+        batch's did): the model process forgets the job instead of keeping its half-done state."""
+        if prepared.work is not None:
+            prepared.work.abandon()
+
+    def _commit(self, prepared: Prepared) -> IngestResult:
         p = prepared
         online, result = p.online, p.result
         if p.plan is None or p.work is None:
@@ -372,7 +388,8 @@ class Ingestor:
         p.replanned = True  # batches prepared on top of this one read what it was going to write: they redo too
         stored = uow.get_sessions(p.session_ids)
         plan = _walk(p.online, fresh, stored, p.cap, p.now, {})
-        return plan, self._start(p.online, plan)
+        p.work = self._start(p.online, plan)  # the work to drop should this commit fail (see :meth:`discard`)
+        return plan, p.work
 
     def _reseed(
         self,

@@ -705,6 +705,8 @@ class EventConsumer:
         for batch in [*self._in_flight, *later]:
             if batch.applied is not None:
                 wait([batch.applied])
+            if batch.prepared is not None and (batch.applied is None or batch.applied.exception() is not None):
+                self.ingestor.discard(batch.prepared)  # never committed: drop its model work
             for tp, off in batch.first.items():
                 rewind.setdefault(tp, off)  # batches are in poll order: the earliest offset wins
         self._in_flight.clear()
