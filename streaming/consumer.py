@@ -88,6 +88,8 @@ class ConsumerConfig:
     bounds one Kafka poll, ``max_batch_events`` one batch (one store transaction): polls accumulate into the next
     batch while one commits, so batches grow with a backlog and per-batch costs (transaction, prototype bank,
     model calls) are shared by more events.
+    ``retry_backoff_s`` is the first and the longest wait between retries after a failure (doubling, with jitter):
+    the cap bounds how long an outage that has ended can still hold the consumer back.
     ``fetch_max_wait_ms`` caps how long the broker may hold a fetch (kafka-python's default: 500 ms); Kafka
     answers as soon as records are there, the embedded development broker was seen to hold fetches much longer
     under a steady stream (streaming/bench.py), so its users set it low.
@@ -109,7 +111,7 @@ class ConsumerConfig:
     max_events: int | None = None
     idle_exit_s: float | None = None
     refresh_s: float = 5.0
-    retry_backoff_s: tuple[float, float] = (0.5, 30.0)
+    retry_backoff_s: tuple[float, float] = (0.5, 10.0)
     validation: ValidationPolicy = DEFAULT_POLICY
     compute_threads: int = 1
     session_cache: int = 4096
