@@ -160,8 +160,9 @@ def _concluding(unfinished: list[_Batch]) -> bool:
 #: While idle, the broker's end offsets are read this often (lag and the poll timestamp stay true without records).
 LAG_CHECK_S = 5.0
 BROKER_CHECK_TIMEOUT_MS = 2000
-#: An isolation that has dead-lettered this many records without one range of its batch going through stops: every
-#: record failing alone is not a poison record but a fault of the consumer or its dependencies (retried later).
+#: An isolation that has dead-lettered this many records without one range of its batch going through stops and backs
+#: off like an outage: a store that refuses every record is not facing poison records. The next try isolates again,
+#: so at most this many records go to the DLQ per backoff period (up to ``retry_backoff_s[1]``) if it is wrong.
 MAX_POISON_WITHOUT_SUCCESS = 8
 #: Dependencies whose state ``persona_dependency_up`` reports.
 DEPENDENCIES = ("store", "kafka", "model")
@@ -496,15 +497,20 @@ class EventConsumer:
         dead: list[tuple[Any, Rejection]],
         result: IngestResult,
         started: float,
+        *,
+        applied: bool = True,
     ) -> None:
-        """Steps 4 and 5 for records applied (or dead-lettered) in poll order: commit their offsets, count them."""
+        """Steps 4 and 5 for records applied (or, ``applied`` false, a record dead-lettered because applying it
+        failed) in poll order: commit their offsets, count them. Only an applied range resets the retry backoff and
+        marks the store and the model as working."""
         nxt: dict[TopicPartition, int] = {}
         for rec in records:
             nxt[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
         self._processed.update(nxt)
         self._commit_processed(set(nxt))
-        self._progress = True
-        self._dependency_up("store", "model")
+        if applied:
+            self._progress = True
+            self._dependency_up("store", "model")
         m = self.metrics
         m.set_model(self.models.get())
         m.record_consumed(consumed)
@@ -593,8 +599,8 @@ class EventConsumer:
         The first range is the whole batch (the retry); a range that goes through, or a single event that fails on
         its own while the store and the model answer, is finished at once (its dead letters sent, its offsets
         committed), left to right, so events are applied in order and progress survives an interruption. Raises
-        :class:`_Interrupted` on an outage, or when :data:`MAX_POISON_WITHOUT_SUCCESS` records failed alone and no
-        range went through (everything fails: not a poison record).
+        :class:`_Interrupted` on an outage, or when more than :data:`MAX_POISON_WITHOUT_SUCCESS` records failed
+        alone and no range went through (everything fails: not a poison record).
         """
         policy = self.cfg.validation
         parsed = [parse_event(rec.value if rec.value is not None else b"", policy) for rec in records]
@@ -631,10 +637,10 @@ class EventConsumer:
             if failure is not None:
                 poisoned += 1
                 if succeeded == 0 and poisoned > MAX_POISON_WITHOUT_SUCCESS:
-                    log.error(
-                        "every record of the batch fails on its own (%s): not a poison record; retrying with backoff",
-                        _one_line(failure),
-                    )
+                    # Not the records' fault: the store takes none of them. Back off like an outage (the next try
+                    # isolates again, so a burst of real poison records slows the partition down, never stops it).
+                    why = f"it refuses every record, not one poison record: {_one_line(failure)}"
+                    self._dependency_down("store", RuntimeError(why))
                     raise _Interrupted from failure
                 rec = next(r for r, p in zip(records[lo:hi], parsed[lo:hi], strict=True) if isinstance(p, Event))
                 log.warning(
@@ -652,7 +658,7 @@ class EventConsumer:
                 self._dependency_down("kafka", exc)
                 raise _Interrupted from exc
             invalid = [p for p in parsed[lo:hi] if isinstance(p, Rejection)]
-            self._account(records[lo:hi], events, invalid, dead, result, started)
+            self._account(records[lo:hi], events, invalid, dead, result, started, applied=failure is None)
 
     def _outage(self, exc: BaseException) -> str | None:
         """Which dependency is down, if the failure ``exc`` is an outage: the store (it raised

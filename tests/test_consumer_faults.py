@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 
+import streaming.consumer
 from persona.events import Event
 from persona.models import ModelProvider
 from persona.store import Store, StoreUnavailable
@@ -130,6 +131,53 @@ def test_poison_records_are_isolated_and_every_valid_event_after_them_is_applied
     sample = consumer.metrics.registry.get_sample_value
     assert sample("persona_events_dlq_total", {"reason": "processing_failed"}) == 3
     assert sample("persona_dependency_up", {"dependency": "store"}) == 1
+
+
+def test_a_store_that_refuses_every_record_is_backed_off_not_bled_into_the_dlq(
+    kafka_broker: EmbeddedBroker, topic: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """When no record goes through at all the records are not the problem: after MAX_POISON_WITHOUT_SUCCESS of them
+    the consumer backs off like an outage (persona_dependency_up{store} 0), and once the store takes records again
+    the rest are applied."""
+    store = Store.open(f"sqlite:///{tmp_path / 'refusing.db'}")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER refuse_all BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'read-only table'); END"
+        )
+    models = ModelProvider(store, model_dir=tiny_bundle)
+    events = make_events(models.get(), 30, sessions=3, prefix=f"{topic}-")
+    _publish_one_partition(kafka_broker.bootstrap, topic, [e.to_json_bytes() for e in events])
+    cfg = consumer_config(kafka_broker.bootstrap, topic, max_events=len(events), idle_exit_s=60)
+    cfg.retry_backoff_s = (6.0, 6.0)  # one isolation, then a pause long enough to look
+    consumer = EventConsumer(store, models, cfg)
+    sample = consumer.metrics.registry.get_sample_value
+    runner = threading.Thread(target=consumer.run)
+    try:
+        runner.start()
+        _wait(lambda: sample("persona_dependency_up", {"dependency": "store"}) == 0, 60, "the consumer to give up")
+        assert consumer.stats.dlq == streaming.consumer.MAX_POISON_WITHOUT_SUCCESS
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse_all")
+        runner.join(timeout=60)
+    finally:
+        consumer.stop()
+        runner.join(timeout=60)
+        store.close()
+    dead = streaming.consumer.MAX_POISON_WITHOUT_SUCCESS
+    assert (consumer.stats.records, consumer.stats.applied, consumer.stats.dlq) == (
+        len(events),
+        len(events) - dead,
+        dead,
+    )
+    assert sample("persona_dependency_up", {"dependency": "store"}) == 1
+
+
+def _publish_one_partition(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = make_producer(bootstrap)
+    for value in values:
+        producer.send(topic, key=b"k", value=value, partition=0)
+    producer.flush()
+    producer.close()
 
 
 class _Lines(logging.Handler):
