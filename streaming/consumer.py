@@ -713,7 +713,8 @@ class EventConsumer:
         for batch in [*self._in_flight, *later]:
             if batch.applied is not None:
                 wait([batch.applied])
-            if batch.prepared is not None and (batch.applied is None or batch.applied.exception() is not None):
+            failed = batch.applied is None or batch.applied.cancelled() or batch.applied.exception() is not None
+            if batch.prepared is not None and failed:
                 self.ingestor.discard(batch.prepared)  # never committed: drop its model work
             for tp, off in batch.first.items():
                 rewind.setdefault(tp, off)  # batches are in poll order: the earliest offset wins
