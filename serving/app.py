@@ -119,7 +119,7 @@ def create_app(
     if store is not None and models is not None:
         app.state.ctx = _context(settings, store, models, metrics)  # usable without running the lifespan
 
-    problems.install(app)
+    problems.install(app)  # first: its middleware must be the innermost
     for router in (health.live_router, health.router, recommendations.router, sessions.router, events.router):
         app.include_router(router)
     app.include_router(admin.router)
