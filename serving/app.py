@@ -29,7 +29,7 @@ from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.problems import PROBLEM_MEDIA_TYPE
 from serving.ranking import Ranker
 from serving.routes import admin, events, health, recommendations, sessions
-from serving.schemas import MAX_BODY_BYTES
+from serving.schemas import MAX_BODY_BYTES, MAX_EVENTS, EventDoc
 
 log = logging.getLogger("persona.serving")
 
@@ -144,6 +144,27 @@ def create_server_app() -> FastAPI:
     return create_app(torch_threads=1)
 
 
+def _document_event_body(schema: dict[str, Any], components: dict[str, Any]) -> None:
+    """``POST /v1/events`` reads its body as plain JSON (so that it is validated exactly as Kafka's messages are);
+    the document still says what that JSON is: one event, or ``{"events": [...]}``."""
+    operation = schema.get("paths", {}).get("/v1/events", {}).get("post")
+    if operation is None:
+        return
+    components["Event"] = EventDoc.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["EventBatch"] = {
+        "title": "EventBatch",
+        "type": "object",
+        "properties": {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "minItems": 1,
+                       "maxItems": MAX_EVENTS}
+        },
+        "required": ["events"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    body = operation.setdefault("requestBody", {}).setdefault("content", {}).setdefault("application/json", {})
+    body["schema"] = {"oneOf": [{"$ref": "#/components/schemas/Event"}, {"$ref": "#/components/schemas/EventBatch"}]}
+
+
 SECURITY_SCHEMES = {
     "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     "Bearer": {"type": "http", "scheme": "bearer"},
@@ -179,6 +200,7 @@ def _openapi(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
             )
     schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
     components = schema["components"].setdefault("schemas", {})
+    _document_event_body(schema, components)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     app.openapi_schema = schema

@@ -468,3 +468,16 @@ def test_micro_batching_is_configured_from_settings(store_url: str, tiny_bundle:
         assert not batcher.offloads()  # the tiny catalogue ranks on the event loop
     finally:
         store.close()
+
+
+def test_openapi_documents_the_event_body(api: Api) -> None:
+    doc = api.client.get("/openapi.json").json()
+    body = doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["oneOf"] == [
+        {"$ref": "#/components/schemas/Event"},
+        {"$ref": "#/components/schemas/EventBatch"},
+    ]
+    event = doc["components"]["schemas"]["Event"]
+    assert set(event["required"]) == {"event_id", "session_id", "item_id", "ts"}
+    assert event["additionalProperties"] is True  # other fields are kept as attributes
+    assert doc["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 1000
