@@ -128,6 +128,8 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
             "metrics": {
                 "valid": result.valid_metrics,
                 "chosen_k": result.chosen_k,
+                "residual_weight": model.cfg.residual_weight,
+                "group_bias": asdict(result.group_bias),
                 "k_scores": {str(k): v for k, v in result.k_scores.items()},
                 "stages": [asdict(s) for s in result.stages],
             },

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,12 +41,12 @@ class TrainConfig:
     patience: int = 5
     batch_size: int = 256
     lr: float = 1e-3
-    k_candidates: tuple[int, ...] = (4, 8, 16, 32)
+    k_candidates: tuple[int, ...] = (4, 8, 16, 32, 64)
     residual_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     # the prototypes' group bias (METHOD.md §3b), chosen on validation with K and λ; β = 0 is always a candidate
     group_bias_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
-    group_bias_decays: tuple[float, ...] = (1.0, 0.999, 0.99)
-    group_bias_smoothings: tuple[float, ...] = (1.0,)
+    group_bias_decays: tuple[float, ...] = (1.0, 0.999)  # 0.99 lost on both ML-100K and synthetic (docs/method.md)
+    group_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
     seed: int = 0
     valid_batch: int = 1024
     max_valid: int | None = 20_000  # cap on validation examples per check (time, not accuracy)
@@ -127,6 +128,11 @@ def _cap(examples: Examples, n: int | None) -> Examples:
     return examples.subset(np.arange(len(examples) - n, len(examples)))  # the most recent slice
 
 
+def stage_seed_offset(name: str) -> int:
+    """A stable offset in [0, 1000) for a training stage's name (the same in every process)."""
+    return zlib.crc32(name.encode()) % 1000
+
+
 def fit_stage(
     name: str,
     trainable: nn.Module,
@@ -143,7 +149,9 @@ def fit_stage(
     """Adam on ``trainable``'s parameters with early stopping; restores the best state at the end."""
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=tc.lr)
-    g = torch.Generator().manual_seed(tc.seed + hash(name) % 1000)
+    # A per-stage shuffle stream that is the same in every process: zlib.crc32, not hash(), which Python
+    # randomises per process for str (PYTHONHASHSEED) and made the same seed train different weights.
+    g = torch.Generator().manual_seed(tc.seed * 1000 + stage_seed_offset(name))
     stage = StageLog(name)
     start = time.perf_counter()
     best_state = copy.deepcopy(trainable.state_dict())
@@ -187,8 +195,31 @@ def _codes(model: PersonaModel, examples: Examples, batch: int = 2048) -> Tensor
     return torch.cat(parts)
 
 
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels while training, then the caller's setting again.
+
+    With more than one thread some accumulating kernels (the gradient of indexing a tensor by prototype)
+    add in a varying order, so the same seed gave weights differing in the last bits from run to run.
+    """
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
 def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Stage 1 base model, stage 2 adapter (no prototypes), stage 3 prototypes + alternating rounds."""
+    """Stage 1 base model, stage 2 adapter (no prototypes), stage 3 prototypes + alternating rounds.
+
+    The same seed gives bit-identical weights in any process (same library versions and thread count).
+    """
+    with deterministic():
+        return _train_persona(split, cfg, tc, progress=progress)
+
+
+def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: bool) -> TrainResult:
     torch.manual_seed(tc.seed)
     model = PersonaModel(cfg)
     dm = model.device_model
@@ -280,6 +311,7 @@ def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: 
     if best is None:
         raise ValueError("no prototype count fits the training data")
     _, best_k, model.cfg.residual_weight, chosen_bias, model.bank = best
+    model.bank.cfg = model.cfg  # the copy brought its own config: the group bias must read the model's
     model.cfg.n_prototypes = best_k
     chosen_bias.apply(model.cfg)
 
@@ -325,12 +357,7 @@ def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: 
     codes = _codes(model, split.train)
     train_assignment = model.bank.assign(codes)
     probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
-    chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)
-    chosen_bias.apply(model.cfg)
-    with torch.no_grad():
-        model.bank.next_items.zero_()
-        model.bank.observe(train_assignment, torch.from_numpy(split.train.targets))
-        model.bank.observe(model.bank.assign(_codes(model, split.valid)), torch.from_numpy(split.valid.targets))
+    chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
 
     _eval(model)
     no_proto = copy.deepcopy(model)
@@ -341,6 +368,8 @@ def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: 
         "persona-static-prototypes": evaluate_method(PersonaMethod(model, "static", "prototype"), split.valid),
         "persona": evaluate_method(PersonaMethod(model, "persona", "prototype", refine=True), split.valid),
     }
+    with torch.no_grad():  # then the validation period's, as a live bank would have counted them
+        model.bank.observe(model.bank.assign(_codes(model, split.valid)), torch.from_numpy(split.valid.targets))
     return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias)
 
 
@@ -397,6 +426,7 @@ class ValidProbe:
         """Validation NDCG@10 of prototype mode on these sessions in time order, exactly as ``persona`` (refine) or
         ``persona-static-prototypes`` evaluate it, on a copy of the bank."""
         bank = copy.deepcopy(model.bank)
+        bank.cfg = model.cfg  # the settings being tried are the model's (a deep copy would freeze them)
         targets_t = model.device_model.item_targets().T
         metrics = RankingMetrics()
         for i in range(0, len(self.targets), self.batch):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from recsys.evaluate import finetune_edit
+from recsys.baselines import finetune_edit
 from recsys.model import (
     PAD,
     CloudAdapter,
@@ -252,3 +252,26 @@ def test_batched_refinement_equals_the_code_by_code_rule() -> None:
         one_by_one.refine(codes[i : i + 1], assignment[i : i + 1])
     assert torch.allclose(batched.centres, one_by_one.centres, atol=1e-6)
     assert torch.equal(batched.counts, one_by_one.counts)
+
+
+def test_persona_evaluation_counts_next_items_only_after_scoring() -> None:
+    """``persona`` scores a batch under the counts before it, then counts its targets; static prototypes never do."""
+    from recsys.evaluate import PersonaMethod
+
+    torch.manual_seed(0)
+    model = PersonaModel(small_cfg(group_bias_weight=1.0, group_bias_decay=0.5)).eval()
+    h = histories(6, model.cfg)
+    targets = torch.tensor([5, 5, 7, 9, 5, 11])
+    live = PersonaMethod(model, "persona", "prototype", refine=True)
+    static = PersonaMethod(model, "static", "prototype")
+    with torch.no_grad():
+        first = live.score(h)
+        assert torch.equal(first, static.score(h))  # no counts yet: both are the edited model alone
+        live.observe(h, targets)
+        static.observe(h, targets)
+        protos = live.model.bank.assign(live.model.codes(h))
+        expected = torch.zeros_like(model.bank.next_items)
+        count_next_items(expected, live._edit.prototype if live._edit is not None else protos, targets, 0.5)
+        assert torch.equal(live.model.bank.next_items, expected)
+        assert not bool(model.bank.next_items.any())  # the live method works on its own copy of the bank
+        assert not torch.equal(live.score(h), static.score(h))

@@ -112,9 +112,11 @@ def test_the_scan_stops_early_on_a_skewed_table() -> None:
     assert sum(scanned) <= 2000  # two chunks of 1,000 out of 100,000
 
 
-@pytest.fixture
-def models(store: Store, tiny_bundle: Path) -> ModelProvider:
-    models = ModelProvider(store, model_dir=tiny_bundle)
+@pytest.fixture(params=["tiny", "group-bias"])
+def models(store: Store, request: pytest.FixtureRequest) -> ModelProvider:
+    """The tiny bundle, and the same with its prototypes' group bias on (rankings add it, the index too)."""
+    bundle = request.getfixturevalue("tiny_bundle" if request.param == "tiny" else "group_bias_bundle")
+    models = ModelProvider(store, model_dir=bundle)
     Ingestor(store, models).apply(make_events(models.get(), 200, sessions=8, seed=11))
     return models
 
@@ -132,3 +134,21 @@ def test_rankings_through_the_index_equal_full_scans(
     for a, b in zip(full, indexed, strict=True):
         assert [s for _, s in a.items] == pytest.approx([s for _, s in b.items], rel=1e-5, abs=1e-6)
         assert [i for i, _ in a.items] == [i for i, _ in b.items]
+
+
+def test_api_rankings_add_the_group_bias_of_the_sessions_prototype(store: Store, group_bias_bundle: Path) -> None:
+    models = ModelProvider(store, model_dir=group_bias_bundle)
+    online = models.get()
+    Ingestor(store, models).apply(make_events(online, 200, sessions=8, seed=11))
+    ranker = Ranker(store, models)
+    result = ranker.rank([RankQuery(session_id="s3", k=10, exclude_seen=False)])[0]
+    state = store.get_session("s3")
+    assert state is not None and result.prototype_id == state.prototype_id
+    bank = ranker.bank(online)
+    assert bank.next_items is not None
+    hist = online.histories([state.recent_items], [state.event_count - len(state.recent_items)])
+    edit = online.edit(online.codes(hist), bank, torch.tensor([state.prototype_id]))
+    expected = online.rank(hist, edit, k=10, bank=bank)
+    assert [i for i, _ in result.items] == online.decode(expected[0][0])
+    without = online.scores_from_states(online.user_states(hist), edit._replace(prototype=torch.tensor([-1])))
+    assert [i for i, _ in result.items] != online.decode(without.topk(10).indices[0])  # the bias matters here
