@@ -105,6 +105,13 @@ def table(reports: list[dict]) -> list[str]:
         f"- chosen K per seed: {[r['validation']['chosen_k'] for r in reports]}; "
         f"wall time per seed (train + evaluate): {walls} s"
     )
+    biases = [r["validation"].get("group_bias") for r in reports]
+    if all(biases):
+        chosen = "; ".join(
+            f"β {b['weight']}, α {b['smoothing']}, γ {b['decay']} (λ {r['validation'].get('residual_weight')})"
+            for b, r in zip(biases, reports, strict=True)
+        )
+        lines.append(f"- group bias chosen on validation per seed: {chosen}")
     return lines
 
 

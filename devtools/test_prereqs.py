@@ -1,17 +1,21 @@
 """Make sure what the test suite talks to is there before ``make test`` runs it.
 
-The tests use two things from outside the venv: Prometheus (``prometheus`` and ``promtool``, Debian's package) for
-the dashboard and alert-rule tests, and the local PostgreSQL server for the store tests. A fresh machine has
-PostgreSQL installed and usually running, and no Prometheus. This script installs Prometheus from Debian's packages
-when it runs as root, starts a local PostgreSQL cluster that is installed but stopped, and otherwise stops at once
-with the one command a person has to run. Standard library only: it runs with the system Python before anything else.
+The tests use things from outside the venv: Prometheus (``prometheus`` and ``promtool``, Debian's package) for
+the dashboard and alert-rule tests, the local PostgreSQL server for the store tests, and for the browser-device test
+Chromium (Debian's ``chromium``) and onnxruntime-web (npm, pinned in examples/device-web/package-lock.json). A fresh
+machine has PostgreSQL installed and usually running, and no Prometheus. This script installs Prometheus from
+Debian's packages when it runs as root, starts a local PostgreSQL cluster that is installed but stopped, and otherwise
+stops at once with the one command a person has to run. Standard library only: it runs with the system Python
+before anything else.
 
-The decisions are pure functions (:func:`prometheus_step`, :func:`postgres_step`) so that they are tested without
-touching apt or the database server.
+Chromium is installed like Prometheus; the npm packages with ``npm ci`` (any user; npm itself from Debian as root).
+The decisions are pure functions (:func:`prometheus_step`, :func:`chromium_step`, :func:`web_packages_step`,
+:func:`postgres_step`) so that they are tested without touching apt, npm or the database server.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,6 +26,11 @@ from pathlib import Path
 
 APT_INSTALL = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
 POSTGRES_HOST, POSTGRES_PORT = "127.0.0.1", 5432
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
+CHROMIUM_INSTALL = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
+NPM_INSTALL = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "npm"]
+WEB_DIR = Path(__file__).resolve().parents[1] / "examples" / "device-web"
+NPM_CI = ("npm", "ci", "--prefix", str(WEB_DIR), "--no-audit", "--no-fund", "--ignore-scripts")
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,70 @@ def prometheus_step(*, have_prometheus: bool, have_promtool: bool, is_root: bool
         "installing Prometheus from Debian's packages for the dashboard and alert-rule tests "
         "(apt-get install --no-install-recommends prometheus)",
         (("apt-get", "update", "-qq"), tuple(APT_INSTALL)),
+    )
+
+
+def chromium_binary() -> str | None:
+    """The Chromium executable on PATH (Debian names it ``chromium``), or ``None``."""
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def chromium_step(*, have_chromium: bool, is_root: bool, have_apt: bool) -> Step:
+    """Decide how to get a headless-capable Chromium for the browser-device test."""
+    if have_chromium:
+        return Step("ok")
+    if not have_apt:
+        return Step(
+            "stop",
+            "Chromium is not installed and this is not a Debian-like machine: install Chromium so that `chromium` is "
+            "on PATH (the browser-device test runs it headless), then run `make test` again",
+        )
+    if not is_root:
+        return Step(
+            "stop",
+            "Chromium is not installed (the browser-device test needs it): run "
+            "`sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium`, then `make test` again",
+        )
+    return Step(
+        "run",
+        "installing Chromium from Debian's packages for the browser-device test "
+        "(apt-get install --no-install-recommends chromium)",
+        (("apt-get", "update", "-qq"), tuple(CHROMIUM_INSTALL)),
+    )
+
+
+def web_packages_installed(web_dir: Path = WEB_DIR) -> bool:
+    """Whether examples/device-web/node_modules holds every package its lock file pins, at that version."""
+    try:
+        lock = json.loads((web_dir / "package-lock.json").read_text())
+        for path, entry in lock.get("packages", {}).items():
+            if not path or entry.get("optional"):  # the root, or a package only some platforms get
+                continue
+            installed = json.loads((web_dir / path / "package.json").read_text())
+            if installed.get("version") != entry.get("version"):
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def web_packages_step(*, installed: bool, have_npm: bool, is_root: bool, have_apt: bool) -> Step:
+    """Decide how to get the pinned npm packages of the browser device (``npm ci`` from its lock file)."""
+    if installed:
+        return Step("ok")
+    message = "installing onnxruntime-web (pinned) for the browser-device test (npm ci in examples/device-web)"
+    if have_npm:
+        return Step("run", message, (NPM_CI,))
+    if have_apt and is_root:
+        return Step("run", "installing npm from Debian's packages, then " + message, (tuple(NPM_INSTALL), NPM_CI))
+    return Step(
+        "stop",
+        "npm is not installed (the browser-device test needs onnxruntime-web from the npm registry): install "
+        f"Node.js 20 with npm, run `{' '.join(NPM_CI)}`, then `make test` again",
     )
 
 
@@ -127,7 +200,16 @@ def main() -> int:
         have_pg_ctlcluster=shutil.which("pg_ctlcluster") is not None,
         is_root=is_root,
     )
-    for step in (prometheus, postgres):
+    chromium = chromium_step(
+        have_chromium=chromium_binary() is not None, is_root=is_root, have_apt=shutil.which("apt-get") is not None
+    )
+    web = web_packages_step(
+        installed=web_packages_installed(),
+        have_npm=shutil.which("npm") is not None,
+        is_root=is_root,
+        have_apt=shutil.which("apt-get") is not None,
+    )
+    for step in (prometheus, chromium, web, postgres):
         if step.action == "stop":
             print(f"make test: {step.message}", file=sys.stderr)
             return 1

@@ -63,7 +63,15 @@ from persona.user_state import pack_user_states, user_state_payload
 from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.errors import PersonaError
 from recsys.model import PAD, reseed_idle
-from recsys.online import BankState, OnlineModel, code_from_bytes, code_to_bytes, refine_bank
+from recsys.online import (
+    BankState,
+    OnlineModel,
+    code_from_bytes,
+    code_to_bytes,
+    next_items_to_bytes,
+    refine_bank,
+    stored_next_items,
+)
 from recsys.windows import window_length
 
 log = logging.getLogger(__name__)
@@ -117,6 +125,9 @@ class IngestResult:
     sessions: dict[str, SessionState] = field(default_factory=dict)
     model_version: str | None = None
     bank_version: int = 0
+    #: (prototypes [P], items [P]): each scored prediction's prototype and what its session chose next (the group
+    #: counts of METHOD.md §3b); ``None`` when nothing was scored
+    chosen: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Ingestor:
@@ -351,9 +362,11 @@ class Ingestor:
 
             if codes is not None:
                 protos = torch.tensor(result.prototypes, dtype=torch.long)
-                refined = refine_bank(bank, codes, protos, online.cfg)
+                chosen = result.chosen
+                refined = refine_bank(bank, codes, protos, online.cfg, chosen)
                 touched = set(result.prototypes) | self._reseed(online, refined, rows, codes, protos, p.now)
-                saved = uow.save_prototypes(online.version, _rows_from_bank(refined, touched, rows, p.now))
+                counted = set(chosen[0].tolist()) if chosen is not None and refined.next_items is not None else set()
+                saved = uow.save_prototypes(online.version, _rows_from_bank(refined, touched, rows, p.now, counted))
                 result.bank_version = max((r.version for r in saved), default=0)
             else:
                 result.bank_version = max((r.version for r in rows), default=0)
@@ -760,6 +773,8 @@ def _conclude(online: OnlineModel, plan: _Plan, outcome: Outcome | None, result:
         _score(result, "persona", outcome.persona)
         _score(result, "base", outcome.base)
         result.edit_norm_ratios = outcome.ratios.tolist()
+        # what each prediction's prototype chose next: its group counts it once the batch commits
+        result.chosen = (outcome.pred_protos, torch.tensor([t for _r, t in plan.pre_rows], dtype=torch.long))
     q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
     result.prototypes = outcome.protos.tolist()
     result.ood_scores = (outcome.dists / q99).tolist()
@@ -859,24 +874,28 @@ def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankSt
         )
     try:
         centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
+        next_items = stored_next_items([r.next_items for r in rows], online.initial_bank.next_items, cfg)
     except ValueError as exc:
         raise PersonaError(f"the stored prototype bank of model {online.version} is unusable: {exc}") from exc
     counts = torch.tensor([r.count for r in rows], dtype=online.initial_bank.counts.dtype)
-    return BankState(centres, counts, max(r.version for r in rows))
+    return BankState(centres, counts, max(r.version for r in rows), next_items)
 
 
 def _rows_from_bank(
-    bank: BankState, assigned: set[int], previous: Sequence[PrototypeRow], now: datetime
+    bank: BankState, assigned: set[int], previous: Sequence[PrototypeRow], now: datetime, counted: set[int]
 ) -> list[PrototypeRow]:
-    """Rows to upsert: the prototypes that received codes (all of them when the bank is being seeded)."""
+    """Rows to upsert: the prototypes that received codes or counted a next item (all of them when the bank is
+    being seeded)."""
     last = {r.prototype_id: r.last_assigned_at for r in previous}
-    touched = assigned if previous else set(range(bank.centres.shape[0]))
+    touched = assigned | counted if previous else set(range(bank.centres.shape[0]))
+    group = bank.next_items
     return [
         PrototypeRow(
             prototype_id=k,
             centre=code_to_bytes(bank.centres[k]),
             count=float(bank.counts[k]),
             version=0,
+            next_items=None if group is None else next_items_to_bytes(group[k]),
             last_assigned_at=now if k in assigned else last.get(k),  # re-seeded ones count as assigned
             updated_at=now,
         )

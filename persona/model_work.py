@@ -104,7 +104,8 @@ class Started:
 @dataclass
 class Outcome:
     """Everything a batch's model work gives: codes [B, L, d], user states [B, D], prototypes [B] and their
-    distances [B] of the applied events, and per prediction the edit-norm ratio and both variants' ranks [P]."""
+    distances [B] of the applied events, and per prediction the edit-norm ratio, both variants' ranks and the
+    prototype it was scored under [P] (whose group counts its item once the batch commits)."""
 
     codes: Tensor
     states: Tensor
@@ -113,6 +114,7 @@ class Outcome:
     ratios: Tensor
     persona: Tensor
     base: Tensor
+    pred_protos: Tensor
 
 
 def uses_encoder_cache(online: OnlineModel, session_cache: int) -> bool:
@@ -183,7 +185,7 @@ def outcome(
     if late:
         sel = torch.tensor([pre_rows[n][0] for n in late], dtype=torch.long)
         checks.score(online, bank, pre_rows, late, codes[sel], protos[sel], states[sel])
-    return Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base)
+    return Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base, checks.protos)
 
 
 @dataclass
@@ -194,6 +196,7 @@ class _Checks:
     ratios: Tensor
     persona: Tensor
     base: Tensor
+    protos: Tensor
     early: Early
     position: dict[int, int]  # prediction -> its row in early
 
@@ -202,7 +205,8 @@ class _Checks:
         base = torch.empty(n_pred, dtype=torch.long)
         base[early.which] = early.base
         position = {n: j for j, n in enumerate(early.which)}
-        return cls(torch.empty(n_pred), torch.empty(n_pred, dtype=torch.long), base, early, position)
+        persona, protos = torch.empty(n_pred, dtype=torch.long), torch.empty(n_pred, dtype=torch.long)
+        return cls(torch.empty(n_pred), persona, base, protos, early, position)
 
     def score(
         self,
@@ -220,19 +224,24 @@ class _Checks:
         rows = [self.position.get(n, -1) for n in which]
         first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
         persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
-        self.persona[idx] = ranks(online, persona_q, targets)
+        self.persona[idx] = ranks(online, persona_q, targets, (protos, bank))
+        self.protos[idx] = protos
         todo = [j for j, r in enumerate(rows) if r < 0]
         if todo:
             self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo])
 
 
-def ranks(online: OnlineModel, queries: Tensor, targets: Tensor) -> Tensor:
-    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time."""
+def ranks(
+    online: OnlineModel, queries: Tensor, targets: Tensor, group: tuple[Tensor, BankState] | None = None
+) -> Tensor:
+    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
+    = (prototypes [P], bank) adds the prototypes' group bias under that bank (Persona's scores)."""
     out = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
         sl = slice(start, start + step)
-        out[sl] = target_ranks(online.scores_from_queries(queries[sl]), targets[sl])
+        bias = None if group is None else online.group_bias(group[0][sl], group[1])
+        out[sl] = target_ranks(online.scores_from_queries(queries[sl], bias), targets[sl])
     return out
 
 

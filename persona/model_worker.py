@@ -81,7 +81,8 @@ class RemoteJob:
         self, bank: BankState, prev_codes: Tensor, prev_protos: Tensor, prev_states: Tensor
     ) -> Future[Outcome | None]:
         """The job's :class:`Outcome` under ``bank`` (the process answers once it has started the job)."""
-        bank_wire = (bank.centres.numpy(), bank.counts.numpy(), bank.version)
+        next_items = None if bank.next_items is None else bank.next_items.numpy()
+        bank_wire = (bank.centres.numpy(), bank.counts.numpy(), bank.version, next_items)
         prev = (prev_codes.numpy(), prev_protos.numpy(), prev_states.numpy())
         return self._worker._request(self._conn, ("outcome", self.job_id, bank_wire, prev), self.job_id)
 
@@ -265,7 +266,7 @@ def _job_from_wire(wire: tuple[Any, ...]) -> ModelJob:
 
 
 def _outcome_to_wire(o: Outcome) -> tuple[np.ndarray, ...]:
-    return tuple(t.numpy() for t in (o.codes, o.states, o.protos, o.dists, o.ratios, o.persona, o.base))
+    return tuple(t.numpy() for t in (o.codes, o.states, o.protos, o.dists, o.ratios, o.persona, o.base, o.pred_protos))
 
 
 def _outcome_from_wire(wire: tuple[np.ndarray, ...]) -> Outcome:
@@ -359,7 +360,7 @@ def _serve(conn: Connection, session_cache: int) -> None:
                     answer("error", job_id, _reason())
         ready = sorted(j for j in outcomes if j in started)
         if ready:
-            _, job_id, (centres, counts, version), (codes, protos, states) = outcomes.pop(ready[0])
+            _, job_id, (centres, counts, version, next_items), (codes, protos, states) = outcomes.pop(ready[0])
             half = started.pop(job_id)
             if isinstance(half, str):
                 answer("error", job_id, half)
@@ -367,7 +368,8 @@ def _serve(conn: Connection, session_cache: int) -> None:
             job, first_half = half
             try:
                 online = models[job.version][0]
-                bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version)
+                group = None if next_items is None else torch.from_numpy(next_items)
+                bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version, group)
                 prev = (torch.from_numpy(codes), torch.from_numpy(protos), torch.from_numpy(states))
                 result = outcome(online, bank, job.pre_rows, first_half.early, first_half.forward, *prev)
                 answer("outcome", job_id, _outcome_to_wire(result))

@@ -6,6 +6,7 @@ Layout::
       manifest.json           format, version, data fingerprint, sha256 + size of every file below
       <name>.safetensors      one state dict per file (model, prototypes, ...)
       <name>.json             config, vocabulary, metrics, ...
+      <name>.onnx             artifacts read by other runtimes (the device model), checked but not parsed here
 
 Why this shape: the registry and the serving fleet need to (1) refuse a half-written, truncated or
 tampered model with a clear message instead of a stack trace, (2) never execute code while loading
@@ -50,6 +51,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSOR_SUFFIX = ".safetensors"
 DOCUMENT_SUFFIX = ".json"
+#: Raw files a bundle may carry for other runtimes (the device model): hashed and size-checked like the others,
+#: never parsed by the loader.
+ARTIFACT_SUFFIXES = (".onnx",)
 
 # Simple names only: no separators, so a name can never point outside the bundle directory.
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -169,6 +173,7 @@ def save_bundle(
     version: str | None = None,
     meta: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    artifacts: Mapping[str, bytes] | None = None,
 ) -> Bundle:
     """Write a bundle directory atomically and return it.
 
@@ -180,6 +185,7 @@ def save_bundle(
         version: defaults to ``<UTC yyyymmddThhmmssZ>-<first 8 hex of the content hash>``.
         meta: free-form JSON stored in the manifest.
         overwrite: allow replacing an existing ``out``.
+        artifacts: file name (ending in one of :data:`ARTIFACT_SUFFIXES`) -> raw bytes, e.g. ``device.onnx``.
 
     Files go to ``<out>.tmp-<random>`` first, then one ``os.replace``; on any failure the temporary
     directory is removed and ``out`` is left as it was. With ``overwrite`` the old bundle is moved aside
@@ -197,6 +203,10 @@ def save_bundle(
         _check_stem(stem, "document")
     if f"{MANIFEST[: -len(DOCUMENT_SUFFIX)]}" in documents:
         raise BundleError("a document cannot be named 'manifest'", "rename it; manifest.json is the bundle's index")
+    for name in artifacts or {}:
+        _check_stem(name, "artifact")
+        if not name.endswith(ARTIFACT_SUFFIXES):
+            raise BundleError(f"bad artifact name {name!r}", f"end it with one of {', '.join(ARTIFACT_SUFFIXES)}")
     if version is not None:
         _check_stem(version, "version")
     meta_dict = dict(meta or {})
@@ -225,6 +235,9 @@ def save_bundle(
             _write(tmp / name, data)
             files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             saved_documents[stem] = json.loads(data)  # what a loader will see (tuples become lists, ...)
+        for name, data in (artifacts or {}).items():
+            _write(tmp / name, bytes(data))
+            files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
         files = dict(sorted(files.items()))
         content = hashlib.sha256("".join(f"{n}\0{f['sha256']}\n" for n, f in files.items()).encode())
@@ -288,7 +301,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             not _NAME.fullmatch(name)
             or name.startswith(".")
             or name == MANIFEST
-            or not name.endswith((TENSOR_SUFFIX, DOCUMENT_SUFFIX))
+            or not name.endswith((TENSOR_SUFFIX, DOCUMENT_SUFFIX, *ARTIFACT_SUFFIXES))
         ):
             raise BundleError(f"{manifest_path} lists a bad file name {name!r}", "the manifest was tampered with")
         if (
@@ -326,7 +339,8 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any], data: bytes | N
 
 def _warn_extra(path: Path, listed: Mapping[str, Any]) -> None:
     for child in sorted(path.iterdir()):
-        if child.name != MANIFEST and child.name not in listed and child.suffix in (TENSOR_SUFFIX, DOCUMENT_SUFFIX):
+        known = (TENSOR_SUFFIX, DOCUMENT_SUFFIX, *ARTIFACT_SUFFIXES)
+        if child.name != MANIFEST and child.name not in listed and child.suffix in known:
             logger.warning("ignoring %s in bundle %s: not listed in its manifest", child.name, path)
 
 
@@ -360,6 +374,9 @@ def load_bundle(path: Path) -> Bundle:
     documents: dict[str, Any] = {}
     for name, entry in manifest["files"].items():
         file = path / name
+        if name.endswith(ARTIFACT_SUFFIXES):  # checked here, read by whoever serves it (read_artifact)
+            _check_file(path, name, entry)
+            continue
         if not file.is_file():
             raise BundleError(
                 f"bundle file {name} is missing from {path}", "the bundle was partly copied; copy it again"
@@ -378,6 +395,25 @@ def load_bundle(path: Path) -> Bundle:
                 raise BundleError(f"bundle file {name} is not valid JSON: {exc}", "retrain") from exc
     _warn_extra(path, manifest["files"])
     return Bundle(path=path, manifest=manifest, tensors=tensors, documents=documents)
+
+
+def read_artifact(path: Path, name: str) -> bytes | None:
+    """The bytes of artifact ``name`` of the bundle at ``path``, checked against its manifest; ``None`` when the
+    bundle has no such artifact (bundles written before it existed).
+
+    Raises:
+        BundleError: a bad manifest, or the file missing, truncated or modified.
+    """
+    path = Path(path)
+    entry = _read_manifest(path)["files"].get(name)
+    if entry is None:
+        return None
+    file = path / name
+    if not file.is_file():
+        raise BundleError(f"bundle file {name} is missing from {path}", "the bundle was partly copied; copy it again")
+    data = file.read_bytes()
+    _check_file(path, name, entry, data)
+    return data
 
 
 def bundle_sha256(path: Path) -> str:

@@ -94,8 +94,9 @@ class BaseMethod:
 class PersonaMethod:
     """Persona edits: ``mode="session"`` (no prototypes) or ``"prototype"``, optionally refining the bank.
 
-    With ``refine=True`` the method works on its own copy of the prototype bank and moves centres toward
-    every observed session code after scoring it, exactly as the consumer does online.
+    With ``refine=True`` the method works on its own copy of the prototype bank and, after scoring each batch, moves
+    centres toward its session codes and adds its next items to the prototypes' counts (the group bias), exactly as
+    the consumer does online; without it the bank stays as trained ("static prototypes").
     """
 
     def __init__(
@@ -119,7 +120,10 @@ class PersonaMethod:
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         if self.refine and self._codes is not None and self._edit is not None:
+            # after scoring, like the consumer: centres move toward the codes, and each prototype counts what its
+            # members chose next (the group bias, in prototype mode only)
             self.model.bank.refine(self._codes, self._edit.prototype)
+            self.model.bank.observe(self._edit.prototype, targets)
 
 
 def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:

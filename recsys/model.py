@@ -52,6 +52,12 @@ class ModelConfig:
     proto_n0: float = 10.0  # refinement rate η_k = max(1 / (n_k + n0), eta_floor)
     proto_eta_floor: float = 0.01
     min_session_items: int = 1  # shorter sessions fall back to the base model
+    # The prototypes' group bias (METHOD.md §3b): each prototype keeps a decayed count of its members' next items,
+    # and a session assigned to it gets ``β · log1p(count_i / (α · mean count))`` added to item i's score.
+    # β = 0 turns it off (bundles trained before it load with 0); β, α and the decay are chosen on validation.
+    group_bias_weight: float = 0.0  # β
+    group_bias_smoothing: float = 1.0  # α: pseudo-count, as a multiple of the prototype's mean count per item
+    group_bias_decay: float = 1.0  # γ: a prototype's counts are multiplied by γ for each new member event
     # The encoder's window (recsys.windows): 0 = the last max_len items, positions counted from the most recent
     # (bundles trained before windows had a stride load as 0); S > 0 = a window that starts every S items,
     # positions counted from its start. None = max_len // 2, at most max_len - adapter_window + 1.
@@ -435,7 +441,9 @@ class CloudAdapter(nn.Module):
 class PrototypeBank(nn.Module):
     """K centres in edit-code space, refined online by streaming k-means (METHOD.md §3).
 
-    Buffers: ``centres`` [K, L, d], ``counts`` [K] (sessions assigned so far, for the step size).
+    Buffers: ``centres`` [K, L, d], ``counts`` [K] (sessions assigned so far, for the step size),
+    ``next_items`` [K, N]: the decayed counts of what each prototype's members chose next (the group bias, METHOD.md
+    §3b: what the group did recently, which no single session can see).
     Parameters: ``weight_offset`` [K, L, D, D] and ``bias_offset`` [K, L, D], each prototype's own learned
     edit on top of what the shared generators make of its centre (zero-initialised, trained on its cluster in
     the alternating rounds): the "per-prototype conditioning" of METHOD.md §3 at the cost of one edit each.
@@ -443,6 +451,7 @@ class PrototypeBank(nn.Module):
 
     centres: Tensor
     counts: Tensor
+    next_items: Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -450,6 +459,7 @@ class PrototypeBank(nn.Module):
         k, n, dim = cfg.n_prototypes, cfg.n_edit_layers, cfg.dim
         self.register_buffer("centres", torch.zeros(k, n, cfg.code_dim))
         self.register_buffer("counts", torch.zeros(k))
+        self.register_buffer("next_items", torch.zeros(k, cfg.n_items))
         self.weight_offset = nn.Parameter(torch.zeros(k, n, dim, dim))
         self.bias_offset = nn.Parameter(torch.zeros(k, n, dim))
 
@@ -466,6 +476,15 @@ class PrototypeBank(nn.Module):
     def refine(self, codes: Tensor, assignment: Tensor) -> None:
         """Move the assigned centres toward codes [B, L, d] (see :func:`refine_centres`)."""
         refine_centres(self.centres, self.counts, codes, assignment, self.cfg)
+
+    @torch.no_grad()
+    def observe(self, prototypes: Tensor, targets: Tensor) -> None:
+        """Count the next items ``targets`` [B] of sessions in ``prototypes`` [B] (:func:`count_next_items`)."""
+        count_next_items(self.next_items, prototypes, targets, self.cfg.group_bias_decay)
+
+    def item_bias(self, prototypes: Tensor) -> Tensor | None:
+        """The group bias [B, N] of sessions assigned to ``prototypes`` [B] (:func:`group_bias`); ``None`` when off."""
+        return group_bias(self.next_items, prototypes, self.cfg)
 
     @torch.no_grad()
     def fit(self, codes: Tensor, *, iters: int = 25, seed: int = 0) -> Tensor:
@@ -515,6 +534,43 @@ def refine_centres(centres: Tensor, counts: Tensor, codes: Tensor, assignment: T
         weights = (eta * after).view(-1, *([1] * (mine.dim() - 1)))
         centres[k] = (keep[0] * centres[k].double() + (weights * mine).sum(0)).to(centres.dtype)
         counts[k] += mine.shape[0]
+
+
+def group_bias(next_items: Tensor, prototypes: Tensor, cfg: ModelConfig) -> Tensor | None:
+    """``β · log1p(n_ki / (α · n̄_k))`` [B, N] for sessions assigned to ``prototypes`` [B] (-1 = none: no bias).
+
+    ``n_k`` = the prototype's decayed next-item counts (``next_items`` [K, N]), ``n̄_k`` their mean per item.
+    Up to a per-row constant this is β times the log of the group's smoothed next-item distribution
+    ``(n_ki + α n̄_k) / Σ(…)``, so the ranking is the base model's log-linear blend with what the group chose; a
+    prototype with no counts adds exactly 0. ``None`` when β = 0 (the model without a group bias).
+    """
+    beta = cfg.group_bias_weight
+    if beta == 0.0:
+        return None
+    rows = next_items[prototypes.clamp(min=0)]
+    mean = rows.mean(dim=1, keepdim=True)
+    scale = torch.where(mean > 0, 1.0 / (cfg.group_bias_smoothing * mean).clamp(min=1e-30), torch.zeros_like(mean))
+    bias = torch.log1p(rows * scale) * beta
+    return bias * (prototypes >= 0).unsqueeze(1)
+
+
+@torch.no_grad()
+def count_next_items(next_items: Tensor, prototypes: Tensor, targets: Tensor, decay: float) -> None:
+    """In place, in event order: ``n_k ← γ n_k + onehot(target)`` for each session's prototype k (METHOD.md §3b).
+
+    The decay counts member events, so every prototype forgets at the pace of its own traffic. ``next_items``
+    [K, N], ``prototypes`` [B] (-1 = none: not counted), ``targets`` [B] item indices. O(K') tensor operations
+    per batch (K' = prototypes present), whatever B.
+    """
+    for k in prototypes.unique().tolist():
+        if k < 0:
+            continue
+        mine = targets[prototypes == k]
+        m = mine.shape[0]
+        weights = torch.pow(decay, torch.arange(m - 1, -1, -1, dtype=torch.float64)).to(next_items.dtype)
+        if decay != 1.0:
+            next_items[k] *= decay**m
+        next_items[k].index_add_(0, mine, weights)
 
 
 @torch.no_grad()
@@ -605,8 +661,11 @@ class PersonaModel(nn.Module):
         return self.edit_for(self.codes(history), mode)
 
     def score(self, history: Tensor, edit: Edit | None = None, targets: Tensor | None = None) -> Tensor:
-        """Scores [B, N] of the (edited) device model; ``targets`` = cached ``item_targets()``."""
-        return self.device_model(history, edit, targets)
+        """Scores [B, N] of the (edited) device model; ``targets`` = cached ``item_targets()``. An edit with
+        prototypes (prototype mode) adds their group bias (:func:`group_bias`); base and session edits do not."""
+        scores: Tensor = self.device_model(history, edit, targets)
+        bias = None if edit is None else self.bank.item_bias(edit.prototype)
+        return scores if bias is None else scores + bias
 
     def freeze_device_model(self) -> None:
         for p in self.device_model.parameters():

@@ -24,7 +24,16 @@ from torch import Tensor
 
 from recsys.edited_head import EditedHead, GeneratorTerms
 from recsys.metrics import target_ranks
-from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel, refine_centres
+from recsys.model import (
+    PAD,
+    UNK,
+    Edit,
+    ModelConfig,
+    PersonaModel,
+    count_next_items,
+    group_bias,
+    refine_centres,
+)
 from recsys.pipeline import TrainedModel, load_trained
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
@@ -46,11 +55,13 @@ class _Indices(dict[str, int]):
 
 @dataclass(frozen=True)
 class BankState:
-    """A snapshot of the prototype centres [K, L, d] and their counts [K], with the version it came from."""
+    """A snapshot of the prototype centres [K, L, d] and their counts [K], with the version it came from, and the
+    prototypes' decayed next-item counts [K, N] (their group bias, METHOD.md §3b; ``None``: no group bias)."""
 
     centres: Tensor
     counts: Tensor
     version: int = 0
+    next_items: Tensor | None = None
     # The prototypes' own edits and the factored head built from them, computed on first use; keyed by the centres'
     # in-place version counter so an in-place change (re-seeding) can never serve stale edits.
     _edits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
@@ -72,7 +83,10 @@ class OnlineModel:
             # Kept as [D, N] (contiguous): scoring is then a plain [B, D] × [D, N] product, measured 2× faster
             # for one row at 1M items than multiplying by the transposed view of an [N, D] table.
             self.item_targets_t = self.model.device_model.item_targets().T.contiguous()
-        self.initial_bank = BankState(self.model.bank.centres.clone(), self.model.bank.counts.clone(), 0)
+        bank = self.model.bank
+        # the group counts only where the model uses them (β > 0): a bank without them stores and ships less
+        group = bank.next_items.clone() if self.cfg.group_bias_weight > 0 else None
+        self.initial_bank = BankState(bank.centres.clone(), bank.counts.clone(), 0, group)
         self.item_counts = trained.item_counts
         self.drift = trained.drift
         self._index = _Indices({item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)})
@@ -192,6 +206,13 @@ class OnlineModel:
         return self._generator_terms
 
     @torch.inference_mode()
+    def group_bias(self, prototypes: Tensor, bank: BankState | None = None) -> Tensor | None:
+        """The group bias [B, N] that prototype-mode scores add for sessions assigned to ``prototypes`` [B] (-1 = none)
+        under ``bank``'s next-item counts (:func:`recsys.model.group_bias`); ``None`` when the model has none."""
+        counts = self._bank(bank).next_items
+        return None if counts is None else group_bias(counts, prototypes, self.cfg)
+
+    @torch.inference_mode()
     def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:
         """Distance of each code to its prototype's centre [B] (the OOD signal before scaling)."""
         return (codes - self._bank(bank).centres[prototypes]).flatten(1).norm(dim=1)
@@ -262,14 +283,19 @@ class OnlineModel:
         return self.model.device_model.head(states, edit)
 
     @torch.inference_mode()
-    def scores_from_states(self, states: Tensor, edit: Edit | None = None) -> Tensor:
-        """Scores [B, N] from user states [B, D] (edited head, then every item); PAD/UNK never rank."""
-        return self.scores_from_queries(self.queries(states, edit))
+    def scores_from_states(self, states: Tensor, edit: Edit | None = None, bank: BankState | None = None) -> Tensor:
+        """Scores [B, N] from user states [B, D] (edited head, then every item, plus a prototype-mode edit's group
+        bias under ``bank``); PAD/UNK never rank."""
+        bias = None if edit is None else self.group_bias(edit.prototype, bank)
+        return self.scores_from_queries(self.queries(states, edit), bias)
 
     @torch.inference_mode()
-    def scores_from_queries(self, queries: Tensor) -> Tensor:
-        """Scores [B, N] of head outputs [B, D] against every item; PAD/UNK never rank."""
+    def scores_from_queries(self, queries: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Scores [B, N] of head outputs [B, D] against every item, plus ``bias`` [B, N] (the group bias of
+        :meth:`group_bias`) when given; PAD/UNK never rank."""
         s = queries @ self.item_targets_t
+        if bias is not None:
+            s += bias
         s[:, PAD] = float("-inf")
         s[:, UNK] = float("-inf")
         return s
@@ -287,9 +313,10 @@ class OnlineModel:
         return self._index_built
 
     @torch.inference_mode()
-    def scores(self, histories: Tensor, edit: Edit | None = None) -> Tensor:
-        """Scores [B, N] of the base (``edit=None``) or edited device model; PAD/UNK never rank."""
-        return self.scores_from_states(self.user_states(histories), edit)
+    def scores(self, histories: Tensor, edit: Edit | None = None, bank: BankState | None = None) -> Tensor:
+        """Scores [B, N] of the base (``edit=None``) or edited device model, with the group bias of a prototype-mode
+        edit's prototypes under ``bank`` (the bundle's by default); PAD/UNK never rank."""
+        return self.scores_from_states(self.user_states(histories), edit, bank)
 
     @torch.inference_mode()
     def rank(
@@ -300,12 +327,13 @@ class OnlineModel:
         k: int = 10,
         exclude_seen: bool = False,
         candidates: Sequence[Sequence[int]] | None = None,
+        bank: BankState | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Top-k item indices and scores, each [B, k'] (k' = min(k, rankable items)).
 
         ``exclude_seen`` drops the items in each history; ``candidates`` restricts each row to those indices.
         """
-        s = self.scores(histories, edit)
+        s = self.scores(histories, edit, bank)
         if exclude_seen:
             s.scatter_(1, histories, float("-inf"))
             s[:, PAD] = float("-inf")
@@ -321,9 +349,11 @@ class OnlineModel:
         return top.indices, top.values
 
     @torch.inference_mode()
-    def target_ranks(self, histories: Tensor, targets: Tensor, edit: Edit | None = None) -> Tensor:
+    def target_ranks(
+        self, histories: Tensor, targets: Tensor, edit: Edit | None = None, bank: BankState | None = None
+    ) -> Tensor:
         """0-based full-catalogue rank [B] of each target (the prequential hit check)."""
-        return target_ranks(self.scores(histories, edit), targets)
+        return target_ranks(self.scores(histories, edit, bank), targets)
 
     def decode(self, indices: Tensor | np.ndarray | Sequence[int]) -> list[str]:
         return self.vocab.decode(np.asarray(indices, dtype=np.int64))
@@ -360,11 +390,41 @@ def code_from_bytes(raw: bytes, cfg: ModelConfig) -> Tensor:
     return _float32_tensor(raw, cfg.n_edit_layers * cfg.code_dim, "code").view(cfg.n_edit_layers, cfg.code_dim)
 
 
-def refine_bank(bank: BankState, codes: Tensor, prototypes: Tensor, cfg: ModelConfig) -> BankState:
-    """Streaming k-means over codes [B, L, d] in order: ``μ_k ← μ_k + η_k (c − μ_k)`` (METHOD.md §3).
+def refine_bank(
+    bank: BankState,
+    codes: Tensor,
+    prototypes: Tensor,
+    cfg: ModelConfig,
+    chosen: tuple[Tensor, Tensor] | None = None,
+) -> BankState:
+    """Streaming k-means over codes [B, L, d] in order: ``μ_k ← μ_k + η_k (c − μ_k)`` (METHOD.md §3), and the
+    group counts of ``chosen`` = (prototypes [P], items [P]): what sessions assigned to those prototypes chose next,
+    counted in order after they were scored (:func:`recsys.model.count_next_items`, METHOD.md §3b).
 
     Returns a new state (version + 1); the input is left untouched so readers never see half an update.
     """
     centres, counts = bank.centres.clone(), bank.counts.clone()
     refine_centres(centres, counts, codes, prototypes, cfg)
-    return BankState(centres, counts, bank.version + 1)
+    next_items = bank.next_items
+    if next_items is not None and chosen is not None and len(chosen[0]):
+        next_items = next_items.clone()
+        count_next_items(next_items, chosen[0], chosen[1], cfg.group_bias_decay)
+    return BankState(centres, counts, bank.version + 1, next_items)
+
+
+def next_items_to_bytes(counts: Tensor) -> bytes:
+    """One prototype's next-item counts [N] as float32 bytes for the store (N·4 bytes)."""
+    return _float32_bytes(counts)
+
+
+def stored_next_items(stored: Sequence[bytes | None], initial: Tensor | None, cfg: ModelConfig) -> Tensor | None:
+    """The bank's next-item counts [K, N] from the stored rows' bytes (in prototype order): a row stored before the
+    counts were (``None``) keeps the bundle's ``initial`` row. ``None`` when the model has no group bias. Raises
+    ``ValueError`` when a stored row does not fit the model."""
+    if initial is None:
+        return None
+    out = initial.clone()
+    for k, raw in enumerate(stored):
+        if raw is not None:
+            out[k] = _float32_tensor(raw, cfg.n_items, "next-item counts")
+    return out

@@ -19,6 +19,7 @@ from recsys.bundle import Bundle, load_bundle, save_bundle
 from recsys.data import fingerprint, load_interactions
 from recsys.drift import DriftReference, drift_reference
 from recsys.errors import BundleError, DataError
+from recsys.export import DEVICE_DOCUMENT, DEVICE_ONNX, device_manifest, export_onnx
 from recsys.model import ModelConfig, PersonaModel
 from recsys.splits import PROTOCOLS, Split, k_core, make_split
 from recsys.train import TrainConfig, TrainResult, train_persona
@@ -98,8 +99,20 @@ class TrainedModel:
         return self.bundle.version
 
 
+def device_files(model: PersonaModel, vocab: ItemVocab) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The bundle's device model (``device.onnx``, :mod:`recsys.export`) and its ``device`` document; none when the
+    export fails (logged: the trained model is worth keeping, and the API exports on first request instead)."""
+    try:
+        graph = export_onnx(model, vocab, None)
+    except Exception:
+        log.exception("exporting the device model failed; the bundle is written without device.onnx")
+        return {}, {}
+    return {DEVICE_ONNX: graph}, {DEVICE_DOCUMENT: device_manifest(model, vocab, None)}
+
+
 def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainConfig, *, overwrite: bool) -> Bundle:
     model = result.model
+    artifacts, device_doc = device_files(model, prepared.split.vocab)
     return save_bundle(
         out,
         tensors={
@@ -115,10 +128,14 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
             "metrics": {
                 "valid": result.valid_metrics,
                 "chosen_k": result.chosen_k,
+                "residual_weight": model.cfg.residual_weight,
+                "group_bias": asdict(result.group_bias),
                 "k_scores": {str(k): v for k, v in result.k_scores.items()},
                 "stages": [asdict(s) for s in result.stages],
             },
+            **device_doc,
         },
+        artifacts=artifacts,
         data_fingerprint=prepared.fingerprint,
         overwrite=overwrite,
     )
@@ -163,6 +180,7 @@ def load_trained(path: Path) -> TrainedModel:
             f"bundle {path} lacks a part this persona needs ({exc})", "retrain with `persona train`"
         ) from None
     model = PersonaModel(cfg)
+    state = with_group_counts(state, model)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -173,6 +191,21 @@ def load_trained(path: Path) -> TrainedModel:
     model.eval()
     no_proto = PersonaModel(cfg)
     no_proto.load_state_dict(state)
-    no_proto.adapter.load_state_dict(no_proto_state)
+    try:
+        no_proto.adapter.load_state_dict(no_proto_state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(
+            f"bundle {path} does not fit this model code: {first}", "retrain with `persona train`"
+        ) from None
     no_proto.eval()
     return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle)
+
+
+def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> dict[str, torch.Tensor]:
+    """A bundle trained before prototypes counted their members' next items has no ``bank.next_items``: it loads
+    with empty counts, which add no group bias (and its config has β = 0), so it serves exactly as it was trained."""
+    if "bank.next_items" in state or "bank.centres" not in state:
+        return state
+    k = state["bank.centres"].shape[0]
+    return {**state, "bank.next_items": torch.zeros(k, model.cfg.n_items)}

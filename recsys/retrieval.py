@@ -46,12 +46,16 @@ class NormOrderedIndex:
         return int(self.ids.shape[0])
 
     @torch.inference_mode()
-    def top_k(self, queries: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def top_k(
+        self, queries: Tensor, k: int, exclude: Tensor | None = None, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The k best items of every query [B, D]: (item indices [B, k'], scores [B, k']), best first.
 
         ``exclude`` [B, H] lists item indices each row must skip (its history; any index outside the index,
-        such as padding, is ignored). ``k' = min(k, len(self))``; a row with fewer rankable items gets -inf
-        scores at the end. Exactly what ``topk`` over ``queries @ targets.T`` with the exclusions masked
+        such as padding, is ignored). ``bias`` [B, N] (item index order, every entry >= 0: the prototypes' group
+        bias) is added to the scores; the scan stays exact by adding each row's largest bias to its bound, so it
+        stops later the larger the bias. ``k' = min(k, len(self))``; a row with fewer rankable items gets -inf
+        scores at the end. Exactly what ``topk`` over ``queries @ targets.T (+ bias)`` with the exclusions masked
         returns, up to the order of exactly tied scores.
         """
         b, n = queries.shape[0], len(self)
@@ -59,6 +63,12 @@ class NormOrderedIndex:
         best_v = torch.full((b, k), float("-inf"))
         best_p = torch.zeros((b, k), dtype=torch.long)
         q_norm = queries.norm(dim=1)
+        if bias is not None:
+            if bool((bias < 0).any()):
+                raise ValueError("the index's bias must be >= 0 (its bound assumes it)")
+            bias_max = bias.amax(dim=1)
+        else:
+            bias_max = torch.zeros(b)
         # (scan position, row) of every exclusion, sorted by position: each chunk finds its own by bisection
         skip_pos: list[int] = []
         skip_row: list[int] = []
@@ -70,10 +80,12 @@ class NormOrderedIndex:
             skip_pos, skip_row = at[order].tolist(), rows[order].tolist()
         for start in range(0, n, self.chunk):
             # Every item from here on has norm <= norms[start]: its score is at most ‖q‖·norms[start].
-            if start and bool((q_norm * self.norms[start] < best_v[:, -1]).all()):
+            if start and bool((q_norm * self.norms[start] + bias_max < best_v[:, -1]).all()):
                 break
             stop = min(start + self.chunk, n)
             scores = queries @ self.table_t[:, start:stop]
+            if bias is not None:
+                scores += bias[:, self.ids[start:stop]]
             lo, hi = bisect_left(skip_pos, start), bisect_left(skip_pos, stop)
             if hi > lo:
                 scores[skip_row[lo:hi], [p - start for p in skip_pos[lo:hi]]] = float("-inf")

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from recsys.evaluate import BaseMethod, Method, PersonaMethod, evaluate_method
-from recsys.model import PAD, UNK, ModelConfig, PersonaModel, PrototypeBank, cross_entropy
+from recsys.metrics import RankingMetrics, target_ranks
+from recsys.model import PAD, UNK, ModelConfig, PersonaModel, PrototypeBank, count_next_items, cross_entropy
 from recsys.progress import track
 from recsys.splits import Examples, Split
 
@@ -40,8 +41,12 @@ class TrainConfig:
     patience: int = 5
     batch_size: int = 256
     lr: float = 1e-3
-    k_candidates: tuple[int, ...] = (4, 8, 16, 32)
+    k_candidates: tuple[int, ...] = (4, 8, 16, 32, 64)
     residual_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    # the prototypes' group bias (METHOD.md §3b), chosen on validation with K and λ; β = 0 is always a candidate
+    group_bias_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    group_bias_decays: tuple[float, ...] = (1.0, 0.999)  # 0.99 lost on both ML-100K and synthetic (docs/method.md)
+    group_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
     seed: int = 0
     valid_batch: int = 1024
     max_valid: int | None = 20_000  # cap on validation examples per check (time, not accuracy)
@@ -50,12 +55,20 @@ class TrainConfig:
         d = asdict(self)
         d["k_candidates"] = list(self.k_candidates)
         d["residual_weights"] = list(self.residual_weights)
+        for key in ("group_bias_weights", "group_bias_decays", "group_bias_smoothings"):
+            d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        for key in ("k_candidates", "residual_weights"):
+        for key in (
+            "k_candidates",
+            "residual_weights",
+            "group_bias_weights",
+            "group_bias_decays",
+            "group_bias_smoothings",
+        ):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
@@ -79,6 +92,7 @@ class TrainResult:
     valid_metrics: dict[str, dict[str, float]]
     chosen_k: int
     k_scores: dict[int, float]
+    group_bias: GroupBias
 
 
 def _batches(examples: Examples, batch_size: int, g: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
@@ -261,33 +275,45 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     no_proto_state = {k: v.clone() for k, v in model.adapter.state_dict().items()}
 
     def proto_loss(h: Tensor, t: Tensor) -> Tensor:
-        return cross_entropy(model.score(h, model.session_edit(h, "prototype")), t)
+        # without the group bias: the training period's counts contain each example's own target
+        edit = model.session_edit(h, "prototype")
+        return cross_entropy(model.device_model(h, edit), t)
 
     def proto_valid() -> float:
-        return valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
+        with _group_bias_off(model):
+            return valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
 
-    # Prototype initialisation: k-means on the training sessions' codes. K and the residual weight λ (how far a
-    # session's edit may move away from its prototype's) are chosen together on validation.
+    # Prototype initialisation: k-means on the training sessions' codes. K, the residual weight λ (how far a
+    # session's edit may move away from its prototype's) and the group bias (β, α, γ) are chosen together on
+    # validation, on the adapter as trained; the device model and the adapter are frozen here, so the validation
+    # sessions' states and codes are computed once.
     train_codes = _codes(model, split.train)
+    probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
     k_scores: dict[int, float] = {}
-    best: tuple[float, int, float, PrototypeBank] | None = None
+    best: tuple[float, int, float, GroupBias, PrototypeBank] | None = None
     for k in tc.k_candidates:
         if k > len(train_codes):
             continue
         model.cfg.n_prototypes = k
         model.bank = PrototypeBank(model.cfg)
-        model.bank.fit(train_codes, seed=tc.seed)
-        for weight in tc.residual_weights:
-            model.cfg.residual_weight = weight
-            score = proto_valid()
-            log.info("prototypes: K=%d residual weight %.2f valid NDCG@10 %.4f", k, weight, score)
-            k_scores[k] = max(k_scores.get(k, 0.0), score)
-            if best is None or score > best[0]:
-                best = (score, k, weight, copy.deepcopy(model.bank))
+        train_assignment = model.bank.fit(train_codes, seed=tc.seed)
+        scores = {}
+        with _group_bias_off(model):
+            for weight in tc.residual_weights:
+                model.cfg.residual_weight = weight
+                scores[weight] = probe.ndcg10(model, refine=False)
+                log.info("prototypes: K=%d residual weight %.2f valid NDCG@10 %.4f", k, weight, scores[weight])
+        model.cfg.residual_weight = max(scores, key=lambda w: scores[w])
+        bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)
+        k_scores[k] = bias.score
+        if best is None or bias.score > best[0]:
+            best = (bias.score, k, model.cfg.residual_weight, bias, copy.deepcopy(model.bank))
     if best is None:
         raise ValueError("no prototype count fits the training data")
-    _, best_k, model.cfg.residual_weight, model.bank = best
+    _, best_k, model.cfg.residual_weight, chosen_bias, model.bank = best
+    model.bank.cfg = model.cfg  # the copy brought its own config: the group bias must read the model's
     model.cfg.n_prototypes = best_k
+    chosen_bias.apply(model.cfg)
 
     rounds = StageLog("prototype-rounds")
     best_state = copy.deepcopy(model.state_dict())
@@ -315,7 +341,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
                 if len(members):
                     model.bank.centres[j] = members.mean(0)
             model.bank.counts.copy_(torch.bincount(assignment, minlength=best_k).float())
-        score = valid_ndcg(PersonaMethod(_eval(model), "static", "prototype"), split.valid, tc)
+        score = proto_valid()
         rounds.history.append({"round": r, "train_best": stage.best_ndcg10, "valid_ndcg@10": score})
         log.info("prototype round %d: valid NDCG@10 %.4f", r, score)
         if score > best_score:
@@ -326,6 +352,13 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     rounds.seconds = time.perf_counter() - start
     stages.append(rounds)
 
+    # The group bias on the final bank: its β, α and γ again (the rounds moved codes and centres), then the counts
+    # a live bank would hold when the test period starts: the training period's, then the validation period's.
+    codes = _codes(model, split.train)
+    train_assignment = model.bank.assign(codes)
+    probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
+    chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
+
     _eval(model)
     no_proto = copy.deepcopy(model)
     no_proto.adapter.load_state_dict(no_proto_state)
@@ -335,9 +368,109 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
         "persona-static-prototypes": evaluate_method(PersonaMethod(model, "static", "prototype"), split.valid),
         "persona": evaluate_method(PersonaMethod(model, "persona", "prototype", refine=True), split.valid),
     }
-    return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores)
+    with torch.no_grad():  # then the validation period's, as a live bank would have counted them
+        model.bank.observe(model.bank.assign(_codes(model, split.valid)), torch.from_numpy(split.valid.targets))
+    return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias)
 
 
 def _eval(model: PersonaModel) -> PersonaModel:
     model.eval()
     return model
+
+
+@dataclass
+class GroupBias:
+    """A choice of the group bias's settings (β, α, γ) with its validation NDCG@10."""
+
+    weight: float
+    smoothing: float
+    decay: float
+    score: float
+
+    def apply(self, cfg: ModelConfig) -> None:
+        cfg.group_bias_weight, cfg.group_bias_smoothing, cfg.group_bias_decay = self.weight, self.smoothing, self.decay
+
+
+@contextlib.contextmanager
+def _group_bias_off(model: PersonaModel) -> Iterator[None]:
+    weight = model.cfg.group_bias_weight
+    model.cfg.group_bias_weight = 0.0
+    try:
+        yield
+    finally:
+        model.cfg.group_bias_weight = weight
+
+
+@dataclass
+class ValidProbe:
+    """The validation sessions' user states, codes and targets, for the many settings tried on one frozen adapter."""
+
+    states: Tensor
+    codes: Tensor
+    targets: Tensor
+    batch: int = 512
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, model: PersonaModel, valid: Examples, batch: int = 2048) -> ValidProbe:
+        model.eval()
+        states, codes = [], []
+        for i in range(0, len(valid), batch):
+            h = torch.from_numpy(valid.histories[i : i + batch])
+            states.append(model.device_model.encode(h))
+            codes.append(model.codes(h))
+        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets))
+
+    @torch.inference_mode()
+    def ndcg10(self, model: PersonaModel, *, refine: bool) -> float:
+        """Validation NDCG@10 of prototype mode on these sessions in time order, exactly as ``persona`` (refine) or
+        ``persona-static-prototypes`` evaluate it, on a copy of the bank."""
+        bank = copy.deepcopy(model.bank)
+        bank.cfg = model.cfg  # the settings being tried are the model's (a deep copy would freeze them)
+        targets_t = model.device_model.item_targets().T
+        metrics = RankingMetrics()
+        for i in range(0, len(self.targets), self.batch):
+            codes, tgt = self.codes[i : i + self.batch], self.targets[i : i + self.batch]
+            protos = bank.assign(codes)
+            edit = model.prototype_edit(codes, bank.centres, protos)
+            scores = model.device_model.head(self.states[i : i + self.batch], edit) @ targets_t
+            bias = bank.item_bias(protos)
+            metrics.update(target_ranks(scores if bias is None else scores + bias, tgt))
+            if refine:
+                bank.refine(codes, protos)
+                bank.observe(protos, tgt)
+        return metrics.compute()["ndcg@10"]
+
+
+def choose_group_bias(
+    model: PersonaModel, probe: ValidProbe, train_assignment: Tensor, train_targets: np.ndarray, tc: TrainConfig
+) -> GroupBias:
+    """β, α, γ of the group bias with the best validation NDCG@10 (β = 0 included: the bias is used only if it wins).
+
+    Each prototype starts from its training members' decayed next-item counts (in time order) and keeps counting
+    through the validation period after scoring each batch, as it will live. Leaves ``model``'s bank counts at the
+    training period's under the chosen decay and its config at the choice.
+    """
+    cfg = model.cfg
+    targets = torch.from_numpy(train_targets)
+    choices: list[GroupBias] = []
+    for decay in tc.group_bias_decays:
+        counts = torch.zeros_like(model.bank.next_items)
+        count_next_items(counts, train_assignment, targets, decay)
+        model.bank.next_items.copy_(counts)
+        cfg.group_bias_decay = decay
+        for smoothing in tc.group_bias_smoothings:
+            cfg.group_bias_smoothing = smoothing
+            for weight in sorted({0.0, *tc.group_bias_weights}):
+                if weight == 0.0 and choices:
+                    continue  # β = 0 does not depend on α or γ
+                cfg.group_bias_weight = weight
+                score = probe.ndcg10(model, refine=True)
+                log.info("group bias: β=%.2f α=%.2f γ=%.4f valid NDCG@10 %.4f", weight, smoothing, decay, score)
+                choices.append(GroupBias(weight, smoothing, decay, score))
+    chosen = max(choices, key=lambda c: c.score)  # the first of equals: β = 0 unless a bias helps
+    chosen.apply(cfg)
+    counts = torch.zeros_like(model.bank.next_items)
+    count_next_items(counts, train_assignment, targets, chosen.decay)
+    model.bank.next_items.copy_(counts)
+    return chosen

@@ -28,7 +28,7 @@ from serving.limits import BodyLimitMiddleware
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.problems import PROBLEM_MEDIA_TYPE
 from serving.ranking import Ranker
-from serving.routes import admin, events, health, recommendations, sessions
+from serving.routes import admin, device, events, health, recommendations, sessions
 from serving.schemas import MAX_BODY_BYTES, MAX_EVENTS, EventDoc
 
 log = logging.getLogger("persona.serving")
@@ -120,7 +120,8 @@ def create_app(
         app.state.ctx = _context(settings, store, models, metrics)  # usable without running the lifespan
 
     problems.install(app)  # first: its middleware must be the innermost
-    for router in (health.live_router, health.router, recommendations.router, sessions.router, events.router):
+    routers = (health.live_router, health.router, recommendations.router, sessions.router, events.router, device.router)
+    for router in routers:
         app.include_router(router)
     app.include_router(admin.router)
     # Middleware runs outermost-last-added: metrics, then rate limit, then key, then the body limit, so a request

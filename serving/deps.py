@@ -6,7 +6,7 @@ store and model provider (``create_app(store=..., models=...)``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,6 +17,7 @@ from persona.settings import Settings
 from persona.store import Store
 from serving.admission import key_matches, missing_key_hint, presented_key
 from serving.batching import RankBatcher
+from serving.device import DeviceModels
 from serving.metrics import ServingMetrics
 from serving.problems import Forbidden, ServingError, Unauthorized
 from serving.ranking import Ranker
@@ -37,6 +38,7 @@ class ServingContext:
     ingestor: Ingestor
     metrics: ServingMetrics
     batcher: RankBatcher
+    devices: DeviceModels = field(default_factory=DeviceModels)
 
 
 # The dependencies are ``async def`` on purpose: they do no I/O, and FastAPI runs every sync dependency in the

@@ -42,7 +42,7 @@ from persona.models import ModelProvider
 from persona.store import PrototypeRow, SessionState, Store, StoreUnavailable
 from persona.user_state import unpack_user_state
 from recsys.model import PAD, UNK
-from recsys.online import BankState, OnlineModel, code_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
 from recsys.retrieval import NormOrderedIndex
 from serving.problems import Conflict, InvalidInput, NotFound
 
@@ -80,7 +80,8 @@ class RankResult:
 
 @dataclass(frozen=True, slots=True)
 class ExportedEdit:
-    """The additive edit of one session: ΔW [L, D, D], Δb [L, D], its code [L, d]."""
+    """The additive edit of one session: ΔW [L, D, D], Δb [L, D], its code [L, d], and the per-item score bias [N]
+    its prototype adds (the group bias; ``None`` when the model has none)."""
 
     session_id: str
     model_version: str
@@ -89,6 +90,7 @@ class ExportedEdit:
     weight: Tensor
     bias: Tensor
     code: Tensor
+    item_bias: Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -207,6 +209,7 @@ class Ranker:
             raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
         codes, protos = self._codes(online, [row], bank)
         edit = online.edit(codes, bank, prototypes=protos)
+        group = online.group_bias(protos, bank)
         return ExportedEdit(
             session_id=session_id,
             model_version=online.version,
@@ -215,6 +218,7 @@ class Ranker:
             weight=edit.weight[0],
             bias=edit.bias[0],
             code=codes[0],
+            item_bias=None if group is None else group[0],
         )
 
     # ------------------------------------------------------------------ ranking
@@ -248,9 +252,11 @@ class Ranker:
         if model_rows:
             picked = [rows[j] for j in model_rows]
             h = _user_states(online, picked)
+            bias: Tensor | None = None
             if bank.centres.shape[0] > 0:
                 codes, protos = self._codes(online, picked, bank)
                 vectors, _ratios = online.edited_queries(h, codes, protos, bank)
+                bias = online.group_bias(protos, bank)  # the prototype's group bias (None: the model has none)
                 for r, p in zip(picked, protos.tolist(), strict=True):
                     r.prototype = int(p)
             else:
@@ -261,9 +267,9 @@ class Ranker:
             masked = [seen[j] for j in model_rows]
             index = online.index
             if index is not None and all(q.candidates is None for q in asked):
-                tops = _index_top_k(index, vectors, asked, masked)  # large catalogue: no full scan
+                tops = _index_top_k(index, vectors, asked, masked, bias)  # large catalogue: no full scan
             else:
-                scores = online.scores_from_queries(vectors)
+                scores = online.scores_from_queries(vectors, bias)
                 tops = _batched_top_k(scores, asked, masked)
 
         results: list[RankResult] = []
@@ -403,24 +409,35 @@ def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankSt
         log.warning("stored prototype bank of %s does not fit the model; using the bundle's bank", online.version)
         return online.initial_bank
     centres = np.frombuffer(b"".join(r.centre for r in rows), dtype=np.float32).reshape(len(rows), size)
+    try:
+        next_items = stored_next_items([r.next_items for r in rows], online.initial_bank.next_items, cfg)
+    except ValueError:
+        log.warning("stored group counts of %s do not fit the model; using the bundle's", online.version)
+        next_items = online.initial_bank.next_items
     return BankState(
         torch.from_numpy(centres.copy()).view(len(rows), cfg.n_edit_layers, cfg.code_dim),
         torch.tensor([r.count for r in rows], dtype=online.initial_bank.counts.dtype),
         max(r.version for r in rows),  # the consumer's notion of the bank version
+        next_items,
     )
 
 
 @torch.inference_mode()
 def _index_top_k(
-    index: NormOrderedIndex, vectors: Tensor, queries: Sequence[RankQuery], seen: Sequence[list[int]]
+    index: NormOrderedIndex,
+    vectors: Tensor,
+    queries: Sequence[RankQuery],
+    seen: Sequence[list[int]],
+    bias: Tensor | None = None,
 ) -> dict[int, tuple[Tensor, Tensor]]:
-    """Top-k of every row through the exact index (a large catalogue's rows, none with candidates)."""
+    """Top-k of every row through the exact index (a large catalogue's rows, none with candidates), with the rows'
+    group bias [B, N] when given (the index stays exact: :meth:`NormOrderedIndex.top_k`)."""
     width = max((len(s) for s in seen), default=0)
     exclude = torch.full((len(seen), max(width, 1)), PAD, dtype=torch.long)  # PAD is not in the index: skips nothing
     for n, items in enumerate(seen):
         if items:
             exclude[n, : len(items)] = torch.tensor(items, dtype=torch.long)
-    indices, values = index.top_k(vectors, max(q.k for q in queries), exclude)
+    indices, values = index.top_k(vectors, max(q.k for q in queries), exclude, bias)
     return {n: (indices[n, : q.k], values[n, : q.k]) for n, q in enumerate(queries)}
 
 

@@ -156,6 +156,15 @@ class SessionEdit(BaseModel):
     edit_version: int
     layers: list[EditLayer] = Field(description="One entry per editable layer, in order.")
     code: list[list[float]] = Field(description="The session's edit code, L×d.")
+    item_bias: list[float] | None = Field(
+        default=None,
+        description="Added to every item's score (index = vocabulary index): the session's prototype's group bias. "
+        "null when the model has none.",
+    )
+    binary_bytes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Size of this edit with format=binary: per dtype, and per dtype at the factor rank when low-rank.",
+    )
     encoding: Literal["float32"] = Field(default="float32", description="Values are float32 numbers.")
 
     model_config = ConfigDict(protected_namespaces=())

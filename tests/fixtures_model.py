@@ -36,3 +36,47 @@ def sliding_window_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle with its prototypes' group bias on (β = 1, α = 1, γ = 0.9) and uneven next-item counts, so
+    the online paths are checked with the bias whatever the tiny bundle's validation chose."""
+    import torch
+
+    from recsys.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    config = bundle.documents["config"]
+    config["model"].update(group_bias_weight=1.0, group_bias_smoothing=1.0, group_bias_decay=0.9)
+    model = dict(bundle.tensors["model"])
+    g = torch.Generator().manual_seed(0)
+    model["bank.next_items"] = torch.rand(model["bank.next_items"].shape, generator=g).pow(6) * 20.0
+    out = tmp_path_factory.mktemp("group-bias-model") / "bundle"
+    save_bundle(
+        out,
+        tensors={**bundle.tensors, "model": model},
+        documents={**bundle.documents, "config": config},
+        data_fingerprint=bundle.manifest["data_fingerprint"],
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle as written before prototypes counted next items: no ``bank.next_items``, no β in its config."""
+    from recsys.bundle import load_bundle, save_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    config = bundle.documents["config"]
+    for key in ("group_bias_weight", "group_bias_smoothing", "group_bias_decay"):
+        config["model"].pop(key, None)
+    model = {k: v for k, v in bundle.tensors["model"].items() if k != "bank.next_items"}
+    out = tmp_path_factory.mktemp("old-model") / "bundle"
+    save_bundle(
+        out,
+        tensors={**bundle.tensors, "model": model},
+        documents={**bundle.documents, "config": config},
+        data_fingerprint=bundle.manifest["data_fingerprint"],
+    )
+    return out

@@ -22,7 +22,7 @@ from persona.settings import Settings
 from persona.store import Store
 from persona.user_state import pack_user_state
 from recsys.model import Edit
-from recsys.online import BankState, OnlineModel, code_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
 from serving.admission import TokenBuckets, key_matches
 from serving.app import create_app
 from tests.fixtures_store import set_reachable
@@ -76,7 +76,9 @@ def _bank(api: Api) -> BankState:
         return api.online.initial_bank
     cfg = api.online.cfg
     centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
-    return BankState(centres, torch.tensor([r.count for r in rows]), 0)
+    # the prototypes' stored next-item counts too: the group bias a ranking adds comes from them
+    next_items = stored_next_items([r.next_items for r in rows], api.online.initial_bank.next_items, cfg)
+    return BankState(centres, torch.tensor([r.count for r in rows]), 0, next_items)
 
 
 def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool = True) -> list[str]:
@@ -85,9 +87,10 @@ def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool 
     state = api.store.get_session(session_id)
     assert state is not None and state.code is not None and state.prototype_id is not None
     code = code_from_bytes(state.code, online.cfg)
-    edit = online.edit(code.unsqueeze(0), _bank(api), prototypes=torch.tensor([state.prototype_id]))
+    bank = _bank(api)
+    edit = online.edit(code.unsqueeze(0), bank, prototypes=torch.tensor([state.prototype_id]))
     hist = online.histories([state.recent_items])
-    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen)
+    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen, bank=bank)
     keep = torch.isfinite(scores[0])
     return online.decode(idx[0][keep])
 
@@ -217,7 +220,12 @@ def test_edit_export_round_trips_into_the_library(api: Api) -> None:
     )
     state = api.store.get_session("s")
     assert state is not None
-    idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True)
+    bank = _bank(api)
+    idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True, bank=bank)
+    group = online.group_bias(edit.prototype, bank)
+    assert (exported["item_bias"] is None) == (group is None)  # the edit carries its prototype's group bias
+    if group is not None:
+        np.testing.assert_allclose(np.asarray(exported["item_bias"]), group[0].numpy(), rtol=1e-6)
     served = api.client.get("/v1/sessions/s/recommendations").json()
     assert online.decode(idx[0]) == _ranked(served)
     assert api.client.get("/v1/sessions/unknown/edit").status_code == 404

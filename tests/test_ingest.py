@@ -22,6 +22,8 @@ from persona.ingest import KS, Ingestor, online_counter_increments
 from persona.models import ModelProvider
 from persona.store import Store, UnitOfWork
 from persona.user_state import pack_user_state, unpack_user_state
+from recsys.metrics import target_ranks
+from recsys.model import count_next_items
 from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -603,3 +605,73 @@ def test_the_in_process_ingest_benchmark_runs(tiny_bundle: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["events_per_s"] > 0 and result["batch"] == 50
+
+
+@pytest.fixture
+def bias_models(store: Store, group_bias_bundle: Path) -> ModelProvider:
+    return ModelProvider(store, model_dir=group_bias_bundle)
+
+
+def test_the_prequential_check_scores_with_the_group_bias(store: Store, bias_models: ModelProvider) -> None:
+    """Persona's live ranks include the prototypes' group bias, exactly as the offline definition scores it."""
+    online = bias_models.get()
+    assert online.initial_bank.next_items is not None
+    items = list(online.vocab.ids)
+    seq = [items[3], items[7], items[3], items[11], items[5]]
+    events = [Event(f"g{i}", "group", item, T0 + timedelta(seconds=i)) for i, item in enumerate(seq)]
+    result = Ingestor(store, bias_models).apply(events)
+    model = online.model
+    ranks, plain = [], []
+    for i in range(1, len(seq)):
+        hist = online.histories([seq[:i]])
+        edit = model.edit_for(online.codes(hist), "prototype")
+        target = torch.tensor([online.index_of(seq[i])])
+        with torch.inference_mode():
+            scores = model.score(hist, edit)  # recsys.model: device model + group bias
+            plain_scores = model.device_model(hist, edit)
+        ranks.append(int(target_ranks(scores, target)[0]))
+        plain.append(int(target_ranks(plain_scores, target)[0]))
+        assert int(online.target_ranks(hist, target, edit)[0]) == ranks[-1]
+    assert ranks != plain  # the bias changes the ranking here, so the check below can fail
+    assert result.reciprocal_rank["persona"] == pytest.approx(sum(1 / (r + 1) for r in ranks))
+
+
+def test_group_counts_are_refined_after_scoring_and_stored(store: Store, bias_models: ModelProvider) -> None:
+    """Each prediction's prototype counts the item its session chose, decayed per member event, once the batch is
+    scored; the counts are stored with the bank and the next batch (and the API) reads them back."""
+    online = bias_models.get()
+    initial = online.initial_bank.next_items
+    assert initial is not None
+    events = make_events(online, 300, sessions=12, seed=5)
+    batches = [events[:120], events[120:121], events[121:]]
+    ingestor = Ingestor(store, bias_models)
+    expected = initial.clone()
+    last_proto: dict[str, int] = {}
+    for batch in batches:
+        result = ingestor.apply(batch)
+        protos, chosen = [], []
+        for e, proto in zip(batch, result.prototypes, strict=True):
+            if e.session_id in last_proto:  # a prediction from the session's previous state
+                protos.append(last_proto[e.session_id])
+                chosen.append(online.index_of(e.item_id))
+            last_proto[e.session_id] = proto
+        count_next_items(expected, torch.tensor(protos), torch.tensor(chosen), online.cfg.group_bias_decay)
+        rows = store.load_prototypes(online.version)
+        stored = torch.from_numpy(np.stack([np.frombuffer(r.next_items or b"", dtype=np.float32) for r in rows]))
+        torch.testing.assert_close(stored, expected, atol=1e-4, rtol=1e-5)
+    assert not torch.equal(expected, initial)
+
+
+def test_a_bundle_from_before_group_counts_loads_and_ingests(store: Store, pre_group_bias_bundle: Path) -> None:
+    models = ModelProvider(store, model_dir=pre_group_bias_bundle)
+    online = models.get()
+    assert online.cfg.group_bias_weight == 0.0
+    assert online.initial_bank.next_items is None
+    assert not bool(online.model.bank.next_items.any())
+    result = Ingestor(store, models).apply(make_events(online, 50, sessions=5))
+    assert result.applied == 50
+    assert all(r.next_items is None for r in store.load_prototypes(online.version))
+    hist = online.histories([list(online.vocab.ids)[:4]])
+    edit = online.edit(online.codes(hist))
+    with torch.inference_mode():
+        torch.testing.assert_close(online.scores(hist, edit)[:, 2:], online.model.device_model(hist, edit)[:, 2:])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -13,7 +15,9 @@ from recsys.model import (
     ModelConfig,
     PersonaModel,
     PrototypeBank,
+    count_next_items,
     cross_entropy,
+    group_bias,
     last_state,
     reseed_idle,
 )
@@ -46,6 +50,58 @@ def test_zero_code_gives_exactly_the_base_model(encoder: str) -> None:
         zero = model.adapter.edit_from_codes(torch.zeros(5, cfg.n_edit_layers, cfg.code_dim))
         assert torch.equal(zero.weight, torch.zeros_like(zero.weight))
         assert torch.equal(model.score(h, zero), model.score(h))
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_zero_code_gives_exactly_the_base_model_in_prototype_mode(rank: int) -> None:
+    """Zero centres, zero offsets, zero code and empty group counts: the base model exactly, group bias on."""
+    torch.manual_seed(0)
+    cfg = small_cfg(edit_rank=rank, group_bias_weight=2.0)
+    model = PersonaModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.normal_(std=1.0)
+        h = histories(5, cfg)
+        edit = model.edit_for(torch.zeros(5, cfg.n_edit_layers, cfg.code_dim), "prototype")
+        assert edit.prototype.min() >= 0
+        assert torch.equal(model.score(h, edit), model.score(h))
+        session = model.edit_for(torch.zeros(5, cfg.n_edit_layers, cfg.code_dim), "session")
+        assert torch.equal(model.score(h, session), model.score(h))
+
+
+def test_group_bias_is_the_stated_log_count_and_only_in_prototype_mode() -> None:
+    cfg = small_cfg(n_items=6, n_prototypes=2, group_bias_weight=0.5, group_bias_smoothing=2.0)
+    counts = torch.tensor([[0.0, 0.0, 6.0, 0.0, 0.0, 0.0], [0.0] * 6])
+    bias = group_bias(counts, torch.tensor([0, 1, -1]), cfg)
+    assert bias is not None
+    mean = 1.0  # 6 counts over 6 items
+    assert bias[0, 2].item() == pytest.approx(0.5 * math.log1p(6.0 / (2.0 * mean)))
+    assert bias[0, 3].item() == 0.0
+    assert torch.equal(bias[1], torch.zeros(6))  # no counts yet: no bias
+    assert torch.equal(bias[2], torch.zeros(6))  # no prototype (a session edit): no bias
+    assert group_bias(counts, torch.tensor([0]), small_cfg(group_bias_weight=0.0)) is None
+    model = PersonaModel(small_cfg(group_bias_weight=1.0)).eval()
+    model.bank.next_items[:, 5] = 3.0
+    h = histories(4, model.cfg)
+    with torch.no_grad():
+        codes = model.codes(h)
+        session, proto = model.edit_for(codes, "session"), model.edit_for(codes, "prototype")
+        assert torch.equal(model.score(h, session), model.device_model(h, session))
+        lift = model.score(h, proto) - model.device_model(h, proto)
+        assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(3.0 / (3.0 / 60))))
+        assert torch.equal(lift[:, 4], torch.zeros(4))
+
+
+def test_group_counts_decay_per_member_event_in_order() -> None:
+    counts = torch.zeros(2, 5)
+    count_next_items(counts, torch.tensor([0, 1, 0, -1, 0]), torch.tensor([2, 3, 4, 2, 2]), 0.5)
+    # prototype 0 saw 2, 4, 2: ((1·½ + 0)·½ + 1) for item 2, ½ for item 4; prototype 1 saw 3; -1 is not counted
+    assert counts[0].tolist() == [0.0, 0.0, 1.25, 0.0, 0.5]
+    assert counts[1].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+    one_by_one = torch.zeros(2, 5)
+    for k, t in [(0, 2), (1, 3), (0, 4), (0, 2)]:
+        count_next_items(one_by_one, torch.tensor([k]), torch.tensor([t]), 0.5)
+    assert torch.equal(one_by_one, counts)
 
 
 def test_fresh_adapter_starts_at_the_base_model() -> None:
@@ -196,3 +252,26 @@ def test_batched_refinement_equals_the_code_by_code_rule() -> None:
         one_by_one.refine(codes[i : i + 1], assignment[i : i + 1])
     assert torch.allclose(batched.centres, one_by_one.centres, atol=1e-6)
     assert torch.equal(batched.counts, one_by_one.counts)
+
+
+def test_persona_evaluation_counts_next_items_only_after_scoring() -> None:
+    """``persona`` scores a batch under the counts before it, then counts its targets; static prototypes never do."""
+    from recsys.evaluate import PersonaMethod
+
+    torch.manual_seed(0)
+    model = PersonaModel(small_cfg(group_bias_weight=1.0, group_bias_decay=0.5)).eval()
+    h = histories(6, model.cfg)
+    targets = torch.tensor([5, 5, 7, 9, 5, 11])
+    live = PersonaMethod(model, "persona", "prototype", refine=True)
+    static = PersonaMethod(model, "static", "prototype")
+    with torch.no_grad():
+        first = live.score(h)
+        assert torch.equal(first, static.score(h))  # no counts yet: both are the edited model alone
+        live.observe(h, targets)
+        static.observe(h, targets)
+        protos = live.model.bank.assign(live.model.codes(h))
+        expected = torch.zeros_like(model.bank.next_items)
+        count_next_items(expected, live._edit.prototype if live._edit is not None else protos, targets, 0.5)
+        assert torch.equal(live.model.bank.next_items, expected)
+        assert not bool(model.bank.next_items.any())  # the live method works on its own copy of the bank
+        assert not torch.equal(live.score(h), static.score(h))

@@ -6,7 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devtools.test_prereqs import APT_INSTALL, postgres_step, prometheus_step
+from devtools.test_prereqs import (
+    APT_INSTALL,
+    CHROMIUM_INSTALL,
+    NPM_CI,
+    NPM_INSTALL,
+    chromium_step,
+    postgres_step,
+    prometheus_step,
+    web_packages_installed,
+    web_packages_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +77,41 @@ def test_script_passes_on_this_machine() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "devtools" / "test_prereqs.py")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+
+
+def test_missing_chromium_is_installed_from_debian_as_root() -> None:
+    step = chromium_step(have_chromium=False, is_root=True, have_apt=True)
+    assert step.action == "run"
+    assert step.commands == (("apt-get", "update", "-qq"), tuple(CHROMIUM_INSTALL))
+    assert chromium_step(have_chromium=True, is_root=False, have_apt=False).action == "ok"
+
+
+def test_missing_chromium_without_root_stops_with_the_one_command() -> None:
+    step = chromium_step(have_chromium=False, is_root=False, have_apt=True)
+    assert step.action == "stop" and "sudo apt-get install -y --no-install-recommends chromium" in step.message
+    assert chromium_step(have_chromium=False, is_root=True, have_apt=False).action == "stop"
+
+
+def test_web_packages_come_from_the_lock_file() -> None:
+    assert web_packages_step(installed=True, have_npm=False, is_root=False, have_apt=False).action == "ok"
+    step = web_packages_step(installed=False, have_npm=True, is_root=False, have_apt=False)
+    assert step.action == "run" and step.commands == (NPM_CI,)
+    assert NPM_CI[:2] == ("npm", "ci")  # the lock file's versions, never a newer one
+    no_npm = web_packages_step(installed=False, have_npm=False, is_root=True, have_apt=True)
+    assert no_npm.commands == (tuple(NPM_INSTALL), NPM_CI)
+    stop = web_packages_step(installed=False, have_npm=False, is_root=False, have_apt=True)
+    assert stop.action == "stop" and "npm ci" in stop.message
+
+
+def test_web_packages_installed_checks_every_pinned_version(tmp_path: Path) -> None:
+    import json
+
+    lock = {"packages": {"": {}, "node_modules/a": {"version": "1.2.3"}, "node_modules/b": {"version": "2.0.0"}}}
+    (tmp_path / "package-lock.json").write_text(json.dumps(lock))
+    assert not web_packages_installed(tmp_path)  # nothing installed
+    for name, version in (("a", "1.2.3"), ("b", "1.9.0")):
+        (tmp_path / "node_modules" / name).mkdir(parents=True)
+        (tmp_path / "node_modules" / name / "package.json").write_text(json.dumps({"version": version}))
+    assert not web_packages_installed(tmp_path)  # b is at another version than the lock pins
+    (tmp_path / "node_modules" / "b" / "package.json").write_text(json.dumps({"version": "2.0.0"}))
+    assert web_packages_installed(tmp_path)

@@ -61,6 +61,34 @@ def test_the_index_returns_exactly_the_full_top_k(
     assert not bool(((indices == PAD) | (indices == UNK))[finite].any())
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(3, 2000),
+    b=st.integers(1, 4),
+    k=st.integers(1, 30),
+    chunk=st.sampled_from([1, 16, 256]),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.0, 0.5, 5.0]),
+)
+def test_the_index_stays_exact_with_a_group_bias(n: int, b: int, k: int, chunk: int, seed: int, scale: float) -> None:
+    """A non-negative per-row bias (the prototypes' group bias) added to the scores: still the full top-k."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randn(n, 6, generator=g) * torch.rand(n, 1, generator=g).pow(3) * 3.0 + 0.3
+    queries = torch.randn(b, 6, generator=g)
+    bias = torch.rand(b, n, generator=g).pow(8) * scale  # a few items get most of it, as counts do
+    index = NormOrderedIndex(targets, excluded=(PAD, UNK), chunk=chunk)
+    values = index.top_k(queries, k, bias=bias)[1]
+    scores = queries @ targets.T + bias
+    scores[:, [PAD, UNK]] = float("-inf")
+    torch.testing.assert_close(values, scores.topk(min(k, n - 2), dim=1).values)
+
+
+def test_a_negative_bias_is_refused() -> None:
+    index = NormOrderedIndex(torch.randn(10, 3), excluded=(PAD, UNK))
+    with pytest.raises(ValueError, match=">= 0"):
+        index.top_k(torch.randn(1, 3), 3, bias=torch.full((1, 10), -1.0))
+
+
 def test_the_scan_stops_early_on_a_skewed_table() -> None:
     """What the index is for: with a few long vectors, the top-k is found without reading the rest."""
     g = torch.Generator().manual_seed(0)
@@ -84,9 +112,11 @@ def test_the_scan_stops_early_on_a_skewed_table() -> None:
     assert sum(scanned) <= 2000  # two chunks of 1,000 out of 100,000
 
 
-@pytest.fixture
-def models(store: Store, tiny_bundle: Path) -> ModelProvider:
-    models = ModelProvider(store, model_dir=tiny_bundle)
+@pytest.fixture(params=["tiny", "group-bias"])
+def models(store: Store, request: pytest.FixtureRequest) -> ModelProvider:
+    """The tiny bundle, and the same with its prototypes' group bias on (rankings add it, the index too)."""
+    bundle = request.getfixturevalue("tiny_bundle" if request.param == "tiny" else "group_bias_bundle")
+    models = ModelProvider(store, model_dir=bundle)
     Ingestor(store, models).apply(make_events(models.get(), 200, sessions=8, seed=11))
     return models
 
@@ -104,3 +134,21 @@ def test_rankings_through_the_index_equal_full_scans(
     for a, b in zip(full, indexed, strict=True):
         assert [s for _, s in a.items] == pytest.approx([s for _, s in b.items], rel=1e-5, abs=1e-6)
         assert [i for i, _ in a.items] == [i for i, _ in b.items]
+
+
+def test_api_rankings_add_the_group_bias_of_the_sessions_prototype(store: Store, group_bias_bundle: Path) -> None:
+    models = ModelProvider(store, model_dir=group_bias_bundle)
+    online = models.get()
+    Ingestor(store, models).apply(make_events(online, 200, sessions=8, seed=11))
+    ranker = Ranker(store, models)
+    result = ranker.rank([RankQuery(session_id="s3", k=10, exclude_seen=False)])[0]
+    state = store.get_session("s3")
+    assert state is not None and result.prototype_id == state.prototype_id
+    bank = ranker.bank(online)
+    assert bank.next_items is not None
+    hist = online.histories([state.recent_items], [state.event_count - len(state.recent_items)])
+    edit = online.edit(online.codes(hist), bank, torch.tensor([state.prototype_id]))
+    expected = online.rank(hist, edit, k=10, bank=bank)
+    assert [i for i, _ in result.items] == online.decode(expected[0][0])
+    without = online.scores_from_states(online.user_states(hist), edit._replace(prototype=torch.tensor([-1])))
+    assert [i for i, _ in result.items] != online.decode(without.topk(10).indices[0])  # the bias matters here

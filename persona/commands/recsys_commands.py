@@ -34,6 +34,7 @@ TimeCol = Annotated[
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("export")(export)
 
 
 def train(
@@ -58,7 +59,7 @@ def train(
     k: Annotated[
         str,
         typer.Option("--prototypes", help="Candidate prototype counts K, comma separated (chosen on validation)."),
-    ] = "4,8,16,32",
+    ] = "4,8,16,32,64",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -94,6 +95,30 @@ def train(
     typer.echo(f"bundle {bundle.path} version {bundle.version} ({time.perf_counter() - start:.0f} s)")
     typer.echo(f"prototypes: K={result.chosen_k} (validation NDCG@10 by K: {result.k_scores})")
     _print_table("validation (full ranking)", result.valid_metrics)
+
+
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model bundle directory.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The device model file to write (its manifest goes beside).")
+    ],
+    format: Annotated[str, typer.Option("--format", "-f", help="Device model format: onnx.")] = "onnx",
+    k: Annotated[int, typer.Option(min=1, help="k of the graph's top-k outputs.")] = 10,
+) -> None:
+    """Write a bundle's device model for phones and browsers: the ONNX graph and, beside it (same name, .json), the
+    vocabulary and shapes a device needs (docs/device.md). ``persona train`` puts the same into the bundle."""
+    from recsys.export import device_manifest as manifest_of
+    from recsys.export import export_onnx, write_device_files
+    from recsys.pipeline import load_trained as load
+
+    if format != "onnx":
+        raise PersonaError(f"unknown device model format {format!r}", "use --format onnx")
+    if out.is_dir():
+        raise PersonaError(f"{out} is a directory", "give the file to write, e.g. --out device.onnx")
+    trained = load(model)
+    graph = export_onnx(trained.model, trained.vocab, trained.version, k=k)
+    onnx_path, meta_path = write_device_files(out, graph, manifest_of(trained.model, trained.vocab, trained.version, k))
+    typer.echo(f"wrote {onnx_path} ({len(graph):,} bytes, model {trained.version}) and {meta_path}")
 
 
 def evaluate(

@@ -101,12 +101,14 @@ class StoredEvent:
 
 @dataclass(slots=True)
 class PrototypeRow:
-    """One prototype of a bank; ``centre`` is float32 bytes, ``version`` counts its changes."""
+    """One prototype of a bank; ``centre`` is float32 bytes, ``version`` counts its changes; ``next_items``: its
+    decayed next-item counts as float32 bytes [N] (``None``: not stored yet, the bundle's counts apply)."""
 
     prototype_id: int
     centre: bytes
     count: float = 0.0
     version: int = 0
+    next_items: bytes | None = None
     last_assigned_at: datetime | None = None
     updated_at: datetime = field(default_factory=utcnow)
 
@@ -249,6 +251,7 @@ class UnitOfWork:
                 set_={
                     "centre": excluded.centre,
                     "count": excluded.count,
+                    "next_items": excluded.next_items,
                     "version": prototypes.c.version + 1,
                     "last_assigned_at": excluded.last_assigned_at,
                     "updated_at": excluded.updated_at,
@@ -261,6 +264,7 @@ class UnitOfWork:
                     "prototype_id": r.prototype_id,
                     "centre": r.centre,
                     "count": r.count,
+                    "next_items": r.next_items,
                     "version": r.version,
                     "last_assigned_at": r.last_assigned_at,
                     "updated_at": now,

@@ -124,6 +124,7 @@ class PrototypeDBRow(Base):
     centre: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     count: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    next_items: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 [N] group next-item counts (0003)
     last_assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
