@@ -19,6 +19,12 @@ so the consumer and ``POST /v1/events`` accept and reject exactly the same event
 - ``ts`` is an ISO-8601 string (``Z`` or an offset; a naive time is UTC) or epoch seconds (a number);
   it becomes a tz-aware UTC datetime. More than ``max_future_skew_s`` ahead of now is rejected.
 - Unknown fields are kept, untouched, in ``attributes``.
+- Every string (ids, type, attribute keys and values) must be storable text: no lone surrogate (``"\ud800"``
+  in JSON, or the bytes ``ED A0 80``, which Python's JSON decoder lets through) and no NUL character
+  (PostgreSQL text and jsonb refuse both); attribute numbers must be finite (``NaN``/``Infinity`` are not
+  JSON). Such an event would pass everything else and then fail the store insert on every retry.
+- The size limit (``max_bytes``, 16 KB) applies to both doors: to the raw message on Kafka, and to the
+  event's compact JSON encoding over HTTP.
 
 Validation never raises on bad input: it returns a :class:`Rejection` whose reason is a small fixed set
 (used as a metric label and a DLQ header) and whose detail is one human-readable line.
@@ -102,6 +108,9 @@ class RejectReason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
     OVERSIZED = "oversized"
     UNKNOWN_ITEM = "unknown_item"
+    #: Valid, but applying it failed on every retry while the store and the model were healthy (a poison record
+    #: the consumer isolated by bisecting its batch); the DLQ detail carries the error.
+    PROCESSING_FAILED = "processing_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +169,17 @@ def validate_event_dict(
 ) -> Event | Rejection:
     """Validate an already-decoded body (HTTP ingestion) with exactly the rules of :func:`parse_event`.
 
-    The size limit is not applied here: the HTTP layer bounds the request body before decoding it.
+    The size limit applies to the event's compact JSON encoding (what a producer would put on Kafka), so an event
+    Kafka's path refuses as oversized is refused here too, whatever the whitespace of the HTTP body.
     """
     if not isinstance(d, dict):
         return Rejection(RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {_json_kind(d)}")
+    try:
+        size = len(json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (ValueError, TypeError, RecursionError) as exc:
+        return Rejection(RejectReason.INVALID_VALUE, f"event cannot be encoded as JSON: {_one_line(exc)}")
+    if size > policy.max_bytes:
+        return Rejection(RejectReason.OVERSIZED, f"event is {size} bytes as JSON, limit {policy.max_bytes}")
     return _validate(d, policy, now)
 
 
@@ -209,6 +225,10 @@ def _validate(d: dict[str, Any], policy: ValidationPolicy, now: datetime | None)
         return Rejection(RejectReason.WRONG_TYPE, f"field 'type' must be a string, got {_json_kind(etype)}")
     elif not etype or len(etype) > MAX_TYPE_LEN:
         return Rejection(RejectReason.INVALID_VALUE, f"field 'type' must be 1..{MAX_TYPE_LEN} characters")
+    elif not etype.isascii() or "\x00" in etype:
+        bad = _unstorable(etype)
+        if bad is not None:
+            return Rejection(RejectReason.INVALID_VALUE, f"field 'type' contains {bad}")
 
     ts = _ts(d["ts"])
     if type(ts) is Rejection:
@@ -225,6 +245,9 @@ def _validate(d: dict[str, Any], policy: ValidationPolicy, now: datetime | None)
     attributes = None
     if len(d) > 4 and not _KNOWN_FIELDS.issuperset(d):
         attributes = {k: v for k, v in d.items() if k not in _KNOWN_FIELDS}
+        bad_attr = _attributes_problem(attributes)
+        if bad_attr is not None:
+            return Rejection(RejectReason.INVALID_VALUE, bad_attr)
     return Event(
         event_id,  # type: ignore[arg-type]
         session_id,  # type: ignore[arg-type]
@@ -243,6 +266,10 @@ def _id(v: Any, name: str, *, allow_int: bool) -> str | Rejection:
         if not v or len(v) > MAX_ID_LEN:
             what = "empty" if not v else f"{len(v)} characters long (limit {MAX_ID_LEN})"
             return Rejection(RejectReason.INVALID_VALUE, f"field {name!r} is {what}")
+        if not v.isascii() or "\x00" in v:  # the common case (ASCII ids) costs one C-level scan
+            bad = _unstorable(v)
+            if bad is not None:
+                return Rejection(RejectReason.INVALID_VALUE, f"field {name!r} contains {bad}")
         return str(v)  # already a str; keeps the return type precise
     if allow_int and tv is int:  # bool is excluded: type(True) is bool, not int
         s = str(v)
@@ -281,6 +308,51 @@ def _ts(v: Any) -> datetime | Rejection:
         RejectReason.WRONG_TYPE,
         f"field 'ts' must be an ISO-8601 string or epoch seconds, got {_json_kind(v)}",
     )
+
+
+def _unstorable(s: str) -> str | None:
+    """What makes ``s`` impossible to store as text (PostgreSQL refuses both), or ``None``.
+
+    A lone surrogate comes from ``"\\ud800"`` in the JSON or from the raw bytes ``ED A0 80`` (``json.loads``
+    decodes bytes with ``surrogatepass``); it cannot be encoded as UTF-8 at all.
+    """
+    if "\x00" in s:
+        return "a NUL character (U+0000), which cannot be stored"
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"a lone surrogate (U+{ord(s[exc.start]):04X} at character {exc.start}), which is not valid Unicode"
+    return None
+
+
+def _attributes_problem(attributes: dict[str, Any]) -> str | None:
+    """The first unstorable value among the unknown fields (keys included, at any depth), or ``None``.
+
+    Iterative, so a deeply nested value (as deep as the JSON decoder allows) cannot exhaust the stack.
+    """
+    stack: list[tuple[str, Any]] = [("", attributes)]
+    while stack:
+        where, v = stack.pop()
+        tv = type(v)
+        if tv is str:
+            bad = None if v.isascii() and "\x00" not in v else _unstorable(v)
+            if bad is not None:
+                return f"field {where!r} contains {bad}"
+        elif tv is float:
+            if not math.isfinite(v):
+                return f"field {where!r} is {v!r}, not a JSON number"
+        elif tv is dict:
+            for k, x in v.items():
+                key = f"{where}.{k}" if where else str(k)
+                if type(k) is str and (not k.isascii() or "\x00" in k):
+                    bad = _unstorable(k)
+                    if bad is not None:
+                        return f"a field name contains {bad}"
+                stack.append((key, x))
+        elif tv is list:
+            stack.extend((f"{where}[{n}]", x) for n, x in enumerate(v))
+    return None
 
 
 def _json_kind(v: Any) -> str:

@@ -18,6 +18,9 @@ Semantics of one ``apply`` (one store transaction; all or nothing):
 4. Then the item is appended to the recent items; codes of every event's post-event history come from
    ONE batched forward; each code is assigned to the nearest centre of the bank as it was when the
    batch started, and the bank is refined with the codes in event order (streaming k-means).
+5. The batch's prequential counts (predictions, hits and NDCG gain at each K, reciprocal rank, per variant) are
+   added to the store's ``online_counters`` in the same transaction, so the online hit rate is exactly-once like
+   the session state; the exported metrics are read from there.
 
 So the result depends on the events and on the batch boundaries only through the bank snapshot used for
 assignments inside a batch; with batches of one event it is exactly the sequential algorithm.
@@ -74,7 +77,15 @@ from recsys.windows import window_length
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KS", "UNKNOWN_ITEM_POLICIES", "VARIANTS", "IngestResult", "Ingestor", "ModelSource"]
+__all__ = [
+    "KS",
+    "UNKNOWN_ITEM_POLICIES",
+    "VARIANTS",
+    "IngestResult",
+    "Ingestor",
+    "ModelSource",
+    "online_counter_increments",
+]
 
 #: Cut-offs of the prequential hit-rate and NDCG counters.
 KS: tuple[int, ...] = (10, 20)
@@ -295,7 +306,23 @@ class Ingestor:
         return prepared
 
     def commit(self, prepared: Prepared) -> IngestResult:
-        """Apply a :meth:`prepare` d batch in one store transaction (earlier ones must have committed)."""
+        """Apply a :meth:`prepare` d batch in one store transaction (earlier ones must have committed).
+
+        If it fails, its model work is dropped (:meth:`discard`): a retry prepares the batch again.
+        """
+        try:
+            return self._commit(prepared)
+        except BaseException:
+            self.discard(prepared)
+            raise
+
+    def discard(self, prepared: Prepared) -> None:
+        """Drop the model work of a prepared batch that will not be committed (its commit failed, or an earlier
+        batch's did): the model process forgets the job instead of keeping its half-done state."""
+        if prepared.work is not None:
+            prepared.work.abandon()
+
+    def _commit(self, prepared: Prepared) -> IngestResult:
         p = prepared
         online, result = p.online, p.result
         if p.plan is None or p.work is None:
@@ -345,6 +372,8 @@ class Ingestor:
             else:
                 result.bank_version = max((r.version for r in rows), default=0)
             uow.upsert_sessions(list(result.sessions.values()))
+            # with the events they count: a crash before this commit counts nothing, a redelivery nothing twice
+            uow.add_online_counters(online_counter_increments(result))
 
         stored_at = time.time()
         result.freshness_s = [stored_at - ts for ts in result.freshness_s]  # event ts -> state committed
@@ -373,7 +402,8 @@ class Ingestor:
         p.replanned = True  # batches prepared on top of this one read what it was going to write: they redo too
         stored = uow.get_sessions(p.session_ids)
         plan = _walk(p.online, fresh, stored, p.cap, p.now, {})
-        return plan, self._start(p.online, plan)
+        p.work = self._start(p.online, plan)  # the work to drop should this commit fail (see :meth:`discard`)
+        return plan, p.work
 
     def _reseed(
         self,
@@ -888,6 +918,19 @@ def _rows_from_bank(
         )
         for k in sorted(touched)
     ]
+
+
+def online_counter_increments(result: IngestResult) -> dict[tuple[str, str, int], float]:
+    """A batch's prequential counts as store counter increments ``{(name, variant, k): amount}`` (``k`` 0 when the
+    counter has no cut-off); the names match the exported metrics without their prefix and suffix."""
+    out: dict[tuple[str, str, int], float] = {}
+    for v in VARIANTS:
+        out[("predictions", v, 0)] = float(result.predictions[v])
+        out[("reciprocal_rank", v, 0)] = result.reciprocal_rank[v]
+        for k in KS:
+            out[("hits", v, k)] = float(result.hits[(v, k)])
+            out[("ndcg_gain", v, k)] = result.ndcg[(v, k)]
+    return out
 
 
 def ndcg_gain(rank: int) -> float:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
-from persona.store import ModelVersionRow, Store
+from persona.store import ModelVersionRow, Store, StoreUnavailable
 from recsys.bundle import bundle_sha256, verify_bundle
 from recsys.errors import BundleError, PersonaError
 from recsys.online import OnlineModel
@@ -112,11 +113,20 @@ class ModelProvider:
         self._thread.start()
 
     def _run(self) -> None:
+        down_since: float | None = None
         while not self._stop.wait(self.refresh_s):
             try:
                 self.refresh()
+            except StoreUnavailable as exc:  # an outage: one line when it starts, one when it ends
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("model refresh paused, keeping %s: %s", self.version, exc.message)
+                continue
             except Exception:  # keep serving the current model whatever the registry does
                 log.exception("model refresh failed")
+            if down_since is not None:
+                log.info("model refresh resumed: the store is back after %.1fs", time.monotonic() - down_since)
+                down_since = None
 
     def stop(self) -> None:
         self._stop.set()

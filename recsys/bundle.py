@@ -325,9 +325,14 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any], data: bytes | N
         sha, size = _file_digest(file)
     else:
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
-    if size != entry["bytes"] or sha != entry["sha256"]:
+    if size != entry["bytes"]:
         raise BundleError(
-            f"bundle file {name} is tampered or truncated ({size} bytes, manifest says {entry['bytes']})",
+            f"bundle file {name} is truncated or altered: {size} bytes, its manifest says {entry['bytes']}",
+            "copy the bundle again or retrain it",
+        )
+    if sha != entry["sha256"]:  # same size: bytes were changed in place (corruption or tampering)
+        raise BundleError(
+            f"bundle file {name} fails its checksum: sha256 {sha[:12]}..., its manifest says {entry['sha256'][:12]}...",
             "copy the bundle again or retrain it",
         )
 

@@ -335,6 +335,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     if best is None:
         raise ValueError("no prototype count fits the training data")
     _, best_k, model.cfg.residual_weight, chosen_bias, model.bank = best
+    model.bank.cfg = model.cfg  # the copy brought its own config: the group bias must read the model's
     model.cfg.n_prototypes = best_k
     chosen_bias.apply(model.cfg)
 
@@ -451,6 +452,7 @@ class ValidProbe:
         """Validation NDCG@10 of prototype mode on these sessions in time order, exactly as ``persona`` (refine) or
         ``persona-static-prototypes`` evaluate it, on a copy of the bank."""
         bank = copy.deepcopy(model.bank)
+        bank.cfg = model.cfg  # the settings being tried are the model's (a deep copy would freeze them)
         dm = model.device_model
         item_targets = dm.item_targets()
         metrics = RankingMetrics()

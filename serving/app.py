@@ -29,7 +29,7 @@ from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.problems import PROBLEM_MEDIA_TYPE
 from serving.ranking import Ranker
 from serving.routes import admin, device, events, health, recommendations, sessions
-from serving.schemas import MAX_BODY_BYTES
+from serving.schemas import MAX_BODY_BYTES, MAX_EVENTS, EventDoc
 
 log = logging.getLogger("persona.serving")
 
@@ -119,7 +119,7 @@ def create_app(
     if store is not None and models is not None:
         app.state.ctx = _context(settings, store, models, metrics)  # usable without running the lifespan
 
-    problems.install(app)
+    problems.install(app)  # first: its middleware must be the innermost
     routers = (health.live_router, health.router, recommendations.router, sessions.router, events.router, device.router)
     for router in routers:
         app.include_router(router)
@@ -143,6 +143,27 @@ def create_server_app() -> FastAPI:
     """The factory ``persona serve`` and the benchmark run under uvicorn: settings from the environment,
     one torch thread per request (see :func:`create_app`)."""
     return create_app(torch_threads=1)
+
+
+def _document_event_body(schema: dict[str, Any], components: dict[str, Any]) -> None:
+    """``POST /v1/events`` reads its body as plain JSON (so that it is validated exactly as Kafka's messages are);
+    the document still says what that JSON is: one event, or ``{"events": [...]}``."""
+    operation = schema.get("paths", {}).get("/v1/events", {}).get("post")
+    if operation is None:
+        return
+    components["Event"] = EventDoc.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["EventBatch"] = {
+        "title": "EventBatch",
+        "type": "object",
+        "properties": {
+            "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}, "minItems": 1,
+                       "maxItems": MAX_EVENTS}
+        },
+        "required": ["events"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    body = operation.setdefault("requestBody", {}).setdefault("content", {}).setdefault("application/json", {})
+    body["schema"] = {"oneOf": [{"$ref": "#/components/schemas/Event"}, {"$ref": "#/components/schemas/EventBatch"}]}
 
 
 SECURITY_SCHEMES = {
@@ -180,6 +201,7 @@ def _openapi(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
             )
     schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
     components = schema["components"].setdefault("schemas", {})
+    _document_event_body(schema, components)
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     app.openapi_schema = schema

@@ -1,8 +1,11 @@
 """Every error leaves the API as ``application/problem+json`` (RFC 9457), never as an HTML page or a trace.
 
 Mapping: bad input → 4xx with what was wrong (422 lists each field), a missing resource → 404, an unusable
-model or store → 503 (a replica without a model is not ready; the load balancer should retry elsewhere),
-anything unexpected → 500 whose body says nothing about internals (the trace goes to the log only).
+model or store → 503 with ``Retry-After`` (a replica without a model is not ready, a store outage passes; the
+load balancer or client should retry), anything unexpected → 500 whose body says nothing about internals.
+
+Every failed request logs exactly one line: a WARNING for a 503 (an expected outage: no traceback), one
+traceback for a 500 (:class:`UnhandledErrorMiddleware` answers it, so the server does not log it a second time).
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from persona.store import StoreUnavailable
 from recsys.errors import PersonaError
 from serving.schemas import Problem
 
 log = logging.getLogger("persona.serving")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: Seconds a client is asked to wait after a 503 (a store outage, a replica still loading its model).
+RETRY_AFTER_S = 5
 
 
 class ServingError(PersonaError):
@@ -129,17 +136,50 @@ async def _persona_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PersonaError)
     status = _persona_status(exc)
     if status >= 500:
-        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        log.warning("%s %s: %d %s", request.method, request.url.path, status, exc)
     errors = exc.errors if isinstance(exc, ServingError) else None
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    if isinstance(exc, Overloaded):
+    headers: dict[str, str] | None = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    return problem_response(status, str(exc), instance=request.url.path, errors=errors, headers=headers)
+    elif status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+    # The store's own message names its server: that goes to the log, not to clients.
+    detail = "the store is unavailable; retry later" if isinstance(exc, StoreUnavailable) else str(exc)
+    return problem_response(status, detail, instance=request.url.path, errors=errors, headers=headers)
 
 
-async def _unexpected_exception(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(500, "internal error; see the server log", instance=request.url.path)
+class UnhandledErrorMiddleware:
+    """Answer an unexpected exception with a bare 500 problem and log its traceback once.
+
+    Starlette hands a handler registered for ``Exception`` to its outermost middleware, which calls it and then
+    re-raises so that the server logs the error again: two tracebacks per failure. Catching it here, inside that
+    middleware, answers the request and ends it. Installed innermost, so the metrics still count the 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:  # else the client sees the connection end: nothing more can be said
+                response = problem_response(500, "internal error; see the server log", instance=scope.get("path"))
+                await response(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:
@@ -147,7 +187,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_exception)
     app.add_exception_handler(PersonaError, _persona_exception)
-    app.add_exception_handler(Exception, _unexpected_exception)
+    app.add_middleware(UnhandledErrorMiddleware)  # before any other middleware: the innermost of them
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -16,6 +16,9 @@ How one ranking is made (DESIGN.md "Serving API", METHOD.md §6):
 4. Fallbacks (reported in every response, counted in ``persona_fallbacks_total``): no known item at all →
    popularity; a stored code that no longer fits → its prototype's edit alone; no usable prototype bank →
    the base model.
+5. During a store outage a request that names a session fails with :class:`persona.store.StoreUnavailable`
+   (503 with ``Retry-After``); a stateless one (``recent_items`` only) is still ranked, with the last prototype
+   bank read (or the bundle's), and one without a known item still gets the popularity ranking.
 
 The prototype bank lives in the store and is refined by the consumer; it is cached per model version and
 re-read at most every ``bank_ttl_s`` (one reader refreshes, the others keep the previous snapshot), so a
@@ -36,7 +39,7 @@ import torch
 from torch import Tensor
 
 from persona.models import ModelProvider
-from persona.store import PrototypeRow, SessionState, Store
+from persona.store import PrototypeRow, SessionState, Store, StoreUnavailable
 from persona.user_state import unpack_user_state
 from recsys.model import PAD, UNK
 from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
@@ -159,7 +162,12 @@ class Ranker:
                 return cached.state  # another thread is re-reading it; a ≤ 1 s old snapshot is fine
             self._bank_lock.acquire()
         try:
-            rows = self.store.load_prototypes(online.version)
+            try:
+                rows = self.store.load_prototypes(online.version)
+            except StoreUnavailable:
+                # A store outage: what needs a session's state answers 503 (it was read before this), but a
+                # stateless ranking can go on with the last bank read, or the bundle's own until there is one.
+                return cached.state if cached is not None and fresh else online.initial_bank
             key = (len(rows), sum(r.version for r in rows))
             cached = self._bank
             if cached is not None and cached.model_version == online.version and cached.key == key:

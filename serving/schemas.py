@@ -170,6 +170,28 @@ class SessionEdit(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
 
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
+
+
+class EventDoc(BaseModel):
+    """One interaction event as the API and Kafka take it (documentation: ``persona.events`` validates it).
+
+    Any other field is kept as an attribute of the event. At most 16 KB as compact JSON.
+    """
+
+    event_id: Identifier = Field(description="Unique per event: a redelivered event_id has no effect.")
+    session_id: Identifier = Field(description="The session (the Kafka key); its events are applied in order.")
+    item_id: Identifier | int = Field(description="An item id of the catalogue (unknown ones are counted, skipped).")
+    ts: Annotated[str, Field(max_length=64, description="ISO 8601 (UTC if no offset)")] | float = Field(
+        description="When it happened: ISO 8601 text or epoch seconds; not far in the future."
+    )
+    type: Annotated[str, Field(min_length=1, max_length=32)] = Field("click", description="Kind of interaction.")
+    user_id: Identifier | int | None = Field(None, description="Optional, kept with the session.")
+    device_id: Identifier | None = Field(None, description="Optional, kept with the session.")
+
+    model_config = ConfigDict(extra="allow", title="Event")
+
+
 class EventsBatch(Strict):
     events: list[dict[str, Any]] = Field(
         min_length=1,

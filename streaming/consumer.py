@@ -20,16 +20,29 @@ load and an event never waits behind more than two batches. Batches still take e
 commits only if every earlier one did, and a session a batch in flight touches is taken from that batch, not from
 the store (``commit`` checks that whatever ``prepare`` read still holds, and redoes the work when it does not).
 
-If step 2 or 3 fails (store down, model missing, DLQ unreachable), nothing of that batch or any later one is
-committed: the consumer logs loudly, lets the batches already handed to the applier finish (a failure makes
-it skip the rest), seeks every partition back to the first offset not yet committed, backs off and retries
-the same records. It never skips. Before a rebalance takes partitions away, everything in flight is finished
-and committed.
+If step 2 or 3 fails, nothing of that batch or any later one is committed, and what happens next depends on
+whether a dependency is down (DESIGN.md "Delivery"):
+
+- An outage (the store unreachable, no usable model, the DLQ producer failing): one WARNING line when it starts
+  (no traceback), the batches in flight are dropped, every partition is sought back to its first offset not yet
+  committed, and the same records are retried with exponential backoff and jitter up to ``retry_backoff_s[1]``;
+  one INFO line with the duration when a batch goes through again. ``persona_dependency_up`` follows it.
+- Otherwise the failure is the batch's own (the store and the model answer: a poison record): the batch is
+  retried once on its own and, if that fails too, bisected (:meth:`EventConsumer._isolate`) until the records
+  that fail alone are found; those go to the DLQ with reason ``processing_failed`` and the error, everything
+  else is applied in order, and offsets are committed as the bisection goes. One record never stops a
+  partition.
+
+A record is dead-lettered at most once by a consumer process, even when the batch around it is retried (the
+positions already sent are remembered until their offsets are committed); a crash between the DLQ flush and the
+offset commit can repeat it. Before a rebalance takes partitions away, everything in flight is finished and
+committed.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -42,9 +55,10 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from persona.events import DEFAULT_POLICY, Event, Rejection, ValidationPolicy, parse_event
+from persona.events import DEFAULT_POLICY, Event, Rejection, RejectReason, ValidationPolicy, parse_event
 from persona.ingest import Ingestor, IngestResult, Prepared
-from persona.store import Store
+from persona.store import Store, StoreUnavailable
+from recsys.errors import PersonaError
 from recsys.online import OnlineModel
 from streaming.kafka_io import dlq_send, ensure_topics, make_consumer, make_producer
 from streaming.metrics import ConsumerMetrics
@@ -74,6 +88,8 @@ class ConsumerConfig:
     bounds one Kafka poll, ``max_batch_events`` one batch (one store transaction): polls accumulate into the next
     batch while one commits, so batches grow with a backlog and per-batch costs (transaction, prototype bank,
     model calls) are shared by more events.
+    ``retry_backoff_s`` is the first and the longest wait between retries after a failure (doubling, with jitter):
+    the cap bounds how long an outage that has ended can still hold the consumer back.
     ``fetch_max_wait_ms`` caps how long the broker may hold a fetch (kafka-python's default: 500 ms); Kafka
     answers as soon as records are there, the embedded development broker was seen to hold fetches much longer
     under a steady stream (streaming/bench.py), so its users set it low.
@@ -95,7 +111,7 @@ class ConsumerConfig:
     max_events: int | None = None
     idle_exit_s: float | None = None
     refresh_s: float = 5.0
-    retry_backoff_s: tuple[float, float] = (0.5, 30.0)
+    retry_backoff_s: tuple[float, float] = (0.5, 10.0)
     validation: ValidationPolicy = DEFAULT_POLICY
     compute_threads: int = 1
     session_cache: int = 4096
@@ -141,8 +157,30 @@ def _concluding(unfinished: list[_Batch]) -> bool:
     return prepared is not None and prepared.concluded.is_set()
 
 
+#: While idle, the broker's end offsets are read this often (lag and the poll timestamp stay true without records).
+LAG_CHECK_S = 5.0
+BROKER_CHECK_TIMEOUT_MS = 2000
+#: An isolation that has dead-lettered this many records without one range of its batch going through stops and backs
+#: off like an outage: a store that refuses every record is not facing poison records. The next try isolates again,
+#: so at most this many records go to the DLQ per backoff period (up to ``retry_backoff_s[1]``) if it is wrong.
+MAX_POISON_WITHOUT_SUCCESS = 8
+#: Dependencies whose state ``persona_dependency_up`` reports.
+DEPENDENCIES = ("store", "kafka", "model")
+
+
 class _Halted(Exception):
     """An earlier batch failed, so this one was not applied (batches take effect in poll order only)."""
+
+
+class _Interrupted(Exception):
+    """An isolation stopped before its batch's end (an outage, or a systemic failure); offsets show how far it got."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters), for log lines and DLQ details."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:300] if first else type(exc).__name__
 
 
 @dataclass
@@ -157,6 +195,7 @@ class _Batch:
     invalid: list[tuple[Any, Rejection]]
     started: float  # perf_counter when parsing began
     prepared: Prepared | None = None
+    failure: Exception | None = None  # preparing it failed (raised again when its commit's turn comes)
     applied: Future[IngestResult] | None = None
 
     def extend(self, more: _Batch) -> None:
@@ -188,6 +227,8 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
         for tp in gone:
             owner._processed.pop(tp, None)
             owner._committed.pop(tp, None)
+            owner._seen.pop(tp, None)
+            owner._dead_lettered.pop(tp, None)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.owner.assigned.set()
@@ -217,6 +258,7 @@ class EventConsumer:
         self.models = models
         self.cfg = cfg
         self.metrics = metrics or ConsumerMetrics()
+        self.metrics.online.read_from(store.online_counters)
         self.ingestor = Ingestor(
             store,
             models,
@@ -240,6 +282,11 @@ class EventConsumer:
         self._processed: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._last_batch_end = 0.0
+        # offsets dead-lettered (sent and flushed) whose source offsets are not committed yet: never sent twice
+        self._dead_lettered: dict[TopicPartition, set[int]] = {}
+        self._seen: dict[TopicPartition, int] = {}  # first offset polled per partition (lag before any commit)
+        self._down: dict[str, float] = {}  # dependency -> monotonic time its outage began
+        self._progress = False  # a batch finished since the last failure (the retry backoff starts over)
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish the batches in flight, commit and return (safe from a signal handler)."""
@@ -270,6 +317,7 @@ class EventConsumer:
         last_refresh = started - cfg.refresh_s  # check the registry before the first batch
         backoff = cfg.retry_backoff_s[0]
         first_records: float | None = None
+        last_check = started
         try:
             while not self._stop.is_set():
                 unfinished = self._unfinished()
@@ -285,11 +333,15 @@ class EventConsumer:
                     handed = self._hand_over(unfinished)
                 busy = bool(self._unfinished())
                 if not handed or not self._finish_done():
+                    # The backoff starts over only once a batch goes through: an outage doubles it up to the cap.
+                    if self._progress:
+                        backoff, self._progress = cfg.retry_backoff_s[0], False
                     self.stats.retries += 1
-                    self._sleep(backoff)
+                    self._sleep(backoff / 2 + random.uniform(0, backoff / 2))  # jitter: replicas do not retry in step
                     backoff = min(backoff * 2, cfg.retry_backoff_s[1])
                     continue
-                backoff = cfg.retry_backoff_s[0]
+                if self._progress:
+                    backoff = cfg.retry_backoff_s[0]
                 pending = self.stats.records + sum(len(b.records) for b in self._in_flight)
                 pending += len(self._open.records) if self._open is not None else 0
                 room = cfg.max_batch_events - (len(self._open.records) if self._open is not None else 0)
@@ -311,12 +363,20 @@ class EventConsumer:
                     if first_records is None:
                         first_records = last_record
                     parsed = self._parse(records)
+                    for tp, off in parsed.first.items():
+                        self._seen.setdefault(tp, off)
                     if self._open is None:
                         self._open = parsed
                     else:
                         self._open.extend(parsed)
+                    self.metrics.last_poll.set(time.time())
+                    self._update_lag()  # also while batches fail: what waits must show, not the last good value
                 elif not busy and not self._in_flight and self._open is None:
-                    self._update_lag()
+                    if time.monotonic() - last_check >= LAG_CHECK_S:
+                        last_check = time.monotonic()
+                        self._check_broker()
+                    else:
+                        self._update_lag()
                     if cfg.idle_exit_s is not None and time.monotonic() - last_record >= cfg.idle_exit_s:
                         log.info("no events for %.1fs: exiting", cfg.idle_exit_s)
                         break
@@ -371,14 +431,8 @@ class EventConsumer:
         try:
             pending = [b.prepared for b in unfinished if b.prepared is not None]
             batch.prepared = self.ingestor.prepare(batch.valid, source="kafka", pending=pending)
-        except Exception:
-            log.exception(
-                "preparing a batch of %d records failed; nothing committed, retrying the same records",
-                len(batch.records),
-            )
-            self._open = batch  # repositioned with the rest
-            self._abandon_in_flight(reposition=True)
-            return False
+        except Exception as exc:  # the applier raises it in its turn: it is then dealt with as a failed commit
+            batch.failure = exc
         batch.applied = self._applier.submit(self._apply, batch)
         self._in_flight.append(batch)
         return True
@@ -399,8 +453,10 @@ class EventConsumer:
         """Step 2, on the applier thread: batches arrive in poll order; after a failure the rest are skipped."""
         if self._halted:
             raise _Halted
-        assert batch.prepared is not None
         try:
+            if batch.failure is not None:
+                raise batch.failure
+            assert batch.prepared is not None
             return self.ingestor.commit(batch.prepared)
         except BaseException:
             self._halted = True
@@ -416,9 +472,74 @@ class EventConsumer:
         assert batch.applied is not None  # a batch is in flight only once it is handed to the applier
         try:
             result = batch.applied.result()
-            to_dlq = batch.invalid + [(batch.source[e.event_id], rej) for e, rej in result.rejected]
-            for rec, rej in to_dlq:
-                dlq_send(
+        except _Halted:
+            self._abandon_in_flight(reposition=reposition)
+            return False
+        except Exception as exc:
+            self._in_flight.popleft()
+            return self._recover(batch, exc, reposition=reposition)
+        to_dlq = batch.invalid + [(batch.source[e.event_id], rej) for e, rej in result.rejected]
+        try:
+            self._dead_letter(to_dlq)
+        except Exception as exc:
+            self._dependency_down("kafka", exc)
+            self._abandon_in_flight(reposition=reposition)
+            return False
+        self._in_flight.popleft()
+        self._account(batch.records, batch.valid, [rej for _rec, rej in batch.invalid], to_dlq, result, batch.started)
+        return True
+
+    def _account(
+        self,
+        records: list[Any],
+        consumed: list[Event],
+        invalid: list[Rejection],
+        dead: list[tuple[Any, Rejection]],
+        result: IngestResult,
+        started: float,
+        *,
+        applied: bool = True,
+    ) -> None:
+        """Steps 4 and 5 for records applied (or, ``applied`` false, a record dead-lettered because applying it
+        failed) in poll order: commit their offsets, count them. Only an applied range resets the retry backoff and
+        marks the store and the model as working."""
+        nxt: dict[TopicPartition, int] = {}
+        for rec in records:
+            nxt[TopicPartition(rec.topic, rec.partition)] = rec.offset + 1
+        self._processed.update(nxt)
+        self._commit_processed(set(nxt))
+        if applied:
+            self._progress = True
+            self._dependency_up("store", "model")
+        m = self.metrics
+        m.set_model(self.models.get())
+        m.record_consumed(consumed)
+        m.record_invalid(invalid)
+        m.record_dlq(rej for _rec, rej in dead)
+        m.record_result(result)
+        m.processing.observe(time.perf_counter() - started)
+        m.last_batch.set(time.time())
+        self._update_lag()
+        st = self.stats
+        st.records += len(records)
+        st.applied += result.applied
+        st.duplicates += result.duplicates
+        st.dlq += len(dead)
+        st.batches += 1
+        self._last_batch_end = time.monotonic()
+        if st.keep_freshness:
+            st.freshness_s.extend(result.freshness_s)
+
+    def _dead_letter(self, dead: list[tuple[Any, Rejection]]) -> None:
+        """Send records to the DLQ and wait for the broker's acknowledgement; positions already sent (and not yet
+        committed) are skipped, so a retried batch never dead-letters a record twice. Raises if the DLQ fails."""
+        sent: list[tuple[TopicPartition, int, Any]] = []
+        try:
+            for rec, rej in dead:
+                tp = TopicPartition(rec.topic, rec.partition)
+                if rec.offset in self._dead_lettered.get(tp, ()):
+                    continue
+                future = dlq_send(
                     self._producer,
                     self.cfg.dlq_topic,
                     rec.value or b"",
@@ -428,58 +549,192 @@ class EventConsumer:
                     rec.partition,
                     rec.offset,
                 )
-            if to_dlq:
+                sent.append((tp, rec.offset, future))
+            if sent:
                 self._producer.flush(timeout=30)
-        except Exception as exc:
-            if not isinstance(exc, _Halted):
-                log.exception(
-                    "batch of %d records (offsets %s) failed; nothing committed, retrying the same records",
-                    len(batch.records),
-                    {f"{tp.topic}[{tp.partition}]": off for tp, off in batch.first.items()},
-                )
-            self._abandon_in_flight(reposition=reposition)
+        finally:  # what the broker acknowledged is never sent again, even when a later record failed
+            for tp, offset, future in sent:
+                if getattr(future, "is_done", False) and future.succeeded():
+                    self._dead_lettered.setdefault(tp, set()).add(offset)
+        if sent:
+            self._dependency_up("kafka")
+
+    # ------------------------------------------------------------------------------------------ failures
+    def _recover(self, batch: _Batch, exc: BaseException, *, reposition: bool) -> bool:
+        """``batch``, the oldest not finished (already out of the pipeline), failed to prepare or apply.
+
+        Everything behind it is dropped. An outage (see :meth:`_outage`) or a rebalance (``reposition`` false)
+        leaves it for a retry: ``False``, after seeking back. Otherwise the batch is isolated record by record
+        (:meth:`_isolate`); ``True`` when all of it was applied or dead-lettered.
+        """
+        later = self._drop_in_flight()
+        if not reposition:  # giving partitions away: their committed offsets are where the next owner starts
+            log.warning(
+                "batch of %d records failed during a rebalance (%s); it will be replayed",
+                len(batch.records),
+                _one_line(exc),
+            )
             return False
-        self._in_flight.popleft()
-        self._processed.update(batch.nxt)
-        self._commit_processed(set(batch.nxt))
-        m = self.metrics
-        m.set_model(self.models.get())
-        m.record_consumed(batch.valid)
-        m.record_invalid(rej for _rec, rej in batch.invalid)
-        m.record_dlq(rej for _rec, rej in to_dlq)
-        m.record_result(result)
-        m.processing.observe(time.perf_counter() - batch.started)
-        m.last_batch.set(time.time())
-        self._update_lag()
-        st = self.stats
-        st.records += len(batch.records)
-        st.applied += result.applied
-        st.duplicates += result.duplicates
-        st.dlq += len(to_dlq)
-        st.batches += 1
-        self._last_batch_end = time.monotonic()
-        if st.keep_freshness:
-            st.freshness_s.extend(result.freshness_s)
+        if self._outage(exc) is not None:
+            self._seek({**later, **batch.first})  # the batch's offsets are the earlier ones
+            return False
+        log.warning(
+            "batch of %d records (first offsets %s) failed while the store and the model answer (%s): "
+            "retrying it alone, then isolating the records that fail",
+            len(batch.records),
+            {f"{tp.topic}[{tp.partition}]": off for tp, off in batch.first.items()},
+            _one_line(exc),
+        )
+        try:
+            self._isolate(batch.records)
+        except _Interrupted:  # resume at the first record not applied or dead-lettered
+            self._seek({**later, **{tp: max(off, self._processed.get(tp, off)) for tp, off in batch.first.items()}})
+            return False
+        self._seek(later)
         return True
 
-    def _abandon_in_flight(self, *, reposition: bool) -> None:
-        """Drop every batch in flight uncommitted, and the one being polled: wait until the applier let go of them
-        (a failure makes it skip the rest), then, with ``reposition``, seek each of their partitions back to its
-        first offset among them, so the same records come again. (After a rebalance the positions come from the
-        committed offsets.)"""
+    def _isolate(self, records: list[Any]) -> None:
+        """Apply ``records`` (poll order) in ranges, bisecting a range that fails until single events fail alone.
+
+        The first range is the whole batch (the retry); a range that goes through, or a single event that fails on
+        its own while the store and the model answer, is finished at once (its dead letters sent, its offsets
+        committed), left to right, so events are applied in order and progress survives an interruption. Raises
+        :class:`_Interrupted` on an outage, or when more than :data:`MAX_POISON_WITHOUT_SUCCESS` records failed
+        alone and no range went through (everything fails: not a poison record).
+        """
+        policy = self.cfg.validation
+        parsed = [parse_event(rec.value if rec.value is not None else b"", policy) for rec in records]
+        ranges = [(0, len(records))]
+        poisoned = succeeded = 0
+        while ranges:
+            lo, hi = ranges.pop()
+            started = time.perf_counter()
+            events = [p for p in parsed[lo:hi] if isinstance(p, Event)]
+            failure: Exception | None = None
+            try:
+                result = self.ingestor.apply(events, source="kafka")
+            except Exception as exc:
+                if self._outage(exc) is not None:
+                    raise _Interrupted from exc
+                if len(events) > 1:
+                    at = [n for n in range(lo, hi) if isinstance(parsed[n], Event)]
+                    mid = at[len(at) // 2]
+                    ranges += [(mid, hi), (lo, mid)]  # the left half first
+                    continue
+                failure, result = exc, IngestResult()
+            dead: list[tuple[Any, Rejection]] = []
+            first_of: dict[str, Any] = {}
+            for rec, p in zip(records[lo:hi], parsed[lo:hi], strict=True):
+                if isinstance(p, Rejection):
+                    dead.append((rec, p))
+                elif failure is not None:
+                    dead.append(
+                        (rec, Rejection(RejectReason.PROCESSING_FAILED, f"applying it failed: {_one_line(failure)}"))
+                    )
+                else:
+                    first_of.setdefault(p.event_id, rec)
+            dead += [(first_of[e.event_id], rej) for e, rej in result.rejected]
+            if failure is not None:
+                poisoned += 1
+                if succeeded == 0 and poisoned > MAX_POISON_WITHOUT_SUCCESS:
+                    # Not the records' fault: the store takes none of them. Back off like an outage (the next try
+                    # isolates again, so a burst of real poison records slows the partition down, never stops it).
+                    why = f"it refuses every record, not one poison record: {_one_line(failure)}"
+                    self._dependency_down("store", RuntimeError(why))
+                    raise _Interrupted from failure
+                rec = next(r for r, p in zip(records[lo:hi], parsed[lo:hi], strict=True) if isinstance(p, Event))
+                log.warning(
+                    "dead-lettering %s[%d] offset %d with reason processing_failed: %s",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    _one_line(failure),
+                )
+            else:
+                succeeded += 1
+            try:
+                self._dead_letter(dead)
+            except Exception as exc:
+                self._dependency_down("kafka", exc)
+                raise _Interrupted from exc
+            invalid = [p for p in parsed[lo:hi] if isinstance(p, Rejection)]
+            self._account(records[lo:hi], events, invalid, dead, result, started, applied=failure is None)
+
+    def _outage(self, exc: BaseException) -> str | None:
+        """Which dependency is down, if the failure ``exc`` is an outage: the store (it raised
+        :class:`StoreUnavailable` or does not answer a probe) or the model (none usable: a configuration error, the
+        same for every record). ``None``: the dependencies answer, so the failure is the records' own."""
+        down: str | None = None
+        if isinstance(exc, StoreUnavailable):
+            down = "store"
+        elif isinstance(exc, PersonaError):
+            down = "model"
+        else:
+            try:
+                self.store.ping()
+            except Exception:
+                down = "store"
+            else:
+                try:
+                    self.models.get()
+                except Exception:
+                    down = "model"
+        if down is not None:
+            self._dependency_down(down, exc)
+        return down
+
+    def _dependency_down(self, name: str, exc: BaseException) -> None:
+        """One WARNING line when ``name`` becomes unavailable (an expected outage: no traceback)."""
+        self.metrics.dependency_up.labels(name).set(0)
+        if name in self._down:
+            return
+        self._down[name] = time.monotonic()
+        log.warning(
+            "%s unavailable (%s); nothing committed, retrying with backoff (at most %.0fs apart)",
+            name,
+            _one_line(exc),
+            self.cfg.retry_backoff_s[1],
+        )
+
+    def _dependency_up(self, *names: str) -> None:
+        """One INFO line, with the outage's duration, when a dependency that was down works again."""
+        for name in names:
+            self.metrics.dependency_up.labels(name).set(1)
+            since = self._down.pop(name, None)
+            if since is not None:
+                log.info("%s recovered after %.1fs", name, time.monotonic() - since)
+
+    def _drop_in_flight(self) -> dict[TopicPartition, int]:
+        """Drop every batch in flight and the one being polled, uncommitted, once the applier let go of them (a
+        failure makes it skip the rest); returns the first offset of each of their partitions."""
         rewind: dict[TopicPartition, int] = {}
         later = [self._open] if self._open is not None else []
         self._open = None
         for batch in [*self._in_flight, *later]:
             if batch.applied is not None:
                 wait([batch.applied])
+            failed = batch.applied is None or batch.applied.cancelled() or batch.applied.exception() is not None
+            if batch.prepared is not None and failed:
+                self.ingestor.discard(batch.prepared)  # never committed: drop its model work
             for tp, off in batch.first.items():
                 rewind.setdefault(tp, off)  # batches are in poll order: the earliest offset wins
         self._in_flight.clear()
         self._halted = False
-        if reposition and self._consumer is not None:
-            for tp, off in rewind.items():
+        return rewind
+
+    def _seek(self, positions: dict[TopicPartition, int]) -> None:
+        """Seek partitions back so that their records from these offsets on come again."""
+        if self._consumer is not None:
+            for tp, off in positions.items():
                 self._consumer.seek(tp, off)
+
+    def _abandon_in_flight(self, *, reposition: bool) -> None:
+        """Drop every batch in flight uncommitted, and the one being polled (:meth:`_drop_in_flight`), then, with
+        ``reposition``, seek each of their partitions back to its first offset among them, so the same records
+        come again. (After a rebalance the positions come from the committed offsets.)"""
+        rewind = self._drop_in_flight()
+        if reposition:
+            self._seek(rewind)
 
     def _finish_all(self, *, reposition: bool) -> None:
         """Finish every batch in flight, in order (before stopping or giving partitions away)."""
@@ -501,28 +756,57 @@ class EventConsumer:
             return
         try:
             consumer.commit(offsets)
-        except KafkaError:
+        except KafkaError as exc:
             # Not fatal: the records are applied; another member (or we) will replay them and dedup skips them.
-            log.warning("offset commit failed for %s; the batch will be replayed harmlessly", offsets, exc_info=True)
+            self._dependency_down("kafka", exc)
             return
+        self._dependency_up("kafka")
+        self.metrics.last_commit.set(time.time())
         for tp, om in offsets.items():
             self._committed[tp] = om.offset
+            sent = self._dead_lettered.get(tp)
+            if sent:
+                sent.difference_update([o for o in sent if o < om.offset])
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, ends: dict[TopicPartition, int] | None = None) -> None:
+        """Lag per assigned partition: its high watermark (from the last fetch, or ``ends`` read from the broker)
+        minus the next offset to process (processed, else committed, else the first one polled since the start).
+        Never reset when nothing is known: an unreachable broker leaves the last value (the poll timestamp says how
+        old it is)."""
         consumer = self._consumer
         if consumer is None:
             return
         for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            pos = self._processed.get(tp)
+            high = ends.get(tp) if ends is not None else consumer.highwater(tp)
+            pos = self._processed.get(tp, self._committed.get(tp, self._seen.get(tp)))
             if high is not None and pos is not None:
                 self.metrics.lag.labels(str(tp.partition)).set(max(high - pos, 0))
+
+    def _check_broker(self) -> None:
+        """While idle: read the end offsets from the broker (a round trip that fails when it cannot be reached), so
+        the poll timestamp and the lag stay true when no record arrives."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        assigned = list(consumer.assignment())
+        # a member without partitions (more members than partitions) asks about one all the same
+        asked = assigned or [TopicPartition(self.cfg.topic, 0)]
+        try:
+            ends = consumer.end_offsets(asked, timeout_ms=BROKER_CHECK_TIMEOUT_MS)
+        except KafkaError as exc:
+            self._dependency_down("kafka", exc)
+            return
+        self._dependency_up("kafka")
+        self.metrics.last_poll.set(time.time())
+        self._update_lag(ends)
 
     def _refresh_model(self) -> None:
         try:
             if self.models.refresh():
                 log.info("switched to model version %s", self.models.get().version)
                 self.ingestor.warm(wait=False)  # the model process loads it while this batch goes on
+        except StoreUnavailable as exc:  # an outage the batches report too: one line, no traceback
+            self._dependency_down("store", exc)
         except Exception:
             log.exception("model registry check failed; keeping the current model")
         else:

@@ -6,6 +6,7 @@ so the CLI prints one line instead of a client stack trace.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -22,10 +23,15 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DLQ_HEADER_DETAIL",
+    "DLQ_HEADER_ORIGINAL_SHA256",
+    "DLQ_HEADER_ORIGINAL_SIZE",
     "DLQ_HEADER_REASON",
     "DLQ_HEADER_SOURCE_OFFSET",
     "DLQ_HEADER_SOURCE_PARTITION",
     "DLQ_HEADER_SOURCE_TOPIC",
+    "DLQ_HEADER_TRUNCATED",
+    "DLQ_MAX_KEY_BYTES",
+    "DLQ_MAX_VALUE_BYTES",
     "dlq_send",
     "ensure_topics",
     "kafka_unreachable",
@@ -38,6 +44,15 @@ DLQ_HEADER_DETAIL = "persona-reject-detail"
 DLQ_HEADER_SOURCE_TOPIC = "persona-source-topic"
 DLQ_HEADER_SOURCE_PARTITION = "persona-source-partition"
 DLQ_HEADER_SOURCE_OFFSET = "persona-source-offset"
+DLQ_HEADER_ORIGINAL_SIZE = "persona-original-size"
+DLQ_HEADER_ORIGINAL_SHA256 = "persona-original-sha256"
+DLQ_HEADER_TRUNCATED = "persona-truncated"
+#: A dead-lettered payload keeps at most its first this many bytes (4x the 16 KB event limit, far below the 1 MB
+#: a Kafka request and a topic accept by default): the DLQ producer must never be refused a record, or the batch
+#: holding it would be retried forever.
+DLQ_MAX_VALUE_BYTES = 64 * 1024
+#: Keys are session ids (at most 128 characters when valid); a longer one is cut like the payload.
+DLQ_MAX_KEY_BYTES = 1024
 
 # How long a client waits for the first broker before we call the cluster unreachable.
 BOOTSTRAP_TIMEOUT_MS = 10_000
@@ -165,10 +180,12 @@ def dlq_send(
     partition: int,
     offset: int,
 ) -> FutureRecordMetadata:
-    """Publish a rejected message unchanged (same key, original bytes) with the reason in headers.
+    """Publish a rejected message (same key, original bytes) with the reason in headers.
 
     Keeping the exact bytes lets an operator fix and re-publish; headers make the DLQ greppable without
-    parsing the payload (which may not be JSON at all).
+    parsing the payload (which may not be JSON at all). A payload over :data:`DLQ_MAX_VALUE_BYTES` (a key over
+    :data:`DLQ_MAX_KEY_BYTES`) is cut to its head, and the headers say so and keep the original size and sha256:
+    the DLQ record stays within what the topic accepts, so a huge message cannot wedge the batch it came in.
     """
     headers = [
         (DLQ_HEADER_REASON, str(rejection.reason).encode()),
@@ -177,4 +194,12 @@ def dlq_send(
         (DLQ_HEADER_SOURCE_PARTITION, str(partition).encode()),
         (DLQ_HEADER_SOURCE_OFFSET, str(offset).encode()),
     ]
+    if len(raw) > DLQ_MAX_VALUE_BYTES or (key is not None and len(key) > DLQ_MAX_KEY_BYTES):
+        headers += [
+            (DLQ_HEADER_TRUNCATED, b"true"),
+            (DLQ_HEADER_ORIGINAL_SIZE, str(len(raw)).encode()),
+            (DLQ_HEADER_ORIGINAL_SHA256, hashlib.sha256(raw).hexdigest().encode()),
+        ]
+        raw = raw[:DLQ_MAX_VALUE_BYTES]
+        key = key[:DLQ_MAX_KEY_BYTES] if key is not None else None
     return producer.send(dlq_topic, value=raw, key=key, headers=headers, timestamp_ms=int(time.time() * 1000))

@@ -8,17 +8,20 @@ a fixed enum, prototypes and partitions are small integers).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from persona.events import Event, Rejection, event_type_label
 from persona.ingest import KS, VARIANTS, IngestResult
 from recsys.drift import SlidingCounts, js_divergence, psi
 from recsys.online import OnlineModel
 
-__all__ = ["ConsumerMetrics", "observe_many"]
+__all__ = ["ConsumerMetrics", "OnlineCounters", "observe_many"]
 
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -50,6 +53,50 @@ def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> 
     total.inc(float(arr.sum()))
 
 
+class OnlineCounters(Collector):
+    """``persona_predictions_total{variant}``, ``persona_hits_total{variant,k}``, ``persona_ndcg_gain_total{variant,k}``
+    and ``persona_reciprocal_rank_total{variant}``, read from the store on each scrape (:meth:`read_from`).
+
+    The store adds to them in the transaction of the events they count (:mod:`persona.ingest`), so they are
+    exactly-once: a crash loses none, a redelivered event adds none. Every consumer exports the same totals (the
+    whole store's, HTTP ingestion included): aggregate them across instances with ``max``, not ``sum``. Before a
+    store is attached, and when the store cannot be read, the last values read are exported (zeros at first).
+    """
+
+    def __init__(self) -> None:
+        self._read: Callable[[], dict[tuple[str, str, int], float]] | None = None
+        self._last: dict[tuple[str, str, int], float] = {}
+
+    def read_from(self, read: Callable[[], dict[tuple[str, str, int], float]]) -> None:
+        """Export what ``read()`` returns: ``{(name, variant, k): value}`` (e.g. ``Store.online_counters``)."""
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterable[Metric]:
+        if self._read is not None:
+            with contextlib.suppress(Exception):  # the store is down: a counter must not drop, keep the last values
+                self._last = self._read()
+        return self._families(self._last)
+
+    @staticmethod
+    def _families(values: dict[tuple[str, str, int], float]) -> list[Metric]:
+        predictions = CounterMetricFamily(
+            "persona_predictions", "Prequential predictions made before applying an event.", labels=["variant"]
+        )
+        hits = CounterMetricFamily("persona_hits", "Prequential hits at k.", labels=["variant", "k"])
+        ndcg = CounterMetricFamily("persona_ndcg_gain", "Sum of prequential NDCG gains at k.", labels=["variant", "k"])
+        rr = CounterMetricFamily("persona_reciprocal_rank", "Sum of prequential reciprocal ranks.", labels=["variant"])
+        for v in VARIANTS:  # every series exists from the start: Grafana sees zeros, not gaps
+            predictions.add_metric([v], values.get(("predictions", v, 0), 0.0))
+            rr.add_metric([v], values.get(("reciprocal_rank", v, 0), 0.0))
+            for k in KS:
+                hits.add_metric([v, str(k)], values.get(("hits", v, k), 0.0))
+                ndcg.add_metric([v, str(k)], values.get(("ndcg_gain", v, k), 0.0))
+        return [predictions, hits, ndcg, rr]
+
+
 class ConsumerMetrics:
     """All consumer metrics on a private registry, plus the sliding windows behind the drift gauges.
 
@@ -78,12 +125,25 @@ class ConsumerMetrics:
         self.last_batch = Gauge(
             "persona_consumer_last_batch_timestamp_seconds", "Unix time of the last processed batch.", registry=r
         )
-        self.predictions = Counter(
-            "persona_predictions", "Prequential predictions made before applying an event.", ["variant"], registry=r
+        self.last_poll = Gauge(
+            "persona_consumer_last_poll_timestamp_seconds",
+            "Unix time the broker last answered this consumer (records fetched, or end offsets read when idle).",
+            registry=r,
         )
-        self.hits = Counter("persona_hits", "Prequential hits at k.", ["variant", "k"], registry=r)
-        self.ndcg = Counter("persona_ndcg_gain", "Sum of prequential NDCG gains at k.", ["variant", "k"], registry=r)
-        self.rr = Counter("persona_reciprocal_rank", "Sum of prequential reciprocal ranks.", ["variant"], registry=r)
+        self.last_commit = Gauge(
+            "persona_consumer_last_commit_timestamp_seconds", "Unix time of the last offset commit.", registry=r
+        )
+        self.dependency_up = Gauge(
+            "persona_dependency_up",
+            "1 while a dependency (store, kafka, model) works for this consumer, 0 during an outage.",
+            ["dependency"],
+            registry=r,
+        )
+        for dependency in ("store", "kafka", "model"):
+            self.dependency_up.labels(dependency).set(1)
+        # The prequential counters are the store's (written with the events they count): read on each scrape.
+        self.online = OnlineCounters()
+        r.register(self.online)
         self.psi = Gauge("persona_drift_psi", "PSI of a live distribution against training.", ["signal"], registry=r)
         self.js = Gauge("persona_drift_js", "JS divergence against training (bits).", ["signal"], registry=r)
         self.ood = Histogram(
@@ -103,13 +163,6 @@ class ConsumerMetrics:
         )
         self.model_info = Gauge("persona_model_info", "The model version in use (value 1).", ["version"], registry=r)
         self.bank_version = Gauge("persona_bank_version", "Version of the prototype bank last written.", registry=r)
-        # Pre-create the quality series so Grafana sees zeros, not gaps, before the first prediction.
-        for v in VARIANTS:
-            self.predictions.labels(v)
-            self.rr.labels(v)
-            for k in KS:
-                self.hits.labels(v, str(k))
-                self.ndcg.labels(v, str(k))
         self._window = window
         self._model_version: str | None = None
         self._proto_window: SlidingCounts | None = None
@@ -157,12 +210,6 @@ class ConsumerMetrics:
         """Counters, histograms and drift gauges from one applied batch."""
         self.duplicate.inc(result.duplicates)
         self.unknown_item.inc(result.unknown_items)
-        for v in VARIANTS:
-            self.predictions.labels(v).inc(result.predictions[v])
-            self.rr.labels(v).inc(result.reciprocal_rank[v])
-            for k in KS:
-                self.hits.labels(v, str(k)).inc(result.hits[(v, k)])
-                self.ndcg.labels(v, str(k)).inc(result.ndcg[(v, k)])
         observe_many(self.freshness, np.maximum(np.asarray(result.freshness_s, dtype=np.float64), 0.0))
         observe_many(self.ood, result.ood_scores)
         observe_many(self.edit_norm, result.edit_norm_ratios)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from persona.store import Store
 from persona.store.engine import temporary_database
@@ -50,3 +51,25 @@ def store(store_url: str) -> Iterator[Store]:
         yield opened
     finally:
         opened.close()
+
+
+@pytest.fixture
+def outage_db_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database that a test may take down with :func:`set_reachable` (the shared server
+    keeps running for everyone else; only this database goes away)."""
+    yield from _postgres_database()
+
+
+def set_reachable(url: str, reachable: bool) -> None:
+    """Open or close a database to connections; closing also ends its sessions: an outage, as the clients see it."""
+    name = make_url(url).database
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(reachable).lower()}'))
+            if not reachable:
+                conn.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+                )
+    finally:
+        admin.dispose()

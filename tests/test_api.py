@@ -6,6 +6,7 @@ never drift from what the consumer and an on-device copy of the model compute.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,10 @@ from persona.settings import Settings
 from persona.store import Store
 from persona.user_state import pack_user_state
 from recsys.model import Edit
-from recsys.online import BankState, OnlineModel, code_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
 from serving.admission import TokenBuckets, key_matches
 from serving.app import create_app
+from tests.fixtures_store import set_reachable
 
 KEY = "s3cret-admin-key"
 CLIENT_KEY = "s3cret-client-key"
@@ -74,7 +76,9 @@ def _bank(api: Api) -> BankState:
         return api.online.initial_bank
     cfg = api.online.cfg
     centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
-    return BankState(centres, torch.tensor([r.count for r in rows]), 0)
+    # the prototypes' stored next-item counts too: the group bias a ranking adds comes from them
+    next_items = stored_next_items([r.next_items for r in rows], api.online.initial_bank.next_items, cfg)
+    return BankState(centres, torch.tensor([r.count for r in rows]), 0, next_items)
 
 
 def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool = True) -> list[str]:
@@ -83,9 +87,10 @@ def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool 
     state = api.store.get_session(session_id)
     assert state is not None and state.code is not None and state.prototype_id is not None
     code = code_from_bytes(state.code, online.cfg)
-    edit = online.edit(code.unsqueeze(0), _bank(api), prototypes=torch.tensor([state.prototype_id]))
+    bank = _bank(api)
+    edit = online.edit(code.unsqueeze(0), bank, prototypes=torch.tensor([state.prototype_id]))
     hist = online.histories([state.recent_items])
-    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen)
+    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen, bank=bank)
     keep = torch.isfinite(scores[0])
     return online.decode(idx[0][keep])
 
@@ -215,7 +220,12 @@ def test_edit_export_round_trips_into_the_library(api: Api) -> None:
     )
     state = api.store.get_session("s")
     assert state is not None
-    idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True)
+    bank = _bank(api)
+    idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True, bank=bank)
+    group = online.group_bias(edit.prototype, bank)
+    assert (exported["item_bias"] is None) == (group is None)  # the edit carries its prototype's group bias
+    if group is not None:
+        np.testing.assert_allclose(np.asarray(exported["item_bias"]), group[0].numpy(), rtol=1e-6)
     served = api.client.get("/v1/sessions/s/recommendations").json()
     assert online.decode(idx[0]) == _ranked(served)
     assert api.client.get("/v1/sessions/unknown/edit").status_code == 404
@@ -275,6 +285,84 @@ def test_invalid_events_are_refused_with_each_index_and_reason(api: Api) -> None
     assert one.status_code == 200 and one.json()["applied"] == 1
     again = api.client.post("/v1/events", json=good).json()
     assert again["applied"] == 0 and again["duplicates"] == 1
+
+
+def test_events_kafka_refuses_are_refused_over_http_too(api: Api) -> None:
+    """Lone surrogates (escaped or as raw bytes ED A0 80), NUL and oversized events: 422 problem+json naming the
+    reason, never a 500 or a stored event ("same validation as Kafka")."""
+    item = _items(api, 0, 1)[0]
+    good = {"event_id": "e1", "session_id": "s", "item_id": item, "ts": "2026-01-01T00:00:00Z"}
+    escaped = b'{"event_id":"e2","session_id":"s-\\ud800","item_id":"' + item.encode() + b'","ts":1.7e9}'
+    raw = b'{"event_id":"e3","session_id":"s-\xed\xa0\x80","item_id":"' + item.encode() + b'","ts":1.7e9}'
+    nul = b'{"event_id":"e4","session_id":"s","item_id":"' + item.encode() + b'","ts":1.7e9,"note":"a\\u0000"}'
+    for body in (escaped, raw, nul, b'{"events": [' + escaped + b"]}"):
+        problem = _problem(
+            api.client.post("/v1/events", content=body, headers={"content-type": "application/json"}), 422
+        )
+        assert problem["errors"][0]["type"] == "invalid_value"
+    oversized = {**good, "event_id": "e5", "pad": "x" * 16_384}
+    problem = _problem(api.client.post("/v1/events", json={"events": [good, oversized]}), 422)
+    assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["body", "events", 1], "oversized")]
+    assert "limit 16384" in problem["errors"][0]["msg"]
+    assert api.store.count_events() == 0
+    assert api.client.post("/v1/events", json=good).json()["applied"] == 1
+
+
+def test_a_store_outage_answers_503_with_retry_after_serves_stateless_rankings_and_logs_one_line_each(
+    outage_db_url: str, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store.open(outage_db_url)
+    models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=60)
+    try:
+        with _app(store, models) as client:
+            api = Api(client, store, models)
+            items = _items(api, 0, 3)
+            api.ingest("s", items)
+            before = client.get("/v1/sessions/s/recommendations").json()
+            set_reachable(outage_db_url, False)
+            caplog.clear()
+            caplog.set_level(logging.INFO)
+            needs_store = [
+                client.get("/v1/sessions/s/recommendations"),
+                client.get("/v1/sessions/never-seen/recommendations"),  # cold or not: only the store can tell
+                client.post("/v1/recommendations", json={"session_id": "s", "recent_items": items[:1]}),
+                client.get("/v1/sessions/s"),
+                client.post("/v1/events", json={"event_id": "x", "session_id": "s", "item_id": items[0], "ts": 1.7e9}),
+                client.get("/readyz"),
+            ]
+            for r in needs_store:
+                body = _problem(r, 503)
+                assert r.headers["retry-after"] == "5"
+                assert "postgresql" not in body["detail"]  # the server's address stays in the log
+            # no session named: still served, with the bank read before the outage (or popularity)
+            stateless = client.post("/v1/recommendations", json={"recent_items": items})
+            assert stateless.status_code == 200 and _ranked(stateless.json()) == _ranked(before)
+            cold = client.post("/v1/recommendations", json={"recent_items": ["not-an-item"]})
+            assert cold.status_code == 200 and cold.json()["fallback"] == "popularity"
+            failed = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(failed) == len(needs_store), [r.getMessage() for r in failed]
+            assert not any(r.exc_info for r in caplog.records)  # an expected outage: no traceback
+            set_reachable(outage_db_url, True)
+            assert _ranked(client.get("/v1/sessions/s/recommendations").json()) == _ranked(before)
+    finally:
+        set_reachable(outage_db_url, True)
+        store.close()
+
+
+def test_an_unexpected_error_is_one_500_problem_and_one_traceback(
+    api: Api, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any, **_kw: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(api.client.app.state.ctx.store, "get_session", broken)  # type: ignore[attr-defined]
+    caplog.set_level(logging.INFO)
+    # Raising client: an exception that escapes the app is what makes the server log a second traceback.
+    strict = TestClient(api.client.app, raise_server_exceptions=True)
+    body = _problem(strict.get("/v1/sessions/s"), 500)
+    assert "a bug" not in body["detail"]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "unhandled error on GET /v1/sessions/s" in tracebacks[0].getMessage()
 
 
 def test_admin_needs_an_admin_key_compared_in_constant_time(api: Api) -> None:
@@ -388,3 +476,16 @@ def test_micro_batching_is_configured_from_settings(store_url: str, tiny_bundle:
         assert not batcher.offloads()  # the tiny catalogue ranks on the event loop
     finally:
         store.close()
+
+
+def test_openapi_documents_the_event_body(api: Api) -> None:
+    doc = api.client.get("/openapi.json").json()
+    body = doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["oneOf"] == [
+        {"$ref": "#/components/schemas/Event"},
+        {"$ref": "#/components/schemas/EventBatch"},
+    ]
+    event = doc["components"]["schemas"]["Event"]
+    assert set(event["required"]) == {"event_id", "session_id", "item_id", "ts"}
+    assert event["additionalProperties"] is True  # other fields are kept as attributes
+    assert doc["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 1000

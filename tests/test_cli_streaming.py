@@ -1,11 +1,14 @@
-"""The streaming commands as a user runs them: `persona broker` and `persona replay` from the shell."""
+"""The long-running commands as a user runs them: `persona broker`, `persona replay` and `persona serve`."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from persona.events import Event, parse_event
 from streaming.broker import EmbeddedBroker
 from streaming.kafka_io import make_consumer
 from tests.fixtures_kafka import FAST_GROUP
+from tests.prometheus_harness import free_port
 
 PERSONA = str(Path(sys.executable).parent / "persona")
 
@@ -52,3 +56,63 @@ def test_replay_command_sends_the_requested_events(
     events = [parse_event(raw) for raw in got]
     assert all(isinstance(e, Event) for e in events)
     assert len({e.event_id for e in events if isinstance(e, Event)}) == 60
+
+
+def _flipped_copy(bundle: Path, where: Path) -> Path:
+    """A copy of ``bundle`` with one byte of its weights flipped: same sizes, another checksum."""
+    copy = where / "flipped"
+    shutil.copytree(bundle, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return copy
+
+
+@pytest.mark.parametrize("command", ["serve", "consume"])
+def test_a_flipped_bundle_is_one_line_naming_the_checksum_and_exit_2(
+    command: str, tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PERSONA_MODEL_DIR", str(_flipped_copy(tiny_bundle, tmp_path)))
+    monkeypatch.setenv("PERSONA_DATABASE_URL", f"sqlite:///{tmp_path / 'store.db'}")
+    assert main([command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "model.safetensors fails its checksum" in err
+
+
+@pytest.mark.slow
+def test_serve_answers_then_exits_0_on_sigterm(tiny_bundle: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PERSONA_MODEL_DIR": str(tiny_bundle),
+        "PERSONA_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}",
+    }
+    proc = subprocess.Popen(
+        [PERSONA, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                assert time.monotonic() < deadline, "persona serve did not become ready"
+                time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = proc.stdout.read() if proc.stdout else ""
+    assert code == 0, output
+    assert "Traceback" not in output

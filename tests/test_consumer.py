@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 import streaming.consumer
 from persona.events import Event, RejectReason
 from persona.models import ModelProvider
-from persona.store import Store
+from persona.store import Store, StoreUnavailable
 from recsys.online import OnlineModel, code_from_bytes
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import ConsumerConfig, ConsumeStats, EventConsumer
@@ -186,7 +186,7 @@ def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
     def flaky_commit(prepared: Any) -> Any:
         calls["commit"] += 1
         if calls["commit"] in (3, 4):
-            raise RuntimeError("store down")
+            raise StoreUnavailable("store down")  # an outage: retried as it is, never bisected
         return commit(prepared)
 
     real_send = streaming.consumer.dlq_send
@@ -286,6 +286,11 @@ def test_a_hard_killed_consumer_resumes_from_committed_offsets_without_loss_or_d
     second = persona_consume(env, topic, log, "--idle-exit", "4")
     assert second.wait(180) == 0, log.read_text()[-3000:]
     assert_state_matches_in_process(store, online, events)
+    # the online counters are exactly-once too: every event after a session's first is predicted once, kill or not
+    counters = store.online_counters()
+    for variant in ("persona", "base"):
+        assert counters[("predictions", variant, 0)] == len(events) - 300
+        assert 0 < counters[("hits", variant, 10)] <= counters[("hits", variant, 20)] <= len(events) - 300
     store.close()
 
 

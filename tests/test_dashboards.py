@@ -44,6 +44,9 @@ COUNTERS = {
 GAUGES = {
     "persona_consumer_lag",
     "persona_consumer_last_batch_timestamp_seconds",
+    "persona_consumer_last_poll_timestamp_seconds",
+    "persona_consumer_last_commit_timestamp_seconds",
+    "persona_dependency_up",
     "persona_drift_psi",
     "persona_drift_js",
     "persona_model_info",
@@ -68,6 +71,8 @@ UNITS = {"s", "reqps", "ops", "percentunit", "short", "none"}
 DATASOURCE = "${datasource}"
 REQUIRED_ALERTS = {
     "ConsumerStalled",
+    "ConsumerCannotReachBroker",
+    "ConsumerDependencyDown",
     "ConsumerLagGrowing",
     "FreshnessHigh",
     "PersonaWorseThanBase",

@@ -137,6 +137,28 @@ BAD_CASES: list[tuple[str, Any, RejectReason]] = [
     ("future ts", _with(ts="2026-11-23T12:06:00Z"), RejectReason.FUTURE_TIMESTAMP),
     ("future epoch", _with(ts=NOW.timestamp() + 301), RejectReason.FUTURE_TIMESTAMP),
     ("oversized", _with(blob="x" * 20000), RejectReason.OVERSIZED),
+    # text the store cannot hold (PostgreSQL refuses lone surrogates and NUL in text and jsonb): it would pass
+    # everything else and then fail the insert on every retry, stopping the partition
+    ("escaped lone surrogate", _with(session_id="s-\ud800"), RejectReason.INVALID_VALUE),
+    (
+        "raw lone surrogate",
+        b'{"event_id":"e","session_id":"s-\xed\xa0\x80","item_id":"1","ts":1}',
+        RejectReason.INVALID_VALUE,
+    ),
+    ("surrogate item", _with(item_id="\udfff"), RejectReason.INVALID_VALUE),
+    ("surrogate type", _with(type="clic\udc80"), RejectReason.INVALID_VALUE),
+    ("surrogate user", _with(user_id="u\ud83d"), RejectReason.INVALID_VALUE),
+    ("surrogate device", _with(device_id="\ud800d"), RejectReason.INVALID_VALUE),
+    ("NUL in an id", _with(event_id="e\x00"), RejectReason.INVALID_VALUE),
+    ("surrogate attribute", _with(note={"deep": ["ok", "x\ud800"]}), RejectReason.INVALID_VALUE),
+    ("surrogate attribute key", _with(note={"k\ud800": 1}), RejectReason.INVALID_VALUE),
+    ("NUL attribute", _with(note="a\x00b"), RejectReason.INVALID_VALUE),
+    ("NaN attribute", b'{"event_id":"e","session_id":"s","item_id":"1","ts":1,"x":[NaN]}', RejectReason.INVALID_VALUE),
+    (
+        "Infinity attribute",
+        b'{"event_id":"e","session_id":"s","item_id":"1","ts":1,"x":-Infinity}',
+        RejectReason.INVALID_VALUE,
+    ),
 ]
 
 
@@ -147,6 +169,15 @@ def test_bad_events_are_rejected_with_the_right_reason(case: str, payload: Any, 
     assert isinstance(result, Rejection), case
     assert result.reason is reason, result.detail
     assert result.detail and "\n" not in result.detail
+    result.detail.encode("utf-8")  # the detail goes into DLQ headers and HTTP problems: it must be valid text
+
+
+def test_valid_non_ascii_text_is_kept() -> None:
+    """The text checks refuse only what cannot be stored: accents, CJK and emoji (surrogate pairs in JSON) pass."""
+    raw = json.dumps(_with(session_id="s-é-東京-😀", note={"k-ü": ["ø", "😀"]})).encode()  # ensure_ascii: \ud83d\ude00
+    ev = parse_event(raw, now=NOW)
+    assert isinstance(ev, Event)
+    assert ev.session_id == "s-é-東京-😀" and ev.attributes == {"note": {"k-ü": ["ø", "😀"]}}
 
 
 def test_non_finite_epoch_is_rejected() -> None:
@@ -176,9 +207,26 @@ def test_small_future_skew_is_tolerated() -> None:
     [EXAMPLE, _with(type=_DROP, x=1), _with(item_id=5), *(c[1] for c in BAD_CASES if isinstance(c[1], dict))],
 )
 def test_validate_event_dict_agrees_with_parse_event(payload: dict[str, Any]) -> None:
+    """The HTTP door decodes then validates; the Kafka door validates raw bytes: same verdict, size limit included."""
     raw = json.dumps(payload).encode()
-    from_bytes = parse_event(raw, ValidationPolicy(max_bytes=1 << 20), now=NOW)
-    assert validate_event_dict(json.loads(raw), now=NOW) == from_bytes
+    from_dict, from_bytes = validate_event_dict(json.loads(raw), now=NOW), parse_event(raw, now=NOW)
+    if isinstance(from_bytes, Rejection):  # the size detail counts the compact encoding over HTTP
+        assert isinstance(from_dict, Rejection) and from_dict.reason is from_bytes.reason
+    else:
+        assert from_dict == from_bytes
+
+
+def test_validate_event_dict_measures_size_as_compact_json() -> None:
+    """An event's size over HTTP is its compact JSON (what a producer puts on Kafka), not the request's whitespace."""
+    limit = 2000
+    base = len(json.dumps(_with(pad=""), separators=(",", ":")).encode())
+    fits = _with(pad="x" * (limit - base))
+    over = _with(pad="x" * (limit - base + 1))
+    policy = ValidationPolicy(max_bytes=limit)
+    assert isinstance(validate_event_dict(fits, policy, now=NOW), Event)
+    rejected = validate_event_dict(over, policy, now=NOW)
+    assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.OVERSIZED
+    assert f"{limit + 1} bytes" in rejected.detail
 
 
 def test_validate_event_dict_rejects_non_objects() -> None:

@@ -18,7 +18,7 @@ import torch
 
 import persona.ingest as ingest_module
 from persona.events import Event, RejectReason
-from persona.ingest import KS, Ingestor
+from persona.ingest import KS, Ingestor, online_counter_increments
 from persona.models import ModelProvider
 from persona.store import Store, UnitOfWork
 from persona.user_state import pack_user_state, unpack_user_state
@@ -507,6 +507,47 @@ def test_a_failed_transaction_leaves_nothing_behind(
     assert after == bank_before
     # and the same batch applies cleanly afterwards (the consumer's retry)
     assert ingestor.apply(events[20:]).applied == 20
+
+
+def _summed(*results: Any) -> dict[tuple[str, str, int], float]:
+    out: dict[tuple[str, str, int], float] = {}
+    for result in results:
+        for key, value in online_counter_increments(result).items():
+            out[key] = out.get(key, 0.0) + value
+    return {key: value for key, value in out.items() if value}
+
+
+def test_online_counters_are_exactly_once_with_the_events_they_count(
+    store: Store, models: ModelProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prequential counters live in the store and change in the events' transaction: a transaction that fails
+    after adding its counts adds nothing, and a redelivered event is a duplicate that counts nothing again."""
+    online = models.get()
+    events = make_events(online, 60, sessions=4)
+    ingestor = Ingestor(store, models)
+    first = ingestor.apply(events[:30])
+    assert store.online_counters() == pytest.approx(_summed(first))
+
+    real = UnitOfWork.add_online_counters
+
+    def add_then_crash(self: UnitOfWork, increments: Any) -> None:
+        real(self, increments)
+        raise RuntimeError("crash before the commit")
+
+    monkeypatch.setattr(UnitOfWork, "add_online_counters", add_then_crash)
+    with pytest.raises(RuntimeError, match="crash before the commit"):
+        ingestor.apply(events[30:])
+    monkeypatch.undo()
+    assert store.online_counters() == pytest.approx(_summed(first))
+
+    second = ingestor.apply(events[30:])  # the retry
+    redelivered = ingestor.apply(events)  # everything again: duplicates
+    assert redelivered.duplicates == len(events)
+    counters = store.online_counters()
+    assert counters == pytest.approx(_summed(first, second))
+    for variant in ("persona", "base"):
+        assert counters[("predictions", variant, 0)] == len(events) - 4  # a session's first event predicts nothing
+        assert 0 <= counters.get(("hits", variant, 10), 0) <= counters.get(("hits", variant, 20), 0) <= 56
 
 
 def test_ood_and_item_indices_are_per_applied_event(store: Store, models: ModelProvider) -> None:

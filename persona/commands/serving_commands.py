@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,21 +19,53 @@ def serve(
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: PERSONA_API_PORT).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes (each loads the model).")] = 1,
 ) -> None:
-    """Serve the API; the active registry version is served and hot-swapped when another is activated."""
+    """Serve the API; the active registry version is served and hot-swapped when another is activated.
+
+    The store and the model (PERSONA_MODEL_DIR, or the registry's active version) are checked before the server
+    starts: a problem is one line and exit code 2. SIGTERM or Ctrl-C finish the requests in flight and exit 0.
+    """
     import uvicorn
 
     from persona.settings import load_settings
 
     settings = load_settings()
-    uvicorn.run(
-        "serving.app:create_server_app",
-        factory=True,
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        workers=workers,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-    )
+    _preflight(settings)
+    # uvicorn restores the handlers it found and raises the signal it stopped on again once it has shut down; with
+    # these in place that is a no-op instead of a death by SIGTERM (-15): a requested stop is a clean exit.
+    stops: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: stops.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(
+            "serving.app:create_server_app",
+            factory=True,
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            workers=workers,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+        )
+    except SystemExit as exc:
+        if exc.code not in (None, 0):  # uvicorn's "startup failed" (3): the reason is in the log just above
+            raise PersonaError(
+                "the API failed to start (see the log above)", "check PERSONA_API_HOST/PERSONA_API_PORT"
+            ) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _preflight(settings: Any) -> None:
+    """Open the store and load the model as the server will, so that a bad URL, an unreachable database or a broken
+    bundle is one line (:class:`PersonaError`, exit 2) here instead of a traceback from every worker. No active
+    model is fine: the API starts not ready (``/readyz`` 503) until one is activated."""
+    from persona.models import ModelProvider
+    from persona.store import Store
+
+    store = Store.open(settings.resolved_database_url)
+    try:
+        ModelProvider(store, model_dir=settings.model_dir)
+    finally:
+        store.close()
 
 
 def bench_rank(

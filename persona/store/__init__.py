@@ -12,6 +12,7 @@ from persona.store.repository import (
     SessionState,
     Store,
     StoredEvent,
+    StoreUnavailable,
     UnitOfWork,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "PrototypeRow",
     "SessionState",
     "Store",
+    "StoreUnavailable",
     "StoredEvent",
     "UnitOfWork",
     "current_revision",

@@ -7,20 +7,37 @@ Deduplication on ``event_id`` is what turns at-least-once delivery into an exact
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+import sqlite3
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Table, func, select, update
+from sqlalchemy import Connection, Engine, Insert, Table, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from persona.store.engine import READ_ONLY, ensure_schema, make_engine, mask_url
 from persona.store.hot_path import SESSION_FIELDS, HotPath, chunks, hot_path
-from persona.store.tables import events, model_versions, prototypes
+from persona.store.tables import events, model_versions, online_counters, prototypes
 from recsys.errors import PersonaError
+
+try:  # the PostgreSQL driver we ship; the hot path raises its errors unwrapped
+    import psycopg
+
+    _DRIVER_OUTAGES: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+except ImportError:  # pragma: no cover - psycopg is a dependency
+    _DRIVER_OUTAGES = (sqlite3.OperationalError,)
+
+#: Errors that say the database cannot be used right now (not that it refused a statement): no server, lost
+#: connection, locked or unopenable file. SQLAlchemy's wrappers and, for the hot path's raw cursors, the drivers'.
+_OUTAGES: tuple[type[Exception], ...] = (OperationalError, InterfaceError, *_DRIVER_OUTAGES)
+
+
+class StoreUnavailable(PersonaError):
+    """The database cannot be reached or used right now: an outage to wait out (the API answers 503, the consumer
+    backs off), as opposed to an error about what was sent to it."""
 
 
 def utcnow() -> datetime:
@@ -50,7 +67,7 @@ class SessionState:
     last_event_at: datetime | None = None
     updated_at: datetime = field(default_factory=utcnow)
     # The session's whole history as bounded item counts (recsys.repeats.RepeatCounts.to_json: item ids, counts and
-    # latest positions), for the device model's repeat part; None = none kept yet (rows from before 0004)
+    # latest positions), for the device model's repeat part; None = none kept yet (rows from before 0005)
     item_counts: dict[str, Any] | None = None
 
 
@@ -261,6 +278,29 @@ class UnitOfWork:
                 self.connection.execute(stmt, list(chunk))
         return self.load_prototypes(model_version)
 
+    # -- online evaluation counters ------------------------------------------------------------------------
+
+    def add_online_counters(self, increments: Mapping[tuple[str, str, int], float]) -> None:
+        """Add ``{(name, variant, k): amount}`` to the running counters (created at 0), in this transaction."""
+        todo = [{"name": n, "variant": v, "k": k, "value": float(x)} for (n, v, k), x in increments.items() if x]
+        if not todo:
+            return
+        stmt: Insert = self._insert(online_counters)
+        excluded = stmt.excluded  # type: ignore[attr-defined]
+        stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
+            index_elements=[online_counters.c.name, online_counters.c.variant, online_counters.c.k],
+            set_={"value": online_counters.c.value + excluded.value},
+        )
+        # a fixed order: two transactions adding to the same rows lock them in the same order (no deadlock)
+        self.connection.execute(stmt, sorted(todo, key=lambda r: (r["name"], r["variant"], r["k"])))
+
+    def online_counters(self) -> dict[tuple[str, str, int], float]:
+        """Every counter as ``{(name, variant, k): value}``."""
+        rows = self.connection.execute(
+            select(online_counters.c.name, online_counters.c.variant, online_counters.c.k, online_counters.c.value)
+        )
+        return {(r.name, r.variant, int(r.k)): float(r.value) for r in rows}
+
     # -- model registry -----------------------------------------------------------------------------------
 
     def _model(self, version: str) -> ModelVersionRow | None:
@@ -345,23 +385,52 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[UnitOfWork]:
-        """One write transaction: commits on normal exit, rolls back everything if the block raises."""
+        """One write transaction: commits on normal exit, rolls back everything if the block raises.
+
+        Raises :class:`StoreUnavailable` when the database cannot be reached or the connection is lost.
+        """
         try:
             with self.engine.begin() as conn:
                 yield UnitOfWork(conn)
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise PersonaError(
-                    f"lost the connection to the database {mask_url(self.engine.url)!r}",
-                    "check the server; the transaction was rolled back and can be retried",
-                ) from exc
+        except StoreUnavailable:
             raise
+        except DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc, _OUTAGES):
+                raise self._unavailable(exc) from exc
+            raise
+        except _OUTAGES as exc:
+            raise self._unavailable(exc) from exc
 
     @contextmanager
     def read(self) -> Iterator[UnitOfWork]:
-        """A read-only transaction; on SQLite it runs beside writers instead of queueing behind them."""
-        with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
-            yield UnitOfWork(conn)
+        """A read-only transaction; on SQLite it runs beside writers instead of queueing behind them.
+
+        Raises :class:`StoreUnavailable` like :meth:`transaction`.
+        """
+        try:
+            with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
+                yield UnitOfWork(conn)
+        except StoreUnavailable:
+            raise
+        except DBAPIError as exc:
+            if exc.connection_invalidated or isinstance(exc, _OUTAGES):
+                raise self._unavailable(exc) from exc
+            raise
+        except _OUTAGES as exc:
+            raise self._unavailable(exc) from exc
+
+    def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers ``SELECT 1`` (a health probe)."""
+        with self.read() as uow:
+            uow.connection.execute(text("SELECT 1"))
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        orig = getattr(exc, "orig", None) or exc
+        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
+        return StoreUnavailable(
+            f"the database {mask_url(self.engine.url)!r} is unavailable: {reason}",
+            "check the server; nothing was committed and the request can be retried",
+        )
 
     def get_session(self, session_id: str) -> SessionState | None:
         with self.read() as uow:
@@ -382,3 +451,7 @@ class Store:
     def count_events(self, session_id: str | None = None) -> int:
         with self.read() as uow:
             return uow.count_events(session_id)
+
+    def online_counters(self) -> dict[tuple[str, str, int], float]:
+        with self.read() as uow:
+            return uow.online_counters()

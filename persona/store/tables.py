@@ -95,7 +95,7 @@ class SessionRow(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
-    item_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # whole-history item counts (0004)
+    item_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # whole-history item counts (0005)
 
 
 class EventRow(Base):
@@ -152,7 +152,20 @@ class ModelVersionDBRow(Base):
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
 
+class OnlineCounterRow(Base):
+    """One running counter of the online (prequential) evaluation (0003), e.g. ``hits`` of ``persona`` at ``k`` 10
+    (``k`` 0 for counters without a cut-off). Added to in the transaction of the events it counts: exactly-once."""
+
+    __tablename__ = "online_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(16), primary_key=True)
+    k: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[float] = mapped_column(Float, nullable=False)
+
+
 sessions = cast(Table, SessionRow.__table__)
 events = cast(Table, EventRow.__table__)
 prototypes = cast(Table, PrototypeDBRow.__table__)
 model_versions = cast(Table, ModelVersionDBRow.__table__)
+online_counters = cast(Table, OnlineCounterRow.__table__)

@@ -5,8 +5,8 @@ catalogue size, 4·N bytes). The consumer counts each event after scoring it, in
 centre's refinement, so every API replica ranks with the same counts. NULL (rows written before this revision)
 means "start from the bundle's counts", so the upgrade needs no backfill.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-01
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -6,8 +6,8 @@ the decayed counts as of that event (recsys.repeats.RepeatCounts). The consumer 
 row; the prequential check and the API's rankings read it. NULL (rows written before this revision) means "no counts
 yet": such a session starts from its stored recent items, so the upgrade needs no backfill.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-01
 """
 
@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,35 @@
+"""Training chooses the prototypes' group bias on validation with the settings it tries (METHOD.md §3b)."""
+
+from __future__ import annotations
+
+import torch
+
+from recsys.data import load_interactions
+from recsys.model import ModelConfig, count_next_items
+from recsys.splits import Split, k_core, make_split
+from recsys.train import TrainConfig, ValidProbe, train_persona
+from streaming.bench import TINY_SOURCE
+
+
+def _split() -> Split:
+    df = k_core(load_interactions(TINY_SOURCE), 2, 2)
+    return make_split(df, "time-shift", max_len=20, window_stride=10)
+
+
+def test_the_trained_bank_reads_the_models_settings_and_the_choice_sees_each_weight() -> None:
+    split = _split()
+    cfg = ModelConfig(n_items=split.vocab.size, dim=16, code_dim=8, max_len=20)
+    tc = TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4, 8))
+    result = train_persona(split, cfg, tc, progress=False)
+    model = result.model
+    assert model.bank.cfg is model.cfg  # a bank restored from a copy must not keep a stale β
+    assert result.group_bias.weight == model.cfg.group_bias_weight
+    # Each β tried is really scored with that β (the probe reads the model's settings, not a copy's).
+    probe = ValidProbe.build(model, split.valid)
+    assignment = model.bank.assign(model.codes(torch.from_numpy(split.train.histories)))
+    count_next_items(model.bank.next_items, assignment, torch.from_numpy(split.train.targets), 1.0)
+    scores = {}
+    for weight in (0.0, 4.0):
+        model.cfg.group_bias_weight = weight
+        scores[weight] = probe.ndcg10(model, refine=True)
+    assert scores[0.0] != scores[4.0]
