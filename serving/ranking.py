@@ -61,7 +61,8 @@ class RankQuery:
     recent_items: Sequence[str] | None = None
     candidates: Sequence[str] | None = None
     k: int = 10
-    exclude_seen: bool = True
+    #: Leave out the history's items; None = the model's default: yes, unless it re-consumes (has the repeat part).
+    exclude_seen: bool | None = None
 
 
 @dataclass(slots=True)
@@ -252,8 +253,11 @@ class Ranker:
         tops: dict[int, tuple[Tensor, Tensor]] = {}
         # Items each row must not return (its history window), as vocabulary indices: cheaper than a padded
         # history tensor, which only the rows that must be re-encoded need.
+        default_exclude = not online.has_repeat_part  # a re-consuming model is there to recommend seen items
         seen = [
-            online.indices_of(r.history[-online.cfg.max_len :]) if q.exclude_seen else []
+            online.indices_of(r.history[-online.cfg.max_len :])
+            if (default_exclude if q.exclude_seen is None else q.exclude_seen)
+            else []
             for q, r in zip(queries, rows, strict=True)
         ]
         if model_rows:

@@ -104,7 +104,10 @@ class RecommendationRequest(Strict):
         default=None, max_length=MAX_CANDIDATES, description="Rank only these items (unknown ones are reported)."
     )
     k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K, description="How many items to return.")
-    exclude_seen: bool = Field(default=True, description="Leave out items of the history.")
+    exclude_seen: bool | None = Field(
+        default=None,
+        description="Leave out items of the history (default: yes, unless the model recommends items again).",
+    )
 
     model_config = ConfigDict(
         extra="forbid",

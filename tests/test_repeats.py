@@ -300,3 +300,33 @@ def test_the_device_graph_of_a_repeat_model_scores_like_the_server() -> None:
     # no repeat part: the graph keeps its five inputs
     plain = PersonaModel(ModelConfig(n_items=30, dim=16, code_dim=8, max_len=6)).eval()
     assert REPEAT_INPUT not in device_manifest(plain, vocab, "test")["inputs"]
+
+
+def test_the_api_recommends_seen_items_by_default_only_for_a_re_consuming_model(
+    store: Store, repeat_models: ModelProvider, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    online = repeat_models.get()
+    items = list(online.vocab.ids)
+    seq = [items[i] for i in (9, 10, 9, 11, 9, 12, 13, 14, 15, 16, 17, 18)]
+    Ingestor(store, repeat_models).apply(
+        [Event(f"d{i}", "dflt", it, T0 + timedelta(seconds=i)) for i, it in enumerate(seq)]
+    )
+    ranker = Ranker(store, repeat_models)
+    [default, allowed, excluded] = ranker.rank(
+        [RankQuery(session_id="dflt", k=5), RankQuery(session_id="dflt", k=5, exclude_seen=False),
+         RankQuery(session_id="dflt", k=5, exclude_seen=True)]
+    )  # fmt: skip
+    assert online.has_repeat_part
+    assert [i for i, _ in default.items] == [i for i, _ in allowed.items]
+    assert not {i for i, _ in excluded.items} & set(seq)
+    # A model without the repeat part keeps leaving the history out by default.
+    other = Store.open(f"sqlite:///{tmp_path / 'plain.db'}")
+    try:
+        plain = ModelProvider(other, model_dir=tiny_bundle)
+        assert not plain.get().has_repeat_part
+        events = [Event(f"p{i}", "plain", it, T0 + timedelta(seconds=i)) for i, it in enumerate(seq)]
+        Ingestor(other, plain).apply(events)
+        [plain_default] = Ranker(other, plain).rank([RankQuery(session_id="plain", k=5)])
+    finally:
+        other.close()
+    assert not {i for i, _ in plain_default.items} & set(seq)

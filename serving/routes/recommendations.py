@@ -68,7 +68,10 @@ async def session_recommendations(
     session_id: SessionPath,
     ctx: Context,
     k: Annotated[int, Query(ge=1, le=MAX_K, description="How many items to return.")] = DEFAULT_K,
-    exclude_seen: Annotated[bool, Query(description="Leave out items of the session's history.")] = True,
+    exclude_seen: Annotated[
+        bool | None,
+        Query(description="Leave out the session's history (default: yes, unless the model recommends items again)."),
+    ] = None,
 ) -> Response:
     result = await ctx.batcher.rank(RankQuery(session_id=session_id, k=k, exclude_seen=exclude_seen))
     return as_json(shape(result))
