@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.bundle import Bundle, load_bundle, save_bundle
-from recsys.data import fingerprint, load_interactions
+from recsys.bundle import ITEMS, Bundle, ItemMetadata, load_bundle, save_bundle
+from recsys.data import fingerprint, load_interactions, load_item_metadata
 from recsys.drift import DriftReference, drift_reference
 from recsys.errors import BundleError, DataError
 from recsys.model import ModelConfig, PersonaModel
@@ -53,6 +53,7 @@ class Prepared:
     interactions: pl.DataFrame
     split: Split
     fingerprint: str
+    items: pl.DataFrame | None = None  # the source's item attributes (recsys.data.load_item_metadata), if any
 
 
 def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0) -> Prepared:
@@ -77,7 +78,18 @@ def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0) -> 
         len(split.valid),
         len(split.test),
     )
-    return Prepared(spec, df, split, fingerprint(df))
+    return Prepared(spec, df, split, fingerprint(df), load_item_metadata(spec.source))
+
+
+def align_items(frame: pl.DataFrame, vocab: ItemVocab) -> ItemMetadata:
+    """Item attributes (``item_id`` + columns) → lists aligned with ``vocab``; None for items the file lacks."""
+    ids = frame.get_column("item_id").to_list()
+    columns: dict[str, list[Any]] = {}
+    for name in frame.columns:
+        if name != "item_id":
+            by_id = dict(zip(ids, frame.get_column(name).to_list(), strict=True))
+            columns[name] = [None] * vocab.OFFSET + [by_id.get(item) for item in vocab.ids]
+    return ItemMetadata(columns)
 
 
 @dataclass
@@ -92,6 +104,7 @@ class TrainedModel:
     item_counts: np.ndarray
     drift: DriftReference
     bundle: Bundle
+    items: ItemMetadata | None = None  # titles and other attributes, when the dataset shipped them
 
     @property
     def version(self) -> str:
@@ -100,6 +113,7 @@ class TrainedModel:
 
 def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainConfig, *, overwrite: bool) -> Bundle:
     model = result.model
+    items = {} if prepared.items is None else {ITEMS: align_items(prepared.items, prepared.split.vocab).to_document()}
     return save_bundle(
         out,
         tensors={
@@ -118,6 +132,7 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
                 "k_scores": {str(k): v for k, v in result.k_scores.items()},
                 "stages": [asdict(s) for s in result.stages],
             },
+            **items,
         },
         data_fingerprint=prepared.fingerprint,
         overwrite=overwrite,
@@ -158,6 +173,7 @@ def load_trained(path: Path) -> TrainedModel:
         no_proto_state = bundle.tensors["adapter_no_prototypes"]
         counts = bundle.tensors["stats"]["item_counts"].numpy()
         drift = DriftReference.from_json(bundle.documents["drift"])
+        items = ItemMetadata.from_document(bundle.documents[ITEMS], vocab.size) if ITEMS in bundle.documents else None
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(
             f"bundle {path} lacks a part this persona needs ({exc})", "retrain with `persona train`"
@@ -175,4 +191,4 @@ def load_trained(path: Path) -> TrainedModel:
     no_proto.load_state_dict(state)
     no_proto.adapter.load_state_dict(no_proto_state)
     no_proto.eval()
-    return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle)
+    return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle, items)
