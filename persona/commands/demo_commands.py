@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
 
 def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False, progress: bool = True) -> Path:
     """Reuse a valid cached bundle trained on ``dataset``; train one otherwise (minutes on 2 cores)."""
+    from recsys.data import load_item_metadata
     from recsys.errors import BundleError, PersonaError
     from recsys.pipeline import DatasetSpec, load_trained, train_bundle
 
@@ -48,6 +49,8 @@ def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False
                     "pass --retrain, another --bundle, or --dataset " + trained.spec.source,
                 )
             typer.echo(f"reusing the trained bundle at {path} (--retrain to train again)")
+            if trained.items is None and load_item_metadata(dataset) is not None:
+                typer.echo("  it has no item titles (trained before bundles kept them): --retrain to show titles")
             return path
     typer.echo(f"training on {dataset} into {path} (first run only, a few minutes) ...")
     start = time.perf_counter()
