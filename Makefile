@@ -5,7 +5,7 @@ UV := .tools/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint typecheck clean
+.PHONY: install demo test test-fast test-prereqs lint typecheck clean
 
 install: $(VENV)/.installed
 
@@ -27,12 +27,17 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# What the tests talk to outside the venv: installs Prometheus (Debian package, as root) and starts the local
+# PostgreSQL when it is installed but stopped, or stops with the one command to run (devtools/test_prereqs.py).
+test-prereqs:
+	$(PY) devtools/test_prereqs.py
+
 # All tests, the slow end-to-end ones included (CI runs this).
-test: install lint typecheck
+test: install test-prereqs lint typecheck
 	$(BIN)/pytest -m "" -q
 
 # The default quick loop: no slow end-to-end tests.
-test-fast: install
+test-fast: install test-prereqs
 	$(BIN)/pytest -q
 
 clean:

@@ -19,7 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("popularity", "base", "finetune", "persona-no-prototypes", "persona-static-prototypes", "persona")
+METHODS = (
+    "popularity",
+    "recent-popularity",
+    "session-repeat",
+    "base",
+    "finetune",
+    "persona-no-prototypes",
+    "persona-static-prototypes",
+    "persona",
+)
 COLS = ("hr@5", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
 
 
@@ -58,6 +67,13 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.4f} ± {spread:.4f}"
 
 
+def paired(p: dict) -> str:
+    if p["ratio"] is None:
+        return "n/a"
+    ci = f" [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]" if p["ci95"] else ""
+    return f"{p['ratio']:.3f}{ci}"
+
+
 def table(reports: list[dict]) -> list[str]:
     lines = ["| method | " + " | ".join(c.upper() for c in COLS) + " |", "|---" * (len(COLS) + 1) + "|"]
     for m in METHODS:
@@ -68,14 +84,22 @@ def table(reports: list[dict]) -> list[str]:
     for m in ("persona", "persona-no-prototypes", "persona-static-prototypes", "finetune"):
         ratios = [r["methods"][m]["ndcg@10"] / b for r, b in zip(reports, base, strict=True)]
         lines.append(f"- {m} NDCG@10 / base: {fmt(ratios)}")
+    for label in reports[0].get("paired", {}):
+        per_seed = [paired(r["paired"][label]) for r in reports]
+        lines.append(f"- {label.replace('_', ' ')}, NDCG@10 ratio [paired 95% CI] per seed: {'; '.join(per_seed)}")
     t = [r["timing"] for r in reports]
     lines.append(
-        f"- cost per session: edit {fmt([x['edit_ms_per_session'] for x in t])} ms (single), "
-        f"{statistics.fmean(x['edit_batch_sessions_per_s'] for x in t):.0f} sessions/s batched; "
-        f"fine-tuning {fmt([x['finetune_ms_per_session'] for x in t])} ms; "
-        f"fine-tune / edit = {fmt([x['finetune_over_edit'] for x in t])} single, "
-        f"{fmt([x['finetune_ms_per_session'] * x['edit_batch_sessions_per_s'] / 1e3 for x in t])} batched"
+        f"- cost per session (the edit against per-session fine-tuning, same sessions, one run): one at a time "
+        f"{fmt([x['edit_ms_per_session'] for x in t])} ms against {fmt([x['finetune_ms_per_session'] for x in t])} "
+        f"ms ({fmt([x['finetune_over_edit_single'] for x in t])} × cheaper); batched "
+        f"{statistics.fmean(x['edit_batch_sessions_per_s'] for x in t):.0f} against "
+        f"{statistics.fmean(x['finetune_batch_sessions_per_s'] for x in t):.0f} sessions/s "
+        f"({fmt([x['finetune_over_edit_batch'] for x in t])} × cheaper)"
     )
+    settings = [r.get("settings") or {} for r in reports]
+    finetune = [f"{x['finetune']['optimizer']} {x['finetune']['lr']:g}" for x in settings if x.get("finetune")]
+    windows = [x["recent_popularity"]["window"] for x in settings if x.get("recent_popularity")]
+    lines.append(f"- chosen on validation per seed: fine-tuning {finetune}, recent-popularity window {windows}")
     walls = [round(r["train_seconds"] + r["evaluate_seconds"]) for r in reports]
     lines.append(
         f"- chosen K per seed: {[r['validation']['chosen_k'] for r in reports]}; "

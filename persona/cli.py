@@ -5,7 +5,6 @@ Heavy imports (torch, kafka, fastapi) happen inside each command so that ``perso
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +28,9 @@ def _root(
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML settings file (same keys as PERSONA_* variables).")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging, third-party libraries' included.")
+    ] = False,
 ) -> None:
     """Persona: real-time personalized recommendation by prototype-based parameter editing.
 
@@ -39,11 +40,9 @@ def _root(
 
     if config is not None:
         os.environ["PERSONA_CONFIG"] = str(config)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from persona import logs
+
+    logs.configure(verbose)
 
 
 def _register() -> None:

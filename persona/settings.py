@@ -71,9 +71,23 @@ class Settings(BaseSettings):
     )
     api_host: str = Field("127.0.0.1", description="API bind address.")
     api_port: int = Field(8000, ge=1, le=65535, description="API port.")
-    api_keys: list[str] = Field(default_factory=list, description="Keys accepted on admin routes.")
-    require_api_key: bool = Field(False, description="Require a key on every route, not only admin ones.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Client keys: accepted on every route but admin ones (see require_api_key)."
+    )
+    admin_api_keys: list[str] = Field(
+        default_factory=list, description="Admin keys: the only keys the admin routes accept (none = admin API off)."
+    )
+    require_api_key: bool = Field(
+        False, description="Require a client or admin key on every route but /healthz, /docs and /openapi.json too."
+    )
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="Requests per second each client (key, else address) may make; 0 = no limit."
+    )
+    rate_limit_burst: int = Field(50, ge=1, description="Requests a client may make at once above its rate.")
     rank_max_batch: int = Field(32, ge=1, le=256, description="Concurrent ranking requests served by one forward.")
+    rank_max_pending: int = Field(
+        1024, ge=1, description="Ranking requests waiting in an API process at most; beyond it, 503 + Retry-After."
+    )
     rank_workers: int = Field(
         1, ge=1, le=64, description="Threads ranking a large catalogue (>= 200k items) off the event loop."
     )

@@ -10,27 +10,43 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from recsys.metrics import RankingMetrics, sample_negatives, sampled_ranks, target_ranks
-from recsys.model import PAD, UNK, Edit, PersonaModel
+from recsys.baselines import (
+    FinetuneChoice,
+    FinetuneMethod,
+    RecentPopularityMethod,
+    SessionRepeatMethod,
+)
+from recsys.metrics import RankingMetrics, per_example_ndcg, sample_negatives, sampled_ranks, target_ranks
+from recsys.model import Edit, PersonaModel
 from recsys.progress import track
 from recsys.splits import Examples
 
 METHOD_NAMES = (
     "popularity",
+    "recent-popularity",
+    "session-repeat",
     "base",
     "persona",
     "persona-no-prototypes",
     "persona-static-prototypes",
     "finetune",
 )
+
+#: The paired comparisons ``persona evaluate`` reports: label → (method, the method it is divided by).
+PAIRED: dict[str, tuple[str, str]] = {
+    "persona_vs_base": ("persona", "base"),
+    "persona_vs_no_prototypes": ("persona", "persona-no-prototypes"),
+    "persona_vs_finetune": ("persona", "finetune"),
+    "persona_vs_recent_popularity": ("persona", "recent-popularity"),
+    "persona_vs_session_repeat": ("persona", "session-repeat"),
+}
 
 
 class Method(Protocol):
@@ -106,57 +122,6 @@ class PersonaMethod:
             self.model.bank.refine(self._codes, self._edit.prototype)
 
 
-def finetune_edit(model: PersonaModel, histories: Tensor, *, steps: int = 3, lr: float = 0.1, window: int = 5) -> Edit:
-    """Per-session fine-tuning of the editable head by backprop, the baseline Persona replaces.
-
-    Each session [B, T] trains its own copy of the head for ``steps`` gradient steps on its last ``window``
-    next-item pairs (full-catalogue cross-entropy); the result is returned as an :class:`Edit`.
-    """
-    dm = model.device_model
-    cfg = model.cfg
-    b, t = histories.shape
-    with torch.inference_mode(False), torch.enable_grad():
-        histories = histories.clone()  # a normal tensor, usable for autograd even under inference_mode
-        prefix = torch.stack([F.pad(histories[:, :-j], (j, 0), value=PAD) for j in range(1, window + 1)], 1)
-        target = torch.stack([histories[:, -j] for j in range(1, window + 1)], 1).view(b * window)
-        prefix = prefix.view(b * window, t)
-        usable = (target > UNK) & (prefix[:, -1] != PAD)
-        with torch.no_grad():
-            states = dm.encode(prefix)
-            item_t = dm.item_targets()
-        dw = torch.zeros(b, cfg.n_edit_layers, cfg.dim, cfg.dim, requires_grad=True)
-        db = torch.zeros(b, cfg.n_edit_layers, cfg.dim, requires_grad=True)
-        none = torch.full((b,), -1, dtype=torch.long)
-        for _ in range(steps):
-            edit = Edit(dw.repeat_interleave(window, 0), db.repeat_interleave(window, 0), none)
-            logits = dm.head(states, edit) @ item_t.T
-            logits[:, PAD] = float("-inf")
-            logits[:, UNK] = float("-inf")
-            losses = F.cross_entropy(logits, target.clamp(min=UNK + 1), reduction="none") * usable
-            per_session = losses.view(b, window).sum(1) / usable.view(b, window).sum(1).clamp(min=1)
-            gw, gb = torch.autograd.grad(per_session.sum(), [dw, db])
-            with torch.no_grad():
-                dw -= lr * gw
-                db -= lr * gb
-    return Edit(dw.detach(), db.detach(), none)
-
-
-class FinetuneMethod:
-    """Base model with its head fine-tuned per session (3 steps) before scoring."""
-
-    name = "finetune"
-
-    def __init__(self, model: PersonaModel, *, steps: int = 3, lr: float = 0.1, window: int = 5) -> None:
-        self.model, self.steps, self.lr, self.window = model, steps, lr, window
-
-    def score(self, histories: Tensor) -> Tensor:
-        edit = finetune_edit(self.model, histories, steps=self.steps, lr=self.lr, window=self.window)
-        return self.model.score(histories, edit)
-
-    def observe(self, histories: Tensor, targets: Tensor) -> None:
-        return None
-
-
 def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
     for start in range(0, len(examples), batch_size):
         stop = start + batch_size
@@ -166,8 +131,22 @@ def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tens
         )
 
 
+@dataclass
+class Evaluation:
+    """A method's metrics over some examples, and its NDCG@10 on each of them (float64 [M], in example order)
+    for paired comparisons (:mod:`recsys.bootstrap`)."""
+
+    metrics: dict[str, float]
+    ndcg10: np.ndarray = field(repr=False)
+
+
+def evaluate_method(method: Method, examples: Examples, **options: Any) -> dict[str, float]:
+    """HR/NDCG/MRR of one method over examples in time order: :func:`evaluate_examples`' metrics alone."""
+    return evaluate_examples(method, examples, **options).metrics
+
+
 @torch.inference_mode()
-def evaluate_method(
+def evaluate_examples(
     method: Method,
     examples: Examples,
     *,
@@ -175,13 +154,15 @@ def evaluate_method(
     sampled: int | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> dict[str, float]:
-    """HR/NDCG/MRR of one method over examples in time order (full-catalogue ranking by default).
+) -> Evaluation:
+    """HR/NDCG/MRR of one method over examples in time order (full-catalogue ranking by default), with its
+    NDCG@10 per example.
 
     ``sampled=99`` ranks the target against 99 random negatives instead (the paper's protocol), with
     random tie-breaking; those numbers are not comparable with full-ranking ones.
     """
     metrics = RankingMetrics()
+    per_example: list[np.ndarray] = []
     g = torch.Generator().manual_seed(seed)
     n_batches = (len(examples) + batch_size - 1) // batch_size
     for hist, tgt in track(_batches(examples, batch_size), f"evaluating {method.name}", n_batches, enabled=progress):
@@ -192,8 +173,10 @@ def evaluate_method(
         else:
             ranks = target_ranks(scores, tgt)
         metrics.update(ranks)
+        per_example.append(per_example_ndcg(ranks, 10).numpy())
         method.observe(hist, tgt)
-    return metrics.compute()
+    ndcg10 = np.concatenate(per_example) if per_example else np.zeros(0)
+    return Evaluation(metrics.compute(), ndcg10)
 
 
 def build_methods(
@@ -201,33 +184,52 @@ def build_methods(
     item_counts: np.ndarray,
     *,
     no_prototype_model: PersonaModel | None = None,
-    finetune_lr: float = 0.1,
+    finetune: FinetuneChoice | None = None,
+    recent_prior: np.ndarray | None = None,
+    recent_window: int = 1000,
     names: Iterable[str] = METHOD_NAMES,
 ) -> list[Method]:
-    """The methods of METHOD.md §5 on one trained model (the ablation may bring its own adapter)."""
+    """The methods of METHOD.md §5 on one trained model (the ablation may bring its own adapter).
+
+    ``finetune``: the fine-tuning setting (chosen on validation); ``recent_prior``: the stream before the
+    evaluated examples, oldest first, where recent-popularity's window starts (empty by default).
+    """
+    ft = finetune or FinetuneChoice()
+    prior = recent_prior if recent_prior is not None else np.zeros(0, dtype=np.int64)
     factories: dict[str, Callable[[], Method]] = {
         "popularity": lambda: PopularityMethod(item_counts),
+        "recent-popularity": lambda: RecentPopularityMethod(item_counts, prior, recent_window),
+        "session-repeat": lambda: SessionRepeatMethod(item_counts),
         "base": lambda: BaseMethod(model),
         "persona": lambda: PersonaMethod(model, "persona", "prototype", refine=True),
         "persona-no-prototypes": lambda: PersonaMethod(no_prototype_model or model, "persona-no-prototypes", "session"),
         "persona-static-prototypes": lambda: PersonaMethod(model, "persona-static-prototypes", "prototype"),
-        "finetune": lambda: FinetuneMethod(model, lr=finetune_lr),
+        "finetune": lambda: FinetuneMethod(model, lr=ft.lr, optimizer=ft.optimizer),
     }
     return [factories[n]() for n in names]
 
 
 @dataclass
 class Timing:
+    """Cost of producing a session's edit, like for like: one session at a time (ms) and batched (sessions/s),
+    Persona's edit against per-session fine-tuning (``torch.func``-batched), measured in one run."""
+
     edit_ms_per_session: float
-    edit_batch_sessions_per_s: float
     finetune_ms_per_session: float
+    edit_batch_sessions_per_s: float
+    finetune_batch_sessions_per_s: float
+    batch_sessions: int
 
     def as_dict(self) -> dict[str, float]:
         return {
             "edit_ms_per_session": self.edit_ms_per_session,
-            "edit_batch_sessions_per_s": self.edit_batch_sessions_per_s,
             "finetune_ms_per_session": self.finetune_ms_per_session,
-            "finetune_over_edit": self.finetune_ms_per_session / max(self.edit_ms_per_session, 1e-9),
+            "edit_batch_sessions_per_s": self.edit_batch_sessions_per_s,
+            "finetune_batch_sessions_per_s": self.finetune_batch_sessions_per_s,
+            "batch_sessions": self.batch_sessions,
+            # how many times cheaper an edit is than fine-tuning, in each mode
+            "finetune_over_edit_single": self.finetune_ms_per_session / max(self.edit_ms_per_session, 1e-9),
+            "finetune_over_edit_batch": self.edit_batch_sessions_per_s / max(self.finetune_batch_sessions_per_s, 1e-9),
         }
 
 
@@ -242,11 +244,23 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure_cost(model: PersonaModel, examples: Examples, *, batch: int = 256, repeats: int = 30) -> Timing:
-    """Edit generation (single and batched) against per-session fine-tuning, same machine, same run."""
+def measure_cost(
+    model: PersonaModel,
+    examples: Examples,
+    *,
+    finetune: FinetuneChoice | None = None,
+    batch: int = 256,
+    repeats: int = 30,
+) -> Timing:
+    """Edit generation against per-session fine-tuning (``finetune``'s setting), single and batched, same
+    machine, same run, same sessions: the first ``batch`` examples (one of them for the single mode)."""
+    choice = finetune or FinetuneChoice()
+    ft = FinetuneMethod(model, lr=choice.lr, optimizer=choice.optimizer)
     hist = torch.from_numpy(examples.histories[: max(batch, 1)])
     one = hist[:1]
-    single = _median_seconds(lambda: model.session_edit(one), repeats)
-    batched = _median_seconds(lambda: model.session_edit(hist), max(repeats // 3, 3))
-    ft = _median_seconds(lambda: finetune_edit(model, one), max(repeats // 3, 3))
-    return Timing(single * 1e3, len(hist) / batched, ft * 1e3)
+    few = max(repeats // 3, 3)
+    edit_single = _median_seconds(lambda: model.session_edit(one), repeats)
+    edit_batched = _median_seconds(lambda: model.session_edit(hist), few)
+    ft_single = _median_seconds(lambda: ft.edit(one), few)
+    ft_batched = _median_seconds(lambda: ft.edit(hist), few)
+    return Timing(edit_single * 1e3, ft_single * 1e3, len(hist) / edit_batched, len(hist) / ft_batched, len(hist))

@@ -228,6 +228,13 @@ def _sample_by_rejection(
     raise ValueError(f"could not draw {n} distinct allowed negatives per row; is `exclude` most of the catalogue?")
 
 
+def per_example_ndcg(ranks: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """NDCG@k of each row from its 0-based rank (one relevant item): ``1 / log2(rank + 2)`` inside the top k,
+    else 0. float64 [B] on the CPU; the mean over rows is :class:`RankingMetrics`' ``ndcg@k``."""
+    r = ranks.detach().to("cpu", torch.float64)
+    return torch.where(r < k, 1.0 / torch.log2(r + 2.0), 0.0)
+
+
 @dataclass
 class RankingMetrics:
     """Accumulates 0-based ranks over batches and reports HR@k, NDCG@k and MRR (one relevant item per row).
@@ -271,11 +278,10 @@ class RankingMetrics:
         if int(ranks.min()) < 0:
             raise ValueError("ranks are 0-based and cannot be negative")
         r = ranks.detach().to("cpu", torch.float64)
-        gain = 1.0 / torch.log2(r + 2.0)  # [B]
         for k in self.ks:
             self._hits[k] += float((r < k).sum())
         for k in self.ndcg_ks:
-            self._ndcg[k] += float(torch.where(r < k, gain, 0.0).sum())
+            self._ndcg[k] += float(per_example_ndcg(r, k).sum())
         self._rr += float((1.0 / (r + 1.0)).sum())
         self.n += int(ranks.numel())
 

@@ -4,6 +4,11 @@ Each user's interest sits in one item cluster at a time and jumps between cluste
 a few "home" clusters (history is predictive); in the last 30% of time jumps are more frequent and mostly
 land on clusters the user has never visited (history is less predictive, recent items more) - the
 distribution shift Persona is meant to absorb. Fully vectorised: 10M events in seconds.
+
+Re-consumption (``repeat`` > 0): with that probability an event repeats one of the user's own earlier items
+instead, as where people buy, watch or play the same things again. The earlier event is drawn a geometric number
+of steps back (mean :data:`REPEAT_MEAN_LAG`): recent items are repeated most, and items the user chose often occupy
+more of their history, so they are repeated more: a recency and a frequency bias, like real re-consumption logs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ FRESH_PROB = 0.8  # share of late jumps that go to a never-visited cluster
 MIN_EVENTS_PER_USER = 5  # so that a default k-core keeps (almost) every user
 T0 = 1_600_000_000.0  # epoch seconds of the first event (2020-09-13)
 MEAN_GAP_S = 30.0  # mean seconds between consecutive events in the whole stream
+REPEAT_MEAN_LAG = 8.0  # mean number of the user's own events between a repeat and the event it repeats
 
 
 @dataclass
@@ -34,6 +40,7 @@ class SyntheticConfig:
     shift_prob: float = 0.05
     late_shift_prob: float = 0.25
     zipf: float = 1.1
+    repeat: float = 0.0  # probability that an event repeats one of the user's earlier items (re-consumption)
     seed: int = 0
 
     def validate(self) -> None:
@@ -42,7 +49,7 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
                 raise DataError(f"synthetic {name}={value!r} must be a positive whole number", f"e.g. {name}=100")
-        for name in ("shift_prob", "late_shift_prob"):
+        for name in ("shift_prob", "late_shift_prob", "repeat"):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise DataError(f"synthetic {name}={value!r} must be a probability", f"use 0 <= {name} <= 1")
@@ -92,6 +99,9 @@ def generate(cfg: SyntheticConfig | None = None, *, with_cluster: bool = False) 
     event_cluster = cluster[seg]
 
     item_sorted = _items_in_cluster(rng, event_cluster, n_items, n_clusters, cfg.zipf)
+    if cfg.repeat > 0:  # drawn only when asked for, so streams without repeats stay what they were
+        source = _repeat_sources(rng, first, float(cfg.repeat))
+        item_sorted, event_cluster = item_sorted[source], event_cluster[source]
     item = np.empty(n_events, dtype=np.int64)
     item[order] = item_sorted
     cluster_of_step = np.empty(n_events, dtype=np.int64)
@@ -137,6 +147,26 @@ def _segment_clusters(
     a = units[rng.integers(0, units.size, n_users)]
     b = rng.integers(0, n_clusters, n_users)
     return np.asarray((a[seg_user] * position + b[seg_user]) % n_clusters, dtype=np.int64)
+
+
+def _repeat_sources(rng: np.random.Generator, first: np.ndarray, repeat: float) -> np.ndarray:
+    """For events in per-user time order: the index of the event each one copies its item from (itself if none).
+
+    An event repeats with probability ``repeat`` (never a user's first); it copies the event a geometric number of
+    steps back within its user (clamped to the user's first event). A repeat of a repeat copies what that one
+    copied: pointers are followed to their root by pointer jumping, O(n log n), no Python loop over events.
+    """
+    n = first.size
+    index = np.arange(n, dtype=np.int64)
+    user_start = np.maximum.accumulate(np.where(first, index, 0))
+    repeats = (rng.random(n) < repeat) & ~first
+    lag = rng.geometric(1.0 / REPEAT_MEAN_LAG, n)
+    source = np.where(repeats, np.maximum(index - lag, user_start), index)
+    while True:  # every pointer goes strictly back, so this ends after at most log2(longest chain) rounds
+        deeper = source[source]
+        if np.array_equal(deeper, source):
+            return source
+        source = deeper
 
 
 def _grouped_cumsum(x: np.ndarray, group_start: np.ndarray) -> np.ndarray:

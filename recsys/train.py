@@ -6,10 +6,12 @@ period) and keeps its best weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,6 +114,11 @@ def _cap(examples: Examples, n: int | None) -> Examples:
     return examples.subset(np.arange(len(examples) - n, len(examples)))  # the most recent slice
 
 
+def stage_seed_offset(name: str) -> int:
+    """A stable offset in [0, 1000) for a training stage's name (the same in every process)."""
+    return zlib.crc32(name.encode()) % 1000
+
+
 def fit_stage(
     name: str,
     trainable: nn.Module,
@@ -128,7 +135,9 @@ def fit_stage(
     """Adam on ``trainable``'s parameters with early stopping; restores the best state at the end."""
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=tc.lr)
-    g = torch.Generator().manual_seed(tc.seed + hash(name) % 1000)
+    # A per-stage shuffle stream that is the same in every process: zlib.crc32, not hash(), which Python
+    # randomises per process for str (PYTHONHASHSEED) and made the same seed train different weights.
+    g = torch.Generator().manual_seed(tc.seed * 1000 + stage_seed_offset(name))
     stage = StageLog(name)
     start = time.perf_counter()
     best_state = copy.deepcopy(trainable.state_dict())
@@ -172,8 +181,31 @@ def _codes(model: PersonaModel, examples: Examples, batch: int = 2048) -> Tensor
     return torch.cat(parts)
 
 
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels while training, then the caller's setting again.
+
+    With more than one thread some accumulating kernels (the gradient of indexing a tensor by prototype)
+    add in a varying order, so the same seed gave weights differing in the last bits from run to run.
+    """
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
 def train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Stage 1 base model, stage 2 adapter (no prototypes), stage 3 prototypes + alternating rounds."""
+    """Stage 1 base model, stage 2 adapter (no prototypes), stage 3 prototypes + alternating rounds.
+
+    The same seed gives bit-identical weights in any process (same library versions and thread count).
+    """
+    with deterministic():
+        return _train_persona(split, cfg, tc, progress=progress)
+
+
+def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress: bool) -> TrainResult:
     torch.manual_seed(tc.seed)
     model = PersonaModel(cfg)
     dm = model.device_model

@@ -14,15 +14,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from persona.ingest import Ingestor
 from persona.models import ModelProvider
 from persona.settings import Settings, load_settings
 from persona.store import Store
 from serving import problems
+from serving.admission import OPEN_PATHS, ApiKeyMiddleware, RateLimitMiddleware, TokenBuckets
 from serving.batching import RankBatcher
-from serving.deps import ServingContext, require_key_if_configured
+from serving.deps import ServingContext
 from serving.limits import BodyLimitMiddleware
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.problems import PROBLEM_MEDIA_TYPE
@@ -52,7 +53,9 @@ def _context(settings: Settings, store: Store, models: ModelProvider, metrics: S
         ranker,
         max_batch=settings.rank_max_batch,
         workers=settings.rank_workers,
+        max_pending=settings.rank_max_pending,
         on_batch=metrics.rank_batch_size.observe,
+        on_shed=metrics.shed.inc,
     )
     return ServingContext(settings, store, models, ranker, ingestor, metrics, batcher)
 
@@ -117,17 +120,21 @@ def create_app(
         app.state.ctx = _context(settings, store, models, metrics)  # usable without running the lifespan
 
     problems.install(app)
-    # Only wired in when configured: a dependency that does nothing still costs every request its resolution.
-    keyed = [Depends(require_key_if_configured)] if settings.require_api_key else []
-    app.include_router(health.live_router)
-    app.include_router(health.router, dependencies=keyed)
-    app.include_router(recommendations.router, dependencies=keyed)
-    app.include_router(sessions.router, dependencies=keyed)
-    app.include_router(events.router, dependencies=keyed)
-    app.include_router(admin.router, dependencies=keyed)
+    for router in (health.live_router, health.router, recommendations.router, sessions.router, events.router):
+        app.include_router(router)
+    app.include_router(admin.router)
+    # Middleware runs outermost-last-added: metrics, then rate limit, then key, then the body limit, so a request
+    # is counted, then admitted (rate, key) from its headers alone before a byte of its body is read. Each is only
+    # wired in when configured: a layer that does nothing still costs every request a call.
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
+    if settings.require_api_key:
+        app.add_middleware(ApiKeyMiddleware, keys=[*settings.api_keys, *settings.admin_api_keys])
+    if settings.rate_limit_per_s > 0:
+        app.add_middleware(
+            RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst)
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, keyed=settings.require_api_key)  # type: ignore[method-assign]
     return app
 
 
@@ -137,8 +144,16 @@ def create_server_app() -> FastAPI:
     return create_app(torch_threads=1)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema with every error response documented as ``application/problem+json`` Problem.
+SECURITY_SCHEMES = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "Bearer": {"type": "http", "scheme": "bearer"},
+}
+EITHER_KEY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
+
+
+def _openapi(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
+    """FastAPI's schema with every error response documented as ``application/problem+json`` Problem, and the key
+    schemes each operation takes (admin routes always; every route but ``/healthz`` when ``keyed``).
 
     FastAPI adds its own 422 (``HTTPValidationError``) to every route with parameters; ours replace it, because
     that is what the handlers in :mod:`serving.problems` actually send.
@@ -149,8 +164,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     problem_ref = {"$ref": "#/components/schemas/Problem"}
-    for path_item in schema.get("paths", {}).values():
+    for path, path_item in schema.get("paths", {}).items():
         for operation in path_item.values():
+            if path.startswith("/v1/admin/") or (keyed and path not in OPEN_PATHS):
+                operation["security"] = EITHER_KEY
             responses = operation.get("responses", {})
             for code, response in responses.items():
                 if code.isdigit() and int(code) >= 400:
@@ -160,7 +177,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             responses.setdefault(
                 "500", {"description": "Internal error", "content": {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}}
             )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    components = schema["components"].setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     app.openapi_schema = schema

@@ -16,6 +16,10 @@ serves a whole batch, so the requests that queue behind a running batch share th
 paying for its own on another thread (measured on 2 cores at concurrency 4: p99 ~19 ms with one worker, ~25 ms
 with two, same throughput).
 
+The queue is bounded (``max_pending``): a request arriving when that many are already waiting is refused at once
+with 503 and ``Retry-After`` (load shedding), so an overload shows as fast refusals a client can retry elsewhere,
+not as every request's latency growing without limit.
+
 Errors stay per request: if a batch fails, each of its queries is ranked alone, so one bad query (or one that
 trips a limit) fails only its own request.
 """
@@ -26,6 +30,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from serving.problems import Overloaded
 from serving.ranking import Ranker, RankQuery, RankResult
 
 #: Item-table size (items × dim floats) from which batches leave the event loop: 4M floats = 16 MB.
@@ -43,13 +48,19 @@ class RankBatcher:
         *,
         max_batch: int = 32,
         workers: int = 1,
+        max_pending: int = 1024,
         offload_floats: int = OFFLOAD_FLOATS,
         on_batch: Callable[[int], None] | None = None,
+        on_shed: Callable[[], None] | None = None,
     ) -> None:
-        if max_batch < 1 or workers < 1:
-            raise ValueError(f"max_batch and workers must be >= 1, got {max_batch} and {workers}")
+        if max_batch < 1 or workers < 1 or max_pending < 1:
+            raise ValueError(
+                f"max_batch, workers and max_pending must be >= 1, got {max_batch}, {workers}, {max_pending}"
+            )
         self.ranker = ranker
         self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.on_shed = on_shed
         self.workers = workers
         self.offload_floats = offload_floats
         self.on_batch = on_batch
@@ -69,6 +80,13 @@ class RankBatcher:
         # is enough (a second would only split batches); worker threads get one each. Decided before queueing:
         # with no model loaded this raises (503) and nothing is left behind in the queue.
         drainers = self.workers if self.offloads() else 1
+        if len(self._pending) >= self.max_pending:
+            if self.on_shed is not None:
+                self.on_shed()
+            raise Overloaded(
+                f"{len(self._pending)} ranking requests are already waiting in this process",
+                "retry shortly, or on another replica",
+            )
         future: asyncio.Future[RankResult] = loop.create_future()
         self._pending.append((query, future))
         if len(self._drainers) < drainers:

@@ -53,6 +53,11 @@ class ServingMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+        self.shed = Counter(
+            "persona_rank_shed",
+            "Ranking requests refused with 503 because the process's queue was full (load shedding).",
+            registry=self.registry,
+        )
         self._version: str | None = None
         self._reloads_seen = 0
 

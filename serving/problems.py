@@ -59,6 +59,13 @@ class PayloadTooLarge(ServingError):
     status = 413
 
 
+class Overloaded(ServingError):
+    """Load shed: more work is waiting than the process takes on; the client retries shortly (``Retry-After``)."""
+
+    status = 503
+    retry_after_s = 1
+
+
 def problem_response(
     status: int,
     detail: str | None,
@@ -125,6 +132,8 @@ async def _persona_exception(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     errors = exc.errors if isinstance(exc, ServingError) else None
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return problem_response(status, str(exc), instance=request.url.path, errors=errors, headers=headers)
 
 

@@ -38,9 +38,10 @@ FALLBACK_DOC = (
 
 
 class Strict(BaseModel):
-    """Request bodies refuse unknown fields: a misspelt ``exclude_seen`` must not silently do nothing."""
+    """Request bodies refuse unknown fields (a misspelt ``exclude_seen`` must not silently do nothing) and take the
+    types they declare as they are: ``"k": "10"`` or ``"exclude_seen": 0`` are 422, not quietly converted."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 FIELDS_DOC = (

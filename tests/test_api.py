@@ -22,10 +22,11 @@ from persona.store import Store
 from persona.user_state import pack_user_state
 from recsys.model import Edit
 from recsys.online import BankState, OnlineModel, code_from_bytes
+from serving.admission import TokenBuckets, key_matches
 from serving.app import create_app
-from serving.deps import key_matches
 
 KEY = "s3cret-admin-key"
+CLIENT_KEY = "s3cret-client-key"
 
 
 @dataclass
@@ -57,7 +58,7 @@ def api(store_url: str, tiny_bundle: Path) -> Iterator[Api]:
     store = Store.open(store_url)
     models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=60)
     try:
-        with _app(store, models, api_keys=[KEY]) as client:
+        with _app(store, models, admin_api_keys=[KEY], api_keys=[CLIENT_KEY]) as client:
             yield Api(client, store, models)
     finally:
         store.close()
@@ -276,7 +277,7 @@ def test_invalid_events_are_refused_with_each_index_and_reason(api: Api) -> None
     assert again["applied"] == 0 and again["duplicates"] == 1
 
 
-def test_admin_needs_a_key_compared_in_constant_time(api: Api) -> None:
+def test_admin_needs_an_admin_key_compared_in_constant_time(api: Api) -> None:
     _problem(api.client.get("/v1/admin/models"), 401)
     _problem(api.client.get("/v1/admin/models", headers={"X-API-Key": "wrong"}), 403)
     ok = api.client.get("/v1/admin/models", headers={"X-API-Key": KEY})
@@ -285,19 +286,72 @@ def test_admin_needs_a_key_compared_in_constant_time(api: Api) -> None:
     assert bearer.status_code == 200 and bearer.json()["swapped"] is False
     _problem(api.client.post("/v1/admin/models/nope/activate", headers={"X-API-Key": KEY}), 404)
     assert key_matches(KEY, ["other", KEY]) and not key_matches(KEY[:-1], [KEY])
+    # A client key opens no admin route, activation included.
+    version = api.online.version
+    body = _problem(api.client.post(f"/v1/admin/models/{version}/activate", headers={"X-API-Key": CLIENT_KEY}), 403)
+    assert "client key" in body["detail"] and "PERSONA_ADMIN_API_KEYS" in body["detail"]
     # The public routes stay open unless require_api_key is set.
     assert api.client.get("/v1/sessions/x/recommendations").status_code == 200
 
 
 def test_admin_api_is_disabled_without_keys_and_require_api_key_guards_everything(api: Api) -> None:
-    with _app(api.store, api.models) as client:
-        body = _problem(client.get("/v1/admin/models"), 403)
-        assert "PERSONA_API_KEYS" in body["detail"]
-    with _app(api.store, api.models, api_keys=[KEY], require_api_key=True) as client:
+    with _app(api.store, api.models, api_keys=[CLIENT_KEY]) as client:
+        body = _problem(client.get("/v1/admin/models", headers={"X-API-Key": CLIENT_KEY}), 403)
+        assert "PERSONA_ADMIN_API_KEYS" in body["detail"]
+    with _app(api.store, api.models, api_keys=[CLIENT_KEY], admin_api_keys=[KEY], require_api_key=True) as client:
         assert client.get("/healthz").status_code == 200
-        _problem(client.get("/v1/sessions/x/recommendations"), 401)
-        _problem(client.get("/readyz"), 401)
-        assert client.get("/v1/sessions/x/recommendations", headers={"X-API-Key": KEY}).status_code == 200
+        for path in ("/v1/sessions/x/recommendations", "/readyz", "/docs", "/openapi.json", "/metrics"):
+            _problem(client.get(path), 401)
+            _problem(client.get(path, headers={"X-API-Key": "wrong"}), 403)
+        for key in (CLIENT_KEY, KEY):  # an admin key opens everything a client key does
+            assert client.get("/v1/sessions/x/recommendations", headers={"X-API-Key": key}).status_code == 200
+            assert client.get("/openapi.json", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        # The key is checked before the body is read: a malformed body without a key is 401, not 422.
+        bad = client.post("/v1/recommendations", content=b"{not json", headers={"content-type": "application/json"})
+        _problem(bad, 401)
+
+
+def test_request_bodies_take_declared_types_only(api: Api) -> None:
+    item = _items(api, 2, 1)
+    assert api.client.post("/v1/recommendations", json={"recent_items": item, "k": 3}).status_code == 200
+    for wrong in ({"k": "10"}, {"exclude_seen": 0}, {"k": 2.0}, {"recent_items": [5]}):
+        body = _problem(api.client.post("/v1/recommendations", json={"recent_items": item, **wrong}), 422)
+        assert body["errors"][0]["loc"][:2] == ["body", next(iter(wrong))]
+
+
+def test_openapi_documents_the_key_schemes(api: Api) -> None:
+    doc = api.client.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert doc["components"]["securitySchemes"]["Bearer"] == {"type": "http", "scheme": "bearer"}
+    assert doc["paths"]["/v1/admin/models"]["get"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert "security" not in doc["paths"]["/v1/recommendations"]["post"]  # open unless require_api_key
+    with _app(api.store, api.models, api_keys=[CLIENT_KEY], require_api_key=True) as client:
+        keyed = client.get("/openapi.json", headers={"X-API-Key": CLIENT_KEY}).json()
+    assert keyed["paths"]["/v1/recommendations"]["post"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert "security" not in keyed["paths"]["/healthz"]["get"]
+
+
+def test_a_client_over_its_rate_gets_429_with_retry_after(api: Api) -> None:
+    with _app(api.store, api.models, rate_limit_per_s=0.5, rate_limit_burst=2) as client:
+        mine = {"X-API-Key": CLIENT_KEY}
+        assert [client.get("/v1/sessions/x", headers=mine).status_code for _ in range(2)] == [404, 404]
+        body = _problem(client.get("/v1/sessions/x", headers=mine), 429)
+        assert "rate limit" in body["detail"]
+        assert int(client.get("/v1/sessions/x", headers=mine).headers["Retry-After"]) in (1, 2)
+        assert client.get("/v1/sessions/x", headers={"X-API-Key": "another-client"}).status_code == 404
+        assert all(client.get("/healthz").status_code == 200 for _ in range(5))  # liveness is never limited
+        metrics = client.get("/metrics", headers={"X-API-Key": "third-client"}).text
+        assert 'status="429"' in metrics
+
+
+def test_token_buckets_refill_at_their_rate_and_forget_the_oldest_client() -> None:
+    buckets = TokenBuckets(rate=2.0, burst=2, max_clients=2)
+    assert [buckets.take("a", now=0.0) for _ in range(2)] == [0.0, 0.0]
+    assert buckets.take("a", now=0.0) == pytest.approx(0.5)  # one token in 1 / rate seconds
+    assert buckets.take("a", now=0.5) == 0.0  # refilled, and taken
+    buckets.take("b", now=0.5)
+    buckets.take("c", now=0.5)  # a third client: "a" (least recently seen) is forgotten, so it starts full
+    assert [buckets.take("a", now=0.5) for _ in range(2)] == [0.0, 0.0]
 
 
 def test_health_readiness_and_metrics(api: Api, store_url: str) -> None:

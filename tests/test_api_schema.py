@@ -33,7 +33,7 @@ def app_under_test(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     db = tmp_path_factory.mktemp("schema") / "persona.db"
     store = Store.open(f"sqlite:///{db.as_posix()}")
     models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=60)
-    app = create_app(Settings(api_keys=[KEY]), store=store, models=models)
+    app = create_app(Settings(admin_api_keys=[KEY]), store=store, models=models)
     ingestor = app.state.ctx.ingestor
     from persona.events import Event, validate_event_dict
 

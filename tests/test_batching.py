@@ -12,7 +12,7 @@ from persona.ingest import Ingestor
 from persona.models import ModelProvider
 from persona.store import Store
 from serving.batching import RankBatcher
-from serving.problems import InvalidInput
+from serving.problems import InvalidInput, Overloaded
 from serving.ranking import Ranker, RankQuery, RankResult
 from tests.test_ingest import make_events
 
@@ -108,3 +108,15 @@ def test_max_batch_must_be_positive(ranker: Ranker) -> None:
         RankBatcher(ranker, max_batch=0)
     with pytest.raises(ValueError, match="workers"):
         RankBatcher(ranker, workers=0)
+
+
+def test_a_full_queue_sheds_the_request_at_once_and_the_rest_are_served(ranker: Ranker) -> None:
+    shed: list[int] = []
+    batcher = RankBatcher(ranker, max_pending=3, on_shed=lambda: shed.append(1))
+    results = _gather(batcher, [RankQuery(session_id=f"s{n}", k=5) for n in range(5)])
+    assert [type(r).__name__ for r in results] == ["RankResult"] * 3 + ["Overloaded"] * 2
+    refused = results[3]
+    assert isinstance(refused, Overloaded) and refused.status == 503 and "3 ranking requests" in str(refused)
+    assert len(shed) == 2 and batcher._pending == []
+    # Once the queue drained, requests are taken again.
+    assert all(isinstance(r, RankResult) for r in _gather(batcher, [RankQuery(session_id="s1", k=5)] * 3))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.evaluate import finetune_edit
+from recsys.baselines import finetune_edit
 from recsys.model import (
     PAD,
     CloudAdapter,

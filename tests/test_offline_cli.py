@@ -24,20 +24,63 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_writes_every_method_and_timing(bundle: Path, tmp_path: Path) -> None:
+def test_train_then_evaluate_writes_every_method_and_timing(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "results.json"
     assert main(["evaluate", "--model", str(bundle), "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["protocol"] == "time-shift"
     assert report["dataset"] == TINY
-    expected = {"popularity", "base", "persona", "persona-no-prototypes", "persona-static-prototypes", "finetune"}
+    expected = {
+        "popularity", "recent-popularity", "session-repeat", "base", "persona", "persona-no-prototypes",
+        "persona-static-prototypes", "finetune",
+    }  # fmt: skip
     assert set(report["methods"]) == expected
     for metrics in report["methods"].values():
         assert set(metrics) >= {"hr@5", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr"}
         assert 0.0 <= metrics["hr@5"] <= metrics["hr@10"] <= metrics["hr@20"] <= 1.0
         assert metrics["ndcg@10"] <= metrics["ndcg@20"]
-    assert set(report["timing"]) >= {"edit_ms_per_session", "finetune_ms_per_session", "edit_batch_sessions_per_s"}
-    assert report["timing"]["edit_ms_per_session"] > 0
+    timing = report["timing"]
+    for key in ("edit_ms_per_session", "finetune_ms_per_session", "edit_batch_sessions_per_s"):
+        assert timing[key] > 0
+    assert timing["finetune_batch_sessions_per_s"] > 0
+    assert timing["finetune_over_edit_batch"] == pytest.approx(
+        timing["edit_batch_sessions_per_s"] / timing["finetune_batch_sessions_per_s"]
+    )
+    # every baseline's setting chosen on validation, with what was tried
+    finetune = report["settings"]["finetune"]
+    assert {"sgd@0.0001", "adam@0.001"} <= set(finetune["valid_ndcg@10"])
+    assert finetune["valid_ndcg@10"][f"{finetune['optimizer']}@{finetune['lr']:g}"] == max(
+        finetune["valid_ndcg@10"].values()
+    )
+    window = report["settings"]["recent_popularity"]
+    assert str(window["window"]) in window["valid_ndcg@10"]
+    # paired CIs of Persona against each baseline, ratio of the reported means
+    assert set(report["paired"]) == {
+        "persona_vs_base", "persona_vs_no_prototypes", "persona_vs_finetune", "persona_vs_recent_popularity",
+        "persona_vs_session_repeat",
+    }  # fmt: skip
+    methods = report["methods"]
+    for label, other in (("persona_vs_base", "base"), ("persona_vs_no_prototypes", "persona-no-prototypes")):
+        paired = report["paired"][label]
+        assert paired["ratio"] == pytest.approx(methods["persona"]["ndcg@10"] / methods[other]["ndcg@10"])
+        lo, hi = paired["ci95"]
+        assert lo <= paired["ratio"] <= hi
+    assert "paired 95% CI" in printed and "persona / base" in printed
+    assert "recent-popularity window" in printed and "fine-tune setting" in printed
+
+
+@pytest.mark.slow
+def test_evaluate_a_subset_reports_only_the_pairs_it_has(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "subset.json"
+    args = ["evaluate", "--model", str(bundle), "--methods", "base,persona,session-repeat", "--json", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["methods"]) == {"base", "persona", "session-repeat"}
+    assert set(report["paired"]) == {"persona_vs_base", "persona_vs_session_repeat"}
+    assert report["settings"] == {"finetune": None, "recent_popularity": None}
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -276,8 +277,17 @@ def test_cli_db_upgrade_and_models(
     assert main(["models", "register", str(tiny_bundle)]) == 0
     assert main(["models", "register", str(tiny_bundle)]) == 0  # idempotent
     assert main(["models", "activate", version]) == 0
+    capsys.readouterr()
     assert main(["models", "list"]) == 0
-    assert version in capsys.readouterr().out
+    table = capsys.readouterr().out  # not a terminal: every identifier whole, one row per line
+    row = next(line for line in table.splitlines() if version in line)
+    assert str(tiny_bundle.resolve()) in row and "…" not in table
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["version"], m["active"], m["path"]) for m in listed] == [(version, True, str(tiny_bundle.resolve()))]
+    assert len(listed[0]["sha256"]) == 64
+    assert main(["db", "current", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["up_to_date"] is True
     capsys.readouterr()
     empty = tmp_path / "not-a-bundle"
     empty.mkdir()

@@ -83,6 +83,7 @@ def test_splits_cleanly() -> None:
         ({"shift_prob": 1.5}, "shift_prob"),
         ({"late_shift_prob": -0.1}, "late_shift_prob"),
         ({"zipf": -1.0}, "zipf"),
+        ({"repeat": 1.5}, "repeat"),
         ({"clusters": 300, "items": 200}, "exceeds items"),
     ],
 )
@@ -90,6 +91,46 @@ def test_invalid_config_raises_data_error(changes: dict, match: str) -> None:
     cfg = SyntheticConfig(**{**TINY.__dict__, **changes})
     with pytest.raises(DataError, match=match):
         generate(cfg)
+
+
+def _repeat_share_and_lags(df: pl.DataFrame) -> tuple[float, np.ndarray]:
+    """Share of events (after each user's first) whose item the user chose before, and for those, how many of
+    the user's own events back the item was last chosen."""
+    per_user = (
+        df.with_row_index("step").sort("user_id", "step").with_columns(pos=pl.int_range(pl.len()).over("user_id"))
+    )
+    prev = per_user.with_columns(last=pl.col("pos").shift(1).over("user_id", "item_id"))
+    later = prev.filter(pl.col("pos") > 0)
+    repeated = later.filter(pl.col("last").is_not_null())
+    lags = (repeated["pos"] - repeated["last"]).to_numpy()
+    return repeated.height / later.height, lags
+
+
+def test_repeat_zero_leaves_the_stream_unchanged() -> None:
+    assert generate(TINY).equals(generate(SyntheticConfig(**{**TINY.__dict__, "repeat": 0.0})))
+
+
+@pytest.mark.parametrize("repeat", [0.5, 0.8])
+def test_repeat_makes_users_re_consume_their_recent_items(repeat: float) -> None:
+    natural, _ = _repeat_share_and_lags(generate(TINY))
+    cfg = SyntheticConfig(**{**TINY.__dict__, "repeat": repeat})
+    share, lags = _repeat_share_and_lags(generate(cfg, with_cluster=True))
+    # The asked-for repeats come on top of the stream's own (expected: repeat + (1 - repeat) * natural).
+    assert share >= repeat and share - natural > 0.5 * repeat * (1 - natural)
+    assert np.median(lags) <= 8  # recency bias: mostly what the user chose a few events ago
+    # Each item still belongs to one cluster (a repeat carries its item's cluster with it).
+    assert (
+        generate(cfg, with_cluster=True).group_by("item_id").agg(pl.col("cluster").n_unique().max())["cluster"].max()
+        == 1
+    )
+
+
+def test_repeat_is_parsed_from_a_synthetic_spec() -> None:
+    from recsys.data import load_interactions
+
+    df = load_interactions("synthetic:users=150,items=200,events=15000,clusters=10,seed=7,repeat=0.5")
+    share, _ = _repeat_share_and_lags(df)
+    assert share >= 0.5
 
 
 @pytest.mark.slow

@@ -106,8 +106,8 @@ def evaluate(
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated subset of: popularity, base, persona, persona-no-prototypes, "
-            "persona-static-prototypes, finetune."
+            help="Comma-separated subset of: popularity, recent-popularity, session-repeat, base, persona, "
+            "persona-no-prototypes, persona-static-prototypes, finetune."
         ),
     ] = "all",
     sampled: Annotated[
@@ -127,7 +127,9 @@ def evaluate(
     """Evaluate a bundle's methods on the test period with full-catalogue ranking; print a table."""
     import torch
 
-    from recsys.evaluate import METHOD_NAMES, build_methods, evaluate_method, measure_cost
+    from recsys.baselines import choose_finetune, choose_recent_window, stream_before
+    from recsys.bootstrap import RESAMPLES, paired_comparisons
+    from recsys.evaluate import METHOD_NAMES, PAIRED, build_methods, evaluate_examples, measure_cost
     from recsys.pipeline import load_trained as load
     from recsys.pipeline import prepare
 
@@ -151,34 +153,58 @@ def evaluate(
         )
     split = prepared.split
     torch.manual_seed(0)
-    finetune_lr = _choose_finetune_lr(trained, split.valid) if "finetune" in names else 0.1
+    # Every baseline's own setting is chosen on validation, like Persona's (never on the test period).
+    finetune = choose_finetune(trained.model, split.valid) if "finetune" in names else None
+    window = (
+        choose_recent_window(split.item_counts, stream_before(split.train), split.valid)
+        if "recent-popularity" in names
+        else None
+    )
     results: dict[str, dict[str, float]] = {}
+    per_example = {}
     for method in build_methods(
         trained.model,
         split.item_counts,
         no_prototype_model=trained.no_prototype_model,
-        finetune_lr=finetune_lr,
+        finetune=finetune,
+        recent_prior=stream_before(split.train, split.valid),
+        recent_window=window.window if window else 1000,
         names=names,
     ):
         start = time.perf_counter()
-        results[method.name] = evaluate_method(method, split.test, sampled=sampled, progress=progress)
+        evaluation = evaluate_examples(method, split.test, sampled=sampled, progress=progress)
+        results[method.name], per_example[method.name] = evaluation.metrics, evaluation.ndcg10
         log.info("%s evaluated in %.1f s", method.name, time.perf_counter() - start)
-    timing = measure_cost(trained.model, split.test).as_dict()
+    paired = paired_comparisons(per_example, PAIRED)
+    timing = measure_cost(trained.model, split.test, finetune=finetune).as_dict()
     report: dict[str, Any] = {
         "dataset": trained.spec.source,
         "protocol": proto,
         "ranking": f"sampled-{sampled}" if sampled else "full",
         "model_version": trained.version,
         "n_test": len(split.test),
-        "finetune_lr": finetune_lr,
+        "settings": {
+            "finetune": finetune.as_dict() if finetune else None,
+            "recent_popularity": window.as_dict() if window else None,
+        },
         "methods": results,
+        "paired": {label: r.as_dict() for label, r in paired.items()},
+        "paired_method": f"NDCG@10 ratio of means, paired bootstrap over test examples, {RESAMPLES} resamples",
         "timing": timing,
     }
     _print_table(f"test, {proto}, {report['ranking']} ranking, {len(split.test)} examples", results)
+    if paired:
+        _print_paired(paired, PAIRED, RESAMPLES)
+    if finetune:
+        typer.echo(f"fine-tune setting (chosen on validation): {finetune.optimizer}, step size {finetune.lr:g}")
+    if window:
+        typer.echo(f"recent-popularity window (chosen on validation): {window.window} interactions")
     typer.echo(
-        f"edit: {timing['edit_ms_per_session']:.3f} ms/session single, {timing['edit_batch_sessions_per_s']:.0f} "
-        f"sessions/s batched; fine-tune: {timing['finetune_ms_per_session']:.2f} ms/session "
-        f"({timing['finetune_over_edit']:.0f}x the single edit)"
+        f"cost per session: edit {timing['edit_ms_per_session']:.3f} ms single, "
+        f"{timing['edit_batch_sessions_per_s']:.0f} sessions/s batched; fine-tune "
+        f"{timing['finetune_ms_per_session']:.2f} ms single, {timing['finetune_batch_sessions_per_s']:.0f} sessions/s "
+        f"batched ({timing['batch_sessions']} sessions); an edit is {timing['finetune_over_edit_single']:.0f}x "
+        f"cheaper single, {timing['finetune_over_edit_batch']:.0f}x batched"
     )
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,28 +223,32 @@ def write_evaluation_report(out: Path, report: dict[str, Any]) -> Path:
     return write_report(out, "Persona offline evaluation", evaluate_charts(report), facts)
 
 
-def _choose_finetune_lr(trained: Any, valid: Any) -> float:
-    """The fine-tuning baseline gets its step size chosen on validation, like every other setting."""
-    import numpy as np
+def _print_paired(paired: dict[str, Any], pairs: dict[str, tuple[str, str]], resamples: int) -> None:
+    from rich.table import Table
 
-    from recsys.evaluate import FinetuneMethod, evaluate_method
+    from persona.commands import output
 
-    sample = valid.subset(np.arange(max(0, len(valid) - 3000), len(valid)))
-    scores = {lr: evaluate_method(FinetuneMethod(trained.model, lr=lr), sample)["ndcg@10"] for lr in (0.01, 0.1, 1.0)}
-    best = max(scores, key=lambda lr: scores[lr])
-    log.info("fine-tune step size on validation: %s -> %s", scores, best)
-    return best
+    table = Table(title=f"NDCG@10 ratio, paired 95% CI ({resamples} bootstrap resamples of the test examples)")
+    for col in ("comparison", "ratio", "95% CI"):
+        table.add_column(col, justify="left" if col == "comparison" else "right", overflow="fold")
+    for label, r in paired.items():
+        a, b = pairs[label]
+        ratio = "n/a" if r.ratio is None else f"{r.ratio:.3f}"
+        ci = "n/a" if r.ci95 is None else f"{r.ci95[0]:.3f} – {r.ci95[1]:.3f}"
+        table.add_row(f"{a} / {b}", ratio, ci)
+    output.console().print(table)
 
 
 def _print_table(title: str, results: dict[str, dict[str, float]]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from persona.commands import output
 
     cols = ("hr@5", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
     table = Table(title=title)
-    table.add_column("method")
+    table.add_column("method", overflow="fold")
     for c in cols:
         table.add_column(c.upper(), justify="right")
     for name, m in results.items():
         table.add_row(name, *(f"{m.get(c, 0.0):.4f}" for c in cols))
-    Console().print(table)
+    output.console().print(table)

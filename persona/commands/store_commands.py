@@ -23,25 +23,24 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision (default: the newest).")] = "head",
 ) -> None:
     """Migrate the store (PERSONA_DATABASE_URL) to a revision; safe to run from several processes at once."""
-    from rich.console import Console
-
+    from persona.commands import output
     from persona.store import current_revision, make_engine, upgrade
     from persona.store.engine import mask_url
 
     engine = make_engine(_url())
     try:
         upgrade(engine, revision)
-        Console().print(f"store {mask_url(engine.url)} is at revision [bold]{current_revision(engine)}[/]")
+        output.console().print(f"store {mask_url(engine.url)} is at revision [bold]{current_revision(engine)}[/]")
     finally:
         engine.dispose()
 
 
 @db_app.command("current")
-def db_current() -> None:
+def db_current(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
+) -> None:
     """Show the store's revision and the newest one the code knows."""
-    from rich.console import Console
-    from rich.table import Table
-
+    from persona.commands import output
     from persona.store import current_revision, head_revision, make_engine
     from persona.store.engine import mask_url
 
@@ -50,18 +49,23 @@ def db_current() -> None:
         current, head = current_revision(engine), head_revision()
     finally:
         engine.dispose()
-    table = Table("database", "current", "head", "status")
+    if as_json:
+        output.print_json(
+            {"database": mask_url(engine.url), "current": current, "head": head, "up_to_date": current == head}
+        )
+        return
+    table = output.table("database", "current", "head", "status")
     status = "up to date" if current == head else "needs `persona db upgrade`"
     table.add_row(mask_url(engine.url), current or "(empty)", head or "-", status)
-    Console().print(table)
+    output.console().print(table)
 
 
 @models_app.command("list")
-def models_list() -> None:
-    """List registered model versions (the active one is marked)."""
-    from rich.console import Console
-    from rich.table import Table
-
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
+) -> None:
+    """List registered model versions, oldest first (the active one is marked); nothing is shortened."""
+    from persona.commands import output
     from persona.store import Store
 
     store = Store.open(_url())
@@ -69,16 +73,28 @@ def models_list() -> None:
         rows = store.list_models()
     finally:
         store.close()
-    table = Table("active", "version", "sha256", "created", "path", title="model versions")
-    for row in rows:
-        table.add_row(
-            "*" if row.active else "",
-            row.version,
-            row.sha256[:12],
-            row.created_at.strftime("%Y-%m-%d %H:%M:%SZ"),
-            row.path,
+    if as_json:
+        output.print_json(
+            [
+                {
+                    "version": r.version,
+                    "active": r.active,
+                    "sha256": r.sha256,
+                    "created_at": r.created_at,
+                    "path": r.path,
+                }
+                for r in rows
+            ]
         )
-    Console().print(table if rows else "no model versions registered (use `persona models register`)")
+        return
+    if not rows:
+        output.console().print("no model versions registered (use `persona models register`)")
+        return
+    table = output.table("active", "version", "sha256", "created", "path", title="model versions")
+    for row in rows:
+        created = row.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        table.add_row("*" if row.active else "", row.version, row.sha256, created, row.path)
+    output.console().print(table)
 
 
 @models_app.command("register")
@@ -90,8 +106,7 @@ def models_register(
 
     Re-registering the same bundle is a no-op; it stays inactive until `persona models activate VERSION`.
     """
-    from rich.console import Console
-
+    from persona.commands import output
     from persona.models import register_bundle
     from persona.store import Store
 
@@ -101,7 +116,7 @@ def models_register(
     finally:
         store.close()
     state = "active" if row.active else "inactive"
-    Console().print(f"registered model [bold]{row.version}[/] ({state}) at {row.path}")
+    output.console().print(f"registered model [bold]{row.version}[/] ({state}) at {row.path}")
 
 
 @models_app.command("activate")
@@ -109,8 +124,7 @@ def models_activate(
     version: Annotated[str, typer.Argument(help="A registered version (see `persona models list`).")],
 ) -> None:
     """Make a version the single active model; API and consumers pick it up without restart."""
-    from rich.console import Console
-
+    from persona.commands import output
     from persona.store import Store
 
     store = Store.open(_url())
@@ -119,7 +133,7 @@ def models_activate(
             row = uow.activate(version)
     finally:
         store.close()
-    Console().print(f"active model is now [bold]{row.version}[/]")
+    output.console().print(f"active model is now [bold]{row.version}[/]")
 
 
 def register(app: typer.Typer) -> None:

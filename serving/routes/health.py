@@ -10,7 +10,7 @@ from serving.problems import problem_responses
 from serving.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
-#: ``/healthz`` alone stays open even when ``require_api_key`` puts everything else behind a key.
+#: ``/healthz``: liveness, never behind a key or a rate limit (``serving.admission.OPEN_PATHS``).
 live_router = APIRouter(tags=["health"])
 
 

@@ -1,0 +1,1 @@
+"""Developer tooling that runs outside the product (test prerequisites)."""
