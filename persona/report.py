@@ -30,7 +30,7 @@ from typing import Any, Literal
 Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
 
 #: Keys under which a JSON entry may hold its point estimate next to ``ci95``.
-POINT_KEYS = ("mean", "value", "estimate", "diff", "delta", "point")
+POINT_KEYS = ("mean", "value", "estimate", "ratio", "diff", "delta", "point")
 VARIANTS = {"persona": "Persona", "base": "base"}
 
 
@@ -50,6 +50,7 @@ class Chart:
     kind: Literal["line", "bar", "hist"] = "line"
     errors: dict[str, list[tuple[float, float] | None]] = field(default_factory=dict)
     caption: str = ""
+    reference: float | None = None  # a horizontal line to read bars against (1.0 for ratios)
 
 
 # ---------------------------------------------------------------------------------------------- data → charts
@@ -200,8 +201,9 @@ def evaluate_charts(result: Mapping[str, Any]) -> list[Chart]:
     """One bar chart per metric of ``persona evaluate``'s JSON, methods side by side.
 
     Read generically: ``methods`` maps a method to {metric: number, or {"mean": …, "ci95": [low, high]}}; any
-    ``ci95`` found becomes an error bar. A ``paired`` section (paired bootstrap comparisons) gives one more chart
-    per metric of the entries it holds with a ``ci95``, labelled by their path (e.g. ``persona vs base``).
+    ``ci95`` found becomes an error bar. A ``paired`` section (paired bootstrap comparisons, e.g.
+    ``{"persona / base": {"ratio": 1.04, "ci95": [1.01, 1.07]}}``) gives one more chart of the entries it holds
+    with a ``ci95`` key, labelled by their path, one per metric when the path names one (a line at 1 for ratios).
     """
     methods = result.get("methods") or {}
     metrics: list[str] = []
@@ -232,8 +234,9 @@ def evaluate_charts(result: Mapping[str, Any]) -> list[Chart]:
             )
         )
     paired: dict[str, tuple[list[str], list[float], list[tuple[float, float] | None]]] = {}
+    ratios: dict[str, bool] = {}
     for path, leaf in _leaves_with_ci(result.get("paired")):
-        metric = next((p for p in reversed(path) if p in metrics), path[-1] if path else "paired")
+        metric = next((p for p in reversed(path) if p in metrics), "")
         label = " / ".join(p for p in path if p != metric) or metric
         point, ci = _point(leaf)
         if point is not None:
@@ -241,17 +244,21 @@ def evaluate_charts(result: Mapping[str, Any]) -> list[Chart]:
             entry[0].append(label)
             entry[1].append(point)
             entry[2].append(ci)
+            ratios[metric] = ratios.get(metric, True) and "ratio" in leaf
+    how = result.get("paired_method")
     for metric, (labels, ys, cis) in paired.items():
         charts.append(
             Chart(
-                "paired_" + _stem(metric),
-                f"Paired comparison: {metric.upper()}",
+                "paired" + (f"_{_stem(metric)}" if metric else ""),
+                "Paired comparison" + (f": {metric.upper()}" if metric else ""),
                 "comparison",
-                f"{metric.upper()}",
+                "ratio" if ratios[metric] else (metric.upper() or "value"),
                 {"paired": (labels, ys)},
                 kind="bar",
                 errors={"paired": cis},
-                caption="Paired bootstrap over the same test examples; error bars are 95 % intervals.",
+                caption=(f"{how}; " if isinstance(how, str) else "Paired bootstrap over the same test examples; ")
+                + "error bars are 95 % intervals.",
+                reference=1.0 if ratios[metric] else None,
             )
         )
     return charts
@@ -292,6 +299,8 @@ def draw(chart: Chart, path: Path) -> Path:
                     yerr = [lows, highs]
                 ax.bar(positions, ys, yerr=yerr, capsize=4, color="#4c72b0")
                 ax.set_xticks(positions, [str(x) for x in xs], rotation=20 if len(xs) > 4 else 0, ha="right")
+            if chart.reference is not None:
+                ax.axhline(chart.reference, color="#888", linewidth=1, linestyle="--")
         else:
             for label, (_, ys) in chart.series.items():
                 ax.hist(ys, bins=min(40, max(5, len(ys) // 5)), label=label, color="#4c72b0")

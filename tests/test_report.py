@@ -74,6 +74,24 @@ def test_evaluate_series_are_one_chart_per_metric_with_intervals_where_given() -
     assert charts["ndcg_10"].errors == {"methods": [(0.04, 0.06), (0.05, 0.07)]}
     assert charts["paired_ndcg_10"].series == {"paired": (["persona vs base"], [0.01])}
     assert charts["paired_ndcg_10"].errors == {"paired": [(0.004, 0.016)]}
+    assert charts["paired_ndcg_10"].reference is None  # a difference, not a ratio
+
+
+def test_evaluates_paired_ratios_are_one_chart_read_against_one() -> None:
+    """The shape ``persona evaluate`` writes: {label: {"ratio": r, "ci95": [low, high] or null}}."""
+    result = {
+        "methods": {"persona": {"ndcg@10": 0.06}, "base": {"ndcg@10": 0.05}},
+        "paired": {
+            "persona_vs_base": {"ratio": 1.2, "ci95": [1.1, 1.3]},
+            "persona_vs_finetune": {"ratio": 0.95, "ci95": None},  # too few examples for an interval
+        },
+        "paired_method": "NDCG@10 ratio of means, paired bootstrap over test examples, 1000 resamples",
+    }
+    paired = evaluate_charts(result)[-1]
+    assert paired.name == "paired" and paired.reference == 1.0 and paired.ylabel == "ratio"
+    assert paired.series == {"paired": (["persona_vs_base", "persona_vs_finetune"], [1.2, 0.95])}
+    assert paired.errors == {"paired": [(1.1, 1.3), None]}
+    assert paired.caption.startswith("NDCG@10 ratio of means")
 
 
 def _is_png(path: Path) -> tuple[int, int]:
@@ -86,8 +104,15 @@ def _is_png(path: Path) -> tuple[int, int]:
 
 def test_the_report_is_an_index_with_decodable_pngs(tmp_path: Path) -> None:
     charts = demo_charts(TIMELINE, [3.0, 4.0, 5.0, 4.5]) + evaluate_charts(
-        {"methods": {"base": {"mrr": {"mean": 0.1, "ci95": [0.09, 0.11]}}, "persona": {"mrr": 0.12}}}
+        {
+            "methods": {"base": {"mrr": {"mean": 0.1, "ci95": [0.09, 0.11]}}, "persona": {"mrr": 0.12}},
+            "paired": {
+                "persona_vs_base": {"ratio": 1.2, "ci95": [1.1, 1.3]},
+                "persona_vs_x": {"ratio": 1, "ci95": None},
+            },
+        }
     )
+    assert [c.name for c in charts][-2:] == ["mrr", "paired"]
     index = write_report(tmp_path / "r", "A <demo>", charts, {"events": "1500 of 1500"}, "session 1 · last: x")
     html = index.read_text()
     assert "<title>A &lt;demo&gt;</title>" in html and "session 1 · last: x" in html
