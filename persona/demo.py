@@ -13,6 +13,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -140,13 +141,50 @@ def latency_probe(api: str, sessions: list[str], n: int = 300) -> dict[str, Any]
             if r.status_code != 200:
                 raise PersonaError(f"ranking request failed: HTTP {r.status_code} {r.text[:200]}")
         cold = client.get("/v1/sessions/demo-cold-start/recommendations", params={"k": 10}).json()
+    raw = list(times)
     times.sort()
     return {
+        "times_ms": raw,
         "requests": n,
         "p50_ms": statistics.median(times),
         "p99_ms": times[int(0.99 * (len(times) - 1))],
         "cold_start_fallback": cold.get("fallback"),
     }
+
+
+class MetricsSampler:
+    """Scrapes a ``/metrics`` URL every ``interval`` seconds on a background thread, between ``with`` and its end.
+
+    The samples (``(monotonic seconds, scrape)``, oldest first) are the replay's timeline the report plots: the
+    consumer exports only running totals and current gauges, so their history exists only if it is sampled.
+    Only families starting with ``prefix`` are kept. A failed scrape is skipped (the next one catches up).
+    """
+
+    def __init__(self, url: str, interval: float = 0.25, prefix: str = "persona_") -> None:
+        self.url, self.interval, self.prefix = url, interval, prefix
+        self.samples: list[tuple[float, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-sampler", daemon=True)
+
+    def __enter__(self) -> MetricsSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()  # the final state, after whatever the caller waited for
+
+    def sample(self) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            scraped = scrape(self.url)
+            kept = {key: v for key, v in scraped.items() if key[0].startswith(self.prefix)}
+            self.samples.append((time.monotonic(), kept))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
 
 
 def write_json(path: Path, summary: dict[str, Any]) -> None:

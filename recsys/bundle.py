@@ -7,6 +7,7 @@ Layout::
       <name>.safetensors      one state dict per file (model, prototypes, ...)
       <name>.json             config, vocabulary, metrics, ...
       <name>.onnx             artifacts read by other runtimes (the device model), checked but not parsed here
+      items.json              optional: item attributes (title, year, genres, ...) aligned with the vocabulary
 
 Why this shape: the registry and the serving fleet need to (1) refuse a half-written, truncated or
 tampered model with a clear message instead of a stack trace, (2) never execute code while loading
@@ -33,7 +34,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,6 +82,62 @@ class Bundle:
     def version(self) -> str:
         """The bundle's version string (``manifest["version"]``)."""
         return str(self.manifest["version"])
+
+
+#: Document stem of the optional item attributes (:class:`ItemMetadata`).
+ITEMS = "items"
+
+
+@dataclass(frozen=True)
+class ItemMetadata:
+    """Item attributes aligned with the model's vocabulary: ``columns[name][i]`` belongs to vocabulary index ``i``.
+
+    Aligned lists, not a dict per item id: a response looks an attribute up by the index the ranking already
+    has, one list access per item shown. Values are JSON values (text, numbers, lists); ``None`` where the item
+    file had none, and in the reserved PAD/UNK slots. ``title`` is the column the API always returns.
+
+    Example::
+
+        >>> meta = ItemMetadata({"title": [None, None, "Toy Story"], "year": [None, None, 1995]})
+        >>> meta.describe(2, ("year",))
+        {'title': 'Toy Story', 'year': 1995}
+    """
+
+    columns: dict[str, list[Any]]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The attribute names, in file order."""
+        return tuple(self.columns)
+
+    def describe(self, index: int, fields: Sequence[str] = ()) -> dict[str, Any]:
+        """``title`` (None when unknown) plus ``fields`` of the item at vocabulary ``index``."""
+        titles = self.columns.get("title")
+        out: dict[str, Any] = {"title": titles[index] if titles is not None else None}
+        for name in fields:
+            out[name] = self.columns[name][index]
+        return out
+
+    def to_document(self) -> dict[str, Any]:
+        return {"columns": self.columns}
+
+    @classmethod
+    def from_document(cls, document: Any, size: int) -> ItemMetadata:
+        """Parse ``items.json``; ``size`` is the vocabulary's, which every column must match.
+
+        Raises:
+            BundleError: not the shape written by :meth:`to_document`, or columns of another length.
+        """
+        columns = document.get("columns") if isinstance(document, dict) else None
+        if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
+            raise BundleError(f"{ITEMS}{DOCUMENT_SUFFIX} is not a table of item attributes", "retrain the bundle")
+        bad = [name for name, values in columns.items() if len(values) != size]
+        if bad:
+            raise BundleError(
+                f"{ITEMS}{DOCUMENT_SUFFIX}: column {bad[0]!r} does not match the vocabulary ({size} items)",
+                "retrain the bundle",
+            )
+        return cls(columns)
 
 
 def library_version() -> str:

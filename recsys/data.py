@@ -62,6 +62,84 @@ def load_interactions(
     return _normalise(raw, path, user_col, item_col, time_col)
 
 
+#: RecBole's MovieLens item columns, renamed to what an API client expects.
+ATTRIBUTE_NAMES = {"movie_title": "title", "release_year": "year", "class": "genres"}
+#: Names an item file's title column may have (after the renames above).
+TITLE_CANDIDATES = ("title", "name", "item_name", "product_name")
+#: Attribute names a ranked item already uses in the API: such columns get an ``item_`` prefix.
+RESERVED_ATTRIBUTES = ("item_id", "score", "rank")
+#: A ``token`` column whose values are whole numbers at least this often is read as integers.
+WHOLE_SHARE = 0.95
+
+
+def load_item_metadata(source: str = DEFAULT_SOURCE) -> pl.DataFrame | None:
+    """Item attributes shipped beside the interactions, or ``None`` when the source has none.
+
+    Where they come from: ``ml-100k`` → ``ml-100k.item`` in the same recbole package (titles, release year,
+    genres); a RecBole ``X.inter`` path → ``X.item`` beside it when present; anything else has none. See
+    :func:`read_item_file` for the frame's shape.
+    """
+    if source == DEFAULT_SOURCE:
+        path = _recbole_file("ml-100k").with_suffix(".item")
+    elif source == "synthetic" or source.startswith("synthetic:"):
+        return None
+    else:
+        given = Path(source).expanduser()
+        if given.suffix.lower() != ".inter":
+            return None
+        path = given.with_suffix(".item")
+    return read_item_file(path) if path.is_file() else None
+
+
+def read_item_file(path: Path) -> pl.DataFrame:
+    """A RecBole ``.item`` file (tab-separated, typed header ``name:type``) as ``item_id`` + one column per attribute.
+
+    Types follow the header: ``token`` → text (or integers when at least 95 % of the values are whole numbers, e.g.
+    a year; the others become null),
+    ``token_seq`` → a list of text split on spaces (e.g. genres), ``float`` → float, ``float_seq`` → list of
+    floats; the title column stays one text. Column names lose their type and are renamed by
+    :data:`ATTRIBUTE_NAMES`; the first of :data:`TITLE_CANDIDATES` becomes ``title``. Empty values are null;
+    an item listed twice keeps its first row.
+    """
+    try:
+        raw = pl.read_csv(path, separator="\t", infer_schema=False, quote_char=None)
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read item file {path}: {first}", "check that it is a RecBole .item file") from None
+    types = {}
+    for column in raw.columns:
+        name, _, kind = column.partition(":")
+        types[ATTRIBUTE_NAMES.get(name, name)] = (column, kind or "token")
+    item_col = next((n for n in ("item_id", *ITEM_CANDIDATES) if n in types), None)
+    if item_col is None:
+        raise DataError(f"no item id column in item file {path} (columns: {', '.join(raw.columns)})", "name it item_id")
+    title = next((n for n in TITLE_CANDIDATES if n in types and n != item_col), None)
+    columns: dict[str, pl.Series] = {"item_id": _as_text(raw.get_column(types[item_col][0]))}
+    for name, (column, kind) in types.items():
+        if name == item_col:
+            continue
+        text = raw.get_column(column).str.strip_chars().replace("", None)
+        out = "title" if name == title else f"item_{name}" if name in RESERVED_ATTRIBUTES else name
+        columns[out] = text if out == "title" else _typed(text, kind)
+    frame = pl.DataFrame(columns).filter(pl.col("item_id").is_not_null())
+    return frame.unique("item_id", keep="first", maintain_order=True)
+
+
+def _typed(text: pl.Series, kind: str) -> pl.Series:
+    """One attribute column by its RecBole type (see :func:`read_item_file`)."""
+    if kind == "token_seq":
+        return text.str.split(" ")
+    if kind == "float":
+        return text.cast(pl.Float64, strict=False)
+    if kind == "float_seq":
+        return text.str.split(" ").list.eval(pl.element().cast(pl.Float64, strict=False))
+    whole = text.str.contains(r"^-?\d{1,18}$").drop_nulls()
+    # ML-100K's years hold a stray 'unkonwn': it becomes null, not the whole column text
+    if whole.len() and whole.sum() >= WHOLE_SHARE * whole.len():
+        return text.cast(pl.Int64, strict=False)
+    return text
+
+
 def fingerprint(df: pl.DataFrame) -> str:
     """Stable sha256 hex of an interaction frame, to tie a model bundle to the exact data it saw.
 

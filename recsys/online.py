@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recsys.bundle import ItemMetadata
 from recsys.edited_head import EditedHead, GeneratorTerms
 from recsys.metrics import target_ranks
 from recsys.model import (
@@ -94,6 +95,8 @@ class OnlineModel:
         self._index = _Indices({item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)})
         #: Vocabulary index → item id (the reserved slots hold their tokens): :meth:`decode` as a plain list.
         self.item_names: list[str] = self.vocab.decode(np.arange(self.vocab.size))
+        #: Titles and other item attributes, when the bundle has them (``items.json``); ``None`` otherwise.
+        self.items: ItemMetadata | None = trained.items
         self._index_built: NormOrderedIndex | None = None
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
@@ -119,6 +122,14 @@ class OnlineModel:
     def indices_of(self, item_ids: Sequence[str]) -> list[int]:
         """:meth:`index_of` of every item id, in order (one C-level pass: this runs per session and request)."""
         return list(map(self._index.__getitem__, item_ids))
+
+    def describe(self, item_ids: Sequence[str], fields: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """``title`` plus ``fields`` of each item (see :meth:`ItemMetadata.describe`); ``{"title": None}`` each when
+        the bundle has no item attributes. Callers check ``fields`` against ``items.fields`` first."""
+        if self.items is None:
+            return [{"title": None} for _ in item_ids]
+        describe = self.items.describe
+        return [describe(i, fields) for i in self.indices_of(item_ids)]
 
     def known(self, item_id: str) -> bool:
         return item_id in self._index

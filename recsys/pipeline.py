@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.bundle import Bundle, load_bundle, save_bundle
-from recsys.data import fingerprint, load_interactions
+from recsys.bundle import ITEMS, Bundle, ItemMetadata, load_bundle, save_bundle
+from recsys.data import fingerprint, load_interactions, load_item_metadata
 from recsys.drift import DriftReference, drift_reference
 from recsys.errors import BundleError, DataError
 from recsys.export import DEVICE_DOCUMENT, DEVICE_ONNX, device_manifest, export_onnx
@@ -54,6 +54,7 @@ class Prepared:
     interactions: pl.DataFrame
     split: Split
     fingerprint: str
+    items: pl.DataFrame | None = None  # the source's item attributes (recsys.data.load_item_metadata), if any
 
 
 def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0, repeat_size: int = 0) -> Prepared:
@@ -79,7 +80,18 @@ def prepare(spec: DatasetSpec, *, max_len: int = 50, window_stride: int = 0, rep
         len(split.valid),
         len(split.test),
     )
-    return Prepared(spec, df, split, fingerprint(df))
+    return Prepared(spec, df, split, fingerprint(df), load_item_metadata(spec.source))
+
+
+def align_items(frame: pl.DataFrame, vocab: ItemVocab) -> ItemMetadata:
+    """Item attributes (``item_id`` + columns) → lists aligned with ``vocab``; None for items the file lacks."""
+    ids = frame.get_column("item_id").to_list()
+    columns: dict[str, list[Any]] = {}
+    for name in frame.columns:
+        if name != "item_id":
+            by_id = dict(zip(ids, frame.get_column(name).to_list(), strict=True))
+            columns[name] = [None] * vocab.OFFSET + [by_id.get(item) for item in vocab.ids]
+    return ItemMetadata(columns)
 
 
 @dataclass
@@ -94,6 +106,7 @@ class TrainedModel:
     item_counts: np.ndarray
     drift: DriftReference
     bundle: Bundle
+    items: ItemMetadata | None = None  # titles and other attributes, when the dataset shipped them
 
     @property
     def version(self) -> str:
@@ -114,6 +127,7 @@ def device_files(model: PersonaModel, vocab: ItemVocab) -> tuple[dict[str, bytes
 def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainConfig, *, overwrite: bool) -> Bundle:
     model = result.model
     artifacts, device_doc = device_files(model, prepared.split.vocab)
+    items = {} if prepared.items is None else {ITEMS: align_items(prepared.items, prepared.split.vocab).to_document()}
     return save_bundle(
         out,
         tensors={
@@ -135,6 +149,7 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
                 "stages": [asdict(s) for s in result.stages],
             },
             **device_doc,
+            **items,
         },
         artifacts=artifacts,
         data_fingerprint=prepared.fingerprint,
@@ -176,6 +191,7 @@ def load_trained(path: Path) -> TrainedModel:
         no_proto_state = bundle.tensors["adapter_no_prototypes"]
         counts = bundle.tensors["stats"]["item_counts"].numpy()
         drift = DriftReference.from_json(bundle.documents["drift"])
+        items = ItemMetadata.from_document(bundle.documents[ITEMS], vocab.size) if ITEMS in bundle.documents else None
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(
             f"bundle {path} lacks a part this persona needs ({exc})", "retrain with `persona train`"
@@ -200,7 +216,7 @@ def load_trained(path: Path) -> TrainedModel:
             f"bundle {path} does not fit this model code: {first}", "retrain with `persona train`"
         ) from None
     no_proto.eval()
-    return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle)
+    return TrainedModel(model, no_proto, vocab, spec, tc, counts, drift, bundle, items)
 
 
 def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ class RankQuery:
     k: int = 10
     #: Leave out the history's items; None = the model's default: yes, unless it re-consumes (has the repeat part).
     exclude_seen: bool | None = None
+    fields: tuple[str, ...] = ()  # item attributes to return beside each item's title
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class RankResult:
     known_session: bool
     unknown_items_ignored: list[str] = field(default_factory=list)
     unknown_candidates: list[str] = field(default_factory=list)
+    #: Per item of ``items``: its ``title`` (None when unknown) and the query's ``fields``.
+    details: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +315,7 @@ class Ranker:
                     known_session=r.state is not None,
                     unknown_items_ignored=r.unknown,
                     unknown_candidates=unknown_candidates,
+                    details=online.describe([item for item, _ in items], q.fields),
                 )
             )
         return results
@@ -325,6 +330,11 @@ class Ranker:
             where: list[str | int] = ["body", "requests", n] if batch else ["body"]
             if q.session_id is None and q.recent_items is None:
                 errors.append({"loc": where, "msg": "give session_id, recent_items or both", "type": "missing"})
+            missing = [f for f in q.fields if online.items is None or f not in online.items.columns]
+            if missing:
+                have = ", ".join(online.items.fields) if online.items is not None else "none: no item metadata"
+                msg = f"unknown item field {missing[0]!r} (model {online.version} has {have})"
+                errors.append({"loc": [*where, "fields"], "msg": msg, "type": "unknown_field"})
             if q.recent_items is not None and len(q.recent_items) > limit:
                 msg = f"at most {limit} recent_items (4 × the model's max_len {online.cfg.max_len}), got "
                 errors.append(

@@ -44,10 +44,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+FIELDS_DOC = (
+    "Item attributes to return beside each item's title, e.g. year,genres for MovieLens-100K: the model's "
+    "catalogue must have them (a 422 lists the ones it has)."
+)
+MAX_FIELDS = 32
+
+
 class RankedItem(BaseModel):
+    """A ranked item; with ``fields`` requested, each requested attribute is one more key (e.g. ``year``)."""
+
     item_id: str = Field(description="The item id.", examples=["50"])
     score: float = Field(description="Model score (higher is better); for popularity, the training count.")
     rank: int = Field(ge=1, description="1-based position in the ranking.")
+    title: str | None = Field(
+        default=None,
+        description="The item's title when the model's catalogue has item metadata; null otherwise.",
+        examples=["Star Wars"],
+    )
+
+    model_config = ConfigDict(extra="allow")
+
+
+def parse_fields(raw: str | None) -> tuple[str, ...]:
+    """``?fields=year,genres`` → ``("year", "genres")``: comma separated, blanks dropped, duplicates once."""
+    if not raw:
+        return ()
+    return tuple(dict.fromkeys(f.strip() for f in raw.split(",") if f.strip()))
 
 
 class Recommendations(BaseModel):
@@ -73,7 +96,10 @@ class Recommendations(BaseModel):
             "examples": [
                 {
                     "session_id": "s-42",
-                    "items": [{"item_id": "50", "score": 7.1, "rank": 1}, {"item_id": "181", "score": 6.9, "rank": 2}],
+                    "items": [
+                        {"item_id": "50", "score": 7.1, "rank": 1, "title": "Star Wars"},
+                        {"item_id": "181", "score": 6.9, "rank": 2, "title": "Return of the Jedi"},
+                    ],
                     "model_version": "20261124T071200Z-1a2b3c4d",
                     "prototype_id": 3,
                     "edit_version": 12,
@@ -107,6 +133,9 @@ class RecommendationRequest(Strict):
     exclude_seen: bool | None = Field(
         default=None,
         description="Leave out items of the history (default: yes, unless the model recommends items again).",
+    )
+    fields: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]] = Field(
+        default_factory=list, max_length=MAX_FIELDS, description=FIELDS_DOC, examples=[["year", "genres"]]
     )
 
     model_config = ConfigDict(

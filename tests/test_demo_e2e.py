@@ -52,7 +52,7 @@ def test_demo_end_to_end_with_live_prometheus(tiny_bundle: Path, tmp_path: Path)
     cmd = [
         persona, "demo", "--bundle", str(tiny_bundle), "--dataset", TINY_DATASET, "--workdir", str(tmp_path / "w"),
         "--json", str(summary_path), "--api-port", str(api_port), "--metrics-port", str(metrics_port),
-        "--no-progress",
+        "--no-progress", "--report", str(tmp_path / "report"),
     ]  # fmt: skip
     targets = {"persona-consumer": f"127.0.0.1:{metrics_port}", "persona-api": f"127.0.0.1:{api_port}"}
     rules = [DASHBOARDS / n for n in ("alerts.yml", "recording.yml") if (DASHBOARDS / n).exists()]
@@ -77,6 +77,14 @@ def test_demo_end_to_end_with_live_prometheus(tiny_bundle: Path, tmp_path: Path)
         assert summary["predictions"]["persona"] == summary["predictions"]["base"] > 0
         assert 0.0 <= summary["ndcg_at_10"]["persona"] <= 1.0
         assert summary["api_latency_ms"]["requests"] > 0
+        assert len(summary["sessions"]) == 3  # three real sessions, ranked before their last event
+        for session in summary["sessions"]:
+            assert len(session["persona_top"]) == len(session["base_top"]) == 5
+            assert session["next_item"] not in session["last_items"]
+        report = tmp_path / "report"
+        assert 'src="hr_10.png"' in (report / "index.html").read_text()
+        for name in ("hr_10", "ndcg_10", "drift", "ood", "prototype_mix", "throughput", "api_latency"):
+            assert (report / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
         # every panel returns data once Prometheus has scraped the run
         missing: list[str] = []

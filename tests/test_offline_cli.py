@@ -84,6 +84,17 @@ def test_evaluate_a_subset_reports_only_the_pairs_it_has(bundle: Path, tmp_path:
 
 
 @pytest.mark.slow
+def test_evaluate_report_has_one_plot_per_metric(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(bundle), "--methods", "popularity,base", "--no-progress", "--report", str(out)]
+    assert main(args) == 0
+    html = (out / "index.html").read_text()
+    for metric in ("hr_5", "hr_10", "hr_20", "ndcg_10", "ndcg_20", "mrr"):
+        png = out / f"{metric}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f'src="{metric}.png"' in html
+
+
+@pytest.mark.slow
 def test_bundle_records_validation_metrics_and_chosen_k(bundle: Path) -> None:
     metrics = json.loads((bundle / "metrics.json").read_text())
     assert metrics["chosen_k"] in (2, 4)

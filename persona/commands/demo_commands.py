@@ -3,7 +3,8 @@
 Trains on MovieLens-100K (or reuses the cached bundle), starts the embedded broker, a consumer and the API
 as real processes on a fresh SQLite store, replays the dataset's test period as live traffic (plus a few
 malformed events, to show the dead-letter queue), then prints what happened: throughput, online hit-rate of
-Persona against the base model, drift signals and API latency.
+Persona against the base model, drift signals and API latency, three real sessions with what Persona and the base
+model recommended to them, and an HTML report with plots of the run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger("persona.demo")
 
 DEFAULT_BUNDLE = Path("data/bundles/ml-100k")
 DEFAULT_WORKDIR = Path("data/demo")
+REPORT_DIR = "report"  # under the workdir unless --report says where
 TEST_PERIOD = 0.7  # the time-shift protocol's test period starts at 70% of the interactions
 
 
@@ -31,6 +33,7 @@ def register(app: typer.Typer) -> None:
 
 def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False, progress: bool = True) -> Path:
     """Reuse a valid cached bundle trained on ``dataset``; train one otherwise (minutes on 2 cores)."""
+    from recsys.data import load_item_metadata
     from recsys.errors import BundleError, PersonaError
     from recsys.pipeline import DatasetSpec, load_trained, train_bundle
 
@@ -46,6 +49,8 @@ def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False
                     "pass --retrain, another --bundle, or --dataset " + trained.spec.source,
                 )
             typer.echo(f"reusing the trained bundle at {path} (--retrain to train again)")
+            if trained.items is None and load_item_metadata(dataset) is not None:
+                typer.echo("  it has no item titles (trained before bundles kept them): --retrain to show titles")
             return path
     typer.echo(f"training on {dataset} into {path} (first run only, a few minutes) ...")
     start = time.perf_counter()
@@ -69,6 +74,13 @@ def demo(
     retrain: Annotated[bool, typer.Option(help="Train a new bundle even if a cached one is valid.")] = False,
     once: Annotated[bool, typer.Option("--once", help="Exit after the summary instead of serving on.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the summary as JSON.")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write an HTML report with plots (online HR/NDCG@10 of Persona and base over the replay, drift, "
+            "prototype mix, throughput, API latency) to DIR/index.html. Default: <workdir>/report."
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Replay at most this many events.")] = None,
     dataset: Annotated[
         str, typer.Option(help="Dataset to replay; must be the one the bundle was trained on.")
@@ -78,9 +90,13 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train (or reuse) a model, run broker + consumer + API, stream the test period, print the results."""
+    import httpx
+
     from persona import demo as d
+    from persona import demo_sessions
     from persona.net import free_port
     from recsys.data import load_interactions
+    from recsys.online import OnlineModel
     from streaming.broker import EmbeddedBroker
     from streaming.kafka_io import ensure_topics, make_producer
     from streaming.replay import replay
@@ -124,22 +140,32 @@ def demo(
             df = load_interactions(dataset)
             producer = make_producer(broker.bootstrap)
             typer.echo(f"replaying the {dataset} test period into {topic} ...")
-            stats = replay(df, producer, topic, start_fraction=TEST_PERIOD, limit=limit, progress=progress)
-            for raw in MALFORMED:
-                producer.send(topic, key=b"demo-malformed", value=raw)
-            producer.flush()
-            producer.close()
-            sent = stats.sent + len(MALFORMED)
-            start = time.perf_counter()
-            done = _wait_consumed(metrics_url, sent, consumer, progress=progress)
-            elapsed = stats.seconds + (time.perf_counter() - start)
+            with d.MetricsSampler(metrics_url) as sampler:  # the report's timeline
+                stats = replay(df, producer, topic, start_fraction=TEST_PERIOD, limit=limit, progress=progress)
+                for raw in MALFORMED:
+                    producer.send(topic, key=b"demo-malformed", value=raw)
+                producer.flush()
+                producer.close()
+                sent = stats.sent + len(MALFORMED)
+                start = time.perf_counter()
+                done = _wait_consumed(metrics_url, sent, consumer, progress=progress)
+                elapsed = stats.seconds + (time.perf_counter() - start)
             samples = d.scrape(metrics_url)
-            replayed = df.sort("ts").tail(df.height - int(df.height * TEST_PERIOD))
+            replayed = demo_sessions.replayed_frame(df, TEST_PERIOD, limit)
             sessions = replayed["user_id"].unique(maintain_order=True).head(200).to_list()
             latency = d.latency_probe(api_url, sessions)
+            times_ms = latency.pop("times_ms")
+            online = OnlineModel.load(bundle)
+            with httpx.Client(base_url=api_url, timeout=30.0) as client:
+                examples = demo_sessions.session_examples(client, online, replayed)
             summary = _summary(samples, done, sent, elapsed, latency, api_url, metrics_url)
             summary["dataset"] = dataset
+            summary["sessions"] = [_session_json(ex) for ex in examples]
+            lines = demo_sessions.format_sessions(examples, demo_sessions.item_labels(online))
             _print_summary(summary)
+            typer.echo("\n".join(lines))
+            index = _write_report(report or workdir / REPORT_DIR, summary, sampler.samples, times_ms, lines)
+            typer.echo(f"\nreport: {index}")
             if json_out:
                 d.write_json(json_out, summary)
                 typer.echo(f"wrote {json_out}")
@@ -151,6 +177,27 @@ def demo(
                 except KeyboardInterrupt:
                     pass
     typer.echo("stopped broker, consumer and API")
+
+
+def _session_json(ex: Any) -> dict[str, Any]:
+    from persona.demo_sessions import LAST, TOP
+
+    return {
+        "session_id": ex.session_id,
+        "last_items": ex.history[-LAST:],
+        "next_item": ex.target,
+        "persona_top": ex.persona[:TOP],
+        "base_top": ex.base[:TOP],
+        "persona_rank": ex.rank(ex.persona),
+        "base_rank": ex.rank(ex.base),
+    }
+
+
+def _write_report(out: Path, summary: dict[str, Any], timeline: Any, times_ms: list[float], lines: list[str]) -> Path:
+    from persona.report import demo_charts, write_report
+
+    title = f"Persona demo: the {summary['dataset']} test period as live traffic"
+    return write_report(out, title, demo_charts(timeline, times_ms), dict(_rows(summary)), "\n".join(lines))
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -223,32 +270,35 @@ def _summary(
     }
 
 
+def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary as (name, text) rows: the terminal's table and the report's."""
+    hr, nd = s["hit_rate_at_10"], s["ndcg_at_10"]
+    uplift = nd["persona"] / nd["base"] if nd["base"] else float("nan")
+    dr = s["drift"]
+    lat = s["api_latency_ms"]
+    return [
+        ("events processed", f"{s['events_processed']} of {s['events_sent']} ({s['events_per_s']:.0f}/s end to end)"),
+        ("dead-letter queue", f"{s['dlq']:.0f} (malformed on purpose), unknown items skipped {s['unknown_items']:.0f}"),
+        ("online HR@10", f"Persona {hr['persona']:.4f} · base {hr['base']:.4f}"),
+        ("online NDCG@10", f"Persona {nd['persona']:.4f} · base {nd['base']:.4f} · uplift {uplift:.2f}x"),
+        (
+            "drift",
+            f"prototype-mix PSI {dr['prototype_mix_psi']:.3f} · item-popularity JS {dr['item_popularity_js']:.3f} · "
+            f"mean OOD score {dr['ood_score_mean']:.2f}",
+        ),
+        (
+            "API ranking latency",
+            f"p50 {lat['p50_ms']:.1f} ms · p99 {lat['p99_ms']:.1f} ms ({lat['requests']} requests); "
+            f"an unknown session gets the {lat.get('cold_start_fallback')} fallback",
+        ),
+    ]
+
+
 def _print_summary(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
     t = Table(title=f"Persona demo: the {s['dataset']} test period as live traffic", show_header=False)
-    t.add_row(
-        "events processed", f"{s['events_processed']} of {s['events_sent']} ({s['events_per_s']:.0f}/s end to end)"
-    )
-    t.add_row(
-        "dead-letter queue", f"{s['dlq']:.0f} (malformed on purpose), unknown items skipped {s['unknown_items']:.0f}"
-    )
-    hr, nd = s["hit_rate_at_10"], s["ndcg_at_10"]
-    uplift = nd["persona"] / nd["base"] if nd["base"] else float("nan")
-    t.add_row("online HR@10", f"Persona {hr['persona']:.4f} · base {hr['base']:.4f}")
-    t.add_row("online NDCG@10", f"Persona {nd['persona']:.4f} · base {nd['base']:.4f} · uplift {uplift:.2f}x")
-    dr = s["drift"]
-    t.add_row(
-        "drift",
-        f"prototype-mix PSI {dr['prototype_mix_psi']:.3f} · item-popularity JS {dr['item_popularity_js']:.3f} · "
-        f"mean OOD score {dr['ood_score_mean']:.2f}",
-    )
-    lat = s["api_latency_ms"]
-    t.add_row(
-        "API ranking latency",
-        f"p50 {lat['p50_ms']:.1f} ms · p99 {lat['p99_ms']:.1f} ms ({lat['requests']} requests); "
-        f"an unknown session gets the {lat.get('cold_start_fallback')} fallback",
-    )
-    console.print(t)
+    for name, text in _rows(s):
+        t.add_row(name, text)
+    Console().print(t)

@@ -149,6 +149,14 @@ def evaluate(
         int | None,
         typer.Option(min=1, help="Rank against this many sampled negatives (e.g. 99) instead of all items."),
     ] = None,
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Write DIR/index.html with one PNG plot per metric, methods side by side (95 % intervals as "
+            "error bars where the results carry them).",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate a bundle's methods on the test period with full-catalogue ranking; print a table."""
@@ -241,6 +249,17 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
+    if report_dir:
+        typer.echo(f"report: {write_evaluation_report(report_dir, report)}")
+
+
+def write_evaluation_report(out: Path, report: dict[str, Any]) -> Path:
+    """``persona evaluate --report``: the results dict (as written by ``--json``) as ``out/index.html`` + PNGs."""
+    from persona.report import evaluate_charts, write_report
+
+    keys = ("dataset", "protocol", "ranking", "model_version", "n_test")
+    facts = {k.replace("_", " "): str(report[k]) for k in keys if k in report}
+    return write_report(out, "Persona offline evaluation", evaluate_charts(report), facts)
 
 
 def _print_paired(paired: dict[str, Any], pairs: dict[str, tuple[str, str]], resamples: int) -> None:

@@ -12,6 +12,7 @@ from serving.problems import problem_responses
 from serving.ranking import RankQuery, RankResult
 from serving.schemas import (
     DEFAULT_K,
+    FIELDS_DOC,
     MAX_ID_LEN,
     MAX_K,
     BatchRequest,
@@ -19,6 +20,7 @@ from serving.schemas import (
     RankedItem,
     RecommendationRequest,
     Recommendations,
+    parse_fields,
 )
 
 router = APIRouter(tags=["recommendations"])
@@ -29,7 +31,10 @@ SessionPath = Annotated[str, Path(min_length=1, max_length=MAX_ID_LEN, descripti
 def shape(result: RankResult) -> Recommendations:
     return Recommendations(
         session_id=result.session_id,
-        items=[RankedItem(item_id=i, score=s, rank=n) for n, (i, s) in enumerate(result.items, start=1)],
+        items=[
+            RankedItem(item_id=i, score=s, rank=n, **details)
+            for n, ((i, s), details) in enumerate(zip(result.items, result.details, strict=True), start=1)
+        ],
         model_version=result.model_version,
         prototype_id=result.prototype_id,
         edit_version=result.edit_version,
@@ -50,7 +55,8 @@ def as_json(model: BaseModel) -> Response:
 
 
 def _query(body: RecommendationRequest) -> RankQuery:
-    return RankQuery(body.session_id, body.recent_items, body.candidates, body.k, body.exclude_seen)
+    fields = tuple(dict.fromkeys(body.fields))
+    return RankQuery(body.session_id, body.recent_items, body.candidates, body.k, body.exclude_seen, fields)
 
 
 @router.get(
@@ -72,8 +78,12 @@ async def session_recommendations(
         bool | None,
         Query(description="Leave out the session's history (default: yes, unless the model recommends items again)."),
     ] = None,
+    fields: Annotated[
+        str | None, Query(max_length=1024, description=FIELDS_DOC + " Comma separated.", examples=["year,genres"])
+    ] = None,
 ) -> Response:
-    result = await ctx.batcher.rank(RankQuery(session_id=session_id, k=k, exclude_seen=exclude_seen))
+    query = RankQuery(session_id=session_id, k=k, exclude_seen=exclude_seen, fields=parse_fields(fields))
+    result = await ctx.batcher.rank(query)
     return as_json(shape(result))
 
 
