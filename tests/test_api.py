@@ -21,7 +21,7 @@ from persona.settings import Settings
 from persona.store import Store
 from persona.user_state import pack_user_state
 from recsys.model import Edit
-from recsys.online import BankState, OnlineModel, code_from_bytes
+from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
 from serving.app import create_app
 from serving.deps import key_matches
 
@@ -73,7 +73,8 @@ def _bank(api: Api) -> BankState:
         return api.online.initial_bank
     cfg = api.online.cfg
     centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
-    return BankState(centres, torch.tensor([r.count for r in rows]), 0)
+    counts = stored_next_items([r.next_items for r in rows], api.online.initial_bank.next_items, cfg)
+    return BankState(centres, torch.tensor([r.count for r in rows]), 0, counts)
 
 
 def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool = True) -> list[str]:
@@ -82,9 +83,10 @@ def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool 
     state = api.store.get_session(session_id)
     assert state is not None and state.code is not None and state.prototype_id is not None
     code = code_from_bytes(state.code, online.cfg)
-    edit = online.edit(code.unsqueeze(0), _bank(api), prototypes=torch.tensor([state.prototype_id]))
+    bank = _bank(api)  # the stored bank: centres and the group counts the consumer refined
+    edit = online.edit(code.unsqueeze(0), bank, prototypes=torch.tensor([state.prototype_id]))
     hist = online.histories([state.recent_items])
-    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen)
+    idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen, bank=bank)
     keep = torch.isfinite(scores[0])
     return online.decode(idx[0][keep])
 
