@@ -87,7 +87,7 @@ def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool 
     state = api.store.get_session(session_id)
     assert state is not None and state.code is not None and state.prototype_id is not None
     code = code_from_bytes(state.code, online.cfg)
-    bank = _bank(api)
+    bank = _bank(api)  # the stored bank: centres and the group counts the consumer refined
     edit = online.edit(code.unsqueeze(0), bank, prototypes=torch.tensor([state.prototype_id]))
     hist = online.histories([state.recent_items])
     idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen, bank=bank)
