@@ -13,6 +13,9 @@ import sys
 # Top-level logger names whose INFO lines are part of what a command tells its user.
 OWN_LOGGERS = frozenset({"persona", "recsys", "streaming", "serving", "uvicorn", "__main__"})
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Third-party loggers whose warnings are advice to library authors, not to a user (torch warns once per process
+# that ``is_fx_tracing`` has two meanings, whenever TorchRec's modules ask it): errors only at the default level.
+LIBRARY_ADVICE = ("torch.fx._symbolic_trace",)
 
 
 class OwnInfoOnly(logging.Filter):
@@ -26,6 +29,8 @@ def configure(verbose: bool = False) -> None:
     """Set up the root logger once per process: DEBUG and everything with ``verbose``, else INFO of our own."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT, stream=sys.stderr)
     if not verbose:
+        for name in LIBRARY_ADVICE:
+            logging.getLogger(name).setLevel(logging.ERROR)
         for handler in logging.getLogger().handlers:
             if not any(isinstance(f, OwnInfoOnly) for f in handler.filters):
                 handler.addFilter(OwnInfoOnly())

@@ -37,3 +37,15 @@ def test_default_level_hides_the_fbgemm_load_lines_and_verbose_shows_them(tmp_pa
     assert quiet.stderr.strip().splitlines() == [f"error: no model bundle at {missing} (does not exist) "
                                                  f"(train one with `persona train --out {missing}`)"]  # fmt: skip
     assert "Successfully loaded" in loud.stderr
+
+
+def test_library_advice_is_hidden_at_the_default_level() -> None:
+    code = (
+        "import sys; from persona import logs; logs.configure(sys.argv[1] == 'v');"
+        "from torch.fx._symbolic_trace import is_fx_tracing_warning; is_fx_tracing_warning()"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code, "q"], capture_output=True, text=True, timeout=120)
+    loud = subprocess.run([sys.executable, "-c", code, "v"], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr
+    assert "is_fx_tracing" not in quiet.stderr
+    assert "is_fx_tracing" in loud.stderr
