@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     require_api_key: bool = Field(
         False, description="Require a client or admin key on every route but /healthz, /docs and /openapi.json too."
     )
+    open_docs: bool = Field(
+        False, description="Keep /docs and /openapi.json open when require_api_key puts the rest behind a key."
+    )
+    access_log: bool = Field(
+        False, description="One log line per API request: method, route template, status, latency, key id."
+    )
     rate_limit_per_s: float = Field(
         0.0, ge=0, description="Requests per second each client (key, else address) may make; 0 = no limit."
     )

@@ -23,6 +23,8 @@ from serving.problems import problem_response
 
 #: Routes that stay open when every other route needs a key: liveness, for load balancers and supervisors.
 OPEN_PATHS = frozenset({"/healthz"})
+#: What ``PERSONA_OPEN_DOCS`` opens as well: the API's documentation (it describes routes, it serves no data).
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -60,12 +62,13 @@ def missing_key_hint() -> str:
 class ApiKeyMiddleware:
     """With ``PERSONA_REQUIRE_API_KEY``: every HTTP route but :data:`OPEN_PATHS` needs a client or admin key."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], *, open_docs: bool = False) -> None:
         self.app = app
         self.keys = list(keys)
+        self.open_paths = OPEN_PATHS | DOC_PATHS if open_docs else OPEN_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         key = presented_key(scope)
@@ -107,6 +110,12 @@ class TokenBuckets:
         if len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
         return wait
+
+
+def key_id(scope: Scope) -> str:
+    """A short, stable id of the request's key for logs (a hash prefix: the key itself is never written), or -."""
+    key = presented_key(scope)
+    return "-" if key is None else hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def client_id(scope: Scope) -> str:

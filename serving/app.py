@@ -21,7 +21,7 @@ from persona.models import ModelProvider
 from persona.settings import Settings, load_settings
 from persona.store import Store
 from serving import problems
-from serving.admission import OPEN_PATHS, ApiKeyMiddleware, RateLimitMiddleware, TokenBuckets
+from serving.admission import DOC_PATHS, OPEN_PATHS, ApiKeyMiddleware, RateLimitMiddleware, TokenBuckets
 from serving.batching import RankBatcher
 from serving.deps import ServingContext
 from serving.limits import BodyLimitMiddleware
@@ -129,13 +129,15 @@ def create_app(
     # wired in when configured: a layer that does nothing still costs every request a call.
     app.add_middleware(BodyLimitMiddleware, max_bytes=MAX_BODY_BYTES)
     if settings.require_api_key:
-        app.add_middleware(ApiKeyMiddleware, keys=[*settings.api_keys, *settings.admin_api_keys])
+        keys = [*settings.api_keys, *settings.admin_api_keys]
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_docs=settings.open_docs)
     if settings.rate_limit_per_s > 0:
         app.add_middleware(
             RateLimitMiddleware, buckets=TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst)
         )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.openapi = lambda: _openapi(app, keyed=settings.require_api_key)  # type: ignore[method-assign]
+    app.add_middleware(MetricsMiddleware, metrics=metrics, access_log=settings.access_log)
+    open_paths = OPEN_PATHS | DOC_PATHS if settings.open_docs else OPEN_PATHS
+    app.openapi = lambda: _openapi(app, keyed=settings.require_api_key, open_paths=open_paths)  # type: ignore[method-assign]
     return app
 
 
@@ -173,7 +175,7 @@ SECURITY_SCHEMES = {
 EITHER_KEY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
 
 
-def _openapi(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
+def _openapi(app: FastAPI, *, keyed: bool, open_paths: frozenset[str] = OPEN_PATHS) -> dict[str, Any]:
     """FastAPI's schema with every error response documented as ``application/problem+json`` Problem, and the key
     schemes each operation takes (admin routes always; every route but ``/healthz`` when ``keyed``).
 
@@ -188,7 +190,7 @@ def _openapi(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
     problem_ref = {"$ref": "#/components/schemas/Problem"}
     for path, path_item in schema.get("paths", {}).items():
         for operation in path_item.values():
-            if path.startswith("/v1/admin/") or (keyed and path not in OPEN_PATHS):
+            if path.startswith("/v1/admin/") or (keyed and path not in open_paths):
                 operation["security"] = EITHER_KEY
             responses = operation.get("responses", {})
             for code, response in responses.items():

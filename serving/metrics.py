@@ -6,11 +6,17 @@ never the raw path, and nothing is labelled per session or user (DESIGN.md "Metr
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.admission import key_id
+
+#: ``PERSONA_ACCESS_LOG``: one line per request (method, route template, status, latency, key id).
+access = logging.getLogger("persona.access")
 
 #: Millisecond-range buckets: the ranking target is p99 ≤ 10 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -77,9 +83,10 @@ class ServingMetrics:
 class MetricsMiddleware:
     """Pure ASGI middleware (no per-request task like ``BaseHTTPMiddleware``): times every HTTP request."""
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, *, access_log: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,8 +105,11 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = _route_template(scope)
-            self.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.request_seconds.labels(route=route).observe(seconds)
             self.metrics.requests.labels(route=route, status=str(status)).inc()
+            if self.access_log:  # the route template, never the path: ids and payloads stay out of the log
+                access.info("%s %s %d %.1fms key=%s", scope["method"], route, status, seconds * 1e3, key_id(scope))
 
 
 def _route_template(scope: Scope) -> str:

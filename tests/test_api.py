@@ -6,6 +6,7 @@ never drift from what the consumer and an on-device copy of the model compute.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -489,3 +490,35 @@ def test_openapi_documents_the_event_body(api: Api) -> None:
     assert set(event["required"]) == {"event_id", "session_id", "item_id", "ts"}
     assert event["additionalProperties"] is True  # other fields are kept as attributes
     assert doc["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 1000
+
+
+def test_open_docs_keeps_the_documentation_open_and_the_data_behind_the_key(api: Api) -> None:
+    with _app(api.store, api.models, api_keys=[CLIENT_KEY], require_api_key=True, open_docs=True) as client:
+        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/docs").status_code == 200
+        _problem(client.get("/v1/sessions/x/recommendations"), 401)
+        _problem(client.get("/metrics"), 401)
+        doc = client.get("/openapi.json").json()
+        assert doc["paths"]["/v1/recommendations"]["post"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
+
+
+def test_the_access_log_has_route_status_latency_and_key_id_never_ids_or_keys(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _app(api.store, api.models, access_log=True) as client:
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="persona.access")
+        client.get("/v1/sessions/secret-session/recommendations", headers={"X-API-Key": CLIENT_KEY})
+        client.get("/healthz")
+    lines = [r.getMessage() for r in caplog.records if r.name == "persona.access"]
+    assert len(lines) == 2
+    ranked, health = lines
+    key_id = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()[:12]
+    assert ranked.startswith("GET /v1/sessions/{session_id}/recommendations 200 ")
+    assert ranked.endswith(f"ms key={key_id}")
+    assert "secret-session" not in ranked and CLIENT_KEY not in ranked
+    assert health.startswith("GET /healthz 200 ") and health.endswith("key=-")
+    with _app(api.store, api.models) as client:  # off by default
+        caplog.clear()
+        client.get("/healthz")
+    assert not [r for r in caplog.records if r.name == "persona.access"]
