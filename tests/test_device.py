@@ -11,8 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +21,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
 from persona.models import ModelProvider
@@ -38,6 +35,7 @@ from recsys.model import PAD, UNK, Edit, ModelConfig, PersonaModel
 from recsys.online import OnlineModel
 from recsys.vocab import ItemVocab
 from serving.app import create_app
+from tests.uvicorn_thread import serve_in_thread
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "device" / "persona_device.py"
 
@@ -325,19 +323,10 @@ def server(tmp_path: Path, group_bias_bundle: Path) -> Iterator[tuple[str, Model
     store = Store.open(f"sqlite:///{(tmp_path / 'persona.db').as_posix()}")
     models = ModelProvider(store, model_dir=group_bias_bundle, refresh_s=60)
     app = create_app(Settings(), store=store, models=models)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{port}", models
+        with serve_in_thread(app) as url:
+            yield url, models
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         store.close()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import queue
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import Request
 from fastapi.staticfiles import StaticFiles
 
 from devtools.test_prereqs import chromium_binary
 from persona.models import ModelProvider
-from persona.net import free_port
 from persona.settings import Settings
 from persona.store import Store
 from serving.app import create_app
 from tests.test_device import same_ranking
+from tests.uvicorn_thread import serve_in_thread
 
 WEB = Path(__file__).resolve().parents[1] / "examples" / "device-web"
 
@@ -49,19 +46,10 @@ def web_server(tmp_path: Path, group_bias_bundle: Path) -> Iterator[tuple[str, M
         return {"ok": True}
 
     app.mount("/device-web", StaticFiles(directory=WEB), name="device-web")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{port}", models, reports
+        with serve_in_thread(app) as url:
+            yield url, models, reports
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         store.close()
 
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from persona.models import ModelProvider, register_bundle
-from persona.net import free_port
 from persona.settings import Settings
 from persona.store import Store
 from recsys.bundle import load_bundle, save_bundle
 from serving.app import create_app
+from tests.uvicorn_thread import serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +45,10 @@ def server(store_url: str, tiny_bundle: Path) -> Iterator[tuple[str, Store, Mode
     store = Store.open(store_url)
     models = ModelProvider(store, model_dir=tiny_bundle, refresh_s=0.2)
     app = create_app(Settings(), store=store, models=models)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{port}", store, models
+        with serve_in_thread(app) as url:
+            yield url, store, models
     finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
         store.close()
 
 

@@ -389,17 +389,8 @@ class Store:
 
         Raises :class:`StoreUnavailable` when the database cannot be reached or the connection is lost.
         """
-        try:
-            with self.engine.begin() as conn:
-                yield UnitOfWork(conn)
-        except StoreUnavailable:
-            raise
-        except DBAPIError as exc:
-            if exc.connection_invalidated or isinstance(exc, _OUTAGES):
-                raise self._unavailable(exc) from exc
-            raise
-        except _OUTAGES as exc:
-            raise self._unavailable(exc) from exc
+        with self._outages_as_unavailable(), self.engine.begin() as conn:
+            yield UnitOfWork(conn)
 
     @contextmanager
     def read(self) -> Iterator[UnitOfWork]:
@@ -407,9 +398,18 @@ class Store:
 
         Raises :class:`StoreUnavailable` like :meth:`transaction`.
         """
+        with (
+            self._outages_as_unavailable(),
+            self.engine.connect().execution_options(**{READ_ONLY: True}) as conn,
+            conn.begin(),
+        ):
+            yield UnitOfWork(conn)
+
+    @contextmanager
+    def _outages_as_unavailable(self) -> Iterator[None]:
+        """Lost or refused connections inside the block become :class:`StoreUnavailable`; other errors pass."""
         try:
-            with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin():
-                yield UnitOfWork(conn)
+            yield
         except StoreUnavailable:
             raise
         except DBAPIError as exc:
