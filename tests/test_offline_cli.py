@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from persona.cli import main
+from recsys.pipeline import load_trained
 
 TINY = "synthetic:users=150,items=80,events=5000,clusters=6"
 TINY_ARGS = [
@@ -33,9 +34,11 @@ def test_train_then_evaluate_writes_every_method_and_timing(
     report = json.loads(out.read_text())
     assert report["protocol"] == "time-shift"
     assert report["dataset"] == TINY
+    # The repeat part is kept only where it wins on validation; with it, its ablation is evaluated too.
+    has_repeat = load_trained(bundle).model.device_model.repeat is not None
     expected = {
         "popularity", "recent-popularity", "session-repeat", "base", "persona", "persona-no-prototypes",
-        "persona-static-prototypes", "finetune",
+        "persona-static-prototypes", "finetune", *(["base-no-repeat"] if has_repeat else []),
     }  # fmt: skip
     assert set(report["methods"]) == expected
     for metrics in report["methods"].values():
@@ -60,7 +63,7 @@ def test_train_then_evaluate_writes_every_method_and_timing(
     # paired CIs of Persona against each baseline, ratio of the reported means
     assert set(report["paired"]) == {
         "persona_vs_base", "persona_vs_no_prototypes", "persona_vs_finetune", "persona_vs_recent_popularity",
-        "persona_vs_session_repeat",
+        "persona_vs_session_repeat", *(["persona_vs_base_no_repeat"] if has_repeat else []),
     }  # fmt: skip
     methods = report["methods"]
     for label, other in (("persona_vs_base", "base"), ("persona_vs_no_prototypes", "persona-no-prototypes")):
