@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactor
     the online paths are checked with the bias whatever the tiny bundle's validation chose."""
     import torch
 
-    from recsys.bundle import load_bundle, save_bundle
+    from recsys.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     config = bundle.documents["config"]
@@ -55,34 +56,20 @@ def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactor
     model = dict(bundle.tensors["model"])
     g = torch.Generator().manual_seed(0)
     model["bank.next_items"] = torch.rand(model["bank.next_items"].shape, generator=g).pow(6) * 20.0
-    out = tmp_path_factory.mktemp("group-bias-model") / "bundle"
-    save_bundle(
-        out,
-        tensors={**bundle.tensors, "model": model},
-        documents={**bundle.documents, "config": config},
-        data_fingerprint=bundle.manifest["data_fingerprint"],
-    )
-    return out
+    return _rewritten(bundle, model, config, tmp_path_factory.mktemp("group-bias-model"))
 
 
 @pytest.fixture(scope="session")
 def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny bundle as written before prototypes counted next items: no ``bank.next_items``, no β in its config."""
-    from recsys.bundle import load_bundle, save_bundle
+    from recsys.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     config = bundle.documents["config"]
     for key in ("group_bias_weight", "group_bias_smoothing", "group_bias_decay"):
         config["model"].pop(key, None)
     model = {k: v for k, v in bundle.tensors["model"].items() if k != "bank.next_items"}
-    out = tmp_path_factory.mktemp("old-model") / "bundle"
-    save_bundle(
-        out,
-        tensors={**bundle.tensors, "model": model},
-        documents={**bundle.documents, "config": config},
-        data_fingerprint=bundle.manifest["data_fingerprint"],
-    )
-    return out
+    return _rewritten(bundle, model, config, tmp_path_factory.mktemp("old-model"))
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +78,7 @@ def repeat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     checked with the part changing rankings whatever the tiny bundle's validation would choose."""
     import torch
 
-    from recsys.bundle import load_bundle, save_bundle
+    from recsys.bundle import load_bundle
     from recsys.repeats import RepeatPart
 
     bundle = load_bundle(tiny_bundle)
@@ -105,14 +92,7 @@ def repeat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
         part.query.weight.mul_(10.0)
     model = dict(bundle.tensors["model"])
     model.update({f"device_model.repeat.{k}": v for k, v in part.state_dict().items()})
-    out = tmp_path_factory.mktemp("repeat-model") / "bundle"
-    save_bundle(
-        out,
-        tensors={**bundle.tensors, "model": model},
-        documents={**bundle.documents, "config": config},
-        data_fingerprint=bundle.manifest["data_fingerprint"],
-    )
-    return out
+    return _rewritten(bundle, model, config, tmp_path_factory.mktemp("repeat-model"))
 
 
 @pytest.fixture(scope="session")
@@ -142,5 +122,19 @@ def items_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model_overrides={"dim": 16, "code_dim": 8, "max_len": 20},
         tc=TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,)),
         progress=False,
+    )
+    return out
+
+
+def _rewritten(bundle: Any, model: dict[str, Any], config: dict[str, Any], root: Path) -> Path:
+    """``bundle`` saved again under ``root`` with its model tensors and config replaced (a variant for a test)."""
+    from recsys.bundle import save_bundle
+
+    out = root / "bundle"
+    save_bundle(
+        out,
+        tensors={**bundle.tensors, "model": model},
+        documents={**bundle.documents, "config": config},
+        data_fingerprint=bundle.manifest["data_fingerprint"],
     )
     return out
