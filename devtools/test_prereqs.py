@@ -42,28 +42,44 @@ class Step:
     commands: tuple[tuple[str, ...], ...] = ()
 
 
-def prometheus_step(*, have_prometheus: bool, have_promtool: bool, is_root: bool, have_apt: bool) -> Step:
-    """Decide how to get ``prometheus`` and ``promtool`` onto PATH."""
-    if have_prometheus and have_promtool:
+def debian_package_step(
+    *, present: bool, name: str, install: list[str], needed_by: str, elsewhere: str, is_root: bool, have_apt: bool
+) -> Step:
+    """Decide how to get a Debian package ``install[-1]`` that ``needed_by`` (a test) uses: nothing when
+    ``present``, apt-get as root, else stop with the one command to run (``elsewhere`` off Debian)."""
+    package = install[-1]
+    if present:
         return Step("ok")
     if not have_apt:
         return Step(
             "stop",
-            "Prometheus is not installed and this is not a Debian-like machine: install Prometheus 2.x so that "
-            "`prometheus` and `promtool` are on PATH, then run `make test` again",
+            f"{name} is not installed and this is not a Debian-like machine: {elsewhere}, then run `make test` again",
         )
     if not is_root:
         return Step(
             "stop",
-            "Prometheus is not installed (the dashboard tests need it): run "
-            "`sudo apt-get update && sudo apt-get install -y --no-install-recommends prometheus`, "
+            f"{name} is not installed (the {needed_by} needs it): run "
+            f"`sudo apt-get update && sudo apt-get install -y --no-install-recommends {package}`, "
             "then `make test` again",
         )
     return Step(
         "run",
-        "installing Prometheus from Debian's packages for the dashboard and alert-rule tests "
-        "(apt-get install --no-install-recommends prometheus)",
-        (("apt-get", "update", "-qq"), tuple(APT_INSTALL)),
+        f"installing {name} from Debian's packages for the {needed_by} (apt-get install --no-install-recommends "
+        f"{package})",
+        (("apt-get", "update", "-qq"), tuple(install)),
+    )
+
+
+def prometheus_step(*, have_prometheus: bool, have_promtool: bool, is_root: bool, have_apt: bool) -> Step:
+    """Decide how to get ``prometheus`` and ``promtool`` onto PATH."""
+    return debian_package_step(
+        present=have_prometheus and have_promtool,
+        name="Prometheus",
+        install=APT_INSTALL,
+        needed_by="dashboard and alert-rule tests",
+        elsewhere="install Prometheus 2.x so that `prometheus` and `promtool` are on PATH",
+        is_root=is_root,
+        have_apt=have_apt,
     )
 
 
@@ -78,25 +94,14 @@ def chromium_binary() -> str | None:
 
 def chromium_step(*, have_chromium: bool, is_root: bool, have_apt: bool) -> Step:
     """Decide how to get a headless-capable Chromium for the browser-device test."""
-    if have_chromium:
-        return Step("ok")
-    if not have_apt:
-        return Step(
-            "stop",
-            "Chromium is not installed and this is not a Debian-like machine: install Chromium so that `chromium` is "
-            "on PATH (the browser-device test runs it headless), then run `make test` again",
-        )
-    if not is_root:
-        return Step(
-            "stop",
-            "Chromium is not installed (the browser-device test needs it): run "
-            "`sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium`, then `make test` again",
-        )
-    return Step(
-        "run",
-        "installing Chromium from Debian's packages for the browser-device test "
-        "(apt-get install --no-install-recommends chromium)",
-        (("apt-get", "update", "-qq"), tuple(CHROMIUM_INSTALL)),
+    return debian_package_step(
+        present=have_chromium,
+        name="Chromium",
+        install=CHROMIUM_INSTALL,
+        needed_by="browser-device test",
+        elsewhere="install Chromium so that `chromium` is on PATH (the browser-device test runs it headless)",
+        is_root=is_root,
+        have_apt=have_apt,
     )
 
 
