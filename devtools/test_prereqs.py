@@ -43,10 +43,18 @@ class Step:
 
 
 def debian_package_step(
-    *, present: bool, name: str, install: list[str], needed_by: str, elsewhere: str, is_root: bool, have_apt: bool
+    *,
+    present: bool,
+    name: str,
+    install: list[str],
+    needed_by: str,
+    installed_for: str,
+    elsewhere: str,
+    is_root: bool,
+    have_apt: bool,
 ) -> Step:
-    """Decide how to get a Debian package ``install[-1]`` that ``needed_by`` (a test) uses: nothing when
-    ``present``, apt-get as root, else stop with the one command to run (``elsewhere`` off Debian)."""
+    """Decide how to get the Debian package ``install[-1]`` a test uses: nothing when ``present``, apt-get as root
+    (``installed_for`` says why), else stop with the one command to run (``elsewhere`` off Debian)."""
     package = install[-1]
     if present:
         return Step("ok")
@@ -58,13 +66,13 @@ def debian_package_step(
     if not is_root:
         return Step(
             "stop",
-            f"{name} is not installed (the {needed_by} needs it): run "
+            f"{name} is not installed ({needed_by}): run "
             f"`sudo apt-get update && sudo apt-get install -y --no-install-recommends {package}`, "
             "then `make test` again",
         )
     return Step(
         "run",
-        f"installing {name} from Debian's packages for the {needed_by} (apt-get install --no-install-recommends "
+        f"installing {name} from Debian's packages for the {installed_for} (apt-get install --no-install-recommends "
         f"{package})",
         (("apt-get", "update", "-qq"), tuple(install)),
     )
@@ -76,7 +84,8 @@ def prometheus_step(*, have_prometheus: bool, have_promtool: bool, is_root: bool
         present=have_prometheus and have_promtool,
         name="Prometheus",
         install=APT_INSTALL,
-        needed_by="dashboard and alert-rule tests",
+        needed_by="the dashboard tests need it",
+        installed_for="dashboard and alert-rule tests",
         elsewhere="install Prometheus 2.x so that `prometheus` and `promtool` are on PATH",
         is_root=is_root,
         have_apt=have_apt,
@@ -98,7 +107,8 @@ def chromium_step(*, have_chromium: bool, is_root: bool, have_apt: bool) -> Step
         present=have_chromium,
         name="Chromium",
         install=CHROMIUM_INSTALL,
-        needed_by="browser-device test",
+        needed_by="the browser-device test needs it",
+        installed_for="browser-device test",
         elsewhere="install Chromium so that `chromium` is on PATH (the browser-device test runs it headless)",
         is_root=is_root,
         have_apt=have_apt,
