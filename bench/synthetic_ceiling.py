@@ -1,0 +1,440 @@
+"""Bayes ceilings of the synthetic streams: how well can *anything* rank their test targets?
+
+Run on demand (not in CI), from the repository root:
+
+    PYTHONPATH=. .venv/bin/python bench/synthetic_ceiling.py synthetic "synthetic:users=1000,events=50000,repeat=0.5"
+    PYTHONPATH=. .venv/bin/python bench/synthetic_ceiling.py "synthetic:users=1000,events=50000,repeat=0.5" \
+        --bundle runs/repeat/s05-seed1      # adds the bundle's methods, scored per example, with paired CIs
+
+Why: two accuracy targets (issues 11 and 15) are missed on these streams; before asking the model for more we
+need to know how much there is to get. The generator (:mod:`recsys.synthetic`) is replayed here draw for draw,
+keeping what it does not output - each event's interest segment, the user's cluster permutation, home pointer and
+count of fresh jumps - and the replay is checked to reproduce ``generate(cfg, with_cluster=True)`` exactly. The
+test examples are the very ones ``persona evaluate`` scores (the same k-core and ``make_split``).
+
+Oracles (full-catalogue ranking over the training vocabulary, like every method):
+
+``state``  knows the generator's parameters and the user's whole latent state *before* the target: the interest
+    segment's cluster of the previous event, the user's permutation of clusters, the home pointer and the number of
+    fresh jumps so far, whether the target falls in the late period, and every earlier item of the user (k-core
+    removals included). It ranks by the exact probability of the next item: ``(1 - repeat) * sum_c P(c) zipf_c(i)
+    + repeat * sum_lag P(lag) [item at t - lag == i]`` with ``P(c)`` = stay / fresh jump / jump to another home
+    cluster as the generator draws them. It sees strictly more than any model can (the model sees items, not
+    segments or permutations), so its *expected* NDCG@10 is an upper bound on every recommender's: ranking by the
+    true conditional probability maximises expected NDCG given that information, and more information never
+    lowers the optimum. (Measured on a finite test set it is an estimate of that bound, with its own noise.)
+``target-cluster``  also knows the target event's own segment cluster: a looser bound, not achievable by anything
+    that predicts the next event (it reads part of the answer).
+
+Ties (e.g. equal Zipf ranks of two equally likely home clusters) count as a uniformly random order: the NDCG@10 of
+a tie group is its expected value, as an oracle that breaks ties at random would get on average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.synthetic import (
+    FRESH_PROB,
+    LATE_START,
+    MEAN_GAP_S,
+    MIN_EVENTS_PER_USER,
+    REPEAT_MEAN_LAG,
+    T0,
+    SyntheticConfig,
+    _grouped_cumsum,
+    _repeat_sources,
+    generate,
+)
+
+ORACLES = ("state", "target-cluster")
+_CHUNK = 2048  # test examples scored at once (a [chunk, items] float64 block)
+_LAG_CAP = 400  # lags beyond this carry (1 - 1/8)^400 ~ 1e-23 of a repeat's mass: below float64 resolution
+
+
+@dataclass(frozen=True)
+class Latents:
+    """The generator's draws, events in *per-user time order* (the order ``generate`` builds them in).
+
+    ``step`` global time step of each event; ``user``; ``first`` user's first event; ``late`` in the last 30 %;
+    ``shift`` segment-start probability at that event; ``seg`` its segment; ``item`` the item it shows (after
+    repeats); ``ts`` global [n_events] timestamps. Per segment: ``seg_cluster``, ``home_pos``, ``fresh_count``
+    (fresh jumps of the user so far, inclusive). Per user: ``perm_a``, ``perm_b`` (cluster of position p is
+    ``(a p + b) mod C``). ``zipf`` [C, items]: each cluster's item distribution.
+    """
+
+    cfg: SyntheticConfig
+    step: np.ndarray
+    user: np.ndarray
+    first: np.ndarray
+    late: np.ndarray
+    shift: np.ndarray
+    seg: np.ndarray
+    item: np.ndarray
+    ts: np.ndarray
+    seg_cluster: np.ndarray
+    home_pos: np.ndarray
+    fresh_count: np.ndarray
+    perm_a: np.ndarray
+    perm_b: np.ndarray
+    zipf: np.ndarray
+
+    @property
+    def home(self) -> int:
+        return max(1, min(3, int(self.cfg.clusters) // 4))
+
+    @property
+    def n_fresh(self) -> int:
+        return int(self.cfg.clusters) - self.home
+
+    def cluster_at(self, user: np.ndarray, position: np.ndarray) -> np.ndarray:
+        return np.asarray((self.perm_a[user] * position + self.perm_b[user]) % int(self.cfg.clusters))
+
+
+def simulate(cfg: SyntheticConfig) -> Latents:
+    """Replay :func:`recsys.synthetic.generate` draw for draw (same RNG calls in the same order) and keep its latents.
+
+    Mirrors ``generate``, ``_segment_clusters`` and ``_items_in_cluster``; :func:`check_replay` proves the copy is
+    exact, so a change to the generator fails loudly here instead of giving a wrong ceiling.
+    """
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    n_users, n_items, n_events, n_clusters = int(cfg.users), int(cfg.items), int(cfg.events), int(cfg.clusters)
+    base = min(MIN_EVENTS_PER_USER, n_events // n_users)
+    activity = rng.lognormal(0.0, 1.0, n_users)
+    counts = base + rng.multinomial(n_events - base * n_users, activity / activity.sum())
+    user_of_step = rng.permutation(np.repeat(np.arange(n_users, dtype=np.int64), counts))
+    ts = T0 + np.cumsum(rng.exponential(MEAN_GAP_S, n_events))
+    order = np.argsort(user_of_step, kind="stable")
+    user = user_of_step[order]
+    first = np.ones(n_events, dtype=bool)
+    first[1:] = user[1:] != user[:-1]
+    late = order >= int(LATE_START * n_events)
+    shift = np.where(late, cfg.late_shift_prob, cfg.shift_prob)
+    starts = first | (rng.random(n_events) < shift)
+
+    # _segment_clusters
+    seg_user, seg_first, seg_late = user[starts], first[starts], late[starts]
+    n_seg = seg_user.size
+    home = max(1, min(3, n_clusters // 4))
+    n_fresh = n_clusters - home
+    fresh = seg_late & ~seg_first & (rng.random(n_seg) < FRESH_PROB) & (n_fresh > 0)
+    step = np.where(seg_first, rng.integers(0, home, n_seg), rng.integers(1, max(home, 2), n_seg) % home)
+    step = np.where(fresh, 0, step)
+    home_pos = _grouped_cumsum(step, seg_first) % home
+    fresh_count = _grouped_cumsum(fresh.astype(np.int64), seg_first)
+    position = np.where(fresh, home + (fresh_count - 1) % max(n_fresh, 1), home_pos)
+    units = np.array([a for a in range(1, n_clusters) if math.gcd(a, n_clusters) == 1] or [1], dtype=np.int64)
+    perm_a = units[rng.integers(0, units.size, n_users)]
+    perm_b = rng.integers(0, n_clusters, n_users)
+    seg_cluster = np.asarray((perm_a[seg_user] * position + perm_b[seg_user]) % n_clusters, dtype=np.int64)
+    seg = np.cumsum(starts) - 1
+
+    # _items_in_cluster, keeping the exact per-cluster Zipf distribution
+    item_of_slot = rng.permutation(n_items).astype(np.int64)
+    bounds = np.linspace(0, n_items, n_clusters + 1).round().astype(np.int64)
+    sizes = np.diff(bounds)
+    rank = np.arange(n_items) - np.repeat(bounds[:-1], sizes) + 1
+    weight = rank.astype(np.float64) ** -float(cfg.zipf)
+    cluster_of_slot = np.repeat(np.arange(n_clusters), sizes)
+    cum = np.cumsum(weight)
+    before = np.concatenate(([0.0], cum[bounds[1:-1] - 1]))
+    totals = cum[bounds[1:] - 1] - before
+    cdf = (cum - before[cluster_of_slot]) / totals[cluster_of_slot] + cluster_of_slot
+    cdf[bounds[1:] - 1] = np.arange(1, n_clusters + 1)
+    event_cluster = seg_cluster[seg]
+    slot = np.searchsorted(cdf, event_cluster + rng.random(n_events), side="right")
+    item = item_of_slot[np.minimum(slot, bounds[event_cluster + 1] - 1)]
+    if cfg.repeat > 0:
+        item = item[_repeat_sources(rng, first, float(cfg.repeat))]
+    zipf = np.zeros((n_clusters, n_items))
+    zipf[cluster_of_slot, item_of_slot] = weight / totals[cluster_of_slot]
+    return Latents(
+        cfg, order, user, first, late, shift, seg, item, ts, seg_cluster, home_pos, fresh_count, perm_a, perm_b, zipf
+    )
+
+
+def check_replay(lat: Latents) -> None:
+    """Raise unless the replay shows exactly the users, items, times and item clusters ``generate`` writes."""
+    df = generate(lat.cfg, with_cluster=True)
+    n = lat.step.size
+    user, item, cluster = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    user[lat.step], item[lat.step] = lat.user, lat.item
+    cluster[lat.step] = np.argmax(lat.zipf[:, lat.item] > 0, axis=0)
+    expected = pl.DataFrame({"u": user, "i": item, "ts": lat.ts, "c": cluster}).select(
+        pl.concat_str(pl.lit("u"), pl.col("u").cast(pl.Utf8)).alias("user_id"),
+        pl.concat_str(pl.lit("i"), pl.col("i").cast(pl.Utf8)).alias("item_id"),
+        pl.col("ts"),
+        pl.col("c").alias("cluster"),
+    )
+    if not df.equals(expected):
+        raise AssertionError(f"the replay of {lat.cfg} differs from recsys.synthetic.generate: update simulate()")
+
+
+def cluster_probs(lat: Latents, pos: np.ndarray, oracle: str = "state") -> np.ndarray:
+    """[M, C]: probability of the interest segment's cluster at per-user positions ``pos`` (never a user's first)."""
+    m, n_clusters = pos.size, int(lat.cfg.clusters)
+    rows = np.arange(m)
+    out = np.zeros((m, n_clusters))
+    if oracle == "target-cluster":
+        out[rows, lat.seg_cluster[lat.seg[pos]]] = 1.0
+        return out
+    if oracle != "state":
+        raise ValueError(f"unknown oracle {oracle!r}; use one of {ORACLES}")
+    if lat.first[pos].any():
+        raise ValueError("a user's first event has no state before it")
+    prev, user = lat.seg[pos - 1], lat.user[pos]
+    p = lat.shift[pos]
+    fresh = np.where(lat.late[pos] & (lat.n_fresh > 0), FRESH_PROB, 0.0)
+    np.add.at(out, (rows, lat.seg_cluster[prev]), 1.0 - p)
+    fresh_pos = lat.home + lat.fresh_count[prev] % max(lat.n_fresh, 1)
+    np.add.at(out, (rows, lat.cluster_at(user, fresh_pos)), p * fresh)
+    steps = range(1, max(lat.home, 2))  # the generator's `integers(1, max(home, 2)) % home`, uniform
+    for s in steps:
+        home_pos = (lat.home_pos[prev] + s % lat.home) % lat.home
+        np.add.at(out, (rows, lat.cluster_at(user, home_pos)), p * (1.0 - fresh) / len(steps))
+    return out
+
+
+def repeat_probs(lat: Latents, pos: np.ndarray) -> np.ndarray:
+    """[M, items]: where a repeat at ``pos`` lands: the item of the event a geometric lag back (mean 8), the user's
+    first event taking the lags that reach past it - the generator's clamp."""
+    m, q = pos.size, 1.0 / REPEAT_MEAN_LAG
+    out = np.zeros((m, int(lat.cfg.items)))
+    rows = np.arange(m)
+    start = pos - _rank_in_user(lat)[pos]
+    for lag in range(1, _LAG_CAP + 1):
+        src = pos - lag
+        inside = src > start
+        if not inside.any():
+            break
+        np.add.at(out, (rows[inside], lat.item[src[inside]]), q * (1.0 - q) ** (lag - 1))
+    np.add.at(out, (rows, lat.item[start]), (1.0 - q) ** (pos - start - 1))  # P(lag >= pos - start)
+    return out
+
+
+def item_probs(lat: Latents, pos: np.ndarray, oracle: str = "state") -> np.ndarray:
+    """[M, items]: the oracle's probability of each item being the event at per-user position ``pos``."""
+    probs = cluster_probs(lat, pos, oracle) @ lat.zipf
+    r = float(lat.cfg.repeat)
+    if r > 0:
+        probs = (1.0 - r) * probs + r * repeat_probs(lat, pos)
+    return probs
+
+
+def expected_metrics(probs: np.ndarray, k: int = 10) -> np.ndarray:
+    """[M, 2]: the NDCG@k and HR@k the oracle *expects* on each row, over its own distribution renormalised to the
+    ranked columns (the target is one of them): sum over its top k of ``p / log2(rank + 2)`` and of ``p``. Free of
+    the noise of which target was drawn; its mean agreeing with the measured one checks the probabilities."""
+    p = probs / probs.sum(1, keepdims=True)
+    top = -np.sort(-p, axis=1)[:, :k]
+    return np.stack([(top / np.log2(np.arange(k) + 2.0)).sum(1), top.sum(1)], axis=1)
+
+
+def _rank_in_user(lat: Latents) -> np.ndarray:
+    n = lat.first.size
+    return np.arange(n) - np.maximum.accumulate(np.where(lat.first, np.arange(n), 0))
+
+
+def tie_averaged_metrics(scores: np.ndarray, target: np.ndarray, valid: np.ndarray, k: int = 10) -> np.ndarray:
+    """[M, 2] per-example NDCG@k and HR@k of ``target`` columns among ``valid`` columns, ties in random order
+    (their expected value): with g items strictly above and e others tied, the rank is uniform on g..g+e."""
+    s = np.where(valid[None, :], scores, -np.inf)
+    t = s[np.arange(len(target)), target][:, None]
+    above = (s > t).sum(1)
+    tied = (s == t).sum(1) - 1
+    ranks = above[:, None] + np.arange(k)[None, :]  # the first k ranks of the tie group (the rest score 0)
+    inside = (np.arange(k)[None, :] <= tied[:, None]) & (ranks < k)
+    gain = np.where(inside, 1.0 / np.log2(ranks + 2.0), 0.0).sum(1) / (tied + 1)
+    hit = inside.sum(1) / (tied + 1)
+    return np.stack([gain, hit], axis=1)
+
+
+@dataclass
+class Ceiling:
+    """Per-example NDCG@10 (and HR@10) of each oracle on a stream's test examples, aligned with ``split.test``."""
+
+    source: str
+    n_test: int
+    ndcg: dict[str, np.ndarray]
+    hr: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]  # [M, 2] expected NDCG@10, HR@10 per example (:func:`expected_metrics`)
+    stats: dict[str, float]
+
+
+def parse_source(source: str) -> SyntheticConfig:
+    """``synthetic[:k=v,...]`` → its config, as ``recsys.data`` parses it (the loaded data is compared below)."""
+    from recsys.data import _load_synthetic
+
+    params: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in source.partition(":")[2].split(","))):
+        key, _, value = (x.strip() for x in part.partition("="))
+        kind = SyntheticConfig.__dataclass_fields__[key].type
+        params[key] = int(float(value)) if kind in ("int", int) else float(value)
+    cfg = SyntheticConfig(**params)
+    if not _load_synthetic(source).equals(generate(cfg)):
+        raise AssertionError(f"{source} does not parse to {cfg}")
+    return cfg
+
+
+def ceiling(source: str, *, min_user: int = 5, min_item: int = 5) -> tuple[Ceiling, Any]:
+    """The oracles on the time-shift test examples ``persona evaluate`` builds for ``source``; returns the split too."""
+    from recsys.pipeline import DatasetSpec, prepare
+
+    lat = simulate(parse_source(source))
+    check_replay(lat)
+    split = prepare(DatasetSpec(source=source, min_user=min_user, min_item=min_item)).split
+    test = split.test
+    step = np.searchsorted(lat.ts, test.ts)
+    if not np.array_equal(lat.ts[np.minimum(step, lat.ts.size - 1)], test.ts):
+        raise AssertionError("a test example's time is not an event of the generator")
+    where = np.empty(lat.step.size, dtype=np.int64)
+    where[lat.step] = np.arange(lat.step.size)
+    pos = where[step]  # per-user position of each test target in the generator's own (un-k-cored) stream
+    users = np.asarray(split.user_ids, dtype=object)[test.users]
+    if not all(u == f"u{g}" for u, g in zip(users, lat.user[pos], strict=True)):
+        raise AssertionError("test examples do not line up with the generator's users")
+    vocab_ids = [int(x[1:]) for x in split.vocab.ids]  # column j + OFFSET is generator item vocab_ids[j]
+    if not np.array_equal(np.asarray(vocab_ids)[test.targets - split.vocab.OFFSET], lat.item[pos]):
+        raise AssertionError("test targets do not line up with the generator's items")
+    cols = np.asarray(vocab_ids, dtype=np.int64)
+    valid = np.ones(cols.size, dtype=bool)
+    ndcg: dict[str, list[np.ndarray]] = {o: [] for o in ORACLES}
+    hr: dict[str, list[np.ndarray]] = {o: [] for o in ORACLES}
+    expected: dict[str, list[np.ndarray]] = {o: [] for o in ORACLES}
+    min_prob = math.inf
+    for lo in range(0, pos.size, _CHUNK):
+        p = pos[lo : lo + _CHUNK]
+        target = test.targets[lo : lo + _CHUNK] - split.vocab.OFFSET
+        for oracle in ORACLES:
+            probs = item_probs(lat, p, oracle)[:, cols]
+            min_prob = min(min_prob, float(probs[np.arange(p.size), target].min()))
+            m = tie_averaged_metrics(probs, target, valid)
+            ndcg[oracle].append(m[:, 0])
+            hr[oracle].append(m[:, 1])
+            expected[oracle].append(expected_metrics(probs))
+    if min_prob <= 0:
+        raise AssertionError("the oracle gives a test target probability 0: the replay or the rules are wrong")
+    in_window = _previous_item_share(lat, pos)
+    stats = {
+        "n_train": float(len(split.train)),
+        "n_valid": float(len(split.valid)),
+        "n_test": float(len(test)),
+        "n_items": float(cols.size),
+        "late_share": float(lat.late[pos].mean()),
+        "target_seen_before": in_window,
+    }
+    return (
+        Ceiling(
+            source,
+            len(test),
+            {k: np.concatenate(v) for k, v in ndcg.items()},
+            {k: np.concatenate(v) for k, v in hr.items()},
+            {k: np.concatenate(v) for k, v in expected.items()},
+            stats,
+        ),
+        split,
+    )
+
+
+def _previous_item_share(lat: Latents, pos: np.ndarray) -> float:
+    """Share of test targets the user already had in the generator's stream (repeats, Zipf heads)."""
+    start = pos - _rank_in_user(lat)[pos]
+    seen = [lat.item[pos[i]] in set(lat.item[start[i] : pos[i]].tolist()) for i in range(pos.size)]
+    return float(np.mean(seen))
+
+
+def bundle_per_example(bundle: Path, source: str, methods: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per-example test NDCG@10 of a bundle's methods, exactly as ``persona evaluate`` scores them."""
+    import torch
+
+    from recsys.evaluate import build_methods, evaluate_examples
+    from recsys.pipeline import load_trained, prepare
+    from recsys.repeats import REPEAT_SIZE
+
+    trained = load_trained(bundle)
+    if trained.spec.source != source:
+        raise SystemExit(f"bundle {bundle} was trained on {trained.spec.source}, not {source}")
+    cfg = trained.model.cfg
+    counts = cfg.repeat_size or (REPEAT_SIZE if "session-repeat" in methods else 0)
+    prepared = prepare(trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=counts)
+    if prepared.fingerprint != trained.bundle.manifest.get("data_fingerprint"):
+        raise SystemExit(f"the data of {source} changed since bundle {bundle} was trained")
+    torch.manual_seed(0)
+    out = {}
+    for method in build_methods(
+        trained.model,
+        prepared.split.item_counts,
+        no_prototype_model=trained.no_prototype_model,
+        names=methods,
+    ):
+        out[method.name] = evaluate_examples(method, prepared.split.test, progress=False).ndcg10
+    return out
+
+
+def _mean_ci(x: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of a mean over test examples (the oracle's own sampling noise)."""
+    rng = np.random.default_rng(seed)
+    means = np.array([x[rng.integers(0, x.size, x.size)].mean() for _ in range(resamples)])
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recsys.bootstrap import paired_ratio
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sources", nargs="+", help="synthetic[:key=value,...] specs, as for `persona train --dataset`")
+    ap.add_argument("--bundle", type=Path, help="a bundle trained on the (single) source: adds its methods, paired")
+    ap.add_argument("--methods", default="base,base-no-repeat,persona", help="the bundle's methods to score")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args(argv)
+    if args.bundle and len(args.sources) != 1:
+        ap.error("--bundle needs exactly one source")
+    report = []
+    for source in args.sources:
+        ceil, _ = ceiling(source)
+        row: dict[str, Any] = {"source": source, **ceil.stats}
+        for oracle in ORACLES:
+            row[f"{oracle}_ndcg10"] = float(ceil.ndcg[oracle].mean())
+            row[f"{oracle}_hr10"] = float(ceil.hr[oracle].mean())
+            row[f"{oracle}_expected_ndcg10"], row[f"{oracle}_expected_hr10"] = ceil.expected[oracle].mean(0).tolist()
+            lo, hi = _mean_ci(ceil.ndcg[oracle])
+            row[f"{oracle}_ndcg10_ci95"] = [lo, hi]
+        sizes = f"train/valid {ceil.stats['n_train']:.0f}/{ceil.stats['n_valid']:.0f}"
+        print(f"{source}: {ceil.n_test} test examples ({sizes})")
+        for oracle in ORACLES:
+            print(
+                f"  {oracle} oracle: NDCG@10 {row[f'{oracle}_ndcg10']:.4f} "
+                f"[{row[f'{oracle}_ndcg10_ci95'][0]:.4f}, {row[f'{oracle}_ndcg10_ci95'][1]:.4f}] "
+                f"(expected {row[f'{oracle}_expected_ndcg10']:.4f}), HR@10 {row[f'{oracle}_hr10']:.4f} "
+                f"(expected {row[f'{oracle}_expected_hr10']:.4f})"
+            )
+        if args.bundle:
+            names = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            per = bundle_per_example(args.bundle, source, names)
+            row["bundle"] = str(args.bundle)
+            for name, scores in per.items():
+                r = paired_ratio(ceil.ndcg["state"], scores)
+                row[f"{name}_ndcg10"] = float(scores.mean())
+                row[f"state_vs_{name}"] = r.as_dict()
+                ci = r.ci95 or (math.nan, math.nan)
+                print(f"  {name}: NDCG@10 {scores.mean():.4f}; state / {name} {r.ratio:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+        report.append(row)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

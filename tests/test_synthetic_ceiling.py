@@ -1,0 +1,104 @@
+"""The synthetic streams' Bayes ceiling (bench/synthetic_ceiling.py): the replay is the generator, and the oracle's
+probabilities and metrics are right where the answer is known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench.synthetic_ceiling import (
+    ceiling,
+    check_replay,
+    expected_metrics,
+    item_probs,
+    simulate,
+    tie_averaged_metrics,
+)
+from recsys.metrics import per_example_ndcg, target_ranks
+from recsys.synthetic import SyntheticConfig
+
+TINY = "synthetic:users=120,items=200,events=12000,clusters=10"
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SyntheticConfig(users=60, items=100, events=3000, clusters=10, seed=3),
+        SyntheticConfig(users=60, items=100, events=3000, clusters=10, repeat=0.5, seed=4),
+        SyntheticConfig(users=30, items=40, events=900, clusters=2, seed=5),  # one home cluster, one fresh
+        SyntheticConfig(users=30, items=40, events=900, clusters=1, zipf=0.0, seed=6),
+    ],
+)
+def test_the_replay_reproduces_the_generator_exactly(cfg: SyntheticConfig) -> None:
+    check_replay(simulate(cfg))  # raises if a single user, item, time or cluster differs
+
+
+def test_ties_count_as_a_random_order() -> None:
+    scores = np.array([[3.0, 1.0, 1.0, 0.5], [2.0, 2.0, 9.0, 1.0]])
+    m = tie_averaged_metrics(scores, np.array([1, 0]), np.ones(4, dtype=bool), k=2)
+    # row 0: one item above, tied with one other: rank 1 or 2 -> (1/log2(3) + 0) / 2, a hit half the time
+    # row 1: item 2 above, tied with item 1: rank 1 or 2 -> the same
+    assert m[:, 0] == pytest.approx([0.5 / math.log2(3)] * 2)
+    assert m[:, 1] == pytest.approx([0.5, 0.5])
+    # invalid columns neither compete nor tie
+    m = tie_averaged_metrics(scores, np.array([1, 0]), np.array([False, True, True, True]), k=2)
+    assert m[0, 0] == pytest.approx((1.0 + 1.0 / math.log2(3)) / 2)
+
+
+def test_a_user_who_never_jumps_draws_from_their_cluster_zipf() -> None:
+    cfg = SyntheticConfig(users=20, items=100, events=2000, clusters=5, shift_prob=0.0, late_shift_prob=0.0, seed=1)
+    lat = simulate(cfg)
+    pos = np.flatnonzero(~lat.first)
+    probs = item_probs(lat, pos)
+    # one cluster of 20 items per user, forever: Zipf(1.1) over ranks 1..20, whatever the history
+    zipf = np.arange(1, 21, dtype=float) ** -1.1
+    expected = np.sort(zipf / zipf.sum())[::-1]
+    top = -np.sort(-probs, axis=1)[:, :20]
+    assert np.allclose(top, expected[None, :])
+    assert (probs > 0).sum(1).max() == 20
+    item_cluster = np.argmax(lat.zipf[:, lat.item] > 0, axis=0)
+    users_first = np.flatnonzero(lat.first)
+    # and that cluster is the one the user's first item came from
+    cluster_of_user = item_cluster[users_first][lat.user[pos]]
+    assert np.all(probs[np.arange(pos.size), :] == lat.zipf[cluster_of_user])
+
+
+def test_uniform_items_in_one_cluster_give_the_hand_computed_ndcg() -> None:
+    ceil, split = ceiling("synthetic:users=40,items=30,events=2400,clusters=1,zipf=0")
+    n = split.vocab.size - split.vocab.OFFSET
+    hand = sum(1.0 / math.log2(r + 2) for r in range(10)) / n  # every item equally likely, random order
+    assert ceil.ndcg["state"] == pytest.approx(np.full(ceil.n_test, hand))
+    assert ceil.expected["state"][:, 0] == pytest.approx(np.full(ceil.n_test, hand))
+    assert ceil.hr["state"].mean() == pytest.approx(10 / n)
+
+
+def test_when_every_event_repeats_the_oracle_is_perfect() -> None:
+    # repeat = 1: each user's events all copy their first item, so the oracle puts all its mass there
+    ceil, _ = ceiling("synthetic:users=60,items=300,events=3000,clusters=10,repeat=1")
+    assert ceil.ndcg["state"] == pytest.approx(np.ones(ceil.n_test))
+    assert ceil.expected["state"] == pytest.approx(np.ones((ceil.n_test, 2)))
+
+
+def test_the_oracle_beats_popularity_and_knowing_the_target_cluster_beats_the_oracle() -> None:
+    ceil, split = ceiling(TINY)
+    import torch
+
+    counts = torch.as_tensor(split.item_counts, dtype=torch.float64).expand(ceil.n_test, -1)
+    popularity = per_example_ndcg(target_ranks(counts, torch.as_tensor(split.test.targets))).numpy()
+    state = ceil.ndcg["state"].mean()
+    assert state > 2 * popularity.mean()
+    # more information never lowers the optimum: in expectation, and on this sample
+    assert ceil.expected["target-cluster"][:, 0].mean() > ceil.expected["state"][:, 0].mean()
+    assert ceil.ndcg["target-cluster"].mean() > state
+    # the probabilities are the generator's: the measured NDCG agrees with what the oracle expects
+    se = ceil.ndcg["state"].std() / math.sqrt(ceil.n_test)
+    assert abs(state - ceil.expected["state"][:, 0].mean()) < 4 * se
+
+
+def test_expected_metrics_of_a_known_distribution() -> None:
+    p = np.array([[0.5, 0.25, 0.25, 0.0]])
+    m = expected_metrics(p, k=2)
+    assert m[0, 0] == pytest.approx(0.5 + 0.25 / math.log2(3))
+    assert m[0, 1] == pytest.approx(0.75)
