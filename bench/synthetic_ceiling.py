@@ -56,8 +56,9 @@ from recsys.synthetic import (
     generate,
 )
 
-ORACLES = ("state", "target-cluster")
+ORACLES = ("state", "history", "target-cluster")
 _CHUNK = 2048  # test examples scored at once (a [chunk, items] float64 block)
+_FLOOR = 1e-3  # the history predictor's mass on every cluster, against its own approximations
 _LAG_CAP = 400  # lags beyond this carry (1 - 1/8)^400 ~ 1e-23 of a repeat's mass: below float64 resolution
 
 
@@ -231,6 +232,123 @@ def item_probs(lat: Latents, pos: np.ndarray, oracle: str = "state") -> np.ndarr
     return probs
 
 
+@dataclass(frozen=True)
+class HistoryBeliefs:
+    """What the ``history`` predictor knows before each queried event: the segment cluster's predictive
+    distribution ``cluster`` [M, C] and the repeat distribution as ``(row, item, weight)`` triplets."""
+
+    cluster: np.ndarray
+    rep_row: np.ndarray
+    rep_item: np.ndarray
+    rep_weight: np.ndarray
+
+    def item_probs(self, lat: Latents, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), items] for the queried rows ``rows`` (a contiguous range, as the chunks are)."""
+        probs = self.cluster[rows] @ lat.zipf
+        r = float(lat.cfg.repeat)
+        if r > 0:
+            rep = np.zeros_like(probs)
+            sel = (self.rep_row >= rows[0]) & (self.rep_row <= rows[-1])
+            np.add.at(rep, (self.rep_row[sel] - rows[0], self.rep_item[sel]), self.rep_weight[sel])
+            probs = (1.0 - r) * probs + r * rep
+        return probs
+
+
+def history_beliefs(lat: Latents, kept: np.ndarray, query: np.ndarray) -> HistoryBeliefs:
+    """A predictor that knows the generator's *rules and global parameters* (which cluster each item is in, the
+    Zipf weights, the jump and repeat probabilities, when the late period starts) but sees only the user's own
+    observed items - the k-cored events ``kept`` (per-user positions) - as a model does. It filters the segment's
+    cluster (a hidden Markov model: stay, jump home, jump to a never-seen cluster; an item is a repeat or a Zipf
+    draw from the segment's cluster) and predicts ``query`` (per-user positions, a subset of ``kept``).
+
+    Home clusters are guessed as the first distinct clusters seen before the late period, the home pointer as the
+    last home cluster believed current, and a fresh jump as uniform over the clusters not seen yet (the user's
+    cluster permutation is not inferred): approximations, so this is an *achievable* predictor - a lower bound on
+    the Bayes ceiling, as ``state`` is an upper one.
+    """
+    n_clusters, home, q, r = int(lat.cfg.clusters), lat.home, 1.0 / REPEAT_MEAN_LAG, float(lat.cfg.repeat)
+    row_of = {int(p): i for i, p in enumerate(query)}
+    cluster_out = np.zeros((query.size, n_clusters))
+    rep_rows: list[np.ndarray] = []
+    rep_items: list[np.ndarray] = []
+    rep_weights: list[np.ndarray] = []
+    item_cluster = np.argmax(lat.zipf > 0, axis=0)
+    kept = np.sort(kept)
+    lags = np.arange(1, _LAG_CAP + 1)
+    lag_w = q * (1.0 - q) ** (lags - 1)
+    bounds = np.flatnonzero(np.diff(lat.user[kept]) != 0) + 1
+    for events in np.split(kept, bounds):
+        items = lat.item[events]
+        belief = np.zeros(n_clusters)
+        seen = np.zeros(n_clusters, dtype=bool)
+        homes: list[int] = []
+        pointer: int | None = None
+        for k, pos in enumerate(events):
+            if k == 0:
+                prior = np.full(n_clusters, 1.0 / n_clusters)
+                rep_w: np.ndarray = np.zeros(0)
+            else:
+                prior = _predict(belief, seen, homes, pointer, home, float(lat.shift[pos]), bool(lat.late[pos]))
+                n_lag = min(k, _LAG_CAP)
+                rep_w = np.array(lag_w[:n_lag])
+                if k <= _LAG_CAP:  # the first item takes the lags that reach past it
+                    rep_w[k - 1] = (1.0 - q) ** (k - 1)
+            history = items[k - rep_w.size : k][::-1]  # lag 1 first
+            row = row_of.get(int(pos))
+            if row is not None:
+                cluster_out[row] = prior
+                rep_rows.append(np.full(rep_w.size, row))
+                rep_items.append(history)
+                rep_weights.append(rep_w)
+            item = int(items[k])
+            rep = float(rep_w[history == item].sum()) if r > 0 else 0.0
+            like = lat.zipf[:, item] if k == 0 else (1.0 - r) * lat.zipf[:, item] + r * rep  # a first: no repeat
+            belief = prior * like
+            belief = belief / belief.sum() if belief.sum() > 0 else prior  # a pure repeat says nothing new
+            c = int(item_cluster[item])
+            seen[c] = True
+            if not lat.late[pos] and c not in homes and len(homes) < home:
+                homes.append(c)
+            if c in homes and belief[c] > 0.5:
+                pointer = c
+    if len(row_of) != query.size or not (cluster_out.sum(1) > 0).all():
+        raise AssertionError("a queried event is not among the kept events")
+    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
+    return HistoryBeliefs(cluster_out, cat(rep_rows, np.int64), cat(rep_items, np.int64), cat(rep_weights, np.float64))
+
+
+def _predict(
+    belief: np.ndarray, seen: np.ndarray, homes: list[int], pointer: int | None, home: int, p: float, late: bool
+) -> np.ndarray:
+    """The next segment's cluster from the current one's belief, under the generator's jump rules as far as the
+    history shows them (see :func:`history_beliefs`)."""
+    n_clusters = belief.size
+    unseen = ~seen
+    spread = unseen / unseen.sum() if unseen.any() else np.full(n_clusters, 1.0 / n_clusters)
+    fresh = FRESH_PROB if late and n_clusters > home else 0.0
+
+    def home_jump(ptr: int | None) -> np.ndarray:
+        out = np.zeros(n_clusters)
+        if home == 1:  # the only home cluster
+            if ptr is not None:
+                out[ptr] = 1.0
+            else:
+                out += spread
+            return out
+        others = [h for h in homes if h != ptr][: home - 1]
+        out[others] += 1.0 / (home - 1)
+        out += spread * (home - 1 - len(others)) / (home - 1)
+        return out
+
+    in_home = np.zeros(n_clusters, dtype=bool)
+    in_home[homes] = True
+    jump = belief[~in_home].sum() * home_jump(pointer)
+    for h in homes:
+        jump += belief[h] * home_jump(h)
+    out = (1.0 - p) * belief + p * (fresh * spread + (1.0 - fresh) * jump)
+    return (1.0 - _FLOOR) * out + _FLOOR / n_clusters  # what the guesses rule out (a wrong home guess) stays possible
+
+
 def expected_metrics(probs: np.ndarray, k: int = 10) -> np.ndarray:
     """[M, 2]: the NDCG@k and HR@k the oracle *expects* on each row, over its own distribution renormalised to the
     ranked columns (the target is one of them): sum over its top k of ``p / log2(rank + 2)`` and of ``p``. Free of
@@ -268,6 +386,7 @@ class Ceiling:
     ndcg: dict[str, np.ndarray]
     hr: dict[str, np.ndarray]
     expected: dict[str, np.ndarray]  # [M, 2] expected NDCG@10, HR@10 per example (:func:`expected_metrics`)
+    seen: np.ndarray  # bool [M]: the target is an item the user had before (in the generator's stream)
     stats: dict[str, float]
 
 
@@ -292,14 +411,11 @@ def ceiling(source: str, *, min_user: int = 5, min_item: int = 5) -> tuple[Ceili
 
     lat = simulate(parse_source(source))
     check_replay(lat)
-    split = prepare(DatasetSpec(source=source, min_user=min_user, min_item=min_item)).split
-    test = split.test
-    step = np.searchsorted(lat.ts, test.ts)
-    if not np.array_equal(lat.ts[np.minimum(step, lat.ts.size - 1)], test.ts):
-        raise AssertionError("a test example's time is not an event of the generator")
-    where = np.empty(lat.step.size, dtype=np.int64)
-    where[lat.step] = np.arange(lat.step.size)
-    pos = where[step]  # per-user position of each test target in the generator's own (un-k-cored) stream
+    prepared = prepare(DatasetSpec(source=source, min_user=min_user, min_item=min_item))
+    split, test = prepared.split, prepared.split.test
+    pos = _positions(lat, test.ts)  # per-user position of each test target in the generator's own stream
+    kept = _positions(lat, prepared.interactions.get_column("ts").to_numpy())
+    beliefs = history_beliefs(lat, kept, pos)
     users = np.asarray(split.user_ids, dtype=object)[test.users]
     if not all(u == f"u{g}" for u, g in zip(users, lat.user[pos], strict=True)):
         raise AssertionError("test examples do not line up with the generator's users")
@@ -316,22 +432,27 @@ def ceiling(source: str, *, min_user: int = 5, min_item: int = 5) -> tuple[Ceili
         p = pos[lo : lo + _CHUNK]
         target = test.targets[lo : lo + _CHUNK] - split.vocab.OFFSET
         for oracle in ORACLES:
-            probs = item_probs(lat, p, oracle)[:, cols]
-            min_prob = min(min_prob, float(probs[np.arange(p.size), target].min()))
+            if oracle == "history":
+                probs = beliefs.item_probs(lat, np.arange(lo, lo + p.size))[:, cols]
+            else:
+                probs = item_probs(lat, p, oracle)[:, cols]
+            if oracle != "history":  # the exact ones; the history predictor may rule out what happened
+                min_prob = min(min_prob, float(probs[np.arange(p.size), target].min()))
             m = tie_averaged_metrics(probs, target, valid)
             ndcg[oracle].append(m[:, 0])
             hr[oracle].append(m[:, 1])
-            expected[oracle].append(expected_metrics(probs))
+            # the history predictor's own expectation is its belief about itself, not a check: left out
+            expected[oracle].append(expected_metrics(probs) if oracle != "history" else np.full((p.size, 2), np.nan))
     if min_prob <= 0:
         raise AssertionError("the oracle gives a test target probability 0: the replay or the rules are wrong")
-    in_window = _previous_item_share(lat, pos)
+    seen = _seen_before(lat, pos)
     stats = {
         "n_train": float(len(split.train)),
         "n_valid": float(len(split.valid)),
         "n_test": float(len(test)),
         "n_items": float(cols.size),
         "late_share": float(lat.late[pos].mean()),
-        "target_seen_before": in_window,
+        "target_seen_before": float(seen.mean()),
     }
     return (
         Ceiling(
@@ -340,17 +461,27 @@ def ceiling(source: str, *, min_user: int = 5, min_item: int = 5) -> tuple[Ceili
             {k: np.concatenate(v) for k, v in ndcg.items()},
             {k: np.concatenate(v) for k, v in hr.items()},
             {k: np.concatenate(v) for k, v in expected.items()},
+            seen,
             stats,
         ),
         split,
     )
 
 
-def _previous_item_share(lat: Latents, pos: np.ndarray) -> float:
-    """Share of test targets the user already had in the generator's stream (repeats, Zipf heads)."""
+def _positions(lat: Latents, ts: np.ndarray) -> np.ndarray:
+    """Per-user positions of the generator's events at times ``ts`` (every event's time is distinct)."""
+    step = np.searchsorted(lat.ts, ts)
+    if not np.array_equal(lat.ts[np.minimum(step, lat.ts.size - 1)], ts):
+        raise AssertionError("a time is not an event of the generator")
+    where = np.empty(lat.step.size, dtype=np.int64)
+    where[lat.step] = np.arange(lat.step.size)
+    return where[step]
+
+
+def _seen_before(lat: Latents, pos: np.ndarray) -> np.ndarray:
+    """bool [M]: the test target is an item the user already had (repeats and Zipf heads alike)."""
     start = pos - _rank_in_user(lat)[pos]
-    seen = [lat.item[pos[i]] in set(lat.item[start[i] : pos[i]].tolist()) for i in range(pos.size)]
-    return float(np.mean(seen))
+    return np.array([lat.item[p] in set(lat.item[s:p].tolist()) for s, p in zip(start, pos, strict=True)])
 
 
 def bundle_per_example(bundle: Path, source: str, methods: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -381,6 +512,13 @@ def bundle_per_example(bundle: Path, source: str, methods: tuple[str, ...]) -> d
     return out
 
 
+def _seen_new(ndcg: np.ndarray, seen: np.ndarray) -> list[float]:
+    return [
+        float(ndcg[seen].mean()) if seen.any() else math.nan,
+        float(ndcg[~seen].mean()) if (~seen).any() else math.nan,
+    ]
+
+
 def _mean_ci(x: np.ndarray, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile bootstrap interval of a mean over test examples (the oracle's own sampling noise)."""
     rng = np.random.default_rng(seed)
@@ -407,28 +545,38 @@ def main(argv: list[str] | None = None) -> int:
         for oracle in ORACLES:
             row[f"{oracle}_ndcg10"] = float(ceil.ndcg[oracle].mean())
             row[f"{oracle}_hr10"] = float(ceil.hr[oracle].mean())
-            row[f"{oracle}_expected_ndcg10"], row[f"{oracle}_expected_hr10"] = ceil.expected[oracle].mean(0).tolist()
             lo, hi = _mean_ci(ceil.ndcg[oracle])
             row[f"{oracle}_ndcg10_ci95"] = [lo, hi]
+            exp_ndcg, exp_hr = ceil.expected[oracle].mean(0).tolist()
+            known = math.isfinite(exp_ndcg)
+            row[f"{oracle}_expected_ndcg10"] = exp_ndcg if known else None
+            row[f"{oracle}_expected_hr10"] = exp_hr if known else None
+            row[f"{oracle}_ndcg10_seen_new"] = _seen_new(ceil.ndcg[oracle], ceil.seen)
         sizes = f"train/valid {ceil.stats['n_train']:.0f}/{ceil.stats['n_valid']:.0f}"
-        print(f"{source}: {ceil.n_test} test examples ({sizes})")
+        print(f"{source}: {ceil.n_test} test examples ({sizes}; {ceil.seen.mean():.1%} of targets seen before)")
         for oracle in ORACLES:
+            ci = row[f"{oracle}_ndcg10_ci95"]
+            exp = row[f"{oracle}_expected_ndcg10"]
             print(
-                f"  {oracle} oracle: NDCG@10 {row[f'{oracle}_ndcg10']:.4f} "
-                f"[{row[f'{oracle}_ndcg10_ci95'][0]:.4f}, {row[f'{oracle}_ndcg10_ci95'][1]:.4f}] "
-                f"(expected {row[f'{oracle}_expected_ndcg10']:.4f}), HR@10 {row[f'{oracle}_hr10']:.4f} "
-                f"(expected {row[f'{oracle}_expected_hr10']:.4f})"
+                f"  {oracle}: NDCG@10 {row[f'{oracle}_ndcg10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+                + (f" (expected {exp:.4f})" if exp is not None else "")
+                + f", HR@10 {row[f'{oracle}_hr10']:.4f}; NDCG@10 on seen / new targets "
+                + "{:.4f} / {:.4f}".format(*row[f"{oracle}_ndcg10_seen_new"])
             )
         if args.bundle:
             names = tuple(m.strip() for m in args.methods.split(",") if m.strip())
             per = bundle_per_example(args.bundle, source, names)
             row["bundle"] = str(args.bundle)
             for name, scores in per.items():
-                r = paired_ratio(ceil.ndcg["state"], scores)
                 row[f"{name}_ndcg10"] = float(scores.mean())
-                row[f"state_vs_{name}"] = r.as_dict()
-                ci = r.ci95 or (math.nan, math.nan)
-                print(f"  {name}: NDCG@10 {scores.mean():.4f}; state / {name} {r.ratio:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+                row[f"{name}_ndcg10_seen_new"] = seen_new = _seen_new(scores, ceil.seen)
+                line = f"  {name}: NDCG@10 {scores.mean():.4f} (seen / new {seen_new[0]:.4f} / {seen_new[1]:.4f})"
+                for oracle in ("state", "history"):
+                    r = paired_ratio(ceil.ndcg[oracle], scores)
+                    row[f"{oracle}_vs_{name}"] = r.as_dict()
+                    lo, hi = r.ci95 or (math.nan, math.nan)
+                    line += f"; {oracle} / {name} {r.ratio:.3f} [{lo:.3f}, {hi:.3f}]"
+                print(line)
         report.append(row)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

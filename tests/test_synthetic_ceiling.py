@@ -12,6 +12,7 @@ from bench.synthetic_ceiling import (
     ceiling,
     check_replay,
     expected_metrics,
+    history_beliefs,
     item_probs,
     simulate,
     tie_averaged_metrics,
@@ -65,6 +66,19 @@ def test_a_user_who_never_jumps_draws_from_their_cluster_zipf() -> None:
     assert np.all(probs[np.arange(pos.size), :] == lat.zipf[cluster_of_user])
 
 
+def test_without_jumps_or_repeats_the_history_predictor_is_the_oracle() -> None:
+    cfg = SyntheticConfig(users=20, items=100, events=2000, clusters=5, shift_prob=0.0, late_shift_prob=0.0, seed=1)
+    lat = simulate(cfg)
+    kept = np.arange(lat.step.size)
+    pos = np.flatnonzero(~lat.first)
+    beliefs = history_beliefs(lat, kept, pos)
+    history = beliefs.item_probs(lat, np.arange(pos.size))
+    oracle = item_probs(lat, pos)
+    # the first item gives the cluster away; only the predictor's small floor on other clusters differs
+    assert np.array_equal(np.argsort(-oracle, axis=1)[:, :20], np.argsort(-history, axis=1)[:, :20])
+    assert np.allclose(history, oracle, atol=1e-3)
+
+
 def test_uniform_items_in_one_cluster_give_the_hand_computed_ndcg() -> None:
     ceil, split = ceiling("synthetic:users=40,items=30,events=2400,clusters=1,zipf=0")
     n = split.vocab.size - split.vocab.OFFSET
@@ -87,7 +101,8 @@ def test_the_oracle_beats_popularity_and_knowing_the_target_cluster_beats_the_or
 
     counts = torch.as_tensor(split.item_counts, dtype=torch.float64).expand(ceil.n_test, -1)
     popularity = per_example_ndcg(target_ranks(counts, torch.as_tensor(split.test.targets))).numpy()
-    state = ceil.ndcg["state"].mean()
+    state, history = ceil.ndcg["state"].mean(), ceil.ndcg["history"].mean()
+    assert history > 2 * popularity.mean()
     assert state > 2 * popularity.mean()
     # more information never lowers the optimum: in expectation, and on this sample
     assert ceil.expected["target-cluster"][:, 0].mean() > ceil.expected["state"][:, 0].mean()
@@ -95,6 +110,13 @@ def test_the_oracle_beats_popularity_and_knowing_the_target_cluster_beats_the_or
     # the probabilities are the generator's: the measured NDCG agrees with what the oracle expects
     se = ceil.ndcg["state"].std() / math.sqrt(ceil.n_test)
     assert abs(state - ceil.expected["state"][:, 0].mean()) < 4 * se
+    # seeing only the items cannot beat knowing the state (up to the sample's noise)
+    assert history < state + 2 * se
+
+
+def test_the_history_predictor_reads_repeats() -> None:
+    ceil, _ = ceiling(TINY + ",repeat=0.5")
+    assert ceil.ndcg["history"].mean() > 0.8 * ceil.ndcg["state"].mean()
 
 
 def test_expected_metrics_of_a_known_distribution() -> None:
