@@ -11,6 +11,7 @@ import pytest
 from bench.synthetic_ceiling import (
     ceiling,
     check_replay,
+    cluster_probs,
     expected_metrics,
     history_beliefs,
     item_probs,
@@ -46,6 +47,22 @@ def test_ties_count_as_a_random_order() -> None:
     # invalid columns neither compete nor tie
     m = tie_averaged_metrics(scores, np.array([1, 0]), np.array([False, True, True, True]), k=2)
     assert m[0, 0] == pytest.approx((1.0 + 1.0 / math.log2(3)) / 2)
+
+
+def test_jump_rules_by_hand() -> None:
+    # a jump at every event; 12 clusters: 3 home clusters per user, 9 fresh ones
+    cfg = SyntheticConfig(users=30, items=120, events=3000, clusters=12, shift_prob=1.0, late_shift_prob=1.0, seed=2)
+    lat = simulate(cfg)
+    pos = np.flatnonzero(~lat.first)
+    probs = cluster_probs(lat, pos)
+    prev = lat.seg_cluster[lat.seg[pos - 1]]
+    now = lat.seg_cluster[lat.seg[pos]]
+    assert np.allclose(probs[np.arange(pos.size), prev][~lat.late[pos]], 0.0)  # an early jump always moves
+    early = np.sort(probs[~lat.late[pos]], axis=1)[:, -3:]
+    assert np.allclose(early, [0.0, 0.5, 0.5])  # to one of the two other home clusters
+    late = np.sort(probs[lat.late[pos]], axis=1)[:, -3:]
+    assert np.allclose(late, [0.1, 0.1, 0.8])  # the next fresh cluster, or one of two home clusters
+    assert (probs[np.arange(pos.size), now] > 0).all()  # and the drawn cluster is always one of them
 
 
 def test_a_user_who_never_jumps_draws_from_their_cluster_zipf() -> None:
