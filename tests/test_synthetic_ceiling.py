@@ -3,7 +3,9 @@ probabilities and metrics are right where the answer is known by hand."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from bench.synthetic_ceiling import (
     expected_metrics,
     history_beliefs,
     item_probs,
+    main,
     simulate,
     tie_averaged_metrics,
 )
@@ -141,3 +144,19 @@ def test_expected_metrics_of_a_known_distribution() -> None:
     m = expected_metrics(p, k=2)
     assert m[0, 0] == pytest.approx(0.5 + 0.25 / math.log2(3))
     assert m[0, 1] == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_the_bench_scores_a_bundle_on_the_same_examples(tiny_bundle: Path, tmp_path: Path) -> None:
+    from streaming.bench import TINY_SOURCE
+
+    out = tmp_path / "ceiling.json"
+    main([TINY_SOURCE, "--bundle", str(tiny_bundle), "--methods", "popularity,base", "--mix", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["n_test"] > 100
+    # the oracle knows the generator: far above a one-epoch model and popularity, on the bundle's own examples
+    assert row["state_ndcg10"] > 1.5 * row["base_ndcg10"] > 0
+    assert row["state_vs_base"]["ci95"][0] > 1.0
+    assert row["state_vs_popularity"]["ratio"] > 1.5
+    # the kernel mixture's weight is the best on validation
+    assert row["mix_valid_ndcg10"][str(row["mix_weight"])] == max(row["mix_valid_ndcg10"].values())
