@@ -254,7 +254,9 @@ class HistoryBeliefs:
         return probs
 
 
-def history_beliefs(lat: Latents, kept: np.ndarray, query: np.ndarray) -> HistoryBeliefs:
+def history_beliefs(
+    lat: Latents, kept: np.ndarray, query: np.ndarray, *, mean_lag: float = REPEAT_MEAN_LAG
+) -> HistoryBeliefs:
     """A predictor that knows the generator's *rules and global parameters* (which cluster each item is in, the
     Zipf weights, the jump and repeat probabilities, when the late period starts) but sees only the user's own
     observed items - the k-cored events ``kept`` (per-user positions) - as a model does. It filters the segment's
@@ -266,7 +268,7 @@ def history_beliefs(lat: Latents, kept: np.ndarray, query: np.ndarray) -> Histor
     cluster permutation is not inferred): approximations, so this is an *achievable* predictor - a lower bound on
     the Bayes ceiling, as ``state`` is an upper one.
     """
-    n_clusters, home, q, r = int(lat.cfg.clusters), lat.home, 1.0 / REPEAT_MEAN_LAG, float(lat.cfg.repeat)
+    n_clusters, home, q, r = int(lat.cfg.clusters), lat.home, 1.0 / mean_lag, float(lat.cfg.repeat)
     row_of = {int(p): i for i, p in enumerate(query)}
     cluster_out = np.zeros((query.size, n_clusters))
     rep_rows: list[np.ndarray] = []
@@ -515,11 +517,14 @@ def bundle_per_example(bundle: Path, source: str, methods: tuple[str, ...]) -> d
 MIX_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def kernel_mixture(bundle: Path, source: str) -> tuple[float, dict[float, float], np.ndarray]:
+def kernel_mixture(
+    bundle: Path, source: str, *, decay: float = 1.0 - 1.0 / REPEAT_MEAN_LAG
+) -> tuple[float, dict[float, float], np.ndarray]:
     """A diagnostic for the repeat part: the bundle's model *without* its repeat part, mixed in probability space
     with a fixed repeat kernel, ``(1 - w) softmax(scores) + w R``, where ``R`` spreads a geometric lag (mean 8, a
     decayed count with gamma 7/8 per event, normalised) over the user's whole observed history - the generator's
-    repeat rule, computable from any history. ``w`` is chosen on validation NDCG@10 from :data:`MIX_WEIGHTS`.
+    repeat rule, computable from any history; ``decay`` another gamma). ``w`` is chosen on validation NDCG@10 from
+    :data:`MIX_WEIGHTS`.
 
     Returns ``(w, {w: validation NDCG@10}, per-example test NDCG@10)`` (test examples in ``split.test`` order).
     """
@@ -538,7 +543,7 @@ def kernel_mixture(bundle: Path, source: str) -> tuple[float, dict[float, float]
     valid = np.ones(cols.size, dtype=bool)
 
     def ndcg(examples: Any, weights: tuple[float, ...]) -> dict[float, np.ndarray]:
-        beliefs = history_beliefs(lat, kept, _positions(lat, examples.ts))
+        beliefs = history_beliefs(lat, kept, _positions(lat, examples.ts), mean_lag=1.0 / (1.0 - decay))
         out: dict[float, list[np.ndarray]] = {w: [] for w in weights}
         for lo in range(0, len(examples), _CHUNK):
             rows = np.arange(lo, min(lo + _CHUNK, len(examples)))
@@ -589,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, help="a bundle trained on the (single) source: adds its methods, paired")
     ap.add_argument("--methods", default="base,base-no-repeat,persona", help="the bundle's methods to score")
     ap.add_argument("--mix", action="store_true", help="with --bundle: base-no-repeat mixed with the repeat kernel")
+    ap.add_argument("--mix-decay", type=float, default=1.0 - 1.0 / REPEAT_MEAN_LAG, help="the kernel's gamma")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
     if args.bundle and len(args.sources) != 1:
@@ -636,10 +642,12 @@ def main(argv: list[str] | None = None) -> int:
                     line += f"; {oracle} / {name} {r.ratio:.3f} [{lo:.3f}, {hi:.3f}]"
                 print(line)
             if args.mix:
-                w, on_valid, mixed = kernel_mixture(args.bundle, source)
+                w, on_valid, mixed = kernel_mixture(args.bundle, source, decay=args.mix_decay)
+                row["mix_decay"] = args.mix_decay
                 row["mix_weight"], row["mix_valid_ndcg10"], row["mix_ndcg10"] = w, on_valid, float(mixed.mean())
                 row["mix_ndcg10_seen_new"] = seen_new = _seen_new(mixed, ceil.seen)
-                line = f"  base-no-repeat + repeat kernel (w {w} on validation): NDCG@10 {mixed.mean():.4f}"
+                line = f"  base-no-repeat + repeat kernel (gamma {args.mix_decay:.3f}, w {w} on validation): "
+                line += f"NDCG@10 {mixed.mean():.4f}, on validation {on_valid[w]:.4f}"
                 line += f" (seen / new {seen_new[0]:.4f} / {seen_new[1]:.4f})"
                 for name in ("base-no-repeat", "persona"):
                     if name in per:
