@@ -23,8 +23,13 @@ Oracles (full-catalogue ranking over the training vocabulary, like every method)
     segments or permutations), so its *expected* NDCG@10 is an upper bound on every recommender's: ranking by the
     true conditional probability maximises expected NDCG given that information, and more information never
     lowers the optimum. (Measured on a finite test set it is an estimate of that bound, with its own noise.)
+``history``  knows the generator's rules and global parameters but sees only the user's observed items, as a model
+    does (:func:`history_beliefs`): an achievable predictor, so a *lower* bound on the Bayes ceiling.
 ``target-cluster``  also knows the target event's own segment cluster: a looser bound, not achievable by anything
     that predicts the next event (it reads part of the answer).
+
+``--bundle B --mix`` adds a diagnostic for the repeat part: B's model without its repeat part mixed in probability
+space with the generator's repeat kernel (:func:`kernel_mixture`).
 
 Ties (e.g. equal Zipf ranks of two equally likely home clusters) count as a uniformly random order: the NDCG@10 of
 a tie group is its expected value, as an oracle that breaks ties at random would get on average.
