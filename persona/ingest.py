@@ -72,7 +72,7 @@ from recsys.online import (
     refine_bank,
     stored_next_items,
 )
-from recsys.repeats import RepeatCounts
+from recsys.repeats import CountsSnapshots, RepeatCounts
 from recsys.windows import window_length
 
 log = logging.getLogger(__name__)
@@ -465,7 +465,7 @@ class Ingestor:
             recent = _pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
             job = ModelJob(online.version, recent, plan.pre_rows, _early_input(online, plan))
             if plan.pre_counts:
-                job.repeats = torch.from_numpy(np.stack(plan.pre_counts))
+                job.repeats = torch.from_numpy(online.encode_snapshots(plan.pre_counts))
                 job.early.repeats = job.repeats[job.early.which]
             if uses_encoder_cache(online, self.session_cache):
                 job.requests, job.order = _window_requests(plan)
@@ -644,7 +644,7 @@ class _Plan:
     event_ts: list[float] = field(default_factory=list)  # per applied event
     item_indices: list[int] = field(default_factory=list)  # per applied event
     unknown_items: int = 0
-    pre_counts: list[np.ndarray] = field(default_factory=list)  # per prediction: item counts before it [R, 3]
+    pre_counts: CountsSnapshots[str] = field(default_factory=CountsSnapshots)  # per prediction: counts before it
 
 
 def _walk(
@@ -706,7 +706,7 @@ def _walk(
                 plan.stored_prev.append((snapshot, w.indices[len(w.indices) - size :]))
             plan.pre_rows.append((w.row, item))
             if w.counts is not None:
-                plan.pre_counts.append(online.encode_counts(w.counts))
+                plan.pre_counts.take(w.counts)
         if w.counts is not None:
             w.counts.add(e.item_id)
         w.indices = [*w.indices, item][-cap:]

@@ -37,7 +37,7 @@ from recsys.model import (
     refine_centres,
 )
 from recsys.pipeline import TrainedModel, load_trained
-from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, RepeatCounts, entries_tensor
+from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, CountsSnapshots, RepeatCounts, entries_tensor
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -318,6 +318,10 @@ class OnlineModel:
             return RepeatCounts.from_json(stored, size)
         return RepeatCounts.of([i for i in recent_items if i in self._index], size)
 
+    def encode_snapshots(self, snapshots: CountsSnapshots[str]) -> np.ndarray:
+        """Many sessions' counts as the repeat part's input [P, R, W] float32 (each as :meth:`encode_counts`)."""
+        return snapshots.encode(self._index.__getitem__, self.cfg.repeat_size)
+
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
         """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);
         unknown items left out."""
@@ -338,7 +342,7 @@ class OnlineModel:
         :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, W],
         :meth:`repeat_entries`); PAD/UNK never rank."""
         s = queries @ self.item_targets_t
-        rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats)
+        rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats, s)
         if rep is not None:
             s.scatter_add_(1, *rep)
         if bias is not None:
