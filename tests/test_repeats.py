@@ -278,6 +278,25 @@ def test_the_api_ranks_with_the_stored_counts(store: Store, repeat_models: Model
     assert online.decode(torch.topk(without[0], 5).indices) != [i for i, _ in got.items]
 
 
+def test_the_session_route_gives_a_device_the_stored_counts(store: Store, repeat_models: ModelProvider) -> None:
+    """GET /v1/sessions/{id} carries the session's stored counts (a device that did not see every event adopts
+    them), as stored."""
+    from fastapi.testclient import TestClient
+
+    from persona.settings import Settings
+    from serving.app import create_app
+
+    items = list(repeat_models.get().vocab.ids)
+    seq = [items[i] for i in (4, 5, 4, 6, 4)]
+    Ingestor(store, repeat_models).apply([Event(f"c{i}", "route", it, T0 + timedelta(seconds=i)) for i, it in
+                                          enumerate(seq)])  # fmt: skip
+    with TestClient(create_app(Settings(), store=store, models=repeat_models)) as client:
+        summary = client.get("/v1/sessions/route").json()
+    assert summary["item_counts"] == json.loads(json.dumps(RepeatCounts.of(seq, 8).to_json()))
+    back = RepeatCounts.from_json(summary["item_counts"], 8)
+    assert back.table == RepeatCounts.of(seq, 8).table  # the floats survive the JSON exactly
+
+
 def test_without_repeats_in_the_data_the_part_is_dropped_and_the_model_is_unchanged() -> None:
     """Where nobody chooses an item twice (MovieLens: nobody re-rates a film), the part can only push session items
     up past targets that are never among them, so validation always drops it; its own random stream leaves the rest
