@@ -292,6 +292,55 @@ class RepeatPart(nn.Module):
         return items, torch.where(real, bias, torch.zeros_like(bias))
 
 
+#: Up to this many rows, online scoring runs the repeat part in NumPy (:class:`RepeatRows`).
+SMALL_BATCH = 4
+
+
+class RepeatRows:
+    """:meth:`RepeatPart.forward` for a few rows (a single ranking) in NumPy, with frozen weights: the same
+    arithmetic in float32 without torch's per-operation overhead, which is most of its cost for one row (measured:
+    ~30 operations, 0.37 ms a ranking against ~0.03 ms for the explore scores themselves)."""
+
+    def __init__(self, part: RepeatPart, targets: Tensor) -> None:
+        def arr(t: Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
+
+        self.targets = arr(targets)  # [N, D]
+        self.wq, self.bq = arr(part.query.weight.T), arr(part.query.bias)
+        first, second = part.features[0], part.features[2]
+        assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
+        self.w1, self.b1 = arr(first.weight.T), arr(first.bias)
+        self.w2, self.b2 = arr(second.weight.T)[:, 0], float(second.bias.detach()[0])
+        self.wg, self.bg = arr(part.gate.weight[0]), float(part.gate.bias.detach()[0])
+        self.scale = np.float32(math.sqrt(self.targets.shape[1]))
+
+    def __call__(self, x: Tensor, entries: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(items [B, R], bias [B, R]) as :meth:`RepeatPart.forward` for x [B, D], entries [B, R, W] and the explore
+        logits [B, N]."""
+        xs, e = x.numpy(), entries.numpy()
+        items = e[..., 0].astype(np.int64)
+        count = e[..., 1]
+        age = np.maximum(e[..., 2], np.float32(1.0))
+        real = items > UNK
+        q = xs @ self.wq + self.bq
+        s = np.take_along_axis(logits.numpy(), items, 1)
+        att = np.einsum("brd,bd->br", self.targets[items], q) / self.scale
+        total = count.sum(1, keepdims=True)
+        share = count / np.maximum(total, np.float32(1.0))
+        phi = np.concatenate(
+            [np.stack([np.log1p(count), np.log(age), np.float32(1.0) / age, share], -1), e[..., 3 : 3 + len(DECAYS)]],
+            -1,
+        )
+        f = np.tanh(phi @ self.w1 + self.b1) @ self.w2 + np.float32(self.b2)
+        z = np.where(real, att + f, np.float32(-1e4))
+        top = z.max(1, keepdims=True)
+        log_p = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
+        summary = np.concatenate([xs, np.log1p(real.sum(1, keepdims=True).astype(np.float32)), np.log1p(total)], 1)
+        rho = summary @ self.wg + np.float32(self.bg)
+        bias = np.logaddexp(np.float32(0.0), rho[:, None] + log_p - s).astype(np.float32)
+        return torch.from_numpy(items), torch.from_numpy(np.where(real, bias, np.float32(0.0)))
+
+
 def add_repeat_bias(scores: Tensor, items: Tensor, bias: Tensor) -> Tensor:
     """``scores`` [B, N] with each session's repeat bias added at its items (out of place)."""
     return scores.scatter_add(1, items, bias)

@@ -163,6 +163,27 @@ def test_the_dense_and_the_gathered_logits_agree(monkeypatch: pytest.MonkeyPatch
     torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-5)
 
 
+def test_a_few_rows_in_numpy_give_the_parts_scores() -> None:
+    """Single rankings run the part in NumPy (RepeatRows): the same items and biases as the torch module, for rows
+    with entries, a full table and none."""
+    from recsys.repeats import RepeatRows
+
+    model = _model(repeat_size=4)
+    part = model.device_model.repeat
+    assert part is not None
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2), (5, 3, 4), (6, 1, 5)], []], 4)
+    with torch.inference_mode():
+        x = model.device_model.head(model.device_model.encode(torch.tensor([[0, 0, 5, 7, 5, 9]] * 3)))
+        x = x + torch.randn(3, x.shape[1]) * 0.5
+        targets = model.device_model.item_targets()
+        logits = x @ targets.T
+        items, bias = part(x, targets, reps, logits)
+        rows = RepeatRows(part, targets)(x, reps, logits)
+    assert torch.equal(rows[0], items)
+    torch.testing.assert_close(rows[1], bias, rtol=1e-5, atol=1e-6)
+    assert float(bias[0, :3].min()) > 0 and float(bias[1].min()) > 0 and float(rows[1][2].abs().max()) == 0.0
+
+
 def test_a_model_without_the_part_ignores_counts_and_loads_old_configs() -> None:
     cfg = ModelConfig.from_stored({"n_items": 30, "dim": 16, "code_dim": 8, "max_len": 6})
     assert cfg.repeat_size == 0
