@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from persona.events import Event, Rejection, RejectReason
+from persona.faults import maybe_crash
 from persona.model_work import (
     Early,
     EarlyInput,
@@ -303,6 +304,7 @@ class Ingestor:
         prepared.expected = {sid: _version(stored.get(sid)) for sid in prepared.session_ids}
         prepared.plan = _walk(online, kept, stored, cap, now, origins, known_indices)
         prepared.work = self._start(online, prepared.plan)
+        maybe_crash("model_work")
         return prepared
 
     def commit(self, prepared: Prepared) -> IngestResult:
@@ -374,7 +376,9 @@ class Ingestor:
             uow.upsert_sessions(list(result.sessions.values()))
             # with the events they count: a crash before this commit counts nothing, a redelivery nothing twice
             uow.add_online_counters(online_counter_increments(result))
+            maybe_crash("in_store_transaction")
 
+        maybe_crash("after_store_commit")
         stored_at = time.time()
         result.freshness_s = [stored_at - ts for ts in result.freshness_s]  # event ts -> state committed
         self._remember(plan, online)

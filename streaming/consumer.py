@@ -56,6 +56,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from persona.events import DEFAULT_POLICY, Event, Rejection, RejectReason, ValidationPolicy, parse_event
+from persona.faults import maybe_crash
 from persona.ingest import Ingestor, IngestResult, Prepared
 from persona.store import Store, StoreUnavailable
 from recsys.errors import PersonaError
@@ -359,6 +360,7 @@ class EventConsumer:
                 polled = consumer.poll(timeout_ms=BUSY_POLL_MS if busy else cfg.poll_timeout_ms, max_records=room)
                 records = [rec for batch in polled.values() for rec in batch]
                 if records:
+                    maybe_crash("after_poll")
                     last_record = time.monotonic()
                     if first_records is None:
                         first_records = last_record
@@ -550,6 +552,7 @@ class EventConsumer:
                     rec.offset,
                 )
                 sent.append((tp, rec.offset, future))
+                maybe_crash("dlq_produce")
             if sent:
                 self._producer.flush(timeout=30)
         finally:  # what the broker acknowledged is never sent again, even when a later record failed
@@ -754,6 +757,7 @@ class EventConsumer:
         }
         if not offsets:
             return
+        maybe_crash("before_offset_commit")
         try:
             consumer.commit(offsets)
         except KafkaError as exc:
