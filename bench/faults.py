@@ -99,7 +99,7 @@ class Consumer:
         )
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "persona", "consume", "--topic", topic, "--metrics-port", "0"],
+            [sys.executable, "-m", "persona_cli", "consume", "--topic", topic, "--metrics-port", "0"],
             cwd=REPO,
             env=env,
             stdout=log.open("ab"),

@@ -11,7 +11,7 @@ import logging
 import sys
 
 # Top-level logger names whose INFO lines are part of what a command tells its user.
-OWN_LOGGERS = frozenset({"persona", "recsys", "streaming", "serving", "uvicorn", "__main__"})
+OWN_LOGGERS = frozenset({"persona", "persona_cli", "recsys", "streaming", "serving", "uvicorn", "__main__"})
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Third-party loggers whose warnings are advice to library authors, not to a user (torch warns once per process
 # that ``is_fx_tracing`` has two meanings, whenever TorchRec's modules ask it): errors only at the default level.

@@ -85,7 +85,7 @@ class ConsumerConfig:
     after that long without a record. ``refresh_s`` is how often the model registry is re-checked.
     ``compute_threads`` run a batch's model work side by side, and ``session_cache`` is how many sessions it keeps
     in memory (:class:`persona.ingest.Ingestor`); with ``model_process`` the model work runs in a process of its
-    own (:mod:`persona.model_worker`), started when :meth:`EventConsumer.run` starts. ``max_poll_records``
+    own (:mod:`persona.ingest.model_worker`), started when :meth:`EventConsumer.run` starts. ``max_poll_records``
     bounds one Kafka poll, ``max_batch_events`` one batch (one store transaction): polls accumulate into the next
     batch while one commits, so batches grow with a backlog and per-batch costs (transaction, prototype bank,
     model calls) are shared by more events.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from persona.cli import main
 from persona.events import Event, parse_event
+from persona_cli.main import main
 from streaming.broker import EmbeddedBroker
 from streaming.kafka_io import make_consumer
 from tests.fixtures_kafka import FAST_GROUP

@@ -210,7 +210,7 @@ def test_failed_batches_are_retried_in_order_with_nothing_lost_or_applied_twice(
 
 
 def persona_consume(env: dict[str, str], topic: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "persona", "consume", "--topic", topic, "--metrics-port", "0", *extra]
+    cmd = [sys.executable, "-m", "persona_cli", "consume", "--topic", topic, "--metrics-port", "0", *extra]
     # its own process group, as under the demo or a supervisor, so a test can signal the group
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True

@@ -9,7 +9,10 @@ import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
-from persona.demo_sessions import (
+from persona.models import ModelProvider
+from persona.settings import Settings
+from persona.store import Store
+from persona_cli.demo_sessions import (
     SessionExample,
     format_sessions,
     item_labels,
@@ -17,9 +20,6 @@ from persona.demo_sessions import (
     replayed_frame,
     session_examples,
 )
-from persona.models import ModelProvider
-from persona.settings import Settings
-from persona.store import Store
 from recsys.data import load_interactions
 from recsys.online import OnlineModel
 from serving.app import create_app

@@ -153,7 +153,7 @@ def test_gru4rec_and_sliding_window_export(tmp_path: Path) -> None:
 def test_export_command_writes_graph_and_manifest(
     tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from persona.cli import main
+    from persona_cli.main import main
 
     out = tmp_path / "phone" / "model.onnx"
     assert main(["export", "--model", str(tiny_bundle), "--format", "onnx", "--out", str(out), "--k", "5"]) == 0

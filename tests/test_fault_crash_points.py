@@ -179,7 +179,7 @@ def test_an_unknown_fault_point_is_refused_before_the_consumer_starts(tmp_path: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
     env.update(PERSONA_FAULT_POINT="after_everything", PERSONA_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
     out = subprocess.run(
-        [sys.executable, "-m", "persona", "consume"],
+        [sys.executable, "-m", "persona_cli", "consume"],
         env=env,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import persona.ingest as ingest_module
+import persona.ingest.ingestor as ingest_module
 from persona.events import Event, RejectReason
 from persona.ingest import KS, Ingestor, online_counter_increments
 from persona.models import ModelProvider

@@ -1,4 +1,4 @@
-"""The consumer's model process (persona.model_worker): same result as in process, survives its own death."""
+"""The consumer's model process (persona.ingest.model_worker): same result as in process, survives its own death."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 
 from persona.events import Event
 from persona.ingest import Ingestor
-from persona.model_work import warm_up
-from persona.model_worker import ModelWorker
+from persona.ingest.model_work import warm_up
+from persona.ingest.model_worker import ModelWorker
 from persona.models import ModelProvider
 from persona.store import Store
 from recsys.encoder_cache import EncoderCache, WindowRequest

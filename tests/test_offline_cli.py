@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from persona.cli import main
+from persona_cli.main import main
 from recsys.pipeline import load_trained
 
 TINY = "synthetic:users=150,items=80,events=5000,clusters=6"

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from persona.cli import main
 from persona.events import Event, parse_event
+from persona_cli.main import main
 from streaming import replay as replay_mod
 from streaming.broker import EmbeddedBroker
 from streaming.kafka_io import make_consumer, make_producer

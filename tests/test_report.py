@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from persona.report import Chart, demo_charts, draw, evaluate_charts, write_report
+from persona_cli.report import Chart, demo_charts, draw, evaluate_charts, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -254,7 +254,7 @@ def test_cli_db_upgrade_and_models(
     capsys: pytest.CaptureFixture[str],
     tiny_bundle: Path,
 ) -> None:
-    from persona.cli import main
+    from persona_cli.main import main
 
     monkeypatch.setenv("PERSONA_DATABASE_URL", store_url)
     monkeypatch.chdir(tmp_path)  # migrations are found next to the code, not in the cwd

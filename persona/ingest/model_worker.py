@@ -6,9 +6,9 @@ adapter, prequential check) ran at a third of its single-threaded speed, queued 
 poller, the parser and the store writes; the commit waited for it. In a process of its own it has its own GIL
 (and core), while the consumer's process polls, parses and writes.
 
-The protocol is small and one-way in data: the ingestor sends a :class:`persona.model_work.ModelJob` when it
+The protocol is small and one-way in data: the ingestor sends a :class:`persona.ingest.model_work.ModelJob` when it
 prepares a batch, and, once the commit has read the prototype bank, the bank and the stored previous states; it
-gets the :class:`persona.model_work.Outcome` back. The process keeps what must persist between batches: the model
+gets the :class:`persona.ingest.model_work.Outcome` back. The process keeps what must persist between batches: the model
 (loaded from the bundle path the registry gave, by version) and its encoder cache. Jobs carry the model version,
 so a model swap needs no message of its own.
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from persona.model_work import (
+from persona.ingest.model_work import (
     EarlyInput,
     ModelJob,
     Outcome,

@@ -255,7 +255,7 @@ def evaluate(
 
 def write_evaluation_report(out: Path, report: dict[str, Any]) -> Path:
     """``persona evaluate --report``: the results dict (as written by ``--json``) as ``out/index.html`` + PNGs."""
-    from persona.report import evaluate_charts, write_report
+    from persona_cli.report import evaluate_charts, write_report
 
     keys = ("dataset", "protocol", "ranking", "model_version", "n_test")
     facts = {k.replace("_", " "): str(report[k]) for k in keys if k in report}
@@ -265,7 +265,7 @@ def write_evaluation_report(out: Path, report: dict[str, Any]) -> Path:
 def _print_paired(paired: dict[str, Any], pairs: dict[str, tuple[str, str]], resamples: int) -> None:
     from rich.table import Table
 
-    from persona.commands import output
+    from persona_cli.commands import output
 
     table = Table(title=f"NDCG@10 ratio, paired 95% CI ({resamples} bootstrap resamples of the test examples)")
     for col in ("comparison", "ratio", "95% CI"):
@@ -281,7 +281,7 @@ def _print_paired(paired: dict[str, Any], pairs: dict[str, tuple[str, str]], res
 def _print_table(title: str, results: dict[str, dict[str, float]]) -> None:
     from rich.table import Table
 
-    from persona.commands import output
+    from persona_cli.commands import output
 
     cols = ("hr@5", "hr@10", "hr@20", "ndcg@10", "ndcg@20", "mrr")
     table = Table(title=title)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-#: One scrape of the consumer's ``/metrics``: {(sample name, sorted labels): value} (see :func:`persona.demo.scrape`).
+#: One scrape of the consumer's ``/metrics``: {(sample name, sorted labels): value} (:func:`persona_cli.demo.scrape`).
 Samples = Mapping[tuple[str, tuple[tuple[str, str], ...]], float]
 
 #: Keys under which a JSON entry may hold its point estimate next to ``ci95``.

@@ -3,7 +3,7 @@
 The ingestor describes a batch's model work as a :class:`ModelJob` (padded adapter inputs, encoder-cache requests,
 the stored states that predict events, the predictions' targets) and gets an :class:`Outcome` back. The same
 functions run on the ingestor's compute threads or, for the consumer, in a process of its own
-(:mod:`persona.model_worker`), so the two places cannot drift apart; everything here is picklable for that.
+(:mod:`persona.ingest.model_worker`), so the two places cannot drift apart; everything here is picklable for that.
 
 The work comes in two halves. :func:`start_job` needs only the batch: the encoder's user states of every post-event
 history, the adapter's codes, and the bank-independent half of the prequential check (:class:`Early`). Once the

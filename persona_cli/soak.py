@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from persona import demo as d
+from persona_cli import demo as d
 from recsys.errors import PersonaError
 
 log = logging.getLogger("persona.soak")

@@ -60,8 +60,8 @@ def soak(
     import shlex
     import sys
 
-    from persona.demo import write_json
-    from persona.soak import SoakConfig, run_soak
+    from persona_cli.demo import write_json
+    from persona_cli.soak import SoakConfig, run_soak
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = SoakConfig(
@@ -143,9 +143,9 @@ def demo(
     """Train (or reuse) a model, run broker + consumer + API, stream the test period, print the results."""
     import httpx
 
-    from persona import demo as d
-    from persona import demo_sessions
     from persona.net import free_port
+    from persona_cli import demo as d
+    from persona_cli import demo_sessions
     from recsys.data import load_interactions
     from recsys.online import OnlineModel
     from streaming.broker import EmbeddedBroker
@@ -231,7 +231,7 @@ def demo(
 
 
 def _session_json(ex: Any) -> dict[str, Any]:
-    from persona.demo_sessions import LAST, TOP
+    from persona_cli.demo_sessions import LAST, TOP
 
     return {
         "session_id": ex.session_id,
@@ -245,7 +245,7 @@ def _session_json(ex: Any) -> dict[str, Any]:
 
 
 def _write_report(out: Path, summary: dict[str, Any], timeline: Any, times_ms: list[float], lines: list[str]) -> Path:
-    from persona.report import demo_charts, write_report
+    from persona_cli.report import demo_charts, write_report
 
     title = f"Persona demo: the {summary['dataset']} test period as live traffic"
     return write_report(out, title, demo_charts(timeline, times_ms), dict(_rows(summary)), "\n".join(lines))
@@ -256,7 +256,7 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def _processed(samples: dict[Any, float]) -> float:
-    from persona import demo as d
+    from persona_cli import demo as d
 
     return d.metric_sum(samples, "persona_events_consumed_total") + d.metric_sum(
         samples, "persona_events_invalid_total"
@@ -265,7 +265,7 @@ def _processed(samples: dict[Any, float]) -> float:
 
 def _wait_consumed(metrics_url: str, sent: int, consumer: Any, *, progress: bool, timeout: float = 600.0) -> int:
     """Poll the consumer's counters until every sent message is accounted for (processed or rejected)."""
-    from persona import demo as d
+    from persona_cli import demo as d
     from recsys.errors import PersonaError
 
     deadline = time.monotonic() + timeout
@@ -292,7 +292,7 @@ def _summary(
     api_url: str,
     metrics_url: str,
 ) -> dict[str, Any]:
-    from persona import demo as d
+    from persona_cli import demo as d
 
     quality = d.online_quality(samples)
     return {

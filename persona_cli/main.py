@@ -46,14 +46,14 @@ def _root(
 
 
 def _register() -> None:
-    from persona.commands import recsys_commands
+    from persona_cli.commands import recsys_commands
 
     recsys_commands.register(app)
     for optional in ("store_commands", "streaming_commands", "serving_commands", "demo_commands"):
         try:
-            module = __import__(f"persona.commands.{optional}", fromlist=["register"])
+            module = __import__(f"persona_cli.commands.{optional}", fromlist=["register"])
         except ModuleNotFoundError as exc:
-            if exc.name != f"persona.commands.{optional}":
+            if exc.name != f"persona_cli.commands.{optional}":
                 raise
             continue
         module.register(app)

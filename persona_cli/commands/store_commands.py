@@ -23,9 +23,9 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision (default: the newest).")] = "head",
 ) -> None:
     """Migrate the store (PERSONA_DATABASE_URL) to a revision; safe to run from several processes at once."""
-    from persona.commands import output
     from persona.store import current_revision, make_engine, upgrade
     from persona.store.engine import mask_url
+    from persona_cli.commands import output
 
     engine = make_engine(_url())
     try:
@@ -40,9 +40,9 @@ def db_current(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
 ) -> None:
     """Show the store's revision and the newest one the code knows."""
-    from persona.commands import output
     from persona.store import current_revision, head_revision, make_engine
     from persona.store.engine import mask_url
+    from persona_cli.commands import output
 
     engine = make_engine(_url())
     try:
@@ -65,8 +65,8 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
 ) -> None:
     """List registered model versions, oldest first (the active one is marked); nothing is shortened."""
-    from persona.commands import output
     from persona.store import Store
+    from persona_cli.commands import output
 
     store = Store.open(_url())
     try:
@@ -106,9 +106,9 @@ def models_register(
 
     Re-registering the same bundle is a no-op; it stays inactive until `persona models activate VERSION`.
     """
-    from persona.commands import output
     from persona.models import register_bundle
     from persona.store import Store
+    from persona_cli.commands import output
 
     store = Store.open(_url())
     try:
@@ -124,8 +124,8 @@ def models_activate(
     version: Annotated[str, typer.Argument(help="A registered version (see `persona models list`).")],
 ) -> None:
     """Make a version the single active model; API and consumers pick it up without restart."""
-    from persona.commands import output
     from persona.store import Store
+    from persona_cli.commands import output
 
     store = Store.open(_url())
     try:

@@ -1,0 +1,7 @@
+"""``python -m persona_cli``: the same as the ``persona`` command."""
+
+import sys
+
+from persona_cli.main import main
+
+sys.exit(main())
