@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -142,6 +143,7 @@ class _Load:
                     self.window.rank_errors += not ok
 
     def _ingest(self, rate: float) -> None:
+        """Events at ``rate`` per second in 100 ms ticks (``inf``: as fast as this thread can send them)."""
         from persona.events import Event
 
         rng = random.Random(1)
@@ -150,7 +152,7 @@ class _Load:
         run = uuid.uuid4().hex[:8]
         due = time.perf_counter()
         while not self.stop.is_set():
-            owed += rate * tick
+            owed = 500.0 if rate == float("inf") else owed + rate * tick
             n, owed = int(owed), owed - int(owed)
             errors = 0
             for _ in range(n):
@@ -164,8 +166,9 @@ class _Load:
             with self.lock:
                 self.window.produced += n
                 self.window.produce_errors += errors
-            due += tick
-            self.stop.wait(max(0.0, due - time.perf_counter()))
+            if rate != float("inf"):
+                due += tick
+                self.stop.wait(max(0.0, due - time.perf_counter()))
 
 
 def rss_mb(pid: int) -> float | None:
@@ -194,9 +197,16 @@ def child_pids(pid: int) -> list[int]:
 
 
 def _processes(api: d.Service, consumer: d.Service) -> dict[str, int]:
+    """The processes whose RSS is followed: the API, the consumer and its children (the model process, and
+    multiprocessing's resource tracker), named by what they run."""
     procs = {"api": api.proc.pid, "consumer": consumer.proc.pid}
-    for n, pid in enumerate(child_pids(consumer.proc.pid)):
-        procs["consumer_model" if n == 0 else f"consumer_child_{n}"] = pid
+    for pid in child_pids(consumer.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        name = "consumer_resource_tracker" if "resource_tracker" in cmdline else "consumer_model_process"
+        procs[name if name not in procs else f"{name}_{pid}"] = pid
     return procs
 
 
@@ -224,43 +234,35 @@ def _wait_drained(metrics_url: str, target: float, timeout: float) -> float:
     return done
 
 
-def _probe(cfg: SoakConfig, load: _Load, metrics_url: str, rate_guess: float) -> dict[str, Any]:
-    """Both maxima together: closed-loop ranking while the consumer drains a backlog."""
+def _probe(cfg: SoakConfig, load: _Load, metrics_url: str, drain: Callable[[], float]) -> dict[str, Any]:
+    """Both maxima together: ``concurrency`` closed-loop ranking clients while events are produced as fast as one
+    thread can. The consumer's rate over the probe is the ingestion maximum when it fell behind (the lag grew);
+    when it kept up, the producer was the limit, and the report says so."""
     from serving.bench import drive
 
-    backlog = int(max(rate_guess, 2000) * cfg.probe_s)
-    before = _consumed(metrics_url)[0]
-    load.start(0, backlog / 2.0, 0)  # the backlog in two seconds, as fast as the producer goes
-    time.sleep(2.0)
-    load.halt()
-    produced = load.roll().produced
-    started = time.monotonic()
-    drained_at: list[float] = []
-
-    def watch() -> None:
-        while time.monotonic() - started < cfg.probe_s:
-            if _consumed(metrics_url)[0] - before >= produced:
-                drained_at.append(time.monotonic())
-                return
-            time.sleep(0.25)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     paths = [f"/v1/sessions/{s}/recommendations?k={cfg.k}" for s in load.sessions]
+    load.start(0, float("inf"), 0)
+    time.sleep(1.0)  # the producer's first batches are out: the consumer has work from the start
+    before, _ = _consumed(metrics_url)
+    sent_before = load.events_sent
+    t0 = time.monotonic()
     rank = drive(load.api_url, paths, concurrency=cfg.concurrency, requests=10**9, max_seconds=cfg.probe_s, warmup=0)
-    watcher.join()
-    end = drained_at[0] if drained_at else time.monotonic()
-    consumed = _consumed(metrics_url)[0] - before
-    events_per_s = consumed / max(end - started, 1e-9)
-    _wait_drained(metrics_url, before + produced, cfg.drain_s)  # start the soak without a backlog
+    after, _ = _consumed(metrics_url)
+    seconds = time.monotonic() - t0
+    sent = load.events_sent - sent_before
+    load.halt()
+    load.roll()
+    backlog_growth = sent - (after - before)
+    drain()  # the soak starts without a backlog
     return {
-        "seconds": cfg.probe_s,
+        "seconds": round(seconds, 1),
+        "concurrency": cfg.concurrency,
         "rank_rps": round(rank.rps, 1),
         "rank_p99_ms": round(rank.p99_ms, 2),
         "rank_errors": rank.errors,
-        "events_per_s": round(events_per_s, 1),
-        "backlog_events": produced,
-        "backlog_drained_within_probe": bool(drained_at),
+        "events_per_s": round((after - before) / seconds, 1),
+        "events_produced_per_s": round(sent / seconds, 1),
+        "ingest_bound_by_producer": backlog_growth < 0.05 * sent,
     }
 
 
@@ -326,10 +328,29 @@ def run_soak(cfg: SoakConfig, *, command: str = "") -> dict[str, Any]:
     return report
 
 
+def _until_consuming(load: _Load, metrics_url: str, timeout: float = 180.0) -> None:
+    """Send a few events and wait until they are consumed: the group is joined and the model loaded before any
+    figure is taken."""
+    before = _consumed(metrics_url)[0]
+    load.start(0, 200.0, 0)
+    time.sleep(0.5)
+    load.halt()
+    sent = load.roll().produced
+    if _wait_drained(metrics_url, before + sent, timeout) < before + sent:
+        raise PersonaError(f"the consumer did not consume {sent} events within {timeout:.0f} s")
+
+
 def _soak(cfg: SoakConfig, load: _Load, api: d.Service, consumer: d.Service, metrics_url: str) -> dict[str, Any]:
+    _until_consuming(load, metrics_url)
+    consumed0, sent0 = _consumed(metrics_url)[0], load.events_sent
+
+    def drain() -> float:
+        """Wait until every event sent so far is consumed (at most ``drain_s``); the events consumed so far."""
+        return _wait_drained(metrics_url, consumed0 + load.events_sent - sent0, cfg.drain_s)
+
     probe: dict[str, Any] | None = None
     if cfg.rank_rps is None or cfg.events_per_s is None:
-        probe = _probe(cfg, load, metrics_url, rate_guess=cfg.events_per_s or 5000.0)
+        probe = _probe(cfg, load, metrics_url, drain)
     rank_rps = cfg.rank_rps if cfg.rank_rps is not None else cfg.fraction * probe["rank_rps"]  # type: ignore[index]
     events_per_s = cfg.events_per_s if cfg.events_per_s is not None else cfg.fraction * probe["events_per_s"]  # type: ignore[index]
     procs = _processes(api, consumer)
@@ -361,6 +382,7 @@ def _soak(cfg: SoakConfig, load: _Load, api: d.Service, consumer: d.Service, met
                 "events_consumed": int(done - last_done),
                 "lag_events": int(base_done + load.events_sent - produced_before - done),
                 "rss_mb": _rss(procs),
+                "loadavg_1m": round(os.getloadavg()[0], 2),
             }
         )
         last_done = done
