@@ -26,10 +26,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -217,7 +217,8 @@ def _rss(procs: dict[str, int]) -> dict[str, float | None]:
 def _consumed(metrics_url: str) -> tuple[float, float]:
     """(events processed: consumed + invalid, DLQ records) from the consumer's metrics."""
     samples = d.scrape(metrics_url)
-    done = d.metric_sum(samples, "persona_events_consumed_total") + d.metric_sum(samples, "persona_events_invalid_total")
+    done = d.metric_sum(samples, "persona_events_consumed_total")
+    done += d.metric_sum(samples, "persona_events_invalid_total")
     return done, d.metric_sum(samples, "persona_events_dlq_total")
 
 

@@ -8,11 +8,10 @@ version. Tests hand in their own store and provider instead.
 
 from __future__ import annotations
 
-from http import HTTPStatus
-
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 import torch

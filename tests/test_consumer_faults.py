@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import TopicPartition
 
 import streaming.consumer
 from persona.events import Event

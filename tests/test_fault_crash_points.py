@@ -30,7 +30,7 @@ from persona.store import Store
 from recsys.online import OnlineModel, code_from_bytes
 from streaming.broker import EmbeddedBroker
 from streaming.kafka_io import DLQ_HEADER_SOURCE_OFFSET, ensure_topics, make_producer
-from tests.test_consumer import consume_env, persona_consume, read_dlq, wait_for
+from tests.test_consumer import consume_env, persona_consume, read_dlq
 from tests.test_consumer_faults import dlq_size, without_sentinels
 from tests.test_ingest import make_events
 
@@ -168,7 +168,8 @@ def test_consumer_sigkilled_at_every_point_of_a_batch_leaves_the_store_of_a_cras
         _assert_same_store(_snapshot(db, online), want, online)
         dlq = f"{topic}.dlq"
         size = dlq_size(bootstrap, dlq)
-        sources = Counter(int(dict(r.headers)[DLQ_HEADER_SOURCE_OFFSET]) for r in without_sentinels(read_dlq(bootstrap, dlq, size + 1)))
+        dead = without_sentinels(read_dlq(bootstrap, dlq, size + 1))
+        sources = Counter(int(dict(r.headers)[DLQ_HEADER_SOURCE_OFFSET]) for r in dead)
         assert set(sources) == set(bad), point  # every malformed record dead-lettered, nothing else
         outcomes[point] = size - len(bad)
     assert set(outcomes) == set(POINTS)
