@@ -37,8 +37,8 @@ A record is dead-lettered at most once, even when the batch around it is retried
 remembered until their offsets are committed) and across a crash between the DLQ flush and the offset commit: every
 dead letter of a source partition goes to one DLQ partition, and before the first one after the partition is
 assigned, the DLQ partition is read back (from its end, to the committed offset's dead letters, at most
-``DLQ_SCAN_LIMIT`` records) for those a killed process already sent. Before a rebalance takes partitions away, everything in flight is finished and
-committed.
+``DLQ_SCAN_LIMIT`` records) for those a killed process already sent. Before a rebalance takes partitions away,
+everything in flight is finished and committed.
 """
 
 from __future__ import annotations
