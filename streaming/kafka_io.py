@@ -247,7 +247,7 @@ def dead_lettered_since(
         older = False
         empty = 0
         while empty < 2:
-            records = reader.poll(timeout_ms=500).get(tp, [])
+            records = reader.poll(timeout_ms=200).get(tp, [])
             empty = 0 if records else empty + 1
             for r in records:
                 if upper is not None and r.offset >= upper:
