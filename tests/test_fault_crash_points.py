@@ -1,7 +1,7 @@
 """The real ``persona consume`` SIGKILLed at six points of a batch's life, at two batch sizes (the fault suite).
 
 Each run arms one crash point (``PERSONA_FAULT_POINT``, :mod:`persona.faults`): the process kills itself the third
-time it passes it (the sixth for ``after_poll``), a second ``persona consume`` in the same group resumes from the
+time it passes it (a later poll for ``after_poll``), a second ``persona consume`` in the same group resumes from the
 committed offsets, and the store must then be exactly what a crash-free run with the same batch size leaves: the
 same events once each, the same sessions (items, counts, codes), the same prototype bank and the same online
 counters (predictions, hits, NDCG gain, reciprocal rank per variant), and every malformed record in the DLQ exactly
@@ -38,9 +38,9 @@ from tests.test_ingest import make_events
 pytestmark = pytest.mark.fault
 
 #: The crash comes on the third pass of its point: two batches (or dead letters) went through before it. Polls run
-#: ahead of the commits (the next batch is polled and prepared while one commits), so the sixth poll for that one.
-NTH = {"after_poll": 6}
-DEFAULT_NTH = 3
+#: ahead of the commits (the next batch is polled and prepared while one commits): ``after_poll`` waits for a later
+#: poll, given with the batch size.
+NTH = 3
 EVENTS = 480
 SESSIONS = 24
 #: One malformed record after every this many valid events (a DLQ record in most batches of either size).
@@ -67,7 +67,7 @@ def _records(online: OnlineModel, prefix: str) -> tuple[list[bytes], list[int]]:
 
 
 def _run(env: dict[str, str], topic: str, log: Path, fault: str | None) -> int:
-    run_env = {**env, **({"PERSONA_FAULT_POINT": f"{fault}:{NTH.get(fault, DEFAULT_NTH)}"} if fault else {})}
+    run_env = {**env, **({"PERSONA_FAULT_POINT": fault} if fault else {})}
     proc = persona_consume(run_env, topic, log, "--idle-exit", "3")
     try:
         return proc.wait(240)
@@ -127,9 +127,9 @@ def crash_broker() -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch", "model_process"), [(40, False), (150, True)])
+@pytest.mark.parametrize(("batch", "model_process", "nth_poll"), [(40, False, 6), (150, True, 4)])
 def test_consumer_sigkilled_at_every_point_of_a_batch_leaves_the_store_of_a_crash_free_run(
-    crash_broker: EmbeddedBroker, tmp_path: Path, tiny_bundle: Path, batch: int, model_process: bool
+    crash_broker: EmbeddedBroker, tmp_path: Path, tiny_bundle: Path, batch: int, model_process: bool, nth_poll: int
 ) -> None:
     """Batches of 40 with the model work on the consumer's own threads, of 150 with it in the model process (the
     default): six crash points each, against a crash-free run of the same configuration."""
@@ -166,7 +166,7 @@ def test_consumer_sigkilled_at_every_point_of_a_batch_leaves_the_store_of_a_cras
     outcomes: dict[str, int] = {}
     for point in POINTS:
         topic, env, db = scenario(point)
-        code = _run(env, topic, log, point)
+        code = _run(env, topic, log, f"{point}:{nth_poll if point == 'after_poll' else NTH}")
         assert code == -9, f"{point}: exit {code}, not SIGKILL: the point was not reached\n{log.read_text()[-3000:]}"
         crashed = _snapshot(db, online)
         assert sum(crashed["event_ids"].values()) < EVENTS, f"{point}: killed too late to prove anything"
