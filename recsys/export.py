@@ -188,8 +188,9 @@ class RepeatDeviceGraph(DeviceGraph):
     ) -> tuple[Tensor, Tensor, Tensor]:
         x = self.head(history, delta_weight, delta_bias)
         assert self.repeat is not None
-        items, bias = self.repeat(x, self.item_targets, repeat_entries)
-        return self.rank((x @ self.item_targets.T + item_bias).scatter_add(1, items, bias), seen)
+        logits = x @ self.item_targets.T
+        items, bias = self.repeat(x, self.item_targets, repeat_entries, logits)
+        return self.rank((logits + item_bias).scatter_add(1, items, bias), seen)
 
 
 @dataclass(frozen=True)

@@ -367,14 +367,17 @@ class DeviceModel(nn.Module):
         """Scores [B, N] from (edited) head outputs x [B, D]: ``<x, t(E_i)>``, plus the repeat part's bias at the
         session's items when the model has one and ``repeats`` [B, R, W] are given."""
         scores = x @ targets.T
-        bias = self.repeat_bias(x, targets, repeats)
+        bias = self.repeat_bias(x, targets, repeats, scores)
         return scores if bias is None else add_repeat_bias(scores, *bias)
 
-    def repeat_bias(self, x: Tensor, targets: Tensor, repeats: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """(items [B, R], bias [B, R]) of the repeat part (:class:`recsys.repeats.RepeatPart`); ``None`` without it."""
+    def repeat_bias(
+        self, x: Tensor, targets: Tensor, repeats: Tensor | None, logits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """(items [B, R], bias [B, R]) of the repeat part (:class:`recsys.repeats.RepeatPart`; ``logits`` = the
+        explore scores ``x @ targets.T`` when computed already); ``None`` without it."""
         if self.repeat is None or repeats is None:
             return None
-        out: tuple[Tensor, Tensor] = self.repeat(x, targets, repeats)
+        out: tuple[Tensor, Tensor] = self.repeat(x, targets, repeats, logits)
         return out
 
 

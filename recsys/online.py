@@ -37,7 +37,15 @@ from recsys.model import (
     refine_centres,
 )
 from recsys.pipeline import TrainedModel, load_trained
-from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, RepeatCounts, entries_tensor
+from recsys.repeats import (
+    ENTRY_WIDTH,
+    REPEAT_SIZE,
+    SMALL_BATCH,
+    CountsSnapshots,
+    RepeatCounts,
+    RepeatRows,
+    entries_tensor,
+)
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -86,6 +94,9 @@ class OnlineModel:
             # Kept as [D, N] (contiguous): scoring is then a plain [B, D] × [D, N] product, measured 2× faster
             # for one row at 1M items than multiplying by the transposed view of an [N, D] table.
             self.item_targets_t = self.model.device_model.item_targets().T.contiguous()
+        part = self.model.device_model.repeat
+        # a few rows' repeat part in NumPy (single rankings), built here so that it needs no lock
+        self._repeat_rows = None if part is None else RepeatRows(part, self.item_targets_t.T)
         bank = self.model.bank
         # the group counts only where the model uses them (β > 0): a bank without them stores and ships less
         group = bank.next_items.clone() if self.cfg.group_bias_weight > 0 else None
@@ -318,6 +329,16 @@ class OnlineModel:
             return RepeatCounts.from_json(stored, size)
         return RepeatCounts.of([i for i in recent_items if i in self._index], size)
 
+    @property
+    def repeat_rows(self) -> RepeatRows:
+        """The repeat part for a few rows in NumPy (:class:`recsys.repeats.RepeatRows`)."""
+        assert self._repeat_rows is not None, "the model has no repeat part"
+        return self._repeat_rows
+
+    def encode_snapshots(self, snapshots: CountsSnapshots[str]) -> np.ndarray:
+        """Many sessions' counts as the repeat part's input [P, R, W] float32 (each as :meth:`encode_counts`)."""
+        return snapshots.encode(self._index.__getitem__, self.cfg.repeat_size)
+
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
         """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);
         unknown items left out."""
@@ -338,7 +359,10 @@ class OnlineModel:
         :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, W],
         :meth:`repeat_entries`); PAD/UNK never rank."""
         s = queries @ self.item_targets_t
-        rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats)
+        if repeats is not None and self.has_repeat_part and queries.shape[0] <= SMALL_BATCH:
+            rep: tuple[Tensor, Tensor] | None = self.repeat_rows(queries, repeats, s)
+        else:
+            rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats, s)
         if rep is not None:
             s.scatter_add_(1, *rep)
         if bias is not None:

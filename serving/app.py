@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 import torch
@@ -137,7 +138,10 @@ def create_app(
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics, access_log=settings.access_log)
     open_paths = OPEN_PATHS | DOC_PATHS if settings.open_docs else OPEN_PATHS
-    app.openapi = lambda: _openapi(app, keyed=settings.require_api_key, open_paths=open_paths)  # type: ignore[method-assign]
+    limited = settings.rate_limit_per_s > 0
+    app.openapi = lambda: _openapi(  # type: ignore[method-assign]
+        app, keyed=settings.require_api_key, open_paths=open_paths, limited=limited
+    )
     return app
 
 
@@ -175,9 +179,12 @@ SECURITY_SCHEMES = {
 EITHER_KEY: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}]
 
 
-def _openapi(app: FastAPI, *, keyed: bool, open_paths: frozenset[str] = OPEN_PATHS) -> dict[str, Any]:
+def _openapi(
+    app: FastAPI, *, keyed: bool, open_paths: frozenset[str] = OPEN_PATHS, limited: bool = False
+) -> dict[str, Any]:
     """FastAPI's schema with every error response documented as ``application/problem+json`` Problem, and the key
-    schemes each operation takes (admin routes always; every route but ``/healthz`` when ``keyed``).
+    schemes each operation takes (admin routes always; every route but ``/healthz`` when ``keyed``) with the 401 and
+    403 the key check answers, and the 429 of the rate limit when ``limited``.
 
     FastAPI adds its own 422 (``HTTPValidationError``) to every route with parameters; ours replace it, because
     that is what the handlers in :mod:`serving.problems` actually send.
@@ -190,9 +197,14 @@ def _openapi(app: FastAPI, *, keyed: bool, open_paths: frozenset[str] = OPEN_PAT
     problem_ref = {"$ref": "#/components/schemas/Problem"}
     for path, path_item in schema.get("paths", {}).items():
         for operation in path_item.values():
+            responses = operation.setdefault("responses", {})
             if path.startswith("/v1/admin/") or (keyed and path not in open_paths):
                 operation["security"] = EITHER_KEY
-            responses = operation.get("responses", {})
+                # what the key check answers, on every route behind it (/readyz and /metrics too)
+                for code in ("401", "403"):
+                    responses.setdefault(code, {"description": HTTPStatus(int(code)).phrase})
+            if limited and path not in OPEN_PATHS:
+                responses.setdefault("429", {"description": HTTPStatus.TOO_MANY_REQUESTS.phrase})
             for code, response in responses.items():
                 if code.isdigit() and int(code) >= 400:
                     response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}

@@ -64,7 +64,8 @@ class LoadResult:
 
 
 def populate_sessions(store: Store, online: OnlineModel, n: int, *, seed: int = 0, batch: int = 500) -> list[str]:
-    """Write ``n`` sessions of 20–50 random items, with codes/prototypes from the model (consumer's formula)."""
+    """Write ``n`` sessions of 20–50 random items, with codes/prototypes (and, for a model with a repeat part, item
+    counts) from the model (consumer's formula)."""
     rng = random.Random(seed)
     ids = online.vocab.ids
     now = datetime.now(UTC)
@@ -93,6 +94,9 @@ def populate_sessions(store: Store, online: OnlineModel, n: int, *, seed: int = 
                     model_version=online.version,
                     last_event_at=now,
                     updated_at=now,
+                    # a model with a repeat part reads the session's stored whole-history counts, as the consumer
+                    # writes them
+                    item_counts=online.session_counts(None, recent).to_json() if online.has_repeat_part else None,
                 )
             )
         with store.transaction() as uow:

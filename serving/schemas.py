@@ -159,6 +159,16 @@ class BatchResponse(BaseModel):
     results: list[Recommendations] = Field(description="One ranking per request, in request order.")
 
 
+class ItemCounts(BaseModel):
+    """A session's whole-history item counts as stored (recsys.repeats.RepeatCounts; docs/device.md)."""
+
+    n: int = Field(description="Events counted (items the model knew when they were applied).")
+    items: list[tuple[str, int, int, float, float]] = Field(
+        description="[item_id, count, last, decayed_short, decayed_long] per entry, in the order the entries entered "
+        "(last = index of the item's latest occurrence among the counted events; decayed as of that occurrence)."
+    )
+
+
 class SessionSummary(BaseModel):
     session_id: str
     device_id: str | None = None
@@ -170,6 +180,11 @@ class SessionSummary(BaseModel):
     model_version: str | None = Field(description="The model version its code was computed with.")
     last_event_at: datetime | None = None
     updated_at: datetime
+    item_counts: ItemCounts | None = Field(
+        default=None,
+        description="Its whole-history item counts, kept while a model with a repeat part serves (a device feeds "
+        "them to the graph's `repeat_entries`); null otherwise.",
+    )
 
     model_config = ConfigDict(protected_namespaces=())
 

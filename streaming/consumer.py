@@ -33,10 +33,12 @@ whether a dependency is down (DESIGN.md "Delivery"):
   else is applied in order, and offsets are committed as the bisection goes. One record never stops a
   partition.
 
-A record is dead-lettered at most once by a consumer process, even when the batch around it is retried (the
-positions already sent are remembered until their offsets are committed); a crash between the DLQ flush and the
-offset commit can repeat it. Before a rebalance takes partitions away, everything in flight is finished and
-committed.
+A record is dead-lettered at most once, even when the batch around it is retried (the positions already sent are
+remembered until their offsets are committed) and across a crash between the DLQ flush and the offset commit: every
+dead letter of a source partition goes to one DLQ partition, and before the first one after the partition is
+assigned, the DLQ partition is read back (from its end, to the committed offset's dead letters, at most
+``DLQ_SCAN_LIMIT`` records) for those a killed process already sent. Before a rebalance takes partitions away,
+everything in flight is finished and committed.
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from persona.events import DEFAULT_POLICY, Event, Rejection, RejectReason, ValidationPolicy, parse_event
+from persona.faults import maybe_crash
 from persona.ingest import Ingestor, IngestResult, Prepared
 from persona.store import Store, StoreUnavailable
 from recsys.errors import PersonaError
 from recsys.online import OnlineModel
-from streaming.kafka_io import dlq_send, ensure_topics, make_consumer, make_producer
+from streaming.kafka_io import dead_lettered_since, dlq_send, ensure_topics, make_consumer, make_producer
 from streaming.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
@@ -229,6 +232,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
             owner._committed.pop(tp, None)
             owner._seen.pop(tp, None)
             owner._dead_lettered.pop(tp, None)
+            owner._dlq_checked.discard(tp)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.owner.assigned.set()
@@ -284,6 +288,9 @@ class EventConsumer:
         self._last_batch_end = 0.0
         # offsets dead-lettered (sent and flushed) whose source offsets are not committed yet: never sent twice
         self._dead_lettered: dict[TopicPartition, set[int]] = {}
+        # partitions whose earlier dead letters (another process's, before a crash) were looked up since assignment
+        self._dlq_checked: set[TopicPartition] = set()
+        self._dlq_reader: KafkaConsumer | None = None
         self._seen: dict[TopicPartition, int] = {}  # first offset polled per partition (lag before any commit)
         self._down: dict[str, float] = {}  # dependency -> monotonic time its outage began
         self._progress = False  # a batch finished since the last failure (the retry backoff starts over)
@@ -359,6 +366,7 @@ class EventConsumer:
                 polled = consumer.poll(timeout_ms=BUSY_POLL_MS if busy else cfg.poll_timeout_ms, max_records=room)
                 records = [rec for batch in polled.values() for rec in batch]
                 if records:
+                    maybe_crash("after_poll")
                     last_record = time.monotonic()
                     if first_records is None:
                         first_records = last_record
@@ -390,6 +398,8 @@ class EventConsumer:
                 self.stats.active_seconds = max(self._last_batch_end - first_records, 0.0)
             self._applier.shutdown(wait=True)
             self.ingestor.close()
+            if self._dlq_reader is not None:
+                self._dlq_reader.close(autocommit=False)
             try:
                 self._producer.flush(timeout=10)
             finally:
@@ -534,6 +544,8 @@ class EventConsumer:
         """Send records to the DLQ and wait for the broker's acknowledgement; positions already sent (and not yet
         committed) are skipped, so a retried batch never dead-letters a record twice. Raises if the DLQ fails."""
         sent: list[tuple[TopicPartition, int, Any]] = []
+        for tp in {TopicPartition(rec.topic, rec.partition) for rec, _rej in dead} - self._dlq_checked:
+            self._recall_dead_letters(tp)
         try:
             for rec, rej in dead:
                 tp = TopicPartition(rec.topic, rec.partition)
@@ -548,8 +560,10 @@ class EventConsumer:
                     rec.topic,
                     rec.partition,
                     rec.offset,
+                    dlq_partition=self._dlq_partition(tp),
                 )
                 sent.append((tp, rec.offset, future))
+                maybe_crash("dlq_produce")
             if sent:
                 self._producer.flush(timeout=30)
         finally:  # what the broker acknowledged is never sent again, even when a later record failed
@@ -558,6 +572,35 @@ class EventConsumer:
                     self._dead_lettered.setdefault(tp, set()).add(offset)
         if sent:
             self._dependency_up("kafka")
+
+    def _dlq_partition(self, tp: TopicPartition) -> int:
+        """Every dead letter of a source partition goes to one DLQ partition: where a restart looks for them."""
+        partitions = self._producer.partitions_for(self.cfg.dlq_topic)
+        return tp.partition % max(len(partitions or ()), 1)
+
+    def _recall_dead_letters(self, tp: TopicPartition) -> None:
+        """Before the first dead letter of ``tp`` since it was assigned: the records after its committed offset that
+        are already in the DLQ (sent by a process killed before its offset commit) are not sent again."""
+        if self._dlq_reader is None:
+            self._dlq_reader = make_consumer(
+                self.cfg.bootstrap, None, [], client_id=f"persona-dlq-reader-{self.cfg.group}", fetch_max_wait_ms=100
+            )
+        since = self._committed.get(tp)
+        if since is None and self._consumer is not None:
+            since = self._consumer.committed(tp)
+        found = dead_lettered_since(
+            self._dlq_reader, self.cfg.dlq_topic, self._dlq_partition(tp), tp.topic, tp.partition, since or 0
+        )
+        if found:
+            log.info(
+                "%d records of %s[%d] from offset %d on are already in the DLQ: not sent again",
+                len(found),
+                tp.topic,
+                tp.partition,
+                since or 0,
+            )
+            self._dead_lettered.setdefault(tp, set()).update(found)
+        self._dlq_checked.add(tp)
 
     # ------------------------------------------------------------------------------------------ failures
     def _recover(self, batch: _Batch, exc: BaseException, *, reposition: bool) -> bool:
@@ -754,6 +797,7 @@ class EventConsumer:
         }
         if not offsets:
             return
+        maybe_crash("before_offset_commit")
         try:
             consumer.commit(offsets)
         except KafkaError as exc:

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
@@ -32,6 +32,8 @@ __all__ = [
     "DLQ_HEADER_TRUNCATED",
     "DLQ_MAX_KEY_BYTES",
     "DLQ_MAX_VALUE_BYTES",
+    "DLQ_SCAN_LIMIT",
+    "dead_lettered_since",
     "dlq_send",
     "ensure_topics",
     "kafka_unreachable",
@@ -136,7 +138,7 @@ def make_producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
 
 def make_consumer(
     bootstrap: str,
-    group: str,
+    group: str | None,
     topics: list[str] | tuple[str, ...],
     *,
     session_timeout_ms: int = 45_000,
@@ -179,6 +181,7 @@ def dlq_send(
     source_topic: str,
     partition: int,
     offset: int,
+    dlq_partition: int | None = None,
 ) -> FutureRecordMetadata:
     """Publish a rejected message (same key, original bytes) with the reason in headers.
 
@@ -186,6 +189,8 @@ def dlq_send(
     parsing the payload (which may not be JSON at all). A payload over :data:`DLQ_MAX_VALUE_BYTES` (a key over
     :data:`DLQ_MAX_KEY_BYTES`) is cut to its head, and the headers say so and keep the original size and sha256:
     the DLQ record stays within what the topic accepts, so a huge message cannot wedge the batch it came in.
+    ``dlq_partition`` pins the DLQ partition (the consumer puts every dead letter of a source partition in one, so
+    that :func:`dead_lettered_since` finds them after a restart).
     """
     headers = [
         (DLQ_HEADER_REASON, str(rejection.reason).encode()),
@@ -202,4 +207,61 @@ def dlq_send(
         ]
         raw = raw[:DLQ_MAX_VALUE_BYTES]
         key = key[:DLQ_MAX_KEY_BYTES] if key is not None else None
-    return producer.send(dlq_topic, value=raw, key=key, headers=headers, timestamp_ms=int(time.time() * 1000))
+    return producer.send(
+        dlq_topic, value=raw, key=key, headers=headers, partition=dlq_partition, timestamp_ms=int(time.time() * 1000)
+    )
+
+
+#: How far back :func:`dead_lettered_since` reads a DLQ partition at most (records): past it, a record may be
+#: dead-lettered again after a crash (at-least-once), never lost.
+DLQ_SCAN_LIMIT = 50_000
+
+
+def dead_lettered_since(
+    reader: KafkaConsumer,
+    dlq_topic: str,
+    dlq_partition: int,
+    source_topic: str,
+    source_partition: int,
+    since: int,
+    *,
+    limit: int = DLQ_SCAN_LIMIT,
+) -> set[int]:
+    """Source offsets ``>= since`` of ``source_topic[source_partition]`` already in DLQ partition ``dlq_partition``.
+
+    Why: a consumer killed between its DLQ flush and its offset commit replays those records; what it (or another
+    member) sent before is found here and not sent again. Reads the DLQ partition backwards from its end, in
+    doubling chunks, until a dead letter of that source partition older than ``since`` (they are appended in source
+    order) or the partition's start, at most ``limit`` records. ``reader`` is a consumer without a group.
+    """
+    tp = TopicPartition(dlq_topic, dlq_partition)
+    reader.assign([tp])
+    # tansu (the development broker) answers the end offset of the last record batch's base: read past it to the end
+    high = reader.end_offsets([tp])[tp]
+    found: set[int] = set()
+    lo, step, upper = high, 256, None
+    source = (source_topic.encode(), str(source_partition).encode())
+    while lo > 0 and high - lo < limit:
+        start = max(0, lo - step)
+        reader.seek(tp, start)
+        older = False
+        empty = 0
+        while empty < 2:
+            records = reader.poll(timeout_ms=200).get(tp, [])
+            empty = 0 if records else empty + 1
+            for r in records:
+                if upper is not None and r.offset >= upper:
+                    empty = 2
+                    break
+                headers = dict(r.headers or [])
+                if (headers.get(DLQ_HEADER_SOURCE_TOPIC), headers.get(DLQ_HEADER_SOURCE_PARTITION)) != source:
+                    continue
+                offset = int(headers[DLQ_HEADER_SOURCE_OFFSET])
+                if offset >= since:
+                    found.add(offset)
+                else:
+                    older = True
+        if older:
+            break
+        lo, upper, step = start, start, step * 2
+    return found

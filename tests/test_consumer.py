@@ -262,6 +262,7 @@ def child_pids(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_a_hard_killed_consumer_resumes_from_committed_offsets_without_loss_or_double_apply(
     kafka_broker: EmbeddedBroker, topic: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:

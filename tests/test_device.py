@@ -318,14 +318,15 @@ def test_reference_device_needs_no_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.fixture
-def server(tmp_path: Path, group_bias_bundle: Path) -> Iterator[tuple[str, ModelProvider]]:
+@pytest.fixture(params=["group_bias_bundle", "repeat_bundle"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, ModelProvider, Store]]:
+    """The API on a free port, serving a bundle with a group bias, or one with a repeat part."""
     store = Store.open(f"sqlite:///{(tmp_path / 'persona.db').as_posix()}")
-    models = ModelProvider(store, model_dir=group_bias_bundle, refresh_s=60)
+    models = ModelProvider(store, model_dir=request.getfixturevalue(request.param), refresh_s=60)
     app = create_app(Settings(), store=store, models=models)
     try:
         with serve_in_thread(app) as url:
-            yield url, models
+            yield url, models, store
     finally:
         store.close()
 
@@ -347,15 +348,31 @@ def same_ranking(device: list[tuple[str, float]], server: list[dict[str, Any]], 
             assert a in score and abs(score[a] - score[b]) <= 2 * atol, (mine, theirs)
 
 
+def repeating_sessions(ids: list[str], lengths: list[int], seed: int) -> dict[str, list[str]]:
+    """Sessions that re-consume: each draws from a pool of 12 of the catalogue's items, recent ones more often, so
+    items come back and (beyond 8 distinct items) the repeat part's bounded counts evict entries."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n, length in enumerate(lengths):
+        pool = [ids[i] for i in rng.choice(len(ids), size=12, replace=False)]
+        weights = np.linspace(1.0, 3.0, 12)
+        out[f"dev-{n}"] = [pool[i] for i in rng.choice(12, size=length, p=weights / weights.sum())]
+    return out
+
+
 @pytest.mark.slow
-def test_reference_device_ranks_like_the_server(server: tuple[str, ModelProvider], tmp_path: Path) -> None:
-    base_url, models = server
+def test_reference_device_ranks_like_the_server(server: tuple[str, ModelProvider, Store], tmp_path: Path) -> None:
+    base_url, models, store = server
     online = models.get()
     device_mod = _example()
     rng = np.random.default_rng(7)
     ids = list(online.vocab.ids)
-    sessions = {f"dev-{n}": [ids[i] for i in rng.choice(len(ids), size=length)] for n, length in
-                enumerate([1, 2, 5, 9, 14, 20, 21, 27, 33, 48])}  # fmt: skip
+    lengths = [1, 2, 5, 9, 14, 20, 21, 27, 33, 48]
+    if online.has_repeat_part:
+        sessions = repeating_sessions(ids, lengths, seed=7)
+    else:
+        sessions = {f"dev-{n}": [ids[i] for i in rng.choice(len(ids), size=length)] for n, length in
+                    enumerate(lengths)}  # fmt: skip
     # a bundle without device.onnx (this one is re-saved by its fixture): the first download exports it (seconds)
     f32 = device_mod.Device(base_url, tmp_path / "dev32", dtype="float32", timeout_s=120)
     f16 = device_mod.Device(base_url, tmp_path / "dev16", timeout_s=120)
@@ -372,15 +389,27 @@ def test_reference_device_ranks_like_the_server(server: tuple[str, ModelProvider
                 assert http.post("/v1/events", json={"events": events}).status_code == 200
             f32.observe(sid, items)
             f16.observe(sid, items)
-        biased = 0
-        for sid in sessions:
+        biased = repeated = 0
+        for sid, items in sessions.items():
             served = http.get(f"/v1/sessions/{sid}/recommendations", params={"k": 10}).json()
             assert served["fallback"] is None, served
             same_ranking(f32.recommend(sid, k=10), served["items"], atol=1e-4, swaps=False)
             same_ranking(f16.recommend(sid, k=10), served["items"], atol=5e-3, swaps=True)
             edit = http.get(f"/v1/sessions/{sid}/edit").json()
             biased += edit["item_bias"] is not None and max(edit["item_bias"]) > 0.1
-        assert biased == len(sessions)  # every session's ranking includes its prototype's group bias
+            repeated += served["items"][0]["item_id"] in items
+            if online.has_repeat_part:  # the device's counts are the server's, entry for entry and in order
+                with store.transaction() as uow:
+                    stored = uow.get_sessions([sid])[sid].item_counts
+                assert f32.counts[sid][0].table == {row[0]: row[1:] for row in stored["items"]}
+                assert list(f32.counts[sid][0].table) == [row[0] for row in stored["items"]]
+                assert f32.counts[sid][0].n == stored["n"] == len(items)
+                assert len(stored["items"]) == min(len(set(items)), online.cfg.repeat_size)
+        if online.has_repeat_part:  # the part really ranks: the session's own items come first, as the server has it
+            assert repeated >= len(sessions) - 1, repeated
+            assert any(len(set(items)) > online.cfg.repeat_size for items in sessions.values())  # entries evicted
+        else:
+            assert biased == len(sessions)  # every session's ranking includes its prototype's group bias
     # the model was downloaded once per device; later rankings only revalidated it (304)
     assert f16.stats["model_downloads"] == 1 and f16.stats["model_revalidated"] >= len(sessions) - 1
     # offline: the server is unreachable, the device ranks with the last model and edit it stored

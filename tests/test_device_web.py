@@ -7,9 +7,11 @@ installs Chromium and the npm packages when they are missing (devtools/test_prer
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,19 @@ from persona.models import ModelProvider
 from persona.settings import Settings
 from persona.store import Store
 from serving.app import create_app
-from tests.test_device import same_ranking
+from tests.test_device import repeating_sessions, same_ranking
 from tests.uvicorn_thread import serve_in_thread
 
 WEB = Path(__file__).resolve().parents[1] / "examples" / "device-web"
 
 
-@pytest.fixture
-def web_server(tmp_path: Path, group_bias_bundle: Path) -> Iterator[tuple[str, ModelProvider, queue.Queue[Any]]]:
+@pytest.fixture(params=["group_bias_bundle", "repeat_bundle"])
+def web_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, ModelProvider, queue.Queue[Any]]]:
+    """The API with the page mounted, serving a bundle with a group bias, or one with a repeat part."""
     if not (WEB / "node_modules" / "onnxruntime-web" / "dist").is_dir():
         pytest.fail("onnxruntime-web is not installed: run `make test-prereqs` (npm ci in examples/device-web)")
     store = Store.open(f"sqlite:///{(tmp_path / 'persona.db').as_posix()}")
-    models = ModelProvider(store, model_dir=group_bias_bundle, refresh_s=60)
+    models = ModelProvider(store, model_dir=request.getfixturevalue(request.param), refresh_s=60)
     app = create_app(Settings(), store=store, models=models)
     reports: queue.Queue[Any] = queue.Queue()
 
@@ -66,18 +69,28 @@ def test_browser_device_ranks_like_the_server(
     web_server: tuple[str, ModelProvider, queue.Queue[Any]], tmp_path: Path
 ) -> None:
     base_url, models, reports = web_server
-    ids = list(models.get().vocab.ids)
+    online = models.get()
+    ids = list(online.vocab.ids)
     rng = np.random.default_rng(3)
-    sessions = {f"web-{n}": [ids[i] for i in rng.choice(len(ids), size=size)] for n, size in enumerate([2, 9, 31])}
+    if online.has_repeat_part:  # re-consuming sessions; the longest one is chosen on the page itself
+        sessions = {sid.replace("dev", "web"): v for sid, v in repeating_sessions(ids, [2, 9, 31], seed=3).items()}
+        on_page = {"web-2"}
+    else:
+        sessions = {f"web-{n}": [ids[i] for i in rng.choice(len(ids), size=size)] for n, size in enumerate([2, 9, 31])}
+        on_page = set()
     with httpx.Client(base_url=base_url, timeout=60) as http:
         for sid, items in sessions.items():
+            if sid in on_page:
+                continue
             events = [{"event_id": f"{sid}-{n}", "session_id": sid, "item_id": i, "ts": 1.7e9 + n} for n, i in
                       enumerate(items)]  # fmt: skip
             assert http.post("/v1/events", json={"events": events}).status_code == 200
-        http.get(f"/v1/models/{models.get().version}/device")  # exported now (this bundle has no device.onnx)
-        for sid in sessions:
-            served = http.get(f"/v1/sessions/{sid}/recommendations", params={"k": 10}).json()["items"]
+        http.get(f"/v1/models/{online.version}/device")  # exported now (this bundle has no device.onnx)
+        repeated = 0
+        for sid, items in sessions.items():
             url = f"{base_url}/device-web/index.html?session={sid}&k=10&report={base_url}/test-report"
+            if sid in on_page:  # the page sends the events and keeps the counts itself
+                url += "&observe=" + urllib.parse.quote(json.dumps(items))
             browser = _open_page(url, tmp_path / f"profile-{sid}")
             try:
                 page = reports.get(timeout=120)
@@ -85,9 +98,18 @@ def test_browser_device_ranks_like_the_server(
                 browser.kill()
                 browser.wait(timeout=30)
             assert "error" not in page, page
-            assert page["session"] == sid and page["modelVersion"] == models.get().version
+            assert page["session"] == sid and page["modelVersion"] == online.version
+            served = http.get(f"/v1/sessions/{sid}/recommendations", params={"k": 10}).json()["items"]
             # float16 edit: scores within its tolerance, the same items in the same order but for near-ties
             same_ranking([(i, s) for i, s in page["items"]], served, atol=5e-3, swaps=True)
+            if online.has_repeat_part:
+                # the page's own counts where it saw every event, the server's stored ones where it did not
+                assert page["counts"] == ("local" if sid in on_page else "server")
+                repeated += served[0]["item_id"] in items
+            else:
+                assert page["counts"] is None
+    if online.has_repeat_part:  # the part really ranks: the session's own items come first
+        assert repeated >= len(sessions) - 1, repeated
 
 
 def test_chromium_lookup_finds_debian_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from recsys.evaluate import BaseMethod, evaluate_method
 from recsys.metrics import target_ranks
 from recsys.model import ModelConfig, PersonaModel
 from recsys.online import OnlineModel
-from recsys.repeats import DECAYS, ENTRY_WIDTH, RepeatCounts, encode_entries, repeat_features
+from recsys.repeats import DECAYS, ENTRY_WIDTH, CountsSnapshots, RepeatCounts, encode_entries, repeat_features
 from recsys.splits import make_split
 from recsys.synthetic import SyntheticConfig, generate
 from recsys.train import TrainConfig, train_repeat_part
@@ -125,6 +125,65 @@ def test_the_mixture_moves_only_the_sessions_items_and_an_edit_moves_it() -> Non
     assert not torch.allclose(edited - edited_plain, mixed - plain)
 
 
+def test_snapshots_encode_like_each_sessions_counts() -> None:
+    """The consumer encodes a batch's counts together (CountsSnapshots): bit-identical to encoding each snapshot
+    alone, with unknown items left out, full tables, empty ones and more entries than the model reads."""
+    import random
+
+    rng = random.Random(0)
+    code_of = {str(i): (1 if i in (3, 7) else i + 2) for i in range(30)}.__getitem__  # "3", "7": unknown now
+    for size in (3, 8, 64):
+        snapshots: CountsSnapshots[str] = CountsSnapshots()
+        expected = []
+        for _ in range(40):
+            counts: RepeatCounts[str] = RepeatCounts(size)
+            for _ in range(rng.randrange(0, 120)):
+                counts.add(str(rng.randrange(30)))
+                if rng.random() < 0.2:  # taken mid-way: later adds must not change what was taken
+                    snapshots.take(counts)
+                    expected.append(counts.encode(code_of, size))
+            snapshots.take(counts)
+            expected.append(counts.encode(code_of, size))
+        got = snapshots.encode(code_of, size)
+        assert len(snapshots) == len(expected)
+        np.testing.assert_array_equal(got, np.stack(expected))
+
+
+def test_the_dense_and_the_gathered_logits_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small catalogues take the part's logits from dense products, large ones gather item vectors: same scores."""
+    import recsys.repeats
+
+    model = _model()
+    hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)]], 4)
+    with torch.inference_mode():
+        dense = model.score(hist, repeats=reps)
+        monkeypatch.setattr(recsys.repeats, "DENSE_ITEMS", 0)
+        gathered = model.score(hist, repeats=reps)
+    torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-5)
+
+
+def test_a_few_rows_in_numpy_give_the_parts_scores() -> None:
+    """Single rankings run the part in NumPy (RepeatRows): the same items and biases as the torch module, for rows
+    with entries, a full table and none."""
+    from recsys.repeats import RepeatRows
+
+    model = _model(repeat_size=4)
+    part = model.device_model.repeat
+    assert part is not None
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2), (5, 3, 4), (6, 1, 5)], []], 4)
+    with torch.inference_mode():
+        x = model.device_model.head(model.device_model.encode(torch.tensor([[0, 0, 5, 7, 5, 9]] * 3)))
+        x = x + torch.randn(3, x.shape[1]) * 0.5
+        targets = model.device_model.item_targets()
+        logits = x @ targets.T
+        items, bias = part(x, targets, reps, logits)
+        rows = RepeatRows(part, targets)(x, reps, logits)
+    assert torch.equal(rows[0], items)
+    torch.testing.assert_close(rows[1], bias, rtol=1e-5, atol=1e-6)
+    assert float(bias[0, :3].min()) > 0 and float(bias[1].min()) > 0 and float(rows[1][2].abs().max()) == 0.0
+
+
 def test_a_model_without_the_part_ignores_counts_and_loads_old_configs() -> None:
     cfg = ModelConfig.from_stored({"n_items": 30, "dim": 16, "code_dim": 8, "max_len": 6})
     assert cfg.repeat_size == 0
@@ -204,7 +263,7 @@ def test_the_prequential_check_scores_with_the_repeat_part_as_offline(
     assert sum(r.reciprocal_rank["persona"] for r in results) == pytest.approx(sum(1 / (r + 1) for r in persona))
     assert sum(r.reciprocal_rank["base"] for r in results) == pytest.approx(sum(1 / (r + 1) for r in base))
     stored = store.get_session("rep")
-    assert stored is not None and stored.item_counts == RepeatCounts.of(seq, 8).to_json()
+    assert stored is not None and stored.item_counts == json.loads(json.dumps(RepeatCounts.of(seq, 8).to_json()))
 
 
 def test_one_batch_gives_the_same_check_as_one_event_at_a_time(store: Store, repeat_models: ModelProvider) -> None:
@@ -238,6 +297,25 @@ def test_the_api_ranks_with_the_stored_counts(store: Store, repeat_models: Model
     assert [i for i, _ in got.items] == online.decode(top.indices)
     assert [s for _, s in got.items] == pytest.approx(top.values.tolist(), rel=1e-5)
     assert online.decode(torch.topk(without[0], 5).indices) != [i for i, _ in got.items]
+
+
+def test_the_session_route_gives_a_device_the_stored_counts(store: Store, repeat_models: ModelProvider) -> None:
+    """GET /v1/sessions/{id} carries the session's stored counts (a device that did not see every event adopts
+    them), as stored."""
+    from fastapi.testclient import TestClient
+
+    from persona.settings import Settings
+    from serving.app import create_app
+
+    items = list(repeat_models.get().vocab.ids)
+    seq = [items[i] for i in (4, 5, 4, 6, 4)]
+    Ingestor(store, repeat_models).apply([Event(f"c{i}", "route", it, T0 + timedelta(seconds=i)) for i, it in
+                                          enumerate(seq)])  # fmt: skip
+    with TestClient(create_app(Settings(), store=store, models=repeat_models)) as client:
+        summary = client.get("/v1/sessions/route").json()
+    assert summary["item_counts"] == json.loads(json.dumps(RepeatCounts.of(seq, 8).to_json()))
+    back = RepeatCounts.from_json(summary["item_counts"], 8)
+    assert back.table == RepeatCounts.of(seq, 8).table  # the floats survive the JSON exactly
 
 
 def test_without_repeats_in_the_data_the_part_is_dropped_and_the_model_is_unchanged() -> None:

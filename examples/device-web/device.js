@@ -1,7 +1,9 @@
 // Persona's device model in the browser: the session's edit comes from the server (compact float16 bytes), the
 // ONNX model runs here with onnxruntime-web, the ranking never leaves the page. The page URL takes
-// ?session=ID[&k=10][&api=BASE][&key=API_KEY][&report=URL]; with `report` it POSTs its top-k there as JSON (tests).
-// The layout of the edit and the graph's inputs: docs/device.md.
+// ?session=ID[&k=10][&api=BASE][&key=API_KEY][&report=URL][&observe=JSON]; with `report` it POSTs its top-k there
+// as JSON (tests); `observe` is a JSON array of item ids the user chose on this page, oldest first (sent as events
+// and counted here, as a page calls observe() on each choice). The edit layout and the graph's inputs:
+// docs/device.md.
 
 const params = new URLSearchParams(location.search);
 const api = (params.get("api") || "").replace(/\/$/, "");
@@ -65,12 +67,126 @@ export function decodeEdit(buffer) {
            L, D, weight, bias, itemBias };
 }
 
+// The session's whole-history item counts (models with a repeat part): the server's rule, line for line
+// (recsys/repeats.py). An entry is [count, last, decayedShort, decayedLong]; a new item always gets in, evicting the
+// entry with the fewest occurrences, the oldest latest occurrence among equals; entries keep the order they entered.
+export class RepeatCounts {
+  constructor(size, decays) {
+    this.size = size;
+    this.decays = decays;
+    this.table = new Map(); // item id -> entry, in the order entries entered
+    this.n = 0; // events counted
+  }
+
+  add(item) {
+    const [short, long] = this.decays;
+    const entry = this.table.get(item);
+    if (entry === undefined) {
+      if (this.table.size >= this.size) {
+        let worst = null;
+        for (const [key, e] of this.table) {
+          if (worst === null || e[0] < worst[1][0] || (e[0] === worst[1][0] && e[1] < worst[1][1])) worst = [key, e];
+        }
+        this.table.delete(worst[0]);
+      }
+      this.table.set(item, [1, this.n, 1.0, 1.0]);
+    } else {
+      const gap = this.n - entry[1];
+      entry[0] += 1;
+      entry[1] = this.n;
+      entry[2] = entry[2] * short ** gap + 1.0;
+      entry[3] = entry[3] * long ** gap + 1.0;
+    }
+    this.n += 1;
+  }
+
+  // repeat_entries of the session, float32 [size * 5]: (item index, count, age, decayed short, decayed long) per
+  // entry in table order; items the vocabulary does not know are left out, empty rows are 0
+  encode(index) {
+    const [short, long] = this.decays;
+    const out = new Float32Array(this.size * 5);
+    let j = 0;
+    for (const [item, [count, last, ds, dl]] of this.table) {
+      const code = index.get(item);
+      if (code === undefined || code <= 1 || j >= this.size) continue;
+      const age = this.n - last;
+      out.set([code, count, age, ds * short ** (age - 1), dl * long ** (age - 1)], 5 * j);
+      j += 1;
+    }
+    return out;
+  }
+
+  toJSON() {
+    return { n: this.n, items: Array.from(this.table, ([item, e]) => [item, ...e]) };
+  }
+
+  static fromJSON(data, size, decays) {
+    const out = new RepeatCounts(size, decays);
+    out.n = data.n;
+    for (const [item, count, last, ds, dl] of data.items.slice(0, size)) out.table.set(item, [count, last, ds, dl]);
+    return out;
+  }
+}
+
+// This page's record of a session (localStorage): its item counts and the items observed but not counted yet
+// (known only once the manifest says which items the model knows).
+function loadLocal() {
+  try {
+    return JSON.parse(localStorage.getItem(`persona-session:${session}`)) || { counts: null, pending: [] };
+  } catch {
+    return { counts: null, pending: [] };
+  }
+}
+
+function saveLocal(local) {
+  localStorage.setItem(`persona-session:${session}`, JSON.stringify(local));
+}
+
+// The user chose these items on this page (oldest first): send them as events and keep them to count.
+export async function observe(items) {
+  if (!items.length) return;
+  const stamp = Date.now();
+  const events = items.map((item, n) => ({
+    event_id: `${session}-web-${stamp}-${n}-${Math.random().toString(36).slice(2)}`,
+    session_id: session,
+    item_id: item,
+    ts: stamp / 1000 + n * 1e-3,
+  }));
+  const headers = { "Content-Type": "application/json", ...(key ? { "X-API-Key": key } : {}) };
+  const response = await fetch(`${api}/v1/events`, { method: "POST", headers, body: JSON.stringify({ events }) });
+  if (!response.ok) throw new Error(`/v1/events: HTTP ${response.status} ${await response.text()}`);
+  const local = loadLocal();
+  local.pending.push(...items);
+  saveLocal(local);
+}
+
+// The counts to rank with: this page's own, brought up to date with what it observed, when they are in step with
+// the server's (same number of counted events); otherwise (events from another device, cleared storage) the
+// server's stored counts, kept from now on; for a session stored without counts, its known recent items counted
+// (the server's own rule for such a session).
+function sessionCounts(state, manifest, index) {
+  const { size, decays } = manifest.repeat;
+  const local = loadLocal();
+  let counts = local.counts ? RepeatCounts.fromJSON(local.counts, size, decays) : new RepeatCounts(size, decays);
+  for (const item of local.pending) if (index.has(item)) counts.add(item);
+  let source = "local";
+  const stored = state.item_counts;
+  if (!stored || stored.n !== counts.n) {
+    source = stored ? "server" : "recent";
+    counts = stored ? RepeatCounts.fromJSON(stored, size, decays) : new RepeatCounts(size, decays);
+    if (!stored) state.recent_items.filter((i) => index.has(i)).forEach((i) => counts.add(i));
+  }
+  saveLocal({ counts: counts.toJSON(), pending: [] });
+  return { counts, source };
+}
+
 function windowLength(n, maxLen, stride) {
   if (stride <= 0 || n <= maxLen) return Math.min(n, maxLen);
   return maxLen - stride + 1 + ((n - maxLen - 1) % stride);
 }
 
 export async function recommend() {
+  await observe(JSON.parse(params.get("observe") || "[]"));
   const state = await get(`/v1/sessions/${encodeURIComponent(session)}`, "json");
   const edit = decodeEdit(await get(`/v1/sessions/${encodeURIComponent(session)}/edit?format=binary`));
   const version = encodeURIComponent(edit.modelVersion);
@@ -84,7 +200,8 @@ export async function recommend() {
   const c = Math.min(windowLength(state.event_count, manifest.max_len, manifest.window_stride), known.length);
   const hist = new BigInt64Array(manifest.max_len);
   known.slice(known.length - c).forEach((v, j) => { hist[manifest.max_len - c + j] = BigInt(v); });
-  const seenList = known.slice(-manifest.max_len);
+  // a model with a repeat part is there to recommend seen items: the server leaves them in by default
+  const seenList = manifest.repeat ? [] : known.slice(-manifest.max_len);
   const seen = BigInt64Array.from(seenList.length ? seenList : [0], (v) => BigInt(v));
   const N = manifest.n_items;
   const feeds = {
@@ -94,6 +211,12 @@ export async function recommend() {
     delta_bias: new ort.Tensor("float32", edit.bias, [1, edit.L, edit.D]),
     item_bias: new ort.Tensor("float32", edit.itemBias || new Float32Array(N), [1, N]),
   };
+  let counted = null;
+  if (manifest.repeat) {
+    const { counts, source } = sessionCounts(state, manifest, index);
+    feeds.repeat_entries = new ort.Tensor("float32", counts.encode(index), [1, manifest.repeat.size, 5]);
+    counted = source;
+  }
   const { scores } = await graph.run(feeds, ["scores"]);
   const order = Array.from(scores.data.keys()).filter((i) => Number.isFinite(scores.data[i]));
   order.sort((a, b) => scores.data[b] - scores.data[a] || a - b);
@@ -101,6 +224,7 @@ export async function recommend() {
     session,
     modelVersion: edit.modelVersion,
     editVersion: edit.editVersion,
+    counts: counted, // where the repeat part's counts came from: "local", "server", "recent" (null: no repeat part)
     items: order.slice(0, k).map((i) => [manifest.items[i - manifest.index_offset], scores.data[i]]),
   };
 }

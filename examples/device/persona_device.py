@@ -12,7 +12,10 @@ Each ``recommend`` asks the server for the session's current edit (binary, float
 version it fits, and the device downloads that version's ONNX graph once (it revalidates with ``If-None-Match``:
 304 keeps its copy). Without a connection it ranks with the last model and edit it stored. Ranking follows the
 server's rules: the encoder's window of the history (``window_stride``), the edit added to the editable layers,
-the prototype's item bias added to the scores, and the session's last ``max_len`` items never recommended.
+the prototype's item bias added to the scores, and the session's last ``max_len`` items never recommended. For a
+model with a repeat part (the manifest's ``repeat`` block) the device also keeps the session's whole-history item
+counts by the server's rule (:class:`RepeatCounts`) and feeds them as ``repeat_entries``; such a model recommends
+the session's own items again, as the server does by default.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["Device", "Edit", "decode_edit", "window_length"]
+__all__ = ["Device", "Edit", "RepeatCounts", "decode_edit", "window_length"]
 
 # ---------------------------------------------------------------------------------------- binary edit (docs/device.md)
 HEADER = struct.Struct("<4sHBBHHHHIiQ")  # magic, format, dtype, flags, L, D, r, m, N, prototype, edit version
@@ -85,6 +88,54 @@ def window_length(n: int, max_len: int, stride: int) -> int:
     return max_len - stride + 1 + (n - max_len - 1) % stride
 
 
+# ------------------------------------------------------------------------------- repeat counts (docs/device.md)
+class RepeatCounts:
+    """One session's whole-history item counts, bounded to ``size`` entries: the server's rule, line for line.
+
+    Each known item the session chooses is ``add``-ed in order. An entry is ``[count, last, short, long]``: how
+    often, the index of its latest occurrence among the counted events, and two decayed counts
+    ``Σ γ^(age − 1)`` (γ = ``decays``) as of that occurrence. A new item always gets in; when the table is full it
+    evicts the entry with the fewest occurrences, the oldest latest occurrence among equals. Entries keep the order
+    they entered in (a dict's), and so does the graph's input.
+    """
+
+    def __init__(self, size: int, decays: tuple[float, float]) -> None:
+        self.size, self.decays = size, decays
+        self.table: dict[str, list[Any]] = {}
+        self.n = 0  # events counted
+
+    def add(self, item: str) -> None:
+        short, long = self.decays
+        entry = self.table.get(item)
+        if entry is None:
+            if len(self.table) >= self.size:
+                del self.table[min(self.table.items(), key=lambda kv: (kv[1][0], kv[1][1]))[0]]
+            self.table[item] = [1, self.n, 1.0, 1.0]
+        else:
+            gap = self.n - entry[1]
+            entry[0] += 1
+            entry[1] = self.n
+            entry[2] = entry[2] * short**gap + 1.0
+            entry[3] = entry[3] * long**gap + 1.0
+        self.n += 1
+
+    def encode(self, index: dict[str, int]) -> np.ndarray:
+        """``repeat_entries`` of one session, float32 [size, 5]: ``(item index, count, age, decayed_short,
+        decayed_long)`` per entry in table order, age = events since its latest occurrence, decayed counts read
+        as of now; items the vocabulary does not know are left out, empty rows are 0."""
+        short, long = self.decays
+        out = np.zeros((self.size, 5), dtype=np.float32)
+        j = 0
+        for item, (count, last, dshort, dlong) in self.table.items():
+            code = index.get(item, 1)
+            if code <= 1 or j >= self.size:
+                continue
+            age = self.n - last
+            out[j] = (code, count, age, dshort * short ** (age - 1.0), dlong * long ** (age - 1.0))
+            j += 1
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------- device
 class Offline(Exception):
     """The server cannot be reached (the device then ranks with what it stored)."""
@@ -100,6 +151,8 @@ class Device:
     dtype: str = "float16"
     timeout_s: float = 10.0
     history: dict[str, list[str]] = field(default_factory=dict)
+    # per session: its item counts and how many of its history's items they have seen (models with a repeat part)
+    counts: dict[str, tuple[RepeatCounts, int]] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"model_downloads": 0, "model_revalidated": 0})
     online: bool = True  # whether the last recommend() reached the server
     _loaded: tuple[str, ort.InferenceSession, dict[str, Any]] | None = field(default=None, init=False, repr=False)
@@ -174,13 +227,27 @@ class Device:
         return decode_edit(body)
 
     # ------------------------------------------------------------------ ranking
-    def recommend(self, session_id: str, k: int = 10) -> list[tuple[str, float]]:
-        """Top-k (item id, score) for the session, ranked on the device with its current (or last) edit."""
+    def session_counts(self, session_id: str, manifest: dict[str, Any]) -> RepeatCounts:
+        """The session's item counts, brought up to date with the items observed since the last call: only items
+        the model knows are counted (the server does not apply the others), each once, in order."""
+        repeat = manifest["repeat"]
+        counts, done = self.counts.get(session_id) or (RepeatCounts(repeat["size"], tuple(repeat["decays"])), 0)
+        history, index = self.history.get(session_id, []), manifest["index"]
+        for item in history[done:]:
+            if item in index:
+                counts.add(item)
+        self.counts[session_id] = (counts, len(history))
+        return counts
+
+    def recommend(self, session_id: str, k: int = 10, exclude_seen: bool | None = None) -> list[tuple[str, float]]:
+        """Top-k (item id, score) for the session, ranked on the device with its current (or last) edit.
+        ``exclude_seen`` as the server's (default: leave the history out, but not for a model with a repeat part)."""
         edit = self.fetch_edit(session_id)
         if self.online:
             self.sync_model(edit.model_version)
         graph, manifest = self._session(edit.model_version)
-        inputs = self.inputs(manifest, self.history.get(session_id, []), edit)
+        counts = self.session_counts(session_id, manifest) if manifest.get("repeat") else None
+        inputs = self.inputs(manifest, self.history.get(session_id, []), edit, counts, exclude_seen)
         scores = graph.run(["scores"], inputs)[0][0]
         order = np.argsort(-scores, kind="stable")[:k]
         items = manifest["items"]
@@ -188,9 +255,16 @@ class Device:
         return [(items[i - offset], float(scores[i])) for i in order if np.isfinite(scores[i])]
 
     @staticmethod
-    def inputs(manifest: dict[str, Any], history: list[str], edit: Edit) -> dict[str, np.ndarray]:
-        """The graph's inputs for one session: its encoder window, its last ``max_len`` items (never recommended),
-        the edit and the item bias."""
+    def inputs(
+        manifest: dict[str, Any],
+        history: list[str],
+        edit: Edit,
+        counts: RepeatCounts | None = None,
+        exclude_seen: bool | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The graph's inputs for one session: its encoder window, the items never to recommend (its last
+        ``max_len``, unless ``exclude_seen`` is false; by default false for a model with a repeat part, as on the
+        server), the edit, the item bias and, for a model with a repeat part, its item counts."""
         index = manifest["index"]
         known = [index[i] for i in history if i in index]  # the server skips items its model does not know
         max_len, n_items = manifest["max_len"], manifest["n_items"]
@@ -198,12 +272,23 @@ class Device:
         hist = np.zeros((1, max_len), dtype=np.int64)
         if window:
             hist[0, max_len - len(window) :] = window
-        seen = np.array([known[-max_len:] or [0]], dtype=np.int64)
+        repeat = manifest.get("repeat")
+        if exclude_seen is None:
+            exclude_seen = repeat is None  # a re-consuming model is there to recommend seen items
+        seen = np.array([(known[-max_len:] if exclude_seen else []) or [0]], dtype=np.int64)
         bias = edit.item_bias if edit.item_bias is not None else np.zeros(n_items, dtype=np.float32)
-        return {
+        out = {
             "history": hist,
             "seen": seen,
             "delta_weight": edit.weight[None].astype(np.float32),
             "delta_bias": edit.bias[None].astype(np.float32),
             "item_bias": bias[None].astype(np.float32),
         }
+        if repeat:
+            if counts is None:  # no counts kept: the history's known items, counted now
+                counts = RepeatCounts(repeat["size"], tuple(repeat["decays"]))
+                for item in history:
+                    if item in index:
+                        counts.add(item)
+            out["repeat_entries"] = counts.encode(index)[None]
+        return out

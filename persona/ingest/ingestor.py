@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from persona.events import Event, Rejection, RejectReason
+from persona.faults import maybe_crash
 from persona.ingest.bank_rows import bank_from_rows, rows_from_bank
 from persona.ingest.model_work import cached_states, early_work, encoder_cache_for, uses_encoder_cache
 from persona.ingest.model_worker import START_TIMEOUT_S, ModelWorker
@@ -221,6 +222,7 @@ class Ingestor:
         prepared.expected = {sid: _version(stored.get(sid)) for sid in prepared.session_ids}
         prepared.plan = walk(online, kept, stored, cap, now, origins, known_indices)
         prepared.work = self._start(online, prepared.plan)
+        maybe_crash("model_work")
         return prepared
 
     def commit(self, prepared: Prepared) -> IngestResult:
@@ -292,7 +294,9 @@ class Ingestor:
             uow.upsert_sessions(list(result.sessions.values()))
             # with the events they count: a crash before this commit counts nothing, a redelivery nothing twice
             uow.add_online_counters(online_counter_increments(result))
+            maybe_crash("in_store_transaction")
 
+        maybe_crash("after_store_commit")
         stored_at = time.time()
         result.freshness_s = [stored_at - ts for ts in result.freshness_s]  # event ts -> state committed
         self._remember(plan, online)

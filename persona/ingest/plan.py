@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import numpy as np
-
 from persona.events import Event
 from persona.store import SessionState
 from recsys.online import OnlineModel
-from recsys.repeats import RepeatCounts
+from recsys.repeats import CountsSnapshots, RepeatCounts
 from recsys.windows import window_length
 
 
@@ -59,7 +57,7 @@ class Plan:
     event_ts: list[float] = field(default_factory=list)  # per applied event
     item_indices: list[int] = field(default_factory=list)  # per applied event
     unknown_items: int = 0
-    pre_counts: list[np.ndarray] = field(default_factory=list)  # per prediction: item counts before it [R, 3]
+    pre_counts: CountsSnapshots[str] = field(default_factory=CountsSnapshots)  # per prediction: counts before it
 
 
 def walk(
@@ -121,7 +119,7 @@ def walk(
                 plan.stored_prev.append((snapshot, w.indices[len(w.indices) - size :]))
             plan.pre_rows.append((w.row, item))
             if w.counts is not None:
-                plan.pre_counts.append(online.encode_counts(w.counts))
+                plan.pre_counts.take(w.counts)
         if w.counts is not None:
             w.counts.add(e.item_id)
         w.indices = [*w.indices, item][-cap:]

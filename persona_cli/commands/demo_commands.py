@@ -28,7 +28,58 @@ TEST_PERIOD = 0.7  # the time-shift protocol's test period starts at 70% of the 
 
 
 def register(app: typer.Typer) -> None:
+    """Attach ``demo``, and ``soak`` to the ``bench`` group (created by the streaming or serving commands, or here)."""
     app.command("demo")(demo)
+    bench = next((g.typer_instance for g in app.registered_groups if g.name == "bench"), None)
+    if bench is None:
+        bench = typer.Typer(help="Benchmarks (one machine, one run; results as JSON).", no_args_is_help=True)
+        app.add_typer(bench, name="bench")
+    bench.command("soak")(soak)
+
+
+def soak(
+    minutes: Annotated[float, typer.Option(min=0.01, help="Length of the soak (after the probe and warm-up).")] = 10.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here as JSON.")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model bundle (default: train a tiny synthetic one).")
+    ] = None,
+    rank_rps: Annotated[
+        float | None, typer.Option(min=0.0, help="Ranking requests/s (default: --fraction of the probed maximum).")
+    ] = None,
+    events_per_s: Annotated[
+        float | None, typer.Option(min=0.0, help="Events/s produced (default: --fraction of the probed maximum).")
+    ] = None,
+    fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="Share of the probed maxima to run at.")] = 0.7,
+    probe_s: Annotated[float, typer.Option(min=1.0, help="Seconds of the maximum's probe.")] = 20.0,
+    warmup_s: Annotated[float, typer.Option(min=0.0, help="Seconds at the target load before RSS is taken.")] = 60.0,
+    window_s: Annotated[float, typer.Option(min=1.0, help="Seconds per reported window (p99, RSS, lag).")] = 60.0,
+    sessions: Annotated[int, typer.Option(min=1, help="Sessions in the store before the start.")] = 2000,
+) -> None:
+    """Ranking and ingestion together at 70 % of the probed maximum: errors, p99 per window, RSS per process."""
+    import json
+    import shlex
+    import sys
+
+    from persona_cli.demo import write_json
+    from persona_cli.soak import SoakConfig, run_soak
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cfg = SoakConfig(
+        minutes=minutes,
+        bundle=model,
+        rank_rps=rank_rps,
+        events_per_s=events_per_s,
+        fraction=fraction,
+        probe_s=probe_s,
+        warmup_s=warmup_s,
+        window_s=window_s,
+        sessions=sessions,
+    )
+    report = run_soak(cfg, command="persona " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if json_out is not None:
+        write_json(json_out, report)
+    summary = {k: v for k, v in report.items() if k not in ("windows", "machine", "logs_tail")}
+    typer.echo(json.dumps(summary, indent=2))
 
 
 def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False, progress: bool = True) -> Path:

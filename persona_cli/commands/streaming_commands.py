@@ -148,6 +148,7 @@ def consume(
     """
     import torch
 
+    from persona import faults
     from persona.models import ModelProvider
     from persona.settings import load_settings
     from persona.store import Store
@@ -159,6 +160,7 @@ def consume(
     # (measured ~10x slower on a shared machine). Scale out further with processes, one per partition set.
     torch.set_num_threads(1)
     settings = load_settings()
+    faults.armed()  # tests only: a crash point set in the environment is announced (or refused) before anything
     store = Store.open(settings.resolved_database_url)
     models = ModelProvider(store, model_dir=settings.model_dir)
     models.get()  # no model at all is a setup problem: say so now (exit 2) instead of retrying forever

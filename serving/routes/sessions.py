@@ -11,7 +11,7 @@ from serving.deps import Context
 from serving.device import binary_sizes, device_edit
 from serving.problems import problem_responses
 from serving.routes.recommendations import SessionPath
-from serving.schemas import EditLayer, SessionEdit, SessionSummary
+from serving.schemas import EditLayer, ItemCounts, SessionEdit, SessionSummary
 
 router = APIRouter(tags=["sessions"])
 
@@ -35,6 +35,7 @@ def session_summary(session_id: SessionPath, ctx: Context) -> SessionSummary:
         model_version=s.model_version,
         last_event_at=s.last_event_at,
         updated_at=s.updated_at,
+        item_counts=ItemCounts.model_validate(s.item_counts) if s.item_counts else None,
     )
 
 
