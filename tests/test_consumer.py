@@ -22,6 +22,7 @@ import streaming.consumer
 from persona.events import Event, RejectReason
 from persona.models import ModelProvider
 from persona.store import Store, StoreUnavailable
+from persona_cli.soak import child_pids
 from recsys.online import OnlineModel, code_from_bytes
 from streaming.broker import EmbeddedBroker
 from streaming.consumer import ConsumerConfig, ConsumeStats, EventConsumer
@@ -245,20 +246,6 @@ def committed_total(bootstrap: str, group: str, topic: str, partitions: int = 4)
         return sum(consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions))
     finally:
         consumer.close(autocommit=False)
-
-
-def child_pids(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (from /proc)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 @pytest.mark.slow
