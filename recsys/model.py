@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
-from recsys.repeats import RepeatPart, add_repeat_bias
+from recsys.repeats import ADDITIVE, DEFAULT_FORM, FORMS, RepeatPart, add_repeat_bias
 
 PAD = 0
 UNK = 1
@@ -68,8 +68,13 @@ class ModelConfig:
     # most R (item, count, age) entries and mixes "repeat one of them" with "explore the catalogue"; 0 = none
     # (bundles trained before it, and data where it did not win on validation).
     repeat_size: int = 0
+    # The repeat part's form (recsys.repeats.FORMS): "mixture" = a probability-space mixture whose repeat
+    # distribution starts as the session's decayed counts; bundles trained before the field load as "additive".
+    repeat_form: str = DEFAULT_FORM
 
     def __post_init__(self) -> None:
+        if self.repeat_form not in FORMS:
+            raise ValueError(f"repeat_form must be one of {', '.join(FORMS)}, got {self.repeat_form!r}")
         if self.window_stride is None:
             self.window_stride = max(1, min(self.max_len // 2, self.max_len - self.adapter_window + 1))
         if not 0 <= self.window_stride <= self.max_len:
@@ -90,8 +95,9 @@ class ModelConfig:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any]) -> ModelConfig:
-        """A bundle's config: one written before windows had a stride keeps the sliding window it was trained on."""
-        return cls.from_dict({"window_stride": 0, **data})
+        """A bundle's config: one written before windows had a stride keeps the sliding window it was trained on, one
+        written before the repeat part had forms keeps its first form."""
+        return cls.from_dict({"window_stride": 0, "repeat_form": ADDITIVE, **data})
 
 
 class Edit(NamedTuple):
@@ -323,7 +329,7 @@ class DeviceModel(nn.Module):
             # its own random stream: the rest of the model initialises (and trains) exactly as without it
             with torch.random.fork_rng():
                 torch.manual_seed(torch.initial_seed() + 7919)
-                self.repeat = RepeatPart(cfg.dim)
+                self.repeat = RepeatPart(cfg.dim, cfg.repeat_form)
 
     def encode_all(self, history: Tensor) -> Tensor:
         """State after every position [B, T, D] of the history [B, T] (causal: for training)."""

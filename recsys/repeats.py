@@ -230,30 +230,88 @@ def entries_tensor(rows: Sequence[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(rows))
 
 
+#: The repeat part's forms (:class:`RepeatPart`, ``ModelConfig.repeat_form``). ``"additive"``: the first one, an
+#: unnormalised gate and a repeat distribution learned from scratch (bundles trained before the field load with it);
+#: ``"mixture"``: a probability-space mixture whose repeat distribution starts as the short decayed count;
+#: ``"mixture-attention"``: the same plus the attention term of the first form.
+ADDITIVE, MIXTURE, MIXTURE_ATTENTION = "additive", "mixture", "mixture-attention"
+FORMS = (ADDITIVE, MIXTURE, MIXTURE_ATTENTION)
+DEFAULT_FORM = MIXTURE  # chosen on validation (docs/results.md, "A probability-space mixture")
+#: The mixture forms' initial p(repeat) (the gate's bias is its logit).
+INITIAL_REPEAT = 0.6
+#: Decayed counts are floored here before their log (an entry last seen ~400 events ago underflows float32's 0.8^age).
+TINY = 1e-30
+#: Items per product when the catalogue's logsumexp is computed without the caller's logits (an index's catalogue).
+LSE_CHUNK = 65536
+
+
+def catalogue_logsumexp(x: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
+    """``log Σ_i exp(<x, t(E_i)>)`` over every item [B, 1], exactly, in chunks of ``chunk`` items (default
+    :data:`LSE_CHUNK`): a full scan of the catalogue (what the mixture forms' gate needs where no caller has the full
+    logits: the index path)."""
+    chunk = chunk or LSE_CHUNK
+    out: Tensor | None = None
+    for i in range(0, targets.shape[0], chunk):
+        part = torch.logsumexp(x @ targets[i : i + chunk].T, 1, keepdim=True)
+        out = part if out is None else torch.logaddexp(out, part)
+    assert out is not None
+    return out
+
+
 class RepeatPart(nn.Module):
     """Repeat or explore, as a mixture (RepeatNet, AAAI 2019), in an additive form that keeps ranking cheap.
 
     With the edited head output ``x`` [B, D] (so an edit moves it), the explore logits ``s_i = <x, t(E_i)>`` and
-    the session's entries j = (item i_j, count, age):
+    the session's entries j = (item i_j, count, age, decayed counts d_short, d_long):
 
-    - repeat distribution over the session's items: ``log P_r(j) = log_softmax_j(<W_q x, t(E_ij)>/√D + f(count, age))``
-      with ``f`` a small MLP of log1p(count), log(age), 1/age, the count's share and the decayed counts;
-    - the gate ``ρ = w·[x, log1p(#entries), log1p(Σ count)] + b``;
+    - repeat distribution over the session's items ``log P_r(j) = log_softmax_j(z_j)``;
+    - a gate ``g = w·[x, log1p(#entries), log1p(Σ count)] + b`` and ``ρ`` from it;
     - item i's score ``log(exp(s_i) + exp(ρ + log P_r(i)))``: a mixture of the explore softmax and the repeat
-      distribution with ``p(repeat) = e^ρ / (e^ρ + Σ_i e^{s_i})``, up to a per-session constant.
+      distribution, up to a per-session constant.
 
     That score is ``s_i + softplus(ρ + log P_r(i) − s_i)`` for the session's items and ``s_i`` for every other item:
-    a bias on at most R items, added like the group bias (full scan or index).
+    a bias on at most R items, added like the group bias (full scan or index). The forms (:data:`FORMS`):
+
+    - ``"additive"`` (the first form): ``z_j = <W_q x, t(E_ij)>/√D + f(φ_j)``, f a small MLP of log1p(count),
+      log(age), 1/age, the count's share and the raw decayed counts; ``ρ = g``, so
+      ``p(repeat) = e^ρ / (e^ρ + Σ_i e^{s_i})`` moves with the explore logits' scale;
+    - ``"mixture"``: ``z_j = a·log d_short + b·log d_long + f(φ_j)``, φ with the decayed counts' logs too, a = 1,
+      b = 0 and f's output 0 at initialisation (P_r starts as the short decayed count, normalised); ``ρ = g +
+      logsumexp_i s_i``, so the scores are ``log((1 − p) softmax(s)_i + p P_r(i))`` + a per-row constant with
+      ``p(repeat) = sigmoid(g)`` (initially :data:`INITIAL_REPEAT`);
+    - ``"mixture-attention"``: ``"mixture"`` plus the attention term (initially 0).
+
+    The mixture forms need the logsumexp over the whole catalogue: free where the caller has the logits (scoring,
+    training, the device graph), a full scan in chunks otherwise (:func:`catalogue_logsumexp`: the index path).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, form: str = ADDITIVE) -> None:
         super().__init__()
-        self.query = nn.Linear(dim, dim)
-        self.features = nn.Sequential(nn.Linear(4 + len(DECAYS), 16), nn.Tanh(), nn.Linear(16, 1))
+        if form not in FORMS:
+            raise ValueError(f"unknown repeat form {form!r}; known: {', '.join(FORMS)}")
+        self.form = form
+        self.mixture = form != ADDITIVE
+        attention = form in (ADDITIVE, MIXTURE_ATTENTION)
+        self.query = nn.Linear(dim, dim) if attention else None
+        n_features = 4 + (2 if self.mixture else 1) * len(DECAYS)
+        self.features = nn.Sequential(nn.Linear(n_features, 16), nn.Tanh(), nn.Linear(16, 1))
         self.gate = nn.Linear(dim + 2, 1)
+        self.decay_weight = nn.Parameter(torch.tensor([1.0, 0.0])) if self.mixture else None
         with torch.no_grad():
-            self.query.weight.mul_(0.1)
-            self.gate.bias.fill_(0.0)
+            if not self.mixture:
+                assert self.query is not None
+                self.query.weight.mul_(0.1)
+                self.gate.bias.fill_(0.0)
+            else:
+                if self.query is not None:
+                    self.query.weight.zero_()
+                    self.query.bias.zero_()
+                last = self.features[2]
+                assert isinstance(last, nn.Linear)
+                last.weight.zero_()
+                last.bias.zero_()
+                self.gate.weight.zero_()
+                self.gate.bias.fill_(math.log(INITIAL_REPEAT / (1.0 - INITIAL_REPEAT)))
 
     def forward(
         self, x: Tensor, targets: Tensor, entries: Tensor, logits: Tensor | None = None
@@ -267,27 +325,46 @@ class RepeatPart(nn.Module):
         count = entries[..., 1].to(x.dtype)
         age = entries[..., 2].to(x.dtype).clamp(min=1.0)
         real = items > UNK
-        q = self.query(x)
+        q = None if self.query is None else self.query(x)
+        scale = math.sqrt(x.shape[-1])
+        att: Tensor | None = None
+        lse: Tensor | None = None
         if targets.shape[0] <= DENSE_ITEMS:
             # the explore and attention logits of every item, then the session's: two dense products and gathers
             # cost less than gathering R item vectors per row (measured: 1.3 against 10.9 µs a row, N = 551)
-            s = (x @ targets.T if logits is None else logits).gather(1, items)
-            att = (q @ targets.T).gather(1, items) / math.sqrt(x.shape[-1])
+            full = x @ targets.T if logits is None else logits
+            s = full.gather(1, items)
+            if q is not None:
+                att = (q @ targets.T).gather(1, items) / scale
+            if self.mixture:
+                lse = torch.logsumexp(full, 1, keepdim=True)
         else:
             t = F.embedding(items, targets)  # [B, R, D]
-            both = torch.bmm(t, torch.stack([x, q], 2))  # both logits in one pass over t: [B, R, 2]
-            s = both[..., 0]
-            att = both[..., 1] / math.sqrt(x.shape[-1])
+            if q is None:
+                s = torch.bmm(t, x.unsqueeze(2)).squeeze(2)
+            else:
+                both = torch.bmm(t, torch.stack([x, q], 2))  # both logits in one pass over t: [B, R, 2]
+                s = both[..., 0]
+                att = both[..., 1] / scale
+            if self.mixture:
+                lse = catalogue_logsumexp(x, targets) if logits is None else torch.logsumexp(logits, 1, keepdim=True)
         total = count.sum(1, keepdim=True)
         decayed = entries[..., 3 : 3 + len(DECAYS)].to(x.dtype)
-        phi = torch.cat(
-            [torch.stack([torch.log1p(count), torch.log(age), 1.0 / age, count / total.clamp(min=1.0)], -1), decayed],
-            -1,
-        )
-        logits = (att + self.features(phi).squeeze(-1)).masked_fill(~real, -1e4)
-        log_p = torch.log_softmax(logits, 1)
+        base = [torch.stack([torch.log1p(count), torch.log(age), 1.0 / age, count / total.clamp(min=1.0)], -1), decayed]
+        if self.mixture:
+            assert self.decay_weight is not None and lse is not None
+            log_decayed = torch.log(decayed.clamp(min=TINY))
+            learned = self.features(torch.cat([*base, log_decayed], -1)).squeeze(-1)
+            z = (log_decayed * self.decay_weight).sum(-1) + learned
+        else:
+            z = self.features(torch.cat(base, -1)).squeeze(-1)
+        if att is not None:
+            z = z + att
+        log_p = torch.log_softmax(z.masked_fill(~real, -1e4), 1)
         summary = torch.cat([x, torch.log1p(real.sum(1, keepdim=True).to(x.dtype)), torch.log1p(total)], 1)
         rho = self.gate(summary)  # [B, 1]
+        if lse is not None:
+            rho = rho + lse
         bias = F.softplus(rho + log_p - s)
         return items, torch.where(real, bias, torch.zeros_like(bias))
 
@@ -306,37 +383,47 @@ class RepeatRows:
             return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
 
         self.targets = arr(targets)  # [N, D]
-        self.wq, self.bq = arr(part.query.weight.T), arr(part.query.bias)
+        self.mixture = part.mixture
+        self.wq = None if part.query is None else arr(part.query.weight.T)
+        self.bq = None if part.query is None else arr(part.query.bias)
         first, second = part.features[0], part.features[2]
         assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
         self.w1, self.b1 = arr(first.weight.T), arr(first.bias)
         self.w2, self.b2 = arr(second.weight.T)[:, 0], float(second.bias.detach()[0])
         self.wg, self.bg = arr(part.gate.weight[0]), float(part.gate.bias.detach()[0])
+        self.wd = None if part.decay_weight is None else arr(part.decay_weight)
         self.scale = np.float32(math.sqrt(self.targets.shape[1]))
 
     def __call__(self, x: Tensor, entries: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """(items [B, R], bias [B, R]) as :meth:`RepeatPart.forward` for x [B, D], entries [B, R, W] and the explore
         logits [B, N]."""
-        xs, e = x.numpy(), entries.numpy()
+        xs, e, full = x.numpy(), entries.numpy(), logits.numpy()
         items = e[..., 0].astype(np.int64)
         count = e[..., 1]
         age = np.maximum(e[..., 2], np.float32(1.0))
         real = items > UNK
-        q = xs @ self.wq + self.bq
-        s = np.take_along_axis(logits.numpy(), items, 1)
-        att = np.einsum("brd,bd->br", self.targets[items], q) / self.scale
+        s = np.take_along_axis(full, items, 1)
         total = count.sum(1, keepdims=True)
         share = count / np.maximum(total, np.float32(1.0))
-        phi = np.concatenate(
-            [np.stack([np.log1p(count), np.log(age), np.float32(1.0) / age, share], -1), e[..., 3 : 3 + len(DECAYS)]],
-            -1,
-        )
-        f = np.tanh(phi @ self.w1 + self.b1) @ self.w2 + np.float32(self.b2)
-        z = np.where(real, att + f, np.float32(-1e4))
+        decayed = e[..., 3 : 3 + len(DECAYS)]
+        phi = [np.stack([np.log1p(count), np.log(age), np.float32(1.0) / age, share], -1), decayed]
+        z = np.zeros(items.shape, dtype=np.float32)
+        if self.wd is not None:
+            log_decayed = np.log(np.maximum(decayed, np.float32(TINY)))
+            z = (log_decayed * self.wd).sum(-1)
+            phi.append(log_decayed)
+        z = z + np.tanh(np.concatenate(phi, -1) @ self.w1 + self.b1) @ self.w2 + np.float32(self.b2)
+        if self.wq is not None:
+            q = xs @ self.wq + self.bq
+            z = z + np.einsum("brd,bd->br", self.targets[items], q) / self.scale
+        z = np.where(real, z, np.float32(-1e4))
         top = z.max(1, keepdims=True)
         log_p = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
         summary = np.concatenate([xs, np.log1p(real.sum(1, keepdims=True).astype(np.float32)), np.log1p(total)], 1)
         rho = summary @ self.wg + np.float32(self.bg)
+        if self.mixture:
+            peak = full.max(1)
+            rho = rho + peak + np.log(np.exp(full - peak[:, None]).sum(1))
         bias = np.logaddexp(np.float32(0.0), rho[:, None] + log_p - s).astype(np.float32)
         return torch.from_numpy(items), torch.from_numpy(np.where(real, bias, np.float32(0.0)))
 

@@ -450,7 +450,12 @@ def _with_repeat_bias(
     online: OnlineModel, vectors: Tensor, bias: Tensor | None, repeats: Tensor | None
 ) -> Tensor | None:
     """The rows' group bias [B, N] plus the repeat part's bias at each session's items, as one dense bias for the
-    index (exact with any bias); ``bias`` unchanged without a repeat part."""
+    index (exact with any bias); ``bias`` unchanged without a repeat part.
+
+    The mixture forms of the part (recsys.repeats.FORMS) need each row's logsumexp over the whole catalogue, which
+    the index never computes: the part scans the catalogue for it, exactly, in chunks
+    (:func:`recsys.repeats.catalogue_logsumexp`), so an indexed catalogue with a repeat part costs a full scan per
+    row on top of the index's top-k (the first form did not need it)."""
     rep = online.model.device_model.repeat_bias(vectors, online.item_targets_t.T, repeats)
     if rep is None:
         return bias

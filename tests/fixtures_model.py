@@ -84,12 +84,13 @@ def repeat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
     bundle = load_bundle(tiny_bundle)
     config = bundle.documents["config"]
     config["model"]["repeat_size"] = 8
+    config["model"]["repeat_form"] = "mixture"
     dim = int(config["model"]["dim"])
     torch.manual_seed(3)
-    part = RepeatPart(dim)
+    part = RepeatPart(dim, "mixture")
     with torch.no_grad():
-        part.gate.bias.fill_(4.0)
-        part.query.weight.mul_(10.0)
+        part.gate.bias.fill_(4.0)  # p(repeat) 0.98
+        torch.nn.init.normal_(part.features[2].weight, std=0.5)  # P_r is not the decayed count alone
     model = dict(bundle.tensors["model"])
     model.update({f"device_model.repeat.{k}": v for k, v in part.state_dict().items()})
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("repeat-model"))

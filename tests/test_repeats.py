@@ -20,7 +20,19 @@ from recsys.evaluate import BaseMethod, evaluate_method
 from recsys.metrics import target_ranks
 from recsys.model import ModelConfig, PersonaModel
 from recsys.online import OnlineModel
-from recsys.repeats import DECAYS, ENTRY_WIDTH, CountsSnapshots, RepeatCounts, encode_entries, repeat_features
+from recsys.repeats import (
+    DECAYS,
+    ENTRY_WIDTH,
+    FORMS,
+    INITIAL_REPEAT,
+    CountsSnapshots,
+    RepeatCounts,
+    RepeatPart,
+    RepeatRows,
+    catalogue_logsumexp,
+    encode_entries,
+    repeat_features,
+)
 from recsys.splits import make_split
 from recsys.synthetic import SyntheticConfig, generate
 from recsys.train import TrainConfig, train_repeat_part
@@ -85,17 +97,28 @@ def _entries(rows: list[list[tuple[int, int, int]]], size: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _model(repeat_size: int = 4) -> PersonaModel:
+def _model(repeat_size: int = 4, form: str = "mixture") -> PersonaModel:
     torch.manual_seed(0)
-    model = PersonaModel(ModelConfig(n_items=30, dim=16, code_dim=8, max_len=6, repeat_size=repeat_size))
-    assert model.device_model.repeat is not None
+    cfg = ModelConfig(n_items=30, dim=16, code_dim=8, max_len=6, repeat_size=repeat_size, repeat_form=form)
+    model = PersonaModel(cfg)
+    part = model.device_model.repeat
+    assert part is not None
     with torch.no_grad():
-        model.device_model.repeat.gate.bias.fill_(3.0)
+        part.gate.bias.fill_(3.0)
+        if part.mixture:  # away from the initialisation: P_r is not the decayed count alone, the gate reads x
+            _perturb(part)
     return model.eval()
 
 
-def test_the_mixture_moves_only_the_sessions_items_and_an_edit_moves_it() -> None:
-    model = _model()
+def _perturb(part: RepeatPart) -> None:
+    with torch.no_grad():
+        for p in part.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_mixture_moves_only_the_sessions_items_and_an_edit_moves_it(form: str) -> None:
+    model = _model(form=form)
     hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
     reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)]], 4)
     with torch.inference_mode():
@@ -149,11 +172,12 @@ def test_snapshots_encode_like_each_sessions_counts() -> None:
         np.testing.assert_array_equal(got, np.stack(expected))
 
 
-def test_the_dense_and_the_gathered_logits_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_the_dense_and_the_gathered_logits_agree(monkeypatch: pytest.MonkeyPatch, form: str) -> None:
     """Small catalogues take the part's logits from dense products, large ones gather item vectors: same scores."""
     import recsys.repeats
 
-    model = _model()
+    model = _model(form=form)
     hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
     reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)]], 4)
     with torch.inference_mode():
@@ -163,12 +187,11 @@ def test_the_dense_and_the_gathered_logits_agree(monkeypatch: pytest.MonkeyPatch
     torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-5)
 
 
-def test_a_few_rows_in_numpy_give_the_parts_scores() -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_a_few_rows_in_numpy_give_the_parts_scores(form: str) -> None:
     """Single rankings run the part in NumPy (RepeatRows): the same items and biases as the torch module, for rows
-    with entries, a full table and none."""
-    from recsys.repeats import RepeatRows
-
-    model = _model(repeat_size=4)
+    with entries, a full table and none, in every form."""
+    model = _model(repeat_size=4, form=form)
     part = model.device_model.repeat
     assert part is not None
     reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2), (5, 3, 4), (6, 1, 5)], []], 4)
@@ -193,6 +216,131 @@ def test_a_model_without_the_part_ignores_counts_and_loads_old_configs() -> None
     hist = torch.tensor([[0, 2, 5, 7, 5, 9]])
     with torch.inference_mode():
         torch.testing.assert_close(model.score(hist, repeats=_entries([[(5, 2, 2)]], 1)), model.score(hist))
+
+
+def _first_form(part: RepeatPart, x: torch.Tensor, targets: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """The first ("additive") form's bias [B, R] as it was written before the forms: a reference for old bundles."""
+    assert part.query is not None
+    items = entries[..., 0].long()
+    count, age = entries[..., 1], entries[..., 2].clamp(min=1.0)
+    real = items > 1
+    s = (x @ targets.T).gather(1, items)
+    att = (part.query(x) @ targets.T).gather(1, items) / x.shape[-1] ** 0.5
+    total = count.sum(1, keepdim=True)
+    share = count / total.clamp(min=1.0)
+    phi = torch.cat([torch.stack([torch.log1p(count), torch.log(age), 1.0 / age, share], -1), entries[..., 3:]], -1)
+    log_p = torch.log_softmax((att + part.features(phi).squeeze(-1)).masked_fill(~real, -1e4), 1)
+    rho = part.gate(torch.cat([x, torch.log1p(real.sum(1, keepdim=True).float()), torch.log1p(total)], 1))
+    bias = torch.nn.functional.softplus(rho + log_p - s)
+    return torch.where(real, bias, torch.zeros_like(bias))
+
+
+def _mixture(part: RepeatPart, x: torch.Tensor, targets: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """The mixture forms' distribution written out: ``(1 − p) softmax(s) + p P_r`` [B, N]."""
+    assert part.decay_weight is not None
+    items = entries[..., 0].long()
+    count, age = entries[..., 1], entries[..., 2].clamp(min=1.0)
+    real = items > 1
+    decayed = entries[..., 3:]
+    log_decayed = torch.log(decayed.clamp(min=1e-30))
+    total = count.sum(1, keepdim=True)
+    phi = torch.cat(
+        [
+            torch.stack([torch.log1p(count), torch.log(age), 1.0 / age, count / total.clamp(min=1.0)], -1),
+            decayed,
+            log_decayed,
+        ],
+        -1,
+    )
+    z = (log_decayed * part.decay_weight).sum(-1) + part.features(phi).squeeze(-1)
+    if part.query is not None:
+        z = z + (part.query(x) @ targets.T).gather(1, items) / x.shape[-1] ** 0.5
+    p_entry = torch.softmax(z.masked_fill(~real, float("-inf")), 1).nan_to_num(0.0) * real
+    p_r = torch.zeros(x.shape[0], targets.shape[0]).scatter_add(1, items, p_entry)
+    p = torch.sigmoid(part.gate(torch.cat([x, torch.log1p(real.sum(1, keepdim=True).float()), torch.log1p(total)], 1)))
+    return (1 - p) * torch.softmax(x @ targets.T, 1) + p * p_r
+
+
+@pytest.mark.parametrize("form", ["mixture", "mixture-attention"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_the_mixture_forms_rank_by_the_probability_mixture(form: str, trained: bool) -> None:
+    """s_i + bias_i = log((1 − p) softmax(s)_i + p P_r(i)) + a per-row constant at every item; at initialisation
+    p = INITIAL_REPEAT and P_r is the short decayed count, normalised."""
+    torch.manual_seed(2)
+    part = RepeatPart(16, form)
+    if trained:
+        _perturb(part)
+    x, targets = torch.randn(3, 16), torch.randn(30, 16)
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 3, 3)], [(3, 2, 1), (4, 1, 2), (5, 3, 4), (6, 1, 5)], []], 4)
+    with torch.inference_mode():
+        logits = x @ targets.T
+        scores = logits.scatter_add(1, *part(x, targets, reps, logits))
+        mixture = _mixture(part, x, targets, reps)
+    gap = torch.log(mixture) - scores
+    torch.testing.assert_close(gap, gap[:, :1].expand_as(gap), rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores[2], logits[2])  # no entries: the explore scores
+    if not trained:
+        short = torch.zeros(3, 30).scatter_add(1, reps[..., 0].long(), reps[..., 3])
+        expected = (1 - INITIAL_REPEAT) * torch.softmax(logits, 1) + INITIAL_REPEAT * short / short.sum(
+            1, keepdim=True
+        ).clamp(min=1e-30)
+        torch.testing.assert_close(mixture[:2], expected[:2], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["mixture", "mixture-attention"])
+def test_without_the_logits_the_mixture_scans_the_catalogue_in_chunks(
+    monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """The index path has no full logits: the catalogue's logsumexp is computed exactly, chunk by chunk."""
+    import recsys.repeats
+
+    torch.manual_seed(4)
+    part = RepeatPart(16, form)
+    _perturb(part)
+    x, targets = torch.randn(2, 16), torch.randn(30, 16)
+    torch.testing.assert_close(catalogue_logsumexp(x, targets, chunk=7), torch.logsumexp(x @ targets.T, 1, True))
+    reps = _entries([[(5, 2, 2), (9, 1, 1)], [(3, 2, 1), (29, 1, 2)]], 4)
+    with torch.inference_mode():
+        items, bias = part(x, targets, reps, x @ targets.T)
+        monkeypatch.setattr(recsys.repeats, "DENSE_ITEMS", 0)
+        monkeypatch.setattr(recsys.repeats, "LSE_CHUNK", 7)
+        gathered = part(x, targets, reps)
+    assert torch.equal(gathered[0], items)
+    torch.testing.assert_close(gathered[1], bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bundle_of_the_first_form_loads_and_scores_as_before() -> None:
+    """A stored config without ``repeat_form`` (trained before the forms) rebuilds the first form, with its
+    parameters (the same state dict keys) and its arithmetic; new configs default to the mixture."""
+    stored = {"n_items": 30, "dim": 16, "code_dim": 8, "max_len": 6, "repeat_size": 4}
+    assert ModelConfig.from_dict(stored).repeat_form == "mixture"
+    cfg = ModelConfig.from_stored(stored)
+    assert cfg.repeat_form == "additive"
+    torch.manual_seed(0)
+    model = PersonaModel(cfg).eval()
+    part = model.device_model.repeat
+    assert part is not None and not part.mixture
+    keys = sorted(k.removeprefix("device_model.repeat.") for k in model.state_dict() if ".repeat." in k)
+    assert keys == [
+        "features.0.bias",
+        "features.0.weight",
+        "features.2.bias",
+        "features.2.weight",
+        "gate.bias",
+        "gate.weight",
+        "query.bias",
+        "query.weight",
+    ]
+    _perturb(part)
+    hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)]], 4)
+    with torch.inference_mode():
+        dm = model.device_model
+        x, targets = dm.head(dm.encode(hist)), dm.item_targets()
+        expected = (x @ targets.T).scatter_add(1, reps[..., 0].long(), _first_form(part, x, targets, reps))
+        torch.testing.assert_close(model.score(hist, repeats=reps), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="repeat_form"):
+        ModelConfig.from_dict({**stored, "repeat_form": "nope"})
 
 
 def test_session_repeat_ranks_whole_history_counts_then_popularity() -> None:
@@ -339,14 +487,16 @@ def test_without_repeats_in_the_data_the_part_is_dropped_and_the_model_is_unchan
         assert torch.equal(states[0][key], states[1][key]), key
 
 
-def test_the_device_graph_of_a_repeat_model_scores_like_the_server() -> None:
-    """The exported graph takes the session's counts as one more input and adds the same repeat bias."""
+@pytest.mark.parametrize("form", FORMS)
+def test_the_device_graph_of_a_repeat_model_scores_like_the_server(form: str) -> None:
+    """The exported graph takes the session's counts as one more input and adds the same repeat bias (every form:
+    the mixture forms' catalogue logsumexp is in the graph)."""
     import onnxruntime as ort
 
     from recsys.export import REPEAT_INPUT, device_manifest, export_onnx
     from recsys.vocab import ItemVocab
 
-    model = _model(repeat_size=4)
+    model = _model(repeat_size=4, form=form)
     vocab = ItemVocab([str(i) for i in range(28)])
     manifest = device_manifest(model, vocab, "test")
     assert manifest["inputs"][-1] == REPEAT_INPUT and manifest["repeat"]["size"] == 4

@@ -61,6 +61,13 @@ def train(
             "entries and mixes repeating them with exploring; kept only if it wins on validation. 0 = none.",
         ),
     ] = 64,
+    repeat_form: Annotated[
+        str,
+        typer.Option(
+            help="The repeat part's form: mixture (a probability-space mixture starting from the decayed counts), "
+            "mixture-attention (plus an attention term) or additive (the first form).",
+        ),
+    ] = "mixture",  # recsys.repeats.DEFAULT_FORM (not imported here: the CLI imports recsys lazily)
     epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the base model.")] = 30,
     adapter_epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the adapter.")] = 20,
     proto_rounds: Annotated[int, typer.Option(min=0, help="Alternating prototype rounds.")] = 1,
@@ -94,6 +101,10 @@ def train(
         raise PersonaError("--prototypes needs at least one positive count", "e.g. --prototypes 8")
     if patience < 1:
         raise PersonaError(f"--patience {patience} stops before any epoch is compared", "use --patience 1 or more")
+    from recsys.repeats import FORMS
+
+    if repeat_form not in FORMS:
+        raise PersonaError(f"unknown --repeat-form {repeat_form!r}", f"use one of {', '.join(FORMS)}")
     spec = DatasetSpec(dataset, user_col, item_col, time_col, min_user, min_item, protocol)
     tc = TrainConfig(
         epochs=epochs,
@@ -113,6 +124,7 @@ def train(
         "tau": tau,
         "residual_tau": tau / 2,
         "repeat_size": repeat_size,
+        "repeat_form": repeat_form,
     }
     start = time.perf_counter()
     bundle, result = train_bundle(spec, out, model_overrides=overrides, tc=tc, overwrite=overwrite, progress=progress)
