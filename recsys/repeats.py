@@ -321,6 +321,15 @@ class RepeatPart(nn.Module):
 
         Empty entries (item 0) get bias 0, so adding the bias at item 0 (padding) changes nothing ranked.
         """
+        items, real, s, log_p, rho = self.parts(x, targets, entries, logits)
+        bias = F.softplus(rho + log_p - s)
+        return items, torch.where(real, bias, torch.zeros_like(bias))
+
+    def parts(
+        self, x: Tensor, targets: Tensor, entries: Tensor, logits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(items [B, R], real [B, R], the items' explore logits s [B, R], log P_r [B, R], ρ [B, 1]) of
+        :meth:`forward` (``log P_r`` is about −1e4 at empty entries)."""
         items = entries[..., 0].long()
         count = entries[..., 1].to(x.dtype)
         age = entries[..., 2].to(x.dtype).clamp(min=1.0)
@@ -365,8 +374,7 @@ class RepeatPart(nn.Module):
         rho = self.gate(summary)  # [B, 1]
         if lse is not None:
             rho = rho + lse
-        bias = F.softplus(rho + log_p - s)
-        return items, torch.where(real, bias, torch.zeros_like(bias))
+        return items, real, s, log_p, rho
 
 
 #: Up to this many rows, online scoring runs the repeat part in NumPy (:class:`RepeatRows`).
