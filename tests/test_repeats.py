@@ -364,6 +364,30 @@ def test_the_part_is_left_out_when_it_does_not_win_on_validation() -> None:
     assert evaluate_method(BaseMethod(model), split.valid)["ndcg@10"] < 1.0
 
 
+def test_a_mixture_part_learns_its_repeat_distribution_and_takes_p_repeat_from_validation() -> None:
+    """The mixture forms' stage: P_r trains by its own likelihood (the gate untouched), then p(repeat) is the
+    validation-best of TrainConfig.repeat_gates; on a repeat-heavy stream the part wins and is kept."""
+    import math
+
+    df = generate(SyntheticConfig(users=40, items=30, events=1200, repeat=0.7, seed=2))
+    split = make_split(df, max_len=6, repeat_size=4)
+    model = PersonaModel(ModelConfig(n_items=split.vocab.size, dim=16, code_dim=8, max_len=6, repeat_size=4))
+    model.freeze_device_model()
+    part = model.device_model.repeat
+    assert part is not None and part.mixture
+    gate = part.gate.weight.clone()
+    base = evaluate_method(BaseMethod(model, repeats=False), split.valid)["ndcg@10"]
+    tc = TrainConfig(repeat_epochs=2, patience=2, repeat_gates=(0.2, 0.9))
+    stage = train_repeat_part(model, split, tc, base_score=base, progress=False)
+    assert stage is not None and model.device_model.repeat is part
+    assert torch.equal(part.gate.weight, gate) and not any(p.requires_grad for p in part.parameters())
+    p = 1 / (1 + math.exp(-float(part.gate.bias[0])))
+    assert min(abs(p - g) for g in (0.2, 0.6, 0.9)) < 1e-6  # a candidate, or the initial value
+    assert stage.best_ndcg10 == pytest.approx(evaluate_method(BaseMethod(model), split.valid)["ndcg@10"])
+    assert stage.best_ndcg10 > base
+    assert TrainConfig.from_dict(tc.to_dict()).repeat_gates == (0.2, 0.9)
+
+
 # ----------------------------------------------------------------------------------------------- online
 
 
