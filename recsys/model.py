@@ -68,8 +68,9 @@ class ModelConfig:
     # most R (item, count, age) entries and mixes "repeat one of them" with "explore the catalogue"; 0 = none
     # (bundles trained before it, and data where it did not win on validation).
     repeat_size: int = 0
-    # The repeat part's form (recsys.repeats.FORMS): "mixture" = a probability-space mixture whose repeat
-    # distribution starts as the session's decayed counts; bundles trained before the field load as "additive".
+    # The repeat part's form (recsys.repeats.FORMS): "mixture-attention" (the default) and "mixture" = a
+    # probability-space mixture whose repeat distribution starts as the session's decayed counts, with and without
+    # an attention term; bundles trained before the field load as "additive" (the first form).
     repeat_form: str = DEFAULT_FORM
 
     def __post_init__(self) -> None:

@@ -236,7 +236,7 @@ def entries_tensor(rows: Sequence[np.ndarray]) -> Tensor:
 #: ``"mixture-attention"``: the same plus the attention term of the first form.
 ADDITIVE, MIXTURE, MIXTURE_ATTENTION = "additive", "mixture", "mixture-attention"
 FORMS = (ADDITIVE, MIXTURE, MIXTURE_ATTENTION)
-DEFAULT_FORM = MIXTURE  # chosen on validation (docs/results.md, "A probability-space mixture")
+DEFAULT_FORM = MIXTURE_ATTENTION  # chosen on validation (docs/results.md, "A probability-space mixture")
 #: The mixture forms' initial p(repeat) (the gate's bias is its logit).
 INITIAL_REPEAT = 0.6
 #: Decayed counts are floored here before their log (an entry last seen ~400 events ago underflows float32's 0.8^age).

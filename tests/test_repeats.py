@@ -313,7 +313,7 @@ def test_a_bundle_of_the_first_form_loads_and_scores_as_before() -> None:
     """A stored config without ``repeat_form`` (trained before the forms) rebuilds the first form, with its
     parameters (the same state dict keys) and its arithmetic; new configs default to the mixture."""
     stored = {"n_items": 30, "dim": 16, "code_dim": 8, "max_len": 6, "repeat_size": 4}
-    assert ModelConfig.from_dict(stored).repeat_form == "mixture"
+    assert ModelConfig.from_dict(stored).repeat_form == "mixture-attention"
     cfg = ModelConfig.from_stored(stored)
     assert cfg.repeat_form == "additive"
     torch.manual_seed(0)

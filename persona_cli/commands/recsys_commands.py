@@ -67,7 +67,7 @@ def train(
             help="The repeat part's form: mixture (a probability-space mixture starting from the decayed counts), "
             "mixture-attention (plus an attention term) or additive (the first form).",
         ),
-    ] = "mixture",  # recsys.repeats.DEFAULT_FORM (not imported here: the CLI imports recsys lazily)
+    ] = "mixture-attention",  # recsys.repeats.DEFAULT_FORM (not imported here: the CLI imports recsys lazily)
     epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the base model.")] = 30,
     adapter_epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the adapter.")] = 20,
     proto_rounds: Annotated[int, typer.Option(min=0, help="Alternating prototype rounds.")] = 1,
