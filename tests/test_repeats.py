@@ -449,6 +449,34 @@ def test_one_batch_gives_the_same_check_as_one_event_at_a_time(store: Store, rep
     assert result.reciprocal_rank["base"] == pytest.approx(sum(1 / (r + 1) for r in base))
 
 
+def test_rankings_through_the_index_equal_full_scans_with_a_mixture_part(
+    store: Store, repeat_models: ModelProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large catalogue's index has no full logits: the mixture's logsumexp is scanned in chunks, and the rankings
+    are the full scan's."""
+    import recsys.online
+    import recsys.repeats
+
+    online = repeat_models.get()
+    assert online.model.device_model.repeat is not None and online.model.device_model.repeat.mixture
+    items = list(online.vocab.ids)
+    for n, pick in enumerate([(9, 10, 9, 11, 9, 12), (3, 4, 3, 3, 5), (7, 8)]):
+        seq = [items[i] for i in pick]
+        events = [Event(f"i{n}-{j}", f"ix{n}", it, T0 + timedelta(seconds=j)) for j, it in enumerate(seq)]
+        Ingestor(store, repeat_models).apply(events)
+    ranker = Ranker(store, repeat_models)
+    queries = [RankQuery(session_id=f"ix{n}", k=10, exclude_seen=False) for n in range(3)]
+    full = ranker.rank(queries)
+    monkeypatch.setattr(recsys.online, "INDEXED_FROM", 0)
+    monkeypatch.setattr(recsys.repeats, "DENSE_ITEMS", 0)
+    monkeypatch.setattr(recsys.repeats, "LSE_CHUNK", 5)
+    assert repeat_models.get().index is not None
+    indexed = ranker.rank(queries)
+    for a, b in zip(full, indexed, strict=True):
+        assert [i for i, _ in a.items] == [i for i, _ in b.items]
+        assert [v for _, v in a.items] == pytest.approx([v for _, v in b.items], rel=1e-5, abs=1e-5)
+
+
 def test_the_api_ranks_with_the_stored_counts(store: Store, repeat_models: ModelProvider) -> None:
     online = repeat_models.get()
     items = list(online.vocab.ids)
