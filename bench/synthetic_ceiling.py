@@ -7,10 +7,10 @@ Run on demand (not in CI), from the repository root:
         --bundle runs/repeat/s05-seed1      # adds the bundle's methods, scored per example, with paired CIs
 
 Why: two accuracy targets (issues 11 and 15) are missed on these streams; before asking the model for more we
-need to know how much there is to get. The generator (:mod:`recsys.synthetic`) is replayed here draw for draw,
-keeping what it does not output - each event's interest segment, the user's cluster permutation, home pointer and
-count of fresh jumps - and the replay is checked to reproduce ``generate(cfg, with_cluster=True)`` exactly. The
-test examples are the very ones ``persona evaluate`` scores (the same k-core and ``make_split``).
+need to know how much there is to get. The generator's own draws (:func:`recsys.synthetic.draw`, which
+``generate`` writes out) keep what the stream does not show - each event's interest segment, the user's cluster
+permutation, home pointer and count of fresh jumps - and the oracles read them. The test examples are the very
+ones ``persona evaluate`` scores (the same k-core and ``make_split``).
 
 Oracles (full-catalogue ranking over the training vocabulary, like every method):
 
@@ -41,25 +41,13 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 
-from recsys.synthetic import (
-    FRESH_PROB,
-    LATE_START,
-    MEAN_GAP_S,
-    MIN_EVENTS_PER_USER,
-    REPEAT_MEAN_LAG,
-    T0,
-    SyntheticConfig,
-    _grouped_cumsum,
-    _repeat_sources,
-    generate,
-)
+from recsys.synthetic import FRESH_PROB, REPEAT_MEAN_LAG, Draws, SyntheticConfig, draw
 
 ORACLES = ("state", "history", "target-cluster")
 _CHUNK = 2048  # test examples scored at once (a [chunk, items] float64 block)
@@ -68,30 +56,10 @@ _LAG_CAP = 400  # lags beyond this carry (1 - 1/8)^400 ~ 1e-23 of a repeat's mas
 
 
 @dataclass(frozen=True)
-class Latents:
-    """The generator's draws, events in *per-user time order* (the order ``generate`` builds them in).
+class Latents(Draws):
+    """The generator's draws (:class:`recsys.synthetic.Draws`, events in per-user time order) and, from them,
+    ``zipf`` [C, items]: each cluster's exact item distribution."""
 
-    ``step`` global time step of each event; ``user``; ``first`` user's first event; ``late`` in the last 30 %;
-    ``shift`` segment-start probability at that event; ``seg`` its segment; ``item`` the item it shows (after
-    repeats); ``ts`` global [n_events] timestamps. Per segment: ``seg_cluster``, ``home_pos``, ``fresh_count``
-    (fresh jumps of the user so far, inclusive). Per user: ``perm_a``, ``perm_b`` (cluster of position p is
-    ``(a p + b) mod C``). ``zipf`` [C, items]: each cluster's item distribution.
-    """
-
-    cfg: SyntheticConfig
-    step: np.ndarray
-    user: np.ndarray
-    first: np.ndarray
-    late: np.ndarray
-    shift: np.ndarray
-    seg: np.ndarray
-    item: np.ndarray
-    ts: np.ndarray
-    seg_cluster: np.ndarray
-    home_pos: np.ndarray
-    fresh_count: np.ndarray
-    perm_a: np.ndarray
-    perm_b: np.ndarray
     zipf: np.ndarray
 
     @property
@@ -107,83 +75,12 @@ class Latents:
 
 
 def simulate(cfg: SyntheticConfig) -> Latents:
-    """Replay :func:`recsys.synthetic.generate` draw for draw (same RNG calls in the same order) and keep its latents.
-
-    Mirrors ``generate``, ``_segment_clusters`` and ``_items_in_cluster``; :func:`check_replay` proves the copy is
-    exact, so a change to the generator fails loudly here instead of giving a wrong ceiling.
-    """
-    cfg.validate()
-    rng = np.random.default_rng(cfg.seed)
-    n_users, n_items, n_events, n_clusters = int(cfg.users), int(cfg.items), int(cfg.events), int(cfg.clusters)
-    base = min(MIN_EVENTS_PER_USER, n_events // n_users)
-    activity = rng.lognormal(0.0, 1.0, n_users)
-    counts = base + rng.multinomial(n_events - base * n_users, activity / activity.sum())
-    user_of_step = rng.permutation(np.repeat(np.arange(n_users, dtype=np.int64), counts))
-    ts = T0 + np.cumsum(rng.exponential(MEAN_GAP_S, n_events))
-    order = np.argsort(user_of_step, kind="stable")
-    user = user_of_step[order]
-    first = np.ones(n_events, dtype=bool)
-    first[1:] = user[1:] != user[:-1]
-    late = order >= int(LATE_START * n_events)
-    shift = np.where(late, cfg.late_shift_prob, cfg.shift_prob)
-    starts = first | (rng.random(n_events) < shift)
-
-    # _segment_clusters
-    seg_user, seg_first, seg_late = user[starts], first[starts], late[starts]
-    n_seg = seg_user.size
-    home = max(1, min(3, n_clusters // 4))
-    n_fresh = n_clusters - home
-    fresh = seg_late & ~seg_first & (rng.random(n_seg) < FRESH_PROB) & (n_fresh > 0)
-    step = np.where(seg_first, rng.integers(0, home, n_seg), rng.integers(1, max(home, 2), n_seg) % home)
-    step = np.where(fresh, 0, step)
-    home_pos = _grouped_cumsum(step, seg_first) % home
-    fresh_count = _grouped_cumsum(fresh.astype(np.int64), seg_first)
-    position = np.where(fresh, home + (fresh_count - 1) % max(n_fresh, 1), home_pos)
-    units = np.array([a for a in range(1, n_clusters) if math.gcd(a, n_clusters) == 1] or [1], dtype=np.int64)
-    perm_a = units[rng.integers(0, units.size, n_users)]
-    perm_b = rng.integers(0, n_clusters, n_users)
-    seg_cluster = np.asarray((perm_a[seg_user] * position + perm_b[seg_user]) % n_clusters, dtype=np.int64)
-    seg = np.cumsum(starts) - 1
-
-    # _items_in_cluster, keeping the exact per-cluster Zipf distribution
-    item_of_slot = rng.permutation(n_items).astype(np.int64)
-    bounds = np.linspace(0, n_items, n_clusters + 1).round().astype(np.int64)
-    sizes = np.diff(bounds)
-    rank = np.arange(n_items) - np.repeat(bounds[:-1], sizes) + 1
-    weight = rank.astype(np.float64) ** -float(cfg.zipf)
-    cluster_of_slot = np.repeat(np.arange(n_clusters), sizes)
-    cum = np.cumsum(weight)
-    before = np.concatenate(([0.0], cum[bounds[1:-1] - 1]))
-    totals = cum[bounds[1:] - 1] - before
-    cdf = (cum - before[cluster_of_slot]) / totals[cluster_of_slot] + cluster_of_slot
-    cdf[bounds[1:] - 1] = np.arange(1, n_clusters + 1)
-    event_cluster = seg_cluster[seg]
-    slot = np.searchsorted(cdf, event_cluster + rng.random(n_events), side="right")
-    item = item_of_slot[np.minimum(slot, bounds[event_cluster + 1] - 1)]
-    if cfg.repeat > 0:
-        item = item[_repeat_sources(rng, first, float(cfg.repeat))]
-    zipf = np.zeros((n_clusters, n_items))
-    zipf[cluster_of_slot, item_of_slot] = weight / totals[cluster_of_slot]
-    return Latents(
-        cfg, order, user, first, late, shift, seg, item, ts, seg_cluster, home_pos, fresh_count, perm_a, perm_b, zipf
-    )
-
-
-def check_replay(lat: Latents) -> None:
-    """Raise unless the replay shows exactly the users, items, times and item clusters ``generate`` writes."""
-    df = generate(lat.cfg, with_cluster=True)
-    n = lat.step.size
-    user, item, cluster = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
-    user[lat.step], item[lat.step] = lat.user, lat.item
-    cluster[lat.step] = np.argmax(lat.zipf[:, lat.item] > 0, axis=0)
-    expected = pl.DataFrame({"u": user, "i": item, "ts": lat.ts, "c": cluster}).select(
-        pl.concat_str(pl.lit("u"), pl.col("u").cast(pl.Utf8)).alias("user_id"),
-        pl.concat_str(pl.lit("i"), pl.col("i").cast(pl.Utf8)).alias("item_id"),
-        pl.col("ts"),
-        pl.col("c").alias("cluster"),
-    )
-    if not df.equals(expected):
-        raise AssertionError(f"the replay of {lat.cfg} differs from recsys.synthetic.generate: update simulate()")
+    """The stream's latent state, read from the generator's own draws (:func:`recsys.synthetic.draw`, which
+    :func:`recsys.synthetic.generate` writes out): the ceiling scores the very stream ``persona train`` reads."""
+    d = draw(cfg)
+    zipf = np.zeros((int(cfg.clusters), int(cfg.items)))
+    zipf[d.cluster_of_slot, d.item_of_slot] = d.slot_prob
+    return Latents(**{f.name: getattr(d, f.name) for f in fields(d)}, zipf=zipf)
 
 
 def cluster_probs(lat: Latents, pos: np.ndarray, oracle: str = "state") -> np.ndarray:
@@ -398,18 +295,10 @@ class Ceiling:
 
 
 def parse_source(source: str) -> SyntheticConfig:
-    """``synthetic[:k=v,...]`` → its config, as ``recsys.data`` parses it (the loaded data is compared below)."""
-    from recsys.data import _load_synthetic
+    """``synthetic[:k=v,...]`` → its config, parsed as ``persona train`` parses it."""
+    from recsys.data import synthetic_config
 
-    params: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in source.partition(":")[2].split(","))):
-        key, _, value = (x.strip() for x in part.partition("="))
-        kind = SyntheticConfig.__dataclass_fields__[key].type
-        params[key] = int(float(value)) if kind in ("int", int) else float(value)
-    cfg = SyntheticConfig(**params)
-    if not _load_synthetic(source).equals(generate(cfg)):
-        raise AssertionError(f"{source} does not parse to {cfg}")
-    return cfg
+    return synthetic_config(source)
 
 
 def ceiling(source: str, *, min_user: int = 5, min_item: int = 5) -> tuple[Ceiling, Any]:
@@ -417,7 +306,6 @@ def ceiling(source: str, *, min_user: int = 5, min_item: int = 5) -> tuple[Ceili
     from recsys.pipeline import DatasetSpec, prepare
 
     lat = simulate(parse_source(source))
-    check_replay(lat)
     prepared = prepare(DatasetSpec(source=source, min_user=min_user, min_item=min_item))
     split, test = prepared.split, prepared.split.test
     pos = _positions(lat, test.ts)  # per-user position of each test target in the generator's own stream

@@ -10,11 +10,15 @@ import dataclasses
 import hashlib
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from recsys.errors import DataError
+
+if TYPE_CHECKING:
+    from recsys.synthetic import SyntheticConfig
 
 DEFAULT_SOURCE = "ml-100k"
 COLUMNS = ("user_id", "item_id", "ts")
@@ -180,8 +184,15 @@ def _recbole_file(name: str) -> Path:
 
 
 def _load_synthetic(source: str) -> pl.DataFrame:
-    """Parse ``synthetic:key=value,...`` into a ``SyntheticConfig`` and generate."""
-    from recsys.synthetic import SyntheticConfig, generate
+    """Parse ``synthetic:key=value,...`` (:func:`synthetic_config`) and generate."""
+    from recsys.synthetic import generate
+
+    return generate(synthetic_config(source))
+
+
+def synthetic_config(source: str) -> SyntheticConfig:
+    """The ``SyntheticConfig`` of ``synthetic:key=value,...`` (DataError with the fix for a bad option)."""
+    from recsys.synthetic import SyntheticConfig
 
     fields = {f.name: f.type for f in dataclasses.fields(SyntheticConfig)}
     valid = ", ".join(fields)
@@ -205,7 +216,7 @@ def _load_synthetic(source: str) -> pl.DataFrame:
             params[key] = int(number)
         else:
             params[key] = number
-    return generate(SyntheticConfig(**params))  # type: ignore[arg-type]
+    return SyntheticConfig(**params)  # type: ignore[arg-type]
 
 
 def _read_table(path: Path) -> pl.DataFrame:

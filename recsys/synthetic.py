@@ -62,12 +62,61 @@ class SyntheticConfig:
             )
 
 
+@dataclass(frozen=True)
+class Draws:
+    """Everything the generator drew, events in *per-user time order* (the order it builds them in), including what
+    :func:`generate` does not output, so an analysis (``bench/synthetic_ceiling.py``) can read the latent state
+    instead of replaying the draws.
+
+    ``step`` global time step of each event; ``user``; ``first`` user's first event; ``late`` in the last 30 %;
+    ``shift`` segment-start probability at that event; ``seg`` its segment; ``item`` the item it shows (after
+    repeats); ``cluster`` that item's cluster; ``ts`` global [n_events] timestamps. Per segment: ``seg_cluster``,
+    ``home_pos``, ``fresh_count`` (fresh jumps of the user so far, inclusive). Per user: ``perm_a``, ``perm_b``
+    (cluster of position p is ``(a p + b) mod C``). Per item slot: ``item_of_slot``, ``cluster_of_slot`` and
+    ``slot_prob`` (the slot's Zipf probability within its cluster).
+    """
+
+    cfg: SyntheticConfig
+    step: np.ndarray
+    user: np.ndarray
+    first: np.ndarray
+    late: np.ndarray
+    shift: np.ndarray
+    seg: np.ndarray
+    item: np.ndarray
+    cluster: np.ndarray
+    ts: np.ndarray
+    seg_cluster: np.ndarray
+    home_pos: np.ndarray
+    fresh_count: np.ndarray
+    perm_a: np.ndarray
+    perm_b: np.ndarray
+    item_of_slot: np.ndarray
+    cluster_of_slot: np.ndarray
+    slot_prob: np.ndarray
+
+
 def generate(cfg: SyntheticConfig | None = None, *, with_cluster: bool = False) -> pl.DataFrame:
     """Generate ``user_id, item_id, ts`` rows in time order (ids ``u12`` / ``i7``); deterministic per seed.
 
     ``with_cluster=True`` adds the cluster (Int64) of each event's item, so tests can check the shift.
     """
-    cfg = cfg or SyntheticConfig()
+    d = draw(cfg or SyntheticConfig())
+    n = d.step.size
+    item, cluster_of_step, user_of_step = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    item[d.step], cluster_of_step[d.step], user_of_step[d.step] = d.item, d.cluster, d.user
+    df = pl.DataFrame({"u": user_of_step, "i": item, "ts": d.ts}).select(
+        pl.concat_str(pl.lit("u"), pl.col("u").cast(pl.Utf8)).alias("user_id"),
+        pl.concat_str(pl.lit("i"), pl.col("i").cast(pl.Utf8)).alias("item_id"),
+        pl.col("ts").cast(pl.Float64),
+    )
+    if with_cluster:
+        df = df.with_columns(pl.Series("cluster", cluster_of_step, dtype=pl.Int64))
+    return df
+
+
+def draw(cfg: SyntheticConfig) -> Draws:
+    """The stream's random draws (:class:`Draws`); :func:`generate` writes them out. Deterministic per seed."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items, n_events, n_clusters = (
@@ -94,27 +143,32 @@ def generate(cfg: SyntheticConfig | None = None, *, with_cluster: bool = False) 
     prob = np.where(late, cfg.late_shift_prob, cfg.shift_prob)
     starts = first | (rng.random(n_events) < prob)
 
-    cluster = _segment_clusters(rng, user[starts], first[starts], late[starts], n_users, n_clusters)
+    segments = _segment_clusters(rng, user[starts], first[starts], late[starts], n_users, n_clusters)
     seg = np.cumsum(starts) - 1
-    event_cluster = cluster[seg]
+    event_cluster = segments.cluster[seg]
 
-    item_sorted = _items_in_cluster(rng, event_cluster, n_items, n_clusters, cfg.zipf)
+    slots = _cluster_slots(rng, n_items, n_clusters, cfg.zipf)
+    item_sorted = slots.draw(rng, event_cluster)
     if cfg.repeat > 0:  # drawn only when asked for, so streams without repeats stay what they were
         source = _repeat_sources(rng, first, float(cfg.repeat))
         item_sorted, event_cluster = item_sorted[source], event_cluster[source]
-    item = np.empty(n_events, dtype=np.int64)
-    item[order] = item_sorted
-    cluster_of_step = np.empty(n_events, dtype=np.int64)
-    cluster_of_step[order] = event_cluster
+    return Draws(
+        cfg, order, user, first, late, prob, seg, item_sorted, event_cluster, ts, segments.cluster,
+        segments.home_pos, segments.fresh_count, segments.perm_a, segments.perm_b, slots.item_of_slot,
+        slots.cluster_of_slot, slots.prob,
+    )  # fmt: skip
 
-    df = pl.DataFrame({"u": user_of_step, "i": item, "ts": ts}).select(
-        pl.concat_str(pl.lit("u"), pl.col("u").cast(pl.Utf8)).alias("user_id"),
-        pl.concat_str(pl.lit("i"), pl.col("i").cast(pl.Utf8)).alias("item_id"),
-        pl.col("ts").cast(pl.Float64),
-    )
-    if with_cluster:
-        df = df.with_columns(pl.Series("cluster", cluster_of_step, dtype=pl.Int64))
-    return df
+
+@dataclass(frozen=True)
+class _Segments:
+    """Per interest segment: its cluster, home pointer and the user's fresh jumps so far; per user: the cluster
+    permutation ``(a p + b) mod C``."""
+
+    cluster: np.ndarray
+    home_pos: np.ndarray
+    fresh_count: np.ndarray
+    perm_a: np.ndarray
+    perm_b: np.ndarray
 
 
 def _segment_clusters(
@@ -124,7 +178,7 @@ def _segment_clusters(
     seg_late: np.ndarray,
     n_users: int,
     n_clusters: int,
-) -> np.ndarray:
+) -> _Segments:
     """Cluster of every interest segment (segments in per-user time order).
 
     Each user walks their own permutation of clusters, ``perm_u(p) = (a_u * p + b_u) mod C`` (no U x C
@@ -140,13 +194,14 @@ def _segment_clusters(
     step = np.where(seg_first, rng.integers(0, home, n_seg), rng.integers(1, max(home, 2), n_seg) % home)
     step = np.where(fresh, 0, step)
     home_pos = _grouped_cumsum(step, seg_first) % home
-    fresh_rank = _grouped_cumsum(fresh.astype(np.int64), seg_first) - 1
-    position = np.where(fresh, home + fresh_rank % max(n_fresh, 1), home_pos)
+    fresh_count = _grouped_cumsum(fresh.astype(np.int64), seg_first)
+    position = np.where(fresh, home + (fresh_count - 1) % max(n_fresh, 1), home_pos)
 
     units = np.array([a for a in range(1, n_clusters) if math.gcd(a, n_clusters) == 1] or [1], dtype=np.int64)
     a = units[rng.integers(0, units.size, n_users)]
     b = rng.integers(0, n_clusters, n_users)
-    return np.asarray((a[seg_user] * position + b[seg_user]) % n_clusters, dtype=np.int64)
+    cluster = np.asarray((a[seg_user] * position + b[seg_user]) % n_clusters, dtype=np.int64)
+    return _Segments(cluster, home_pos, fresh_count, a, b)
 
 
 def _repeat_sources(rng: np.random.Generator, first: np.ndarray, repeat: float) -> np.ndarray:
@@ -176,14 +231,26 @@ def _grouped_cumsum(x: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     return np.asarray(total - total[start_idx] + x[start_idx])
 
 
-def _items_in_cluster(
-    rng: np.random.Generator, event_cluster: np.ndarray, n_items: int, n_clusters: int, zipf: float
-) -> np.ndarray:
-    """Draw an item per event from its cluster with Zipf popularity, in one ``searchsorted``.
+@dataclass(frozen=True)
+class _Slots:
+    """Items shuffled into ``C`` near-equal blocks (slots), each block a cluster with Zipf popularity by rank."""
 
-    Items are shuffled into ``C`` near-equal blocks; cluster ``c``'s CDF is stored shifted by ``c`` in one
-    increasing array, so ``searchsorted(c + u)`` lands in block ``c`` at a Zipf-distributed rank.
-    """
+    item_of_slot: np.ndarray
+    cluster_of_slot: np.ndarray
+    prob: np.ndarray  # the slot's probability within its cluster
+    bounds: np.ndarray  # block c is slots bounds[c] .. bounds[c + 1] - 1
+    cdf: np.ndarray
+
+    def draw(self, rng: np.random.Generator, event_cluster: np.ndarray) -> np.ndarray:
+        """An item per event from its cluster, in one ``searchsorted``: cluster ``c``'s CDF is stored shifted by
+        ``c`` in one increasing array, so ``searchsorted(c + u)`` lands in block ``c`` at a Zipf-distributed rank."""
+        slot = np.searchsorted(self.cdf, event_cluster + rng.random(event_cluster.size), side="right")
+        slot = np.minimum(slot, self.bounds[event_cluster + 1] - 1)
+        return np.asarray(self.item_of_slot[slot])
+
+
+def _cluster_slots(rng: np.random.Generator, n_items: int, n_clusters: int, zipf: float) -> _Slots:
+    """Shuffle the items into clusters and build the shifted per-cluster CDF :meth:`_Slots.draw` searches."""
     item_of_slot = rng.permutation(n_items).astype(np.int64)
     bounds = np.linspace(0, n_items, n_clusters + 1).round().astype(np.int64)
     sizes = np.diff(bounds)
@@ -195,7 +262,4 @@ def _items_in_cluster(
     totals = cum[bounds[1:] - 1] - before
     cdf = (cum - before[cluster_of_slot]) / totals[cluster_of_slot] + cluster_of_slot
     cdf[bounds[1:] - 1] = np.arange(1, n_clusters + 1)  # exact block ends despite rounding
-    draw = event_cluster + rng.random(event_cluster.size)
-    slot = np.searchsorted(cdf, draw, side="right")
-    slot = np.minimum(slot, bounds[event_cluster + 1] - 1)
-    return item_of_slot[slot]
+    return _Slots(item_of_slot, cluster_of_slot, weight / totals[cluster_of_slot], bounds, cdf)

@@ -14,7 +14,7 @@ TINY = "synthetic:users=150,items=80,events=5000,clusters=6"
 TINY_ARGS = [
     "--dataset", TINY, "--min-user", "2", "--min-item", "2", "--dim", "16", "--code-dim", "8", "--max-len", "15",
     "--epochs", "2", "--adapter-epochs", "1", "--proto-rounds", "1", "--prototypes", "2,4", "--patience", "3",
-    "--no-progress",
+    "--base-patience", "4", "--no-progress",
 ]  # fmt: skip
 
 
@@ -104,7 +104,8 @@ def test_bundle_records_validation_metrics_and_chosen_k(bundle: Path) -> None:
     assert metrics["chosen_k"] in (2, 4)
     assert json.loads((bundle / "config.json").read_text())["model"]["residual_weight"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert set(metrics["k_scores"]) == {"2", "4"}
-    assert json.loads((bundle / "config.json").read_text())["train"]["patience"] == 3  # --patience reached training
+    train = json.loads((bundle / "config.json").read_text())["train"]
+    assert (train["patience"], train["base_patience"]) == (3, 4)  # both patiences reached training
     assert {"base", "persona", "persona-no-prototypes"} <= set(metrics["valid"])
 
 
@@ -143,6 +144,7 @@ def test_evaluate_refuses_a_tampered_bundle(bundle: Path, tmp_path: Path, capsys
         (["--encoder", "lstm"], "encoder"),
         (["--prototypes", "four"], "prototypes"),
         (["--patience", "0"], "patience"),
+        (["--base-patience", "0"], "--base-patience"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(

@@ -68,17 +68,24 @@ def train(
             "mixture-attention (plus an attention term) or additive (the first form).",
         ),
     ] = "mixture-attention",  # recsys.repeats.DEFAULT_FORM (not imported here: the CLI imports recsys lazily)
-    epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the base model.")] = 30,
+    epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the base model.")] = 100,
     adapter_epochs: Annotated[int, typer.Option(min=0, help="Max epochs of the adapter.")] = 20,
     proto_rounds: Annotated[int, typer.Option(min=0, help="Alternating prototype rounds.")] = 1,
     patience: Annotated[
         int,
         typer.Option(
-            help="Stop a training stage after this many epochs without a better validation NDCG@10. A small "
-            "validation set gives a noisy curve that can climb again late (leave-one-out on MovieLens-100K: "
-            "--epochs 100 --patience 50, docs/results.md).",
+            help="Stop the adapter's, the prototypes' and the repeat part's training after this many epochs "
+            "without a better validation NDCG@10.",
         ),
     ] = 5,
+    base_patience: Annotated[
+        int,
+        typer.Option(
+            help="Stop the base model's training after this many epochs without a better validation NDCG@10. "
+            "Long, because its curve can fall and stay flat for 20 epochs before it climbs again "
+            "(leave-one-out on MovieLens-100K, docs/results.md); the best epoch's weights are kept.",
+        ),
+    ] = 50,
     k: Annotated[
         str,
         typer.Option("--prototypes", help="Candidate prototype counts K, comma separated (chosen on validation)."),
@@ -99,8 +106,9 @@ def train(
         raise PersonaError(f"--prototypes {k!r} is not a list of integers", "e.g. --prototypes 4,8,16") from None
     if not ks or min(ks) < 1:
         raise PersonaError("--prototypes needs at least one positive count", "e.g. --prototypes 8")
-    if patience < 1:
-        raise PersonaError(f"--patience {patience} stops before any epoch is compared", "use --patience 1 or more")
+    for flag, value in (("--patience", patience), ("--base-patience", base_patience)):
+        if value < 1:
+            raise PersonaError(f"{flag} {value} stops before any epoch is compared", f"use {flag} 1 or more")
     from recsys.repeats import FORMS
 
     if repeat_form not in FORMS:
@@ -113,6 +121,7 @@ def train(
         k_candidates=ks,
         seed=seed,
         patience=patience,
+        base_patience=base_patience,
     )
     overrides = {
         "encoder": encoder,
