@@ -244,12 +244,18 @@ def test_event_type_label_is_bounded() -> None:
 
 
 def test_parsing_is_fast_enough_for_the_hot_path() -> None:
-    """> 50k events/s in one process (DESIGN: one consumer per partition set); generous margin for CI."""
+    """> 50k events/s in one process (DESIGN: one consumer per partition set); generous margin for CI.
+
+    CPU time of this process, best of three: wall time failed on a busy machine (other jobs' turns counted as ours).
+    """
     import time
 
     raw = json.dumps(EXAMPLE).encode()
     n = 20000
-    t = time.perf_counter()
-    for _ in range(n):
-        parse_event(raw, now=NOW)
-    assert n / (time.perf_counter() - t) > 50_000
+    best = float("inf")
+    for _ in range(3):
+        t = time.process_time()
+        for _ in range(n):
+            parse_event(raw, now=NOW)
+        best = min(best, time.process_time() - t)
+    assert n / best > 50_000
