@@ -309,7 +309,7 @@ class OnlineModel:
     @property
     def has_repeat_part(self) -> bool:
         """Whether the device model mixes repeating the session's items with exploring (:mod:`recsys.repeats`)."""
-        return self.model.device_model.repeat is not None
+        return self._repeat_rows is not None  # an attribute, not the module's: asked once per touched session
 
     def repeat_entries(self, counts: Sequence[RepeatCounts[str] | None]) -> Tensor | None:
         """The model's input [B, R, W] (:func:`recsys.repeats.encode_entries`) of each session's whole-history item
@@ -320,6 +320,12 @@ class OnlineModel:
         size = self.cfg.repeat_size
         rows = [np.zeros((size, ENTRY_WIDTH), dtype=np.float32) if c is None else self.encode_counts(c) for c in counts]
         return entries_tensor(rows) if rows else torch.zeros(0, size, ENTRY_WIDTH)
+
+    def prepare_repeats(self, entries: Tensor) -> Tensor:
+        """Entries [B, R, W] with the terms that read them alone computed once (:meth:`RepeatPart.prepare`): for
+        predictions scored twice (Persona's and the base model's prequential check). Unchanged without the part."""
+        part = self.model.device_model.repeat
+        return entries if part is None else part.prepare(entries)
 
     def session_counts(self, stored: dict[str, Any] | None, recent_items: Sequence[str] = ()) -> RepeatCounts[str]:
         """A session's item counts: as ``stored`` (:meth:`RepeatCounts.to_json`), or, when it has none (a stateless

@@ -22,6 +22,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
+from json import dumps as json_dumps
+from json.encoder import encode_basestring_ascii
+from struct import Struct
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -39,6 +42,26 @@ PAD, UNK = 0, 1  # as recsys.model
 DENSE_ITEMS = 4096
 
 K = TypeVar("K")
+_PACK = Struct("=4d").pack
+
+
+class StoredCounts(dict[str, Any]):
+    """:meth:`RepeatCounts.to_json`: the stored form as a plain dict, plus ``json_text`` (exactly ``json.dumps`` of
+    it, which the store writes as it is: encoding every written session's entries was a third of the repeat part's
+    ingestion cost) and the counts it was taken from (:meth:`RepeatCounts.from_json` picks them up again while they
+    have not moved on, instead of rebuilding them entry by entry)."""
+
+    __slots__ = ("json_text", "source")
+
+    def __init__(self, data: dict[str, Any], json_text: str, source: RepeatCounts[Any] | None = None) -> None:
+        super().__init__(data)
+        self.json_text = json_text
+        self.source = source
+
+
+def _key_text(key: Any) -> str:
+    """A key as ``json.dumps`` writes it."""
+    return encode_basestring_ascii(key) if type(key) is str else json_dumps(key)
 
 
 class RepeatCounts(Generic[K]):
@@ -53,27 +76,49 @@ class RepeatCounts(Generic[K]):
     leaves the garbage collector's lists after its first pass, while the consumer keeps thousands of sessions' counts
     alive, and as lists they made every full collection walk them (measured: GC was most of the part's ingestion
     cost; docs/performance.md).
+
+    The consumer keeps a session's counts from batch to batch (:class:`StoredCounts`), and between two batches most
+    of their entries do not change; so, once asked for, each entry's stored row and JSON text (:meth:`to_json`) and
+    its packed numbers (:meth:`packed_entries`, for :class:`CountsSnapshots`) are kept, in the table's order, and
+    redone only for the entries that changed. Counts read once (a ranking) never build them.
     """
 
-    __slots__ = ("n", "size", "table")
+    __slots__ = ("_packed", "_rows", "_stale", "_texts", "n", "size", "table")
 
     def __init__(self, size: int = REPEAT_SIZE) -> None:
         self.size = size
         self.table: dict[K, tuple[int, int, float, float]] = {}
         self.n = 0
+        # built on first use (None before): the stored row and JSON text per entry (a changed entry's are None
+        # until to_json, which redoes the ones listed in _stale); each entry's four numbers as float64 bytes
+        self._rows: dict[K, tuple[Any, ...] | None] | None = None
+        self._texts: dict[K, str | None] | None = None
+        self._stale: list[K] = []
+        self._packed: dict[K, bytes] | None = None
 
     def add(self, item: K) -> None:
-        table = self.table
+        table, rows, texts, packed = self.table, self._rows, self._texts, self._packed
         entry = table.get(item)
         if entry is None:
             if len(table) >= self.size:
                 # fewest occurrences first, then the oldest latest occurrence: the most frequent and recent stay
-                del table[min(table.items(), key=_eviction_rank)[0]]
-            table[item] = (1, self.n, 1.0, 1.0)
+                evicted = min(table.items(), key=_eviction_rank)[0]
+                del table[evicted]
+                if rows is not None and texts is not None:
+                    del rows[evicted], texts[evicted]
+                if packed is not None:
+                    del packed[evicted]
+            entry = table[item] = (1, self.n, 1.0, 1.0)
         else:
             count, last, short, long = entry
             gap = self.n - last
-            table[item] = (count + 1, self.n, short * _SHORT**gap + 1.0, long * _LONG**gap + 1.0)
+            entry = table[item] = (count + 1, self.n, short * _SHORT**gap + 1.0, long * _LONG**gap + 1.0)
+        # a new key goes last in every dict, an old one keeps its place: their orders stay the table's
+        if rows is not None and texts is not None:
+            rows[item] = texts[item] = None
+            self._stale.append(item)
+        if packed is not None:
+            packed[item] = _PACK(*entry)
         self.n += 1
 
     def entries(self) -> list[tuple[K, int, int, list[float]]]:
@@ -86,32 +131,55 @@ class RepeatCounts(Generic[K]):
             out.append((k, count, age, [short * _SHORT ** (age - 1), long * _LONG ** (age - 1)]))
         return out
 
+    def packed_entries(self) -> bytes:
+        """The entries' ``(count, last, decayed_short, decayed_long)`` as float64 bytes, in the table's order."""
+        if self._packed is None:
+            self._packed = {k: _PACK(*e) for k, e in self.table.items()}
+        return b"".join(self._packed.values())
+
     def encode(self, code_of: Callable[[K], int], size: int) -> np.ndarray:
         """The model's input [size, ENTRY_WIDTH] float32 (:func:`encode_entries` of :meth:`entries`, written
-        directly: this runs once per event in the consumer); ``code_of`` maps an item to its vocabulary code."""
+        directly: this runs once per ranking); ``code_of`` maps an item to its vocabulary code."""
         out = np.zeros((size, ENTRY_WIDTH), dtype=np.float32)
-        if not self.table:
+        table = self.table
+        if not table:
             return out
-        # [E, 5]: code, count, last, short, long (one array from a flat list: fewer calls than per-column ones)
-        rows = np.array([(code_of(k), *e) for k, e in self.table.items()], dtype=np.float64)
-        if rows[:, 0].min() <= UNK:
-            rows = rows[rows[:, 0] > UNK]
-        rows = rows[:size]
-        m = len(rows)
-        age = self.n - rows[:, 2]
-        out[:m, :2] = rows[:, :2]
+        e = len(table)
+        codes = np.fromiter(map(code_of, table), dtype=np.float64, count=e)
+        values = np.fromiter(chain.from_iterable(table.values()), dtype=np.float64, count=4 * e).reshape(e, 4)
+        if codes.min() <= UNK:
+            keep = codes > UNK
+            codes, values = codes[keep], values[keep]
+        codes, values = codes[:size], values[:size]
+        m = len(codes)
+        age = self.n - values[:, 1]
+        out[:m, 0] = codes
+        out[:m, 1] = values[:, 0]
         out[:m, 2] = age
-        out[:m, 3] = rows[:, 3] * np.power(_SHORT, age - 1.0)
-        out[:m, 4] = rows[:, 4] * np.power(_LONG, age - 1.0)
+        out[:m, 3] = values[:, 2] * np.power(_SHORT, age - 1.0)
+        out[:m, 4] = values[:, 3] * np.power(_LONG, age - 1.0)
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> StoredCounts:
         """The stored form: ``{"n": events, "items": [[item, count, last, decayed_short, decayed_long], ...]}`` (rows
-        as tuples in memory, arrays in JSON)."""
-        return {"n": self.n, "items": [(k, *e) for k, e in self.table.items()]}
+        as tuples in memory, arrays in JSON), with its JSON text (:class:`StoredCounts`)."""
+        table, rows, texts = self.table, self._rows, self._texts
+        if rows is None or texts is None:
+            rows, texts = self._rows, self._texts = dict.fromkeys(table), dict.fromkeys(table)
+            self._stale = list(table)
+        for k in self._stale:
+            if rows.get(k, 0) is None:  # changed since the last call, and still kept
+                row = rows[k] = (k, *table[k])
+                texts[k] = f"[{_key_text(k)}, {row[1]}, {row[2]}, {row[3]!r}, {row[4]!r}]"
+        self._stale.clear()
+        text = f'{{"n": {self.n}, "items": [{", ".join(texts.values())}]}}'  # type: ignore[arg-type]
+        return StoredCounts({"n": self.n, "items": list(rows.values())}, text, self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, size: int = REPEAT_SIZE) -> RepeatCounts[Any]:
+        source = getattr(data, "source", None)
+        if source is not None and source.n == data["n"] and source.size == size:  # type: ignore[index]
+            return source  # the counts it was taken from, as they were then
         out: RepeatCounts[Any] = cls(size)
         if data:
             out.n = int(data.get("n", 0))
@@ -132,16 +200,17 @@ class CountsSnapshots(Generic[K]):
     """Many sessions' counts as they are at some moments, encoded together: what the consumer's prequential check
     needs (per prediction, its session's counts before the event).
 
-    :meth:`take` keeps references to the entries (tuples, never changed in place), so a snapshot costs two list
-    extends; :meth:`encode` then builds every snapshot's rows with one set of array operations, bit-identical to
-    :meth:`RepeatCounts.encode` of each (numpy's per-call overhead was most of a per-snapshot encode).
+    :meth:`take` keeps the entries' keys and one bytes join of their numbers (:meth:`RepeatCounts.packed_entries`), so a
+    snapshot costs a list extend and a join; :meth:`encode` then builds every snapshot's rows with one set of array
+    operations, bit-identical to :meth:`RepeatCounts.encode` of each (numpy's per-call overhead was most of a
+    per-snapshot encode, and reading the numbers back out of tuples most of the rest).
     """
 
-    __slots__ = ("keys", "lengths", "ns", "values")
+    __slots__ = ("blobs", "keys", "lengths", "ns")
 
     def __init__(self) -> None:
         self.keys: list[K] = []
-        self.values: list[tuple[int, int, float, float]] = []
+        self.blobs: list[bytes] = []  # per snapshot, its entries' numbers (RepeatCounts.packed_entries)
         self.lengths: list[int] = []
         self.ns: list[int] = []
 
@@ -151,7 +220,7 @@ class CountsSnapshots(Generic[K]):
     def take(self, counts: RepeatCounts[K]) -> None:
         table = counts.table
         self.keys.extend(table)
-        self.values.extend(table.values())
+        self.blobs.append(counts.packed_entries())
         self.lengths.append(len(table))
         self.ns.append(counts.n)
 
@@ -162,9 +231,8 @@ class CountsSnapshots(Generic[K]):
             return out
         lengths = np.asarray(self.lengths)
         codes = np.fromiter(map(code_of, self.keys), dtype=np.float64, count=len(self.keys))
-        flat = chain.from_iterable(self.values)
         # [E, 4]: count, last, short, long
-        values = np.fromiter(flat, dtype=np.float64, count=4 * len(self.values)).reshape(-1, 4)
+        values = np.frombuffer(b"".join(self.blobs), dtype=np.float64).reshape(-1, 4)
         keep = codes > UNK
         kept = np.cumsum(keep)
         before = np.concatenate(([0], kept))[np.cumsum(lengths) - lengths]  # kept entries before each snapshot
@@ -313,6 +381,37 @@ class RepeatPart(nn.Module):
                 self.gate.weight.zero_()
                 self.gate.bias.fill_(math.log(INITIAL_REPEAT / (1.0 - INITIAL_REPEAT)))
 
+    def entry_logits(self, entries: Tensor) -> Tensor:
+        """The repeat logits' terms that read the entries alone [..., R] (the features' MLP, and the mixture forms'
+        decayed-count term): the same for every head output, so for the edited and the base model alike."""
+        return self._entry_logits(entries, entries[..., 1].sum(-1, keepdim=True))
+
+    def _entry_logits(self, entries: Tensor, total: Tensor) -> Tensor:
+        """:meth:`entry_logits` of entries [..., W] whose sessions' total counts are ``total`` (broadcast)."""
+        count = entries[..., 1]
+        age = entries[..., 2].clamp(min=1.0)
+        decayed = entries[..., 3 : 3 + len(DECAYS)]
+        phi = [torch.stack([torch.log1p(count), torch.log(age), 1.0 / age, count / total.clamp(min=1.0)], -1), decayed]
+        if not self.mixture:
+            return self.features(torch.cat(phi, -1)).squeeze(-1)
+        assert self.decay_weight is not None
+        log_decayed = torch.log(decayed.clamp(min=TINY))
+        learned = self.features(torch.cat([*phi, log_decayed], -1)).squeeze(-1)
+        return (log_decayed * self.decay_weight).sum(-1) + learned
+
+    @torch.inference_mode()
+    def prepare(self, entries: Tensor) -> Tensor:
+        """``entries`` [B, R, W] with :meth:`entry_logits` as one more column [B, R, W + 1], computed at real entries
+        only (0 at empty ones, which the softmax masks anyway): what scoring the same predictions twice (the
+        consumer's check of the edited and of the base model) computes once. Every method that takes entries takes
+        prepared ones too. (The device graph computes them inline: its shapes stay static.)"""
+        real = entries[..., 0] > UNK
+        total = entries[..., 1].sum(-1, keepdim=True).expand(real.shape)[real]
+        out = entries.new_zeros(*entries.shape[:-1], entries.shape[-1] + 1)
+        out[..., :-1] = entries
+        out[..., -1][real] = self._entry_logits(entries[real], total)
+        return out
+
     def forward(
         self, x: Tensor, targets: Tensor, entries: Tensor, logits: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -332,7 +431,6 @@ class RepeatPart(nn.Module):
         :meth:`forward` (``log P_r`` is about −1e4 at empty entries)."""
         items = entries[..., 0].long()
         count = entries[..., 1].to(x.dtype)
-        age = entries[..., 2].to(x.dtype).clamp(min=1.0)
         real = items > UNK
         q = None if self.query is None else self.query(x)
         scale = math.sqrt(x.shape[-1])
@@ -358,15 +456,7 @@ class RepeatPart(nn.Module):
             if self.mixture:
                 lse = catalogue_logsumexp(x, targets) if logits is None else torch.logsumexp(logits, 1, keepdim=True)
         total = count.sum(1, keepdim=True)
-        decayed = entries[..., 3 : 3 + len(DECAYS)].to(x.dtype)
-        base = [torch.stack([torch.log1p(count), torch.log(age), 1.0 / age, count / total.clamp(min=1.0)], -1), decayed]
-        if self.mixture:
-            assert self.decay_weight is not None and lse is not None
-            log_decayed = torch.log(decayed.clamp(min=TINY))
-            learned = self.features(torch.cat([*base, log_decayed], -1)).squeeze(-1)
-            z = (log_decayed * self.decay_weight).sum(-1) + learned
-        else:
-            z = self.features(torch.cat(base, -1)).squeeze(-1)
+        z = entries[..., ENTRY_WIDTH].to(x.dtype) if entries.shape[-1] > ENTRY_WIDTH else self.entry_logits(entries)
         if att is not None:
             z = z + att
         log_p = torch.log_softmax(z.masked_fill(~real, -1e4), 1)
@@ -382,58 +472,77 @@ SMALL_BATCH = 4
 
 
 class RepeatRows:
-    """:meth:`RepeatPart.forward` for a few rows (a single ranking) in NumPy, with frozen weights: the same
-    arithmetic in float32 without torch's per-operation overhead, which is most of its cost for one row (measured:
-    ~30 operations, 0.37 ms a ranking against ~0.03 ms for the explore scores themselves)."""
+    """:meth:`RepeatPart.forward` for a few rows (a single ranking) in NumPy, with frozen weights, row by row at the
+    row's real entries only: the same arithmetic in float32 (its scalars in float64) without torch's per-operation
+    overhead, which is most of its cost for one row (measured: ~30 torch operations, 0.37 ms a ranking, against
+    ~0.03 ms for the explore scores themselves). The attention term is folded into one key per item at load,
+    ``k_i = W_q^T t(E_i) / √D`` and ``c_i = <b_q, t(E_i)> / √D``, so a row's is a gather and one product."""
 
     def __init__(self, part: RepeatPart, targets: Tensor) -> None:
         def arr(t: Tensor) -> np.ndarray:
             return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
 
-        self.targets = arr(targets)  # [N, D]
         self.mixture = part.mixture
-        self.wq = None if part.query is None else arr(part.query.weight.T)
-        self.bq = None if part.query is None else arr(part.query.bias)
+        self.keys: np.ndarray | None = None
+        self.key_bias: np.ndarray | None = None
+        if part.query is not None:
+            with torch.no_grad():
+                scale = math.sqrt(targets.shape[1])
+                t = targets.detach()
+                self.keys = arr(t @ part.query.weight / scale)  # [N, D]: <k_i, x> = <t_i, W_q x> / √D
+                self.key_bias = arr(t @ part.query.bias / scale)  # [N]
         first, second = part.features[0], part.features[2]
         assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
         self.w1, self.b1 = arr(first.weight.T), arr(first.bias)
         self.w2, self.b2 = arr(second.weight.T)[:, 0], float(second.bias.detach()[0])
-        self.wg, self.bg = arr(part.gate.weight[0]), float(part.gate.bias.detach()[0])
+        gate = arr(part.gate.weight[0])
+        self.wg, self.wg_entries, self.wg_total = gate[:-2], float(gate[-2]), float(gate[-1])
+        self.bg = float(part.gate.bias.detach()[0])
         self.wd = None if part.decay_weight is None else arr(part.decay_weight)
-        self.scale = np.float32(math.sqrt(self.targets.shape[1]))
 
     def __call__(self, x: Tensor, entries: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(items [B, R], bias [B, R]) as :meth:`RepeatPart.forward` for x [B, D], entries [B, R, W] and the explore
-        logits [B, N]."""
+        """(items [B, R], bias [B, R]) as :meth:`RepeatPart.forward` for x [B, D], entries [B, R, W] (prepared or
+        not) and the explore logits [B, N]."""
         xs, e, full = x.numpy(), entries.numpy(), logits.numpy()
         items = e[..., 0].astype(np.int64)
-        count = e[..., 1]
-        age = np.maximum(e[..., 2], np.float32(1.0))
-        real = items > UNK
-        s = np.take_along_axis(full, items, 1)
-        total = count.sum(1, keepdims=True)
-        share = count / np.maximum(total, np.float32(1.0))
-        decayed = e[..., 3 : 3 + len(DECAYS)]
-        phi = [np.stack([np.log1p(count), np.log(age), np.float32(1.0) / age, share], -1), decayed]
-        z = np.zeros(items.shape, dtype=np.float32)
-        if self.wd is not None:
-            log_decayed = np.log(np.maximum(decayed, np.float32(TINY)))
-            z = (log_decayed * self.wd).sum(-1)
-            phi.append(log_decayed)
-        z = z + np.tanh(np.concatenate(phi, -1) @ self.w1 + self.b1) @ self.w2 + np.float32(self.b2)
-        if self.wq is not None:
-            q = xs @ self.wq + self.bq
-            z = z + np.einsum("brd,bd->br", self.targets[items], q) / self.scale
-        z = np.where(real, z, np.float32(-1e4))
-        top = z.max(1, keepdims=True)
-        log_p = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
-        summary = np.concatenate([xs, np.log1p(real.sum(1, keepdims=True).astype(np.float32)), np.log1p(total)], 1)
-        rho = summary @ self.wg + np.float32(self.bg)
+        bias = np.zeros(items.shape, dtype=np.float32)
+        for b in range(len(items)):
+            real = np.flatnonzero(items[b] > UNK)
+            if len(real):
+                bias[b, real] = self._row(xs[b], e[b, real], items[b, real], full[b])
+        return torch.from_numpy(items), torch.from_numpy(bias)
+
+    def _row(self, x: np.ndarray, e: np.ndarray, items: np.ndarray, full: np.ndarray) -> np.ndarray:
+        """One row's bias [M] at its M real entries ``e`` [M, W] (items ``items``), head output x [D], logits [N]."""
+        f32 = np.float32
+        count = e[:, 1]
+        total = float(count.sum())
+        if e.shape[1] > ENTRY_WIDTH:  # prepared (RepeatPart.prepare)
+            z = e[:, ENTRY_WIDTH]
+        else:
+            age = np.maximum(e[:, 2], f32(1.0))
+            decayed = e[:, 3 : 3 + len(DECAYS)]
+            phi = np.empty((len(e), self.w1.shape[0]), dtype=np.float32)
+            phi[:, 0] = np.log1p(count)
+            phi[:, 1] = np.log(age)
+            phi[:, 2] = f32(1.0) / age
+            phi[:, 3] = count / max(total, 1.0)
+            phi[:, 4 : 4 + len(DECAYS)] = decayed
+            if self.wd is not None:  # the mixture forms also read the decayed counts' logs
+                log_decayed = np.log(np.maximum(decayed, f32(TINY)))
+                phi[:, 4 + len(DECAYS) :] = log_decayed
+            z = np.tanh(phi @ self.w1 + self.b1) @ self.w2 + f32(self.b2)
+            if self.wd is not None:
+                z = (log_decayed * self.wd).sum(-1) + z
+        if self.keys is not None and self.key_bias is not None:
+            z = z + (self.keys[items] @ x + self.key_bias[items])
+        top = float(z.max())
+        log_norm = top + math.log(float(np.exp(z - top).sum()))  # log Σ_j exp(z_j): log P_r = z − log_norm
+        rho = float(x @ self.wg) + self.wg_entries * math.log1p(len(e)) + self.wg_total * math.log1p(total) + self.bg
         if self.mixture:
-            peak = full.max(1)
-            rho = rho + peak + np.log(np.exp(full - peak[:, None]).sum(1))
-        bias = np.logaddexp(np.float32(0.0), rho[:, None] + log_p - s).astype(np.float32)
-        return torch.from_numpy(items), torch.from_numpy(np.where(real, bias, np.float32(0.0)))
+            peak = float(full.max())
+            rho += peak + math.log(float(np.exp(full - peak).sum()))
+        return np.logaddexp(f32(0.0), z - (log_norm - rho) - full[items]).astype(np.float32)
 
 
 def add_repeat_bias(scores: Tensor, items: Tensor, bias: Tensor) -> Tensor:

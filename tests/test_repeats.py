@@ -172,6 +172,34 @@ def test_snapshots_encode_like_each_sessions_counts() -> None:
         np.testing.assert_array_equal(got, np.stack(expected))
 
 
+def test_the_stored_form_carries_its_exact_json_and_picks_its_counts_up_again() -> None:
+    """to_json keeps each entry's text until the entry changes: its text must stay json.dumps of the stored form
+    through updates, evictions and re-entries; from_json takes the live counts back only while they have not moved
+    on (a batch that failed after adding to them must rebuild from what was stored)."""
+    import random
+
+    rng = random.Random(1)
+    ids = ["a", 'quo"te', "back\\slash", "ünï", "tab\t"] + [f"i{i}" for i in range(40)]
+    for size in (2, 5, 64):
+        counts: RepeatCounts[str] = RepeatCounts(size)
+        for _ in range(300):
+            counts.add(rng.choice(ids))
+            if rng.random() < 0.15:
+                stored = counts.to_json()
+                assert stored.json_text == json.dumps(stored)
+        stored = counts.to_json()
+        assert stored.json_text == json.dumps(stored) and json.loads(stored.json_text) == json.loads(json.dumps(stored))
+        assert RepeatCounts.from_json(stored, size) is counts
+        assert RepeatCounts.from_json(stored, size + 1) is not counts  # another model's size: rebuilt
+        counts.add("a")  # moved on: the stored form is rebuilt, as it was
+        back = RepeatCounts.from_json(stored, size)
+        assert back is not counts and back.n == stored["n"] and back.to_json().json_text == stored.json_text
+        back.add("a")
+        assert back.entries() == counts.entries()
+    offline: RepeatCounts[int] = RepeatCounts.of([3, 4, 3])  # integer keys (offline) write JSON numbers
+    assert offline.to_json().json_text == json.dumps(offline.to_json())
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_the_dense_and_the_gathered_logits_agree(monkeypatch: pytest.MonkeyPatch, form: str) -> None:
     """Small catalogues take the part's logits from dense products, large ones gather item vectors: same scores."""
@@ -202,8 +230,14 @@ def test_a_few_rows_in_numpy_give_the_parts_scores(form: str) -> None:
         logits = x @ targets.T
         items, bias = part(x, targets, reps, logits)
         rows = RepeatRows(part, targets)(x, reps, logits)
-    assert torch.equal(rows[0], items)
+        # entries prepared once for two scorings (the consumer's check): the same, in torch and in NumPy
+        prepared = part.prepare(reps)
+        items_p, bias_p = part(x, targets, prepared, logits)
+        rows_p = RepeatRows(part, targets)(x, prepared, logits)
+    assert torch.equal(rows[0], items) and torch.equal(items_p, items) and torch.equal(rows_p[0], items)
     torch.testing.assert_close(rows[1], bias, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias_p, bias, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rows_p[1], bias, rtol=1e-5, atol=1e-6)
     assert float(bias[0, :3].min()) > 0 and float(bias[1].min()) > 0 and float(rows[1][2].abs().max()) == 0.0
 
 

@@ -320,3 +320,20 @@ def test_the_sqlite_hot_paths_json_is_what_sqlalchemy_writes(value: object) -> N
 
     converted = hot_path("sqlite")._json(value)
     assert converted == (None if value is None else json.dumps(value))
+
+
+def test_a_sessions_item_counts_are_stored_as_their_own_json_text(store: Store) -> None:
+    """Item counts carry their JSON text (recsys.repeats.StoredCounts), which both dialects' hot paths write as it
+    is: what reads back is the stored form, and the counts rebuilt from it are the same, in the same order."""
+    from persona.store.hot_path import hot_path
+    from recsys.repeats import RepeatCounts
+
+    counts: RepeatCounts[str] = RepeatCounts.of(["b", 'q"t', "é", "b", "back\\slash", "b"], size=3)
+    stored = counts.to_json()
+    assert hot_path("sqlite")._json(stored) == json.dumps(stored)
+    with store.transaction() as uow:
+        uow.upsert_sessions([_state(item_counts=stored)])
+    loaded = store.get_session("s-1")
+    assert loaded is not None and loaded.item_counts == json.loads(json.dumps(stored))
+    back = RepeatCounts.from_json(loaded.item_counts, 3)
+    assert back is not counts and back.entries() == counts.entries()

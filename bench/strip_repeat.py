@@ -1,0 +1,54 @@
+"""Copy a bundle without its repeat part: the baseline of the repeat part's serving-cost benchmark.
+
+Run on demand (docs/performance.md, "Repeat part: serving cost"); it is not a test:
+
+    .venv/bin/python bench/strip_repeat.py runs/bench/rep runs/bench/rep-without
+
+The copy has ``repeat_size`` 0 and no ``device_model.repeat.*`` tensors; every other weight is the same, so the
+two bundles serve the same base model and a release from before the part loads the copy as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from recsys.bundle import ARTIFACT_SUFFIXES, load_bundle, read_artifact, save_bundle
+
+PREFIX = "device_model.repeat."
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source", type=Path, help="Bundle with a repeat part.")
+    ap.add_argument("out", type=Path, help="Where to write the copy (replaced if it exists).")
+    args = ap.parse_args()
+    bundle = load_bundle(args.source)
+    documents = dict(bundle.documents)
+    config = dict(documents["config"])
+    config["model"] = {k: v for k, v in config["model"].items() if k != "repeat_form"} | {"repeat_size": 0}
+    documents["config"] = config
+    tensors = {
+        stem: {k: v for k, v in state.items() if not k.startswith(PREFIX)} for stem, state in bundle.tensors.items()
+    }
+    # the device graph holds the part too; a copy without it serves from the weights alone
+    artifacts = {
+        name: data
+        for name in bundle.manifest["files"]
+        if name.endswith(ARTIFACT_SUFFIXES) and name != "device.onnx"
+        if (data := read_artifact(args.source, name)) is not None
+    }
+    save_bundle(
+        args.out,
+        tensors=tensors,
+        documents=documents,
+        data_fingerprint=bundle.manifest["data_fingerprint"],
+        meta={**bundle.manifest.get("meta", {}), "stripped_from": bundle.manifest["version"]},
+        overwrite=True,
+        artifacts=artifacts,
+    )
+    print(f"wrote {args.out} ({sum(k.startswith(PREFIX) for s in bundle.tensors.values() for k in s)} tensors dropped)")
+
+
+if __name__ == "__main__":
+    main()
