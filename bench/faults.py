@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,85 +124,99 @@ def _events(online: OnlineModel, n: int, prefix: str) -> list[Event]:
     return make_events(online, n, sessions=SESSIONS, prefix=prefix)
 
 
-def store_outage(bundle: Path, work: Path, outage_s: float) -> dict[str, Any]:
+def _outage(
+    bundle: Path,
+    work: Path,
+    outage_s: float,
+    *,
+    name: str,
+    prefix: str,
+    fault: Callable[[EmbeddedBroker, str, bool], None],
+    publish_during: bool,
+) -> tuple[dict[str, Any], dict[tuple[str, str, int], float], float]:
+    """The outage scenarios' common run: 4,000 events on a fresh broker and database; the first 2,000 published
+    and applied, then ``fault(broker, db, True)`` for ``outage_s`` seconds and ``fault(..., False)``, the other
+    2,000 published during the fault (``publish_during``) or after it; then until all 4,000 are applied. The
+    store's connections are closed across the fault (a database outage must not find them open).
+
+    Returns the report's common part, the store's online counters and the seconds from the fault's end until the
+    last event was applied."""
     online = OnlineModel.load(bundle)
-    events = _events(online, 4000, "so-")
+    events = _events(online, 4000, prefix)
     with EmbeddedBroker() as broker, temporary_database(POSTGRES, "persona_faults") as db:
-        topic = "faults-store"
+        topic = "faults-" + name.replace("_", "-")
         ensure_topics(broker.bootstrap, {topic: 4, f"{topic}.dlq": 4})
+
+        def publish(part: list[Event]) -> None:
+            _publish(broker.bootstrap, topic, [(e.session_id.encode(), e.to_json_bytes()) for e in part])
+
         store = Store.open(db)
-        consumer = Consumer(broker.bootstrap, db, bundle, topic, work / "store_outage.log")
+        consumer = Consumer(broker.bootstrap, db, bundle, topic, work / f"{name}.log")
         try:
-            _publish(broker.bootstrap, topic, [(e.session_id.encode(), e.to_json_bytes()) for e in events[:2000]])
+            publish(events[:2000])
             _wait(lambda: store.count_events() >= 2000, 180)
             store.close()
             mark = consumer.mark()
-            set_reachable(db, False)
-            _publish(broker.bootstrap, topic, [(e.session_id.encode(), e.to_json_bytes()) for e in events[2000:]])
+            fault(broker, db, True)
+            if publish_during:
+                publish(events[2000:])
             time.sleep(outage_s)
             end = consumer.mark()
-            set_reachable(db, True)
+            fault(broker, db, False)
+            if not publish_during:
+                publish(events[2000:])
             store = Store.open(db)
             recovery = _wait(lambda: store.count_events() >= 4000, 300)
             time.sleep(1)
             after = consumer.lines_since(end)
         finally:
-            set_reachable(db, True)
+            fault(broker, db, False)
             code, summary = consumer.stop()
-        counters = store.online_counters()
         out = {
             "outage_s": outage_s,
             "during": _log_counts(consumer.lines_since(mark, end)),
             "after": _log_counts(after),
             "recovered_line": next((x.split(": ", 1)[1] for x in after if "recovered after" in x), None),
-            "recovery_s": round(recovery, 2),
             "events": len(events),
             "stored_events": store.count_events(),
-            "predictions": {v: counters.get(("predictions", v, 0), 0.0) for v in ("persona", "base")},
-            "expected_predictions": len(events) - SESSIONS,
             "exit_code": code,
             "summary": summary,
         }
+        counters = store.online_counters()
         store.close()
-        return out
+        return out, counters, recovery
+
+
+def _database_down(_broker: EmbeddedBroker, db: str, down: bool) -> None:
+    set_reachable(db, not down)
+
+
+def _broker_paused(broker: EmbeddedBroker, _db: str, paused: bool) -> None:
+    if paused:
+        broker.pause()
+    else:
+        broker.resume()
+
+
+def store_outage(bundle: Path, work: Path, outage_s: float) -> dict[str, Any]:
+    """The database refuses connections while the second half arrives."""
+    out, counters, recovery = _outage(
+        bundle, work, outage_s, name="store_outage", prefix="so-", fault=_database_down, publish_during=True
+    )
+    return {
+        **out,
+        "recovery_s": round(recovery, 2),
+        "predictions": {v: counters.get(("predictions", v, 0), 0.0) for v in ("persona", "base")},
+        "expected_predictions": out["events"] - SESSIONS,
+    }
 
 
 def broker_pause(bundle: Path, work: Path, outage_s: float) -> dict[str, Any]:
-    online = OnlineModel.load(bundle)
-    events = _events(online, 4000, "bp-")
-    with EmbeddedBroker() as broker, temporary_database(POSTGRES, "persona_faults") as db:
-        topic = "faults-broker"
-        ensure_topics(broker.bootstrap, {topic: 4, f"{topic}.dlq": 4})
-        store = Store.open(db)
-        consumer = Consumer(broker.bootstrap, db, bundle, topic, work / "broker_pause.log")
-        try:
-            _publish(broker.bootstrap, topic, [(e.session_id.encode(), e.to_json_bytes()) for e in events[:2000]])
-            _wait(lambda: store.count_events() >= 2000, 180)
-            mark = consumer.mark()
-            broker.pause()
-            time.sleep(outage_s)
-            end = consumer.mark()
-            broker.resume()
-            _publish(broker.bootstrap, topic, [(e.session_id.encode(), e.to_json_bytes()) for e in events[2000:]])
-            recovery = _wait(lambda: store.count_events() >= 4000, 300)
-            time.sleep(1)
-            after = consumer.lines_since(end)
-        finally:
-            broker.resume()
-            code, summary = consumer.stop()
-        out = {
-            "outage_s": outage_s,
-            "during": _log_counts(consumer.lines_since(mark, end)),
-            "after": _log_counts(after),
-            "recovered_line": next((x.split(": ", 1)[1] for x in after if "recovered after" in x), None),
-            "seconds_to_apply_the_next_2000_after_resume": round(recovery, 2),
-            "events": len(events),
-            "stored_events": store.count_events(),
-            "exit_code": code,
-            "summary": summary,
-        }
-        store.close()
-        return out
+    """The broker is frozen; the second half is published once it is back."""
+    out, _counters, recovery = _outage(
+        bundle, work, outage_s, name="broker_pause", prefix="bp-", fault=_broker_paused, publish_during=False
+    )
+    return {**out, "seconds_to_apply_the_next_2000_after_resume": round(recovery, 2)}
 
 
 def poison(bundle: Path, work: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from recsys.baselines import (
     RecentPopularityMethod,
     SessionRepeatMethod,
 )
+from recsys.edit_rows import EditRows
 from recsys.metrics import RankingMetrics, per_example_ndcg, sample_negatives, sampled_ranks, target_ranks
 from recsys.model import Edit, PersonaModel
 from recsys.progress import track
@@ -281,7 +282,17 @@ def measure_cost(
     hist = torch.from_numpy(examples.histories[: max(batch, 1)])
     one = hist[:1]
     few = max(repeats // 3, 3)
-    edit_single = _median_seconds(lambda: model.session_edit(one), repeats)
+    # one session at a time as the product computes it (OnlineModel for a single request: NumPy, the bank's own
+    # prototype edits computed once per bank snapshot); batched in torch, as the consumer and serving batch it
+    if model.bank.centres.shape[0] > 0:
+        rows = EditRows(model)
+        with torch.inference_mode():
+            centres = model.bank.centres.numpy().copy()
+            proto_w, proto_b = (t.numpy().copy() for t in model.prototype_edits(model.bank.centres))
+        one_np = one.numpy()
+        edit_single = _median_seconds(lambda: rows.edit(one_np, centres, (proto_w, proto_b)), repeats)
+    else:  # no prototype bank (nothing trained after the base model): the torch path is all there is
+        edit_single = _median_seconds(lambda: model.session_edit(one), repeats)
     edit_batched = _median_seconds(lambda: model.session_edit(hist), few)
     ft_single = _median_seconds(lambda: ft.edit(one), few)
     ft_batched = _median_seconds(lambda: ft.edit(hist), few)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from recsys.bundle import ItemMetadata
+from recsys.edit_rows import EditRows
 from recsys.edited_head import EditedHead, GeneratorTerms
 from recsys.metrics import target_ranks
 from recsys.model import (
@@ -112,6 +113,7 @@ class OnlineModel:
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
         self._item_inputs: Tensor | None = None  # the adapter's per-item input projections, built on first use
+        self._edit_rows_built: EditRows | None = None  # a few rows' codes and edits in NumPy, built on first use
         #: The bundle it was loaded from (``None`` when built in memory): another process can load it from there.
         self.path: Path | None = None
 
@@ -165,7 +167,14 @@ class OnlineModel:
         """Edit codes [B, L, d] of the sessions (histories [B, T], or just their last ``adapter_window`` items)."""
         if self._item_inputs is None:
             self._item_inputs = self.model.adapter.item_inputs(self.model.device_model.items.weight)
+        if histories.shape[0] <= SMALL_BATCH:  # a single request: NumPy, without torch's per-call overhead
+            return torch.from_numpy(self._edit_rows().codes(histories.numpy()))
         return self.model.adapter.codes_from_inputs(self.model.recent(histories), self._item_inputs)
+
+    def _edit_rows(self) -> EditRows:
+        if self._edit_rows_built is None:
+            self._edit_rows_built = EditRows(self.model, self._item_inputs)
+        return self._edit_rows_built
 
     def _bank(self, bank: BankState | None) -> BankState:
         return bank or self.initial_bank
@@ -190,6 +199,10 @@ class OnlineModel:
         """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
+        if codes.shape[0] <= SMALL_BATCH:  # a single request: the residual in NumPy (EditRows)
+            proto_w, proto_b = self._bank_edits(b)
+            res_w, res_b = self._edit_rows().residual(codes.numpy(), b.centres[proto].numpy())
+            return Edit(proto_w[proto] + torch.from_numpy(res_w), proto_b[proto] + torch.from_numpy(res_b), proto)
         return self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
 
     @torch.inference_mode()

@@ -4,6 +4,7 @@ batched metric observations and sliding counts."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,56 @@ def test_adapter_codes_from_item_inputs_equal_the_packed_gru() -> None:
         inputs = adapter.item_inputs(model.device_model.items.weight)
         got = adapter.codes_from_inputs(model.recent(hist), inputs)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_a_few_sessions_codes_and_edits_in_numpy_equal_the_model(rank: int) -> None:
+    """EditRows (one request's codes and edit, without torch's per-call overhead) against the model: full, partly
+    padded and empty windows, unknown items, a full-rank and a low-rank generator; and OnlineModel takes that path
+    for a few rows and torch's for more, with the same results."""
+    from recsys.edit_rows import EditRows
+
+    model = _model(edit_rank=rank, residual_weight=0.7, adapter_window=5)
+    hist = _histories(40, 12, seed=5)
+    hist[3, -2] = 1  # UNK reads as an item, as the model reads it
+    rows = EditRows(model)
+    with torch.inference_mode():
+        codes = model.codes(hist)
+        protos = model.bank.assign(codes)
+        expected = model.prototype_edit(codes, model.bank.centres, protos)
+        proto_w, proto_b = model.prototype_edits(model.bank.centres)
+    got = rows.codes(hist.numpy())
+    np.testing.assert_allclose(got, codes.numpy(), atol=1e-6, rtol=1e-5)
+    res_w, res_b = rows.residual(codes.numpy(), model.bank.centres[protos].numpy())
+    np.testing.assert_allclose(proto_w[protos].numpy() + res_w, expected.weight.numpy(), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(proto_b[protos].numpy() + res_b, expected.bias.numpy(), atol=1e-6, rtol=1e-5)
+    assert float(np.abs(res_w).max()) > 0  # the residual is not trivially zero here
+    # the whole single-session edit (what `persona evaluate` times one session at a time): assignment included
+    w, b, p = rows.edit(hist.numpy(), model.bank.centres.numpy(), (proto_w.numpy(), proto_b.numpy()))
+    np.testing.assert_array_equal(p, protos.numpy())
+    np.testing.assert_allclose(w, expected.weight.numpy(), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(b, expected.bias.numpy(), atol=1e-6, rtol=1e-5)
+
+
+def test_online_codes_and_edits_take_numpy_for_a_few_rows_with_the_same_results(tiny_bundle: Path) -> None:
+    """OnlineModel computes one request's codes and edit in NumPy (EditRows) and a batch's in torch: the same."""
+    from recsys.online import OnlineModel
+
+    online = OnlineModel.load(tiny_bundle)
+    hist = torch.from_numpy(np.random.default_rng(0).integers(2, online.n_items, (9, online.cfg.max_len)))
+    hist[2, :-1] = PAD  # one item
+    hist[4] = PAD  # none
+    with torch.inference_mode():
+        batched = online.codes(hist)  # 9 rows: torch
+        batched_edit = online.edit(batched)
+    for n in (1, 3):  # NumPy
+        with torch.inference_mode():
+            few = torch.cat([online.codes(hist[i : i + n]) for i in range(0, 9 - n + 1, n)])
+            edit = online.edit(online.codes(hist[:n]))
+        torch.testing.assert_close(few, batched[: len(few)], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(edit.weight, batched_edit.weight[:n], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(edit.bias, batched_edit.bias[:n], atol=1e-6, rtol=1e-5)
+        assert torch.equal(edit.prototype, batched_edit.prototype[:n])
 
 
 @pytest.mark.parametrize("rank", [0, 3])
