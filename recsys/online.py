@@ -167,7 +167,7 @@ class OnlineModel:
         """Edit codes [B, L, d] of the sessions (histories [B, T], or just their last ``adapter_window`` items)."""
         if self._item_inputs is None:
             self._item_inputs = self.model.adapter.item_inputs(self.model.device_model.items.weight)
-        if histories.shape[0] <= SMALL_BATCH:  # a single request: NumPy, without torch's per-call overhead
+        if 0 < histories.shape[0] <= SMALL_BATCH:  # a single request: NumPy, without torch's per-call overhead
             return torch.from_numpy(self._edit_rows().codes(histories.numpy()))
         return self.model.adapter.codes_from_inputs(self.model.recent(histories), self._item_inputs)
 
@@ -199,7 +199,7 @@ class OnlineModel:
         """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
-        if codes.shape[0] <= SMALL_BATCH:  # a single request: the residual in NumPy (EditRows)
+        if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: the residual in NumPy (EditRows)
             proto_w, proto_b = self._bank_edits(b)
             res_w, res_b = self._edit_rows().residual(codes.numpy(), b.centres[proto].numpy())
             return Edit(proto_w[proto] + torch.from_numpy(res_w), proto_b[proto] + torch.from_numpy(res_b), proto)

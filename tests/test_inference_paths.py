@@ -103,6 +103,8 @@ def test_online_codes_and_edits_take_numpy_for_a_few_rows_with_the_same_results(
     with torch.inference_mode():
         batched = online.codes(hist)  # 9 rows: torch
         batched_edit = online.edit(batched)
+        none = online.codes(hist[:0])  # no rows (a batch of unknown items): torch's empty result
+        assert none.shape == (0, *batched.shape[1:]) and online.edit(none).weight.shape[0] == 0
     for n in (1, 3):  # NumPy
         with torch.inference_mode():
             few = torch.cat([online.codes(hist[i : i + n]) for i in range(0, 9 - n + 1, n)])
