@@ -104,14 +104,16 @@ class EditRows:
         return np.clip(dw, -t, t), np.clip(db, -t, t)
 
     def edit(
-        self, histories: np.ndarray, centres: np.ndarray, prototype_edits: tuple[np.ndarray, np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A few sessions' prototype-mode edits from their histories [B, T]: (ΔW [B, L, D, D], Δb [B, L, D],
-        prototypes [B]), as :meth:`recsys.model.PersonaModel.session_edit`, given the bank's centres [K, L, d] and
-        its prototypes' own clipped edits (:meth:`recsys.model.PersonaModel.prototype_edits`, which depend on the
-        bank alone: serving computes them once per bank snapshot)."""
-        codes = self.codes(histories)
-        flat = centres.reshape(len(centres), -1)
-        protos = np.array([int(((flat - c.reshape(-1)) ** 2).sum(1).argmin()) for c in codes], dtype=np.int64)
-        res_w, res_b = self.residual(codes, centres[protos])
-        return prototype_edits[0][protos] + res_w, prototype_edits[1][protos] + res_b, protos
+        self,
+        codes: np.ndarray,
+        centres: np.ndarray,
+        prototypes: np.ndarray,
+        prototype_edits: tuple[np.ndarray | Tensor, np.ndarray | Tensor],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prototype-mode edits (ΔW [B, L, D, D], Δb [B, L, D]) of codes [B, L, d] assigned to ``prototypes`` [B], as
+        :meth:`recsys.model.PersonaModel.prototype_edit`: each prototype's own clipped edit
+        (:meth:`recsys.model.PersonaModel.prototype_edits`, which depends on the bank alone, so serving computes it
+        once per bank snapshot) plus the session's clipped residual. ``centres`` [K, L, d] are the bank's."""
+        res_w, res_b = self.residual(codes, centres[prototypes])
+        proto_w, proto_b = (np.asarray(t)[prototypes] for t in prototype_edits)
+        return proto_w + res_w, proto_b + res_b

@@ -282,15 +282,23 @@ def measure_cost(
     hist = torch.from_numpy(examples.histories[: max(batch, 1)])
     one = hist[:1]
     few = max(repeats // 3, 3)
-    # one session at a time as the product computes it (OnlineModel for a single request: NumPy, the bank's own
-    # prototype edits computed once per bank snapshot); batched in torch, as the consumer and serving batch it
+    # one session at a time as OnlineModel computes it for a single request (codes and edit in NumPy, the
+    # assignment in torch, the bank's own prototype edits once per bank snapshot); batched in torch, as the consumer
+    # and serving batch it
     if model.bank.centres.shape[0] > 0:
         rows = EditRows(model)
         with torch.inference_mode():
             centres = model.bank.centres.numpy().copy()
-            proto_w, proto_b = (t.numpy().copy() for t in model.prototype_edits(model.bank.centres))
+            proto_edits = tuple(t.numpy().copy() for t in model.prototype_edits(model.bank.centres))
         one_np = one.numpy()
-        edit_single = _median_seconds(lambda: rows.edit(one_np, centres, (proto_w, proto_b)), repeats)
+
+        def single_edit() -> tuple[np.ndarray, np.ndarray]:
+            codes = rows.codes(one_np)
+            with torch.inference_mode():
+                protos = model.bank.assign(torch.from_numpy(codes)).numpy()
+            return rows.edit(codes, centres, protos, proto_edits)  # type: ignore[arg-type]
+
+        edit_single = _median_seconds(single_edit, repeats)
     else:  # no prototype bank (nothing trained after the base model): the torch path is all there is
         edit_single = _median_seconds(lambda: model.session_edit(one), repeats)
     edit_batched = _median_seconds(lambda: model.session_edit(hist), few)

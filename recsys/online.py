@@ -199,10 +199,9 @@ class OnlineModel:
         """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
-        if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: the residual in NumPy (EditRows)
-            proto_w, proto_b = self._bank_edits(b)
-            res_w, res_b = self._edit_rows().residual(codes.numpy(), b.centres[proto].numpy())
-            return Edit(proto_w[proto] + torch.from_numpy(res_w), proto_b[proto] + torch.from_numpy(res_b), proto)
+        if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (EditRows)
+            w, bias = self._edit_rows().edit(codes.numpy(), b.centres.numpy(), proto.numpy(), self._bank_edits(b))
+            return Edit(torch.from_numpy(w), torch.from_numpy(bias), proto)
         return self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
 
     @torch.inference_mode()

@@ -83,15 +83,13 @@ def _sqlite_json(value: Any) -> str | None:
     return json.dumps(value) if text is None else text
 
 
-def _pg_json(value: Any) -> Any:
-    """A ``jsonb`` parameter; a value that carries its exact JSON text (``json_text``: a session's item counts) is
-    sent as that text."""
-    from psycopg.types.json import Jsonb
-
+def _pg_json(jsonb: Callable[..., Any], value: Any) -> Any:
+    """A ``jsonb`` parameter (``jsonb``: psycopg's ``Jsonb``, imported once by :class:`HotPath`); a value that carries
+    its exact JSON text (``json_text``: a session's item counts) is sent as that text."""
     if value is None:
         return None
     text = getattr(value, "json_text", None)
-    return Jsonb(value) if text is None else Jsonb(value, dumps=lambda _: text)
+    return jsonb(value) if text is None else jsonb(value, dumps=lambda _: text)
 
 
 def _sqlite_time_in(value: str | None) -> datetime | None:
@@ -137,10 +135,12 @@ class HotPath:
             self._json: Callable[[Any], Any] = _sqlite_json
             self._json_in: Callable[[Any], Any] = lambda v: None if v is None else json.loads(v)
         elif dialect == "postgresql":
+            from psycopg.types.json import Jsonb
+
             self.mark = "%s"
             self._time = _pg_time
             self._time_in = _pg_time_in
-            self._json = _pg_json
+            self._json = functools.partial(_pg_json, Jsonb)
             self._json_in = lambda v: v  # psycopg decodes jsonb itself
         else:
             raise ValueError(f"no hot path for dialect {dialect!r}")
