@@ -226,7 +226,8 @@ class EncoderCache:
             kv = []
             for slab, new in ((self._keys[n], qkv[:, :, 1]), (self._values[n], qkv[:, :, 2])):
                 slab.view(-1, hd).index_copy_(0, write, new[rows_real, cols_real].reshape(-1, hd))
-                kv.append(slab.index_select(0, slot_t)[:, :, :keys])  # [B, heads, keys, head dim]
+                # [B, heads, keys, head dim]: only the positions read are copied (windows are often shorter than T)
+                kv.append(slab[:, :, :keys].index_select(0, slot_t))
             # attention written out: for a query or two per row it beat the fused kernel several times over
             scores = torch.matmul(qkv[:, :, 0].transpose(1, 2), kv[0].transpose(-1, -2)).mul_(hd**-0.5)
             o = torch.matmul(torch.softmax(scores.masked_fill_(hidden, float("-inf")), -1), kv[1])

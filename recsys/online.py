@@ -13,7 +13,7 @@ exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +143,11 @@ class OnlineModel:
             return [{"title": None} for _ in item_ids]
         describe = self.items.describe
         return [describe(i, fields) for i in self.indices_of(item_ids)]
+
+    @property
+    def item_codes(self) -> Mapping[str, int]:
+        """Item id → vocabulary index, ``UNK`` for an id the model does not know (read-only by contract)."""
+        return self._index
 
     def known(self, item_id: str) -> bool:
         return item_id in self._index
@@ -355,7 +360,7 @@ class OnlineModel:
 
     def encode_snapshots(self, snapshots: CountsSnapshots[str]) -> np.ndarray:
         """Many sessions' counts as the repeat part's input [P, R, W] float32 (each as :meth:`encode_counts`)."""
-        return snapshots.encode(self._index.__getitem__, self.cfg.repeat_size)
+        return snapshots.encode(self.cfg.repeat_size)
 
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
         """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);

@@ -20,7 +20,7 @@ in the order the entries entered the session's counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from json import dumps as json_dumps
 from json.encoder import encode_basestring_ascii
@@ -42,7 +42,7 @@ PAD, UNK = 0, 1  # as recsys.model
 DENSE_ITEMS = 4096
 
 K = TypeVar("K")
-_PACK = Struct("=4d").pack
+_PACK = Struct("=5d").pack  # an entry's vocabulary code, count, last, decayed short, decayed long
 
 
 class StoredCounts(dict[str, Any]):
@@ -83,7 +83,7 @@ class RepeatCounts(Generic[K]):
     redone only for the entries that changed. Counts read once (a ranking) never build them.
     """
 
-    __slots__ = ("_packed", "_rows", "_stale", "_texts", "n", "size", "table")
+    __slots__ = ("_codes", "_packed", "_rows", "_stale", "_texts", "n", "size", "table")
 
     def __init__(self, size: int = REPEAT_SIZE) -> None:
         self.size = size
@@ -95,6 +95,7 @@ class RepeatCounts(Generic[K]):
         self._texts: dict[K, str | None] | None = None
         self._stale: list[K] = []
         self._packed: dict[K, bytes] | None = None
+        self._codes: Mapping[K, int] | None = None  # the vocabulary _packed's codes come from
 
     def add(self, item: K) -> None:
         table, rows, texts, packed = self.table, self._rows, self._texts, self._packed
@@ -118,7 +119,7 @@ class RepeatCounts(Generic[K]):
             rows[item] = texts[item] = None
             self._stale.append(item)
         if packed is not None:
-            packed[item] = _PACK(*entry)
+            packed[item] = _PACK(self._codes[item], *entry)  # type: ignore[index]
         self.n += 1
 
     def entries(self) -> list[tuple[K, int, int, list[float]]]:
@@ -131,10 +132,13 @@ class RepeatCounts(Generic[K]):
             out.append((k, count, age, [short * _SHORT ** (age - 1), long * _LONG ** (age - 1)]))
         return out
 
-    def packed_entries(self) -> bytes:
-        """The entries' ``(count, last, decayed_short, decayed_long)`` as float64 bytes, in the table's order."""
-        if self._packed is None:
-            self._packed = {k: _PACK(*e) for k, e in self.table.items()}
+    def packed_entries(self, codes: Mapping[K, int]) -> bytes:
+        """The entries' ``(code, count, last, decayed_short, decayed_long)`` as float64 bytes, in the table's order,
+        with each item's vocabulary code from ``codes`` (looked up once per change of the entry, not per snapshot;
+        ``codes`` must give every item a code, UNK for one it does not know)."""
+        if self._packed is None or self._codes is not codes:
+            self._codes = codes
+            self._packed = {k: _PACK(codes[k], *e) for k, e in self.table.items()}
         return b"".join(self._packed.values())
 
     def encode(self, code_of: Callable[[K], int], size: int) -> np.ndarray:
@@ -200,17 +204,18 @@ class CountsSnapshots(Generic[K]):
     """Many sessions' counts as they are at some moments, encoded together: what the consumer's prequential check
     needs (per prediction, its session's counts before the event).
 
-    :meth:`take` keeps the entries' keys and one bytes join of their numbers (:meth:`RepeatCounts.packed_entries`), so a
-    snapshot costs a list extend and a join; :meth:`encode` then builds every snapshot's rows with one set of array
-    operations, bit-identical to :meth:`RepeatCounts.encode` of each (numpy's per-call overhead was most of a
-    per-snapshot encode, and reading the numbers back out of tuples most of the rest).
+    :meth:`take` keeps one bytes join of the entries' codes and numbers (:meth:`RepeatCounts.packed_entries`), so a
+    snapshot costs a join; :meth:`encode` then builds every snapshot's rows with one set of array operations,
+    bit-identical to :meth:`RepeatCounts.encode` of each (numpy's per-call overhead was most of a per-snapshot
+    encode, reading the numbers back out of tuples most of the rest, and looking each entry's code up again most of
+    what was left).
     """
 
-    __slots__ = ("blobs", "keys", "lengths", "ns")
+    __slots__ = ("blobs", "codes", "lengths", "ns")
 
-    def __init__(self) -> None:
-        self.keys: list[K] = []
-        self.blobs: list[bytes] = []  # per snapshot, its entries' numbers (RepeatCounts.packed_entries)
+    def __init__(self, codes: Mapping[K, int]) -> None:
+        self.codes = codes  # every item's vocabulary code (UNK for one the model does not know)
+        self.blobs: list[bytes] = []  # per snapshot, its entries' codes and numbers (RepeatCounts.packed_entries)
         self.lengths: list[int] = []
         self.ns: list[int] = []
 
@@ -218,34 +223,34 @@ class CountsSnapshots(Generic[K]):
         return len(self.lengths)
 
     def take(self, counts: RepeatCounts[K]) -> None:
-        table = counts.table
-        self.keys.extend(table)
-        self.blobs.append(counts.packed_entries())
-        self.lengths.append(len(table))
+        self.blobs.append(counts.packed_entries(self.codes))
+        self.lengths.append(len(counts.table))
         self.ns.append(counts.n)
 
-    def encode(self, code_of: Callable[[K], int], size: int) -> np.ndarray:
+    def encode(self, size: int) -> np.ndarray:
         """float32 [snapshots, size, ENTRY_WIDTH]: row i is :meth:`RepeatCounts.encode` of snapshot i."""
         out = np.zeros((len(self.lengths), size, ENTRY_WIDTH), dtype=np.float32)
-        if not self.keys:
+        if not self.blobs:
             return out
         lengths = np.asarray(self.lengths)
-        codes = np.fromiter(map(code_of, self.keys), dtype=np.float64, count=len(self.keys))
-        # [E, 4]: count, last, short, long
-        values = np.frombuffer(b"".join(self.blobs), dtype=np.float64).reshape(-1, 4)
+        # [E, 5]: code, count, last, short, long
+        values = np.frombuffer(b"".join(self.blobs), dtype=np.float64).reshape(-1, 5)
+        if not len(values):
+            return out
+        codes = values[:, 0]
         keep = codes > UNK
         kept = np.cumsum(keep)
         before = np.concatenate(([0], kept))[np.cumsum(lengths) - lengths]  # kept entries before each snapshot
         pos = kept - 1 - np.repeat(before, lengths)  # an entry's row among its snapshot's known entries
         sel = keep & (pos < size)
         snap = np.repeat(np.arange(len(lengths)), lengths)[sel]
-        pos, codes, values = pos[sel], codes[sel], values[sel]
-        age = np.repeat(np.asarray(self.ns, dtype=np.float64), lengths)[sel] - values[:, 1]
-        out[snap, pos, 0] = codes
-        out[snap, pos, 1] = values[:, 0]
+        pos, values = pos[sel], values[sel]
+        age = np.repeat(np.asarray(self.ns, dtype=np.float64), lengths)[sel] - values[:, 2]
+        out[snap, pos, 0] = values[:, 0]
+        out[snap, pos, 1] = values[:, 1]
         out[snap, pos, 2] = age
-        out[snap, pos, 3] = values[:, 2] * np.power(_SHORT, age - 1.0)
-        out[snap, pos, 4] = values[:, 3] * np.power(_LONG, age - 1.0)
+        out[snap, pos, 3] = values[:, 3] * np.power(_SHORT, age - 1.0)
+        out[snap, pos, 4] = values[:, 4] * np.power(_LONG, age - 1.0)
         return out
 
 

@@ -154,9 +154,10 @@ def test_snapshots_encode_like_each_sessions_counts() -> None:
     import random
 
     rng = random.Random(0)
-    code_of = {str(i): (1 if i in (3, 7) else i + 2) for i in range(30)}.__getitem__  # "3", "7": unknown now
+    codes = {str(i): (1 if i in (3, 7) else i + 2) for i in range(30)}  # "3", "7": unknown now
+    code_of = codes.__getitem__
     for size in (3, 8, 64):
-        snapshots: CountsSnapshots[str] = CountsSnapshots()
+        snapshots: CountsSnapshots[str] = CountsSnapshots(codes)
         expected = []
         for _ in range(40):
             counts: RepeatCounts[str] = RepeatCounts(size)
@@ -167,9 +168,19 @@ def test_snapshots_encode_like_each_sessions_counts() -> None:
                     expected.append(counts.encode(code_of, size))
             snapshots.take(counts)
             expected.append(counts.encode(code_of, size))
-        got = snapshots.encode(code_of, size)
+        got = snapshots.encode(size)
         assert len(snapshots) == len(expected)
         np.testing.assert_array_equal(got, np.stack(expected))
+    # the codes come from the vocabulary the snapshots were taken for: another one (a reloaded model) re-codes them
+    counts = RepeatCounts.of(["1", "2", "3"], 8)
+    first: CountsSnapshots[str] = CountsSnapshots(codes)
+    first.take(counts)
+    other = {k: v + 100 for k, v in codes.items()}
+    second: CountsSnapshots[str] = CountsSnapshots(other)
+    second.take(counts)
+    np.testing.assert_array_equal(first.encode(8)[0], counts.encode(code_of, 8))
+    np.testing.assert_array_equal(second.encode(8)[0], counts.encode(other.__getitem__, 8))
+    assert not np.array_equal(first.encode(8), second.encode(8))
 
 
 def test_the_stored_form_carries_its_exact_json_and_picks_its_counts_up_again() -> None:

@@ -337,3 +337,18 @@ def test_a_sessions_item_counts_are_stored_as_their_own_json_text(store: Store) 
     assert loaded is not None and loaded.item_counts == json.loads(json.dumps(stored))
     back = RepeatCounts.from_json(loaded.item_counts, 3)
     assert back is not counts and back.entries() == counts.entries()
+
+
+def test_a_sessions_copy_has_every_field_of_the_original() -> None:
+    import dataclasses
+
+    state = _state(user_state=b"\x01\x02", item_counts={"n": 1, "items": [["30", 1, 0, 1.0, 1.0]]})
+    # every field set away from its default, so a field the copy forgot would show
+    defaults = SessionState(session_id="other")
+    for f in dataclasses.fields(SessionState):
+        assert getattr(state, f.name) != getattr(defaults, f.name), f.name
+    copied = state.copy()
+    assert copied == dataclasses.replace(state)
+    assert copied is not state
+    copied.event_count += 1  # the consumer changes its own copy; the original stays as it was
+    assert state.event_count == 3

@@ -9,7 +9,6 @@ outcome (:func:`~persona.ingest.result.conclude`), refine the bank, write the se
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -200,7 +199,7 @@ class Ingestor:
                 touched = earlier.plan.sessions[sid]
                 if not final:
                     origins[sid] = touched.state  # its code and user state are filled in when it concludes
-                stored[sid] = dataclasses.replace(touched.state)  # the walk below changes its own copy
+                stored[sid] = touched.state.copy()  # the walk below changes its own copy
                 if earlier.online is online:
                     known_indices[sid] = touched.indices
             if common:
@@ -212,7 +211,7 @@ class Ingestor:
                     remembered = self._committed.get(sid)
                     if remembered is not None:
                         self._committed.move_to_end(sid)
-                        stored[sid] = dataclasses.replace(remembered[0])  # the walk below changes its own copy
+                        stored[sid] = remembered[0].copy()  # the walk below changes its own copy
                         if remembered[2] is online:
                             known_indices[sid] = remembered[1]
             missing = missing - stored.keys()

@@ -57,7 +57,7 @@ class Plan:
     event_ts: list[float] = field(default_factory=list)  # per applied event
     item_indices: list[int] = field(default_factory=list)  # per applied event
     unknown_items: int = 0
-    pre_counts: CountsSnapshots[str] = field(default_factory=CountsSnapshots)  # per prediction: counts before it
+    pre_counts: CountsSnapshots[str] | None = None  # per prediction: counts before it (models with a repeat part)
 
 
 def walk(
@@ -78,6 +78,7 @@ def walk(
     """
     plan = Plan()
     repeats = online.has_repeat_part
+    pre_counts = plan.pre_counts = CountsSnapshots(online.item_codes) if repeats else None
     known_indices = known_indices or {}
     sessions = plan.sessions
     index_of, indices_of = online.index_of, online.indices_of
@@ -118,8 +119,8 @@ def walk(
                 size = min(window_length(st.event_count, max_len, stride), len(w.indices))
                 plan.stored_prev.append((snapshot, w.indices[len(w.indices) - size :]))
             plan.pre_rows.append((w.row, item))
-            if w.counts is not None:
-                plan.pre_counts.take(w.counts)
+            if pre_counts is not None and w.counts is not None:
+                pre_counts.take(w.counts)
         if w.counts is not None:
             w.counts.add(e.item_id)
         w.indices = [*w.indices, item][-cap:]

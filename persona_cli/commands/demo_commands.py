@@ -103,7 +103,10 @@ def ensure_bundle(path: Path, dataset: str = "ml-100k", *, retrain: bool = False
             if trained.items is None and load_item_metadata(dataset) is not None:
                 typer.echo("  it has no item titles (trained before bundles kept them): --retrain to show titles")
             return path
-    typer.echo(f"training on {dataset} into {path} (first run only, a few minutes) ...")
+    typer.echo(
+        f"training on {dataset} into {path} (first run only: about 20 minutes on an idle 2-core machine, most of it "
+        "the base model's up to 100 epochs; later runs reuse the bundle) ..."
+    )
     start = time.perf_counter()
     train_bundle(DatasetSpec(source=dataset), path, overwrite=True, progress=progress)
     typer.echo(f"trained in {time.perf_counter() - start:.0f} s")
