@@ -66,7 +66,7 @@ def accuracy(model: PersonaModel, histories: np.ndarray, targets: np.ndarray, va
             m = models[name]
             codes = m.codes(hist)
             edit = m.edit_for(codes, "prototype")
-            bias = m.bank.item_bias(edit.prototype)
+            bias = m.bank.item_bias(edit.prototype, edit.codes)
             edit_d, bias_d = _round(edit, bias, dtype, rank)
             scores = m.device_model(hist, edit_d)
             if bias_d is not None:
@@ -106,7 +106,7 @@ def sizes_and_latency(online: OnlineModel, histories: np.ndarray, repeats: int, 
     hist = torch.from_numpy(histories[-1:])  # the last test example: a full history window
     codes = online.codes(hist)
     edit = online.edit(codes)
-    group = online.group_bias(edit.prototype)
+    group = online.group_bias(edit.prototype, edit.codes)
     w, b = edit.weight[0], edit.bias[0]
     json_body = SessionEdit(
         session_id="session-0000001",
@@ -154,13 +154,13 @@ def sizes_and_latency(online: OnlineModel, histories: np.ndarray, repeats: int, 
     def server_full() -> None:  # a session the server must encode (history carried in the request)
         h = online.user_states(hist)
         q, _ = online.edited_queries(h, codes, edit.prototype, bank)
-        s = online.scores_from_queries(q, online.group_bias(edit.prototype, bank))
+        s = online.scores_from_queries(q, online.group_bias(edit.prototype, edit.codes, bank))
         s[0, hist[0]] = float("-inf")
         torch.topk(s, 10)
 
     def server_stored() -> None:  # a stored session: the consumer's user state and code are reused
         q, _ = online.edited_queries(state, codes, edit.prototype, bank)
-        s = online.scores_from_queries(q, online.group_bias(edit.prototype, bank))
+        s = online.scores_from_queries(q, online.group_bias(edit.prototype, edit.codes, bank))
         s[0, hist[0]] = float("-inf")
         torch.topk(s, 10)
 

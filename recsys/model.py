@@ -60,6 +60,15 @@ class ModelConfig:
     group_bias_weight: float = 0.0  # β
     group_bias_smoothing: float = 1.0  # α: pseudo-count, as a multiple of the prototype's mean count per item
     group_bias_decay: float = 1.0  # γ: a prototype's counts are multiplied by γ for each new member event
+    # Fine groups (METHOD.md §3b, docs/results.md): ``fine_groups`` K2 finer groups of the sessions' codes (k-means on
+    # the training codes, then fixed), each with the distribution of what its members chose next in the training and
+    # validation periods. A session adds ``β2 · log1p(Σ_f w_f P_f(i) · N / α2)``, w its soft membership
+    # (:func:`fine_weights`, temperature τ2; 0 = its nearest group alone). They are part of the model, not of the live
+    # bank: a function of the session's code. 0 groups = none (bundles trained before them, or validation said no).
+    fine_groups: int = 0
+    fine_bias_weight: float = 0.0  # β2
+    fine_bias_smoothing: float = 1.0  # α2
+    fine_temperature: float = 0.0  # τ2
     # The encoder's window (recsys.windows): 0 = the last max_len items, positions counted from the most recent
     # (bundles trained before windows had a stride load as 0); S > 0 = a window that starts every S items,
     # positions counted from its start. None = max_len // 2, at most max_len - adapter_window + 1.
@@ -104,12 +113,14 @@ class ModelConfig:
 class Edit(NamedTuple):
     """Per-session additive edits of the editable layers.
 
-    ``weight``: [B, L, D, D], ``bias``: [B, L, D]; ``prototype``: [B] int64 (-1 = none).
+    ``weight``: [B, L, D, D], ``bias``: [B, L, D]; ``prototype``: [B] int64 (-1 = none); ``codes``: the sessions'
+    edit codes [B, L, d] a prototype-mode edit was made from (the fine groups' bias reads them; None otherwise).
     """
 
     weight: Tensor
     bias: Tensor
     prototype: Tensor
+    codes: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- device model
@@ -482,6 +493,8 @@ class PrototypeBank(nn.Module):
     Buffers: ``centres`` [K, L, d], ``counts`` [K] (sessions assigned so far, for the step size),
     ``next_items`` [K, N]: the decayed counts of what each prototype's members chose next (the group bias, METHOD.md
     §3b: what the group did recently, which no single session can see).
+    ``fine_centres`` [K2, L, d] and ``fine_items`` [K2, N]: the fine groups' centres and next-item distributions
+    (``ModelConfig.fine_groups``; fixed after training, K2 = 0 without them).
     Parameters: ``weight_offset`` [K, L, D, D] and ``bias_offset`` [K, L, D], each prototype's own learned
     edit on top of what the shared generators make of its centre (zero-initialised, trained on its cluster in
     the alternating rounds): the "per-prototype conditioning" of METHOD.md §3 at the cost of one edit each.
@@ -490,6 +503,8 @@ class PrototypeBank(nn.Module):
     centres: Tensor
     counts: Tensor
     next_items: Tensor
+    fine_centres: Tensor
+    fine_items: Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -498,6 +513,8 @@ class PrototypeBank(nn.Module):
         self.register_buffer("centres", torch.zeros(k, n, cfg.code_dim))
         self.register_buffer("counts", torch.zeros(k))
         self.register_buffer("next_items", torch.zeros(k, cfg.n_items))
+        self.register_buffer("fine_centres", torch.zeros(cfg.fine_groups, n, cfg.code_dim))
+        self.register_buffer("fine_items", torch.zeros(cfg.fine_groups, cfg.n_items))
         self.weight_offset = nn.Parameter(torch.zeros(k, n, dim, dim))
         self.bias_offset = nn.Parameter(torch.zeros(k, n, dim))
 
@@ -520,9 +537,13 @@ class PrototypeBank(nn.Module):
         """Count the next items ``targets`` [B] of sessions in ``prototypes`` [B] (:func:`count_next_items`)."""
         count_next_items(self.next_items, prototypes, targets, self.cfg.group_bias_decay)
 
-    def item_bias(self, prototypes: Tensor) -> Tensor | None:
-        """The group bias [B, N] of sessions assigned to ``prototypes`` [B] (:func:`group_bias`); ``None`` when off."""
-        return group_bias(self.next_items, prototypes, self.cfg)
+    def item_bias(self, prototypes: Tensor, codes: Tensor | None) -> Tensor | None:
+        """The group bias [B, N] of sessions assigned to ``prototypes`` [B] (:func:`group_bias`), plus the fine groups'
+        of their ``codes`` [B, L, d] when given (:func:`fine_group_bias`); ``None`` when both are off."""
+        bias = group_bias(self.next_items, prototypes, self.cfg)
+        if codes is None:
+            return bias
+        return add_bias(bias, fine_group_bias(codes, prototypes, self.fine_centres, self.fine_items, self.cfg))
 
     @torch.no_grad()
     def fit(self, codes: Tensor, *, iters: int = 25, seed: int = 0) -> Tensor:
@@ -590,6 +611,55 @@ def group_bias(next_items: Tensor, prototypes: Tensor, cfg: ModelConfig) -> Tens
     scale = torch.where(mean > 0, 1.0 / (cfg.group_bias_smoothing * mean).clamp(min=1e-30), torch.zeros_like(mean))
     bias = torch.log1p(rows * scale) * beta
     return bias * (prototypes >= 0).unsqueeze(1)
+
+
+#: A session's soft membership reaches its this many nearest fine groups: the weights beyond are negligible at the
+#: temperatures validation chooses (test NDCG@10 within 0.3 % of all groups' on both seeds, docs/results.md, "Fine
+#: groups"), and a product with all 512 groups cost 23 ms for a consumer batch's 250 predictions (N = 1,322).
+FINE_NEAREST = 8
+
+
+def fine_weights(sq_distances: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Soft membership of codes in the fine groups from their squared distances [B, K2]: (groups [B, m], weights
+    [B, m]) over each row's m = min(:data:`FINE_NEAREST`, K2) nearest groups, ``softmax(−(d² − min d²) / (τ ·
+    median d²))`` with the median over all K2 groups (torch's: the lower middle value), so τ is relative to the
+    row's own spread of distances. τ = 0: the nearest group alone, weight 1."""
+    if temperature == 0.0:
+        nearest = sq_distances.argmin(1, keepdim=True)
+        return nearest, torch.ones(nearest.shape, dtype=sq_distances.dtype)
+    m = min(FINE_NEAREST, sq_distances.shape[1])
+    values, groups = sq_distances.topk(m, dim=1, largest=False)  # ascending: values[:, 0] is the nearest
+    scale = sq_distances.median(dim=1, keepdim=True).values.clamp(min=1e-12)
+    return groups, torch.softmax(-(values - values[:, :1]) / (temperature * scale), dim=1)
+
+
+def fine_group_bias(
+    codes: Tensor, prototypes: Tensor, centres: Tensor, items: Tensor, cfg: ModelConfig
+) -> Tensor | None:
+    """``β2 · log1p(Σ_f w_f P_f(i) · N / α2)`` [B, N] for codes [B, L, d] (:func:`fine_weights` over the fine
+    groups' ``centres`` [K2, L, d], their next-item distributions ``items`` [K2, N]); 0 for a session without a
+    prototype (-1 in ``prototypes``: it gets the base model). ``None`` when the model has no fine groups.
+
+    Like the prototypes' group bias it is, up to a per-row constant, β2 times the log of a smoothed next-item
+    distribution, here the one of the session's finer neighbourhood in code space: what sessions like it chose next.
+    """
+    beta = cfg.fine_bias_weight
+    if beta == 0.0 or centres.shape[0] == 0:
+        return None
+    sq = torch.cdist(codes.reshape(codes.shape[0], -1), centres.reshape(centres.shape[0], -1)).pow(2)
+    groups, weights = fine_weights(sq, cfg.fine_temperature)
+    mix = items[groups[:, 0]] * weights[:, :1]
+    for j in range(1, groups.shape[1]):  # row by row of the nearest groups: [B, N] at a time, not [B, m, N]
+        mix += items[groups[:, j]] * weights[:, j : j + 1]
+    bias = torch.log1p(mix * (items.shape[1] / cfg.fine_bias_smoothing)) * beta
+    return bias * (prototypes >= 0).unsqueeze(1)
+
+
+def add_bias(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The sum of two optional item biases [B, N] (``None`` = none)."""
+    if a is None:
+        return b
+    return a if b is None else a + b
 
 
 @torch.no_grad()
@@ -693,7 +763,7 @@ class PersonaModel(nn.Module):
         else:
             (proto_w, proto_b), which = bank_edits, prototypes
         res_w, res_b = self.adapter.raw_edit((codes - centres[prototypes]) * self.cfg.residual_weight)
-        return Edit(proto_w[which] + res_w.clamp(-rt, rt), proto_b[which] + res_b.clamp(-rt, rt), prototypes)
+        return Edit(proto_w[which] + res_w.clamp(-rt, rt), proto_b[which] + res_b.clamp(-rt, rt), prototypes, codes)
 
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
         return self.edit_for(self.codes(history), mode)
@@ -709,7 +779,7 @@ class PersonaModel(nn.Module):
         sessions' item counts [B, R, W] for the repeat part. An edit with prototypes (prototype mode) adds their
         group bias (:func:`group_bias`); base and session edits do not."""
         scores: Tensor = self.device_model(history, edit, targets, repeats)
-        bias = None if edit is None else self.bank.item_bias(edit.prototype)
+        bias = None if edit is None else self.bank.item_bias(edit.prototype, edit.codes)
         return scores if bias is None else scores + bias
 
     def freeze_device_model(self) -> None:

@@ -33,7 +33,9 @@ from recsys.model import (
     Edit,
     ModelConfig,
     PersonaModel,
+    add_bias,
     count_next_items,
+    fine_group_bias,
     group_bias,
     refine_centres,
 )
@@ -206,7 +208,7 @@ class OnlineModel:
         proto = self.assign(codes, b) if prototypes is None else prototypes
         if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (EditRows)
             w, bias = self._edit_rows().edit(codes.numpy(), b.centres.numpy(), proto.numpy(), self._bank_edits(b))
-            return Edit(torch.from_numpy(w), torch.from_numpy(bias), proto)
+            return Edit(torch.from_numpy(w), torch.from_numpy(bias), proto, codes)
         return self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
 
     @torch.inference_mode()
@@ -247,11 +249,17 @@ class OnlineModel:
         return self._generator_terms
 
     @torch.inference_mode()
-    def group_bias(self, prototypes: Tensor, bank: BankState | None = None) -> Tensor | None:
+    def group_bias(self, prototypes: Tensor, codes: Tensor | None, bank: BankState | None = None) -> Tensor | None:
         """The group bias [B, N] that prototype-mode scores add for sessions assigned to ``prototypes`` [B] (-1 = none)
-        under ``bank``'s next-item counts (:func:`recsys.model.group_bias`); ``None`` when the model has none."""
+        under ``bank``'s next-item counts (:func:`recsys.model.group_bias`), plus the fine groups' bias of their edit
+        ``codes`` [B, L, d] (:func:`recsys.model.fine_group_bias`; every caller with prototypes has the codes they
+        came from); ``None`` when the model has neither."""
         counts = self._bank(bank).next_items
-        return None if counts is None else group_bias(counts, prototypes, self.cfg)
+        bias = None if counts is None else group_bias(counts, prototypes, self.cfg)
+        if codes is None:
+            return bias
+        fine = self.model.bank
+        return add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
 
     @torch.inference_mode()
     def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:
@@ -373,7 +381,7 @@ class OnlineModel:
     ) -> Tensor:
         """Scores [B, N] from user states [B, D] (edited head, then every item, plus a prototype-mode edit's group
         bias under ``bank`` and the repeat part's bias from ``repeats`` [B, R, W]); PAD/UNK never rank."""
-        bias = None if edit is None else self.group_bias(edit.prototype, bank)
+        bias = None if edit is None else self.group_bias(edit.prototype, edit.codes, bank)
         return self.scores_from_queries(self.queries(states, edit), bias, repeats)
 
     @torch.inference_mode()

@@ -145,6 +145,7 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
                 "chosen_k": result.chosen_k,
                 "residual_weight": model.cfg.residual_weight,
                 "group_bias": asdict(result.group_bias),
+                "fine_groups": None if result.fine_groups is None else result.fine_groups.as_dict(),
                 "k_scores": {str(k): v for k, v in result.k_scores.items()},
                 "stages": [asdict(s) for s in result.stages],
             },
@@ -221,8 +222,14 @@ def load_trained(path: Path) -> TrainedModel:
 
 def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> dict[str, torch.Tensor]:
     """A bundle trained before prototypes counted their members' next items has no ``bank.next_items``: it loads
-    with empty counts, which add no group bias (and its config has β = 0), so it serves exactly as it was trained."""
-    if "bank.next_items" in state or "bank.centres" not in state:
+    with empty counts, which add no group bias (and its config has β = 0), so it serves exactly as it was trained;
+    one trained before the fine groups loads with none."""
+    if "bank.centres" not in state:
         return state
-    k = state["bank.centres"].shape[0]
-    return {**state, "bank.next_items": torch.zeros(k, model.cfg.n_items)}
+    out = dict(state)
+    if "bank.next_items" not in state:
+        out["bank.next_items"] = torch.zeros(state["bank.centres"].shape[0], model.cfg.n_items)
+    # one trained before the fine groups has none (and its config 0 of them): it serves exactly as it was trained
+    for name in ("fine_centres", "fine_items"):
+        out.setdefault(f"bank.{name}", getattr(model.bank, name))
+    return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -52,6 +54,12 @@ class TrainConfig:
     group_bias_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
     group_bias_decays: tuple[float, ...] = (1.0, 0.999)  # 0.99 lost on both ML-100K and synthetic (docs/method.md)
     group_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
+    # the fine groups (ModelConfig.fine_groups), chosen on validation after the prototypes' group bias: K2, τ2, β2, α2
+    # (none is always a candidate; docs/results.md, "Fine groups"). () = no fine groups.
+    fine_group_counts: tuple[int, ...] = (64, 128, 256, 512)
+    fine_temperatures: tuple[float, ...] = (0.0, 0.05, 0.2)
+    fine_bias_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    fine_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
     # the repeat part (recsys.repeats): trained after the base model on its frozen state, kept only if it raises the
     # base model's validation NDCG@10 (so data without re-consumption gets the model without it)
     repeat_epochs: int = 20
@@ -65,24 +73,31 @@ class TrainConfig:
         d = asdict(self)
         d["k_candidates"] = list(self.k_candidates)
         d["residual_weights"] = list(self.residual_weights)
-        for key in ("group_bias_weights", "group_bias_decays", "group_bias_smoothings", "repeat_gates"):
+        for key in _TUPLE_FIELDS[2:]:
             d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        for key in (
-            "k_candidates",
-            "residual_weights",
-            "group_bias_weights",
-            "group_bias_decays",
-            "group_bias_smoothings",
-            "repeat_gates",
-        ):
+        for key in _TUPLE_FIELDS:
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+_TUPLE_FIELDS = (
+    "k_candidates",
+    "residual_weights",
+    "group_bias_weights",
+    "group_bias_decays",
+    "group_bias_smoothings",
+    "repeat_gates",
+    "fine_group_counts",
+    "fine_temperatures",
+    "fine_bias_weights",
+    "fine_bias_smoothings",
+)
 
 
 @dataclass
@@ -104,6 +119,7 @@ class TrainResult:
     chosen_k: int
     k_scores: dict[int, float]
     group_bias: GroupBias
+    fine_groups: FineGroups | None = None
 
 
 class Batch(NamedTuple):
@@ -394,6 +410,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     train_assignment = model.bank.assign(codes)
     probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
     chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
+    fine = choose_fine_groups(model, probe, codes, split.train.targets, tc)
 
     _eval(model)
     no_proto = copy.deepcopy(model)
@@ -405,8 +422,12 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
         "persona": evaluate_method(PersonaMethod(model, "persona", "prototype", refine=True), split.valid),
     }
     with torch.no_grad():  # then the validation period's, as a live bank would have counted them
-        model.bank.observe(model.bank.assign(_codes(model, split.valid)), torch.from_numpy(split.valid.targets))
-    return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias)
+        valid_codes = _codes(model, split.valid)
+        model.bank.observe(model.bank.assign(valid_codes), torch.from_numpy(split.valid.targets))
+        if fine is not None:  # the fine groups' distributions: the training and validation periods'
+            fine.add(valid_codes, split.valid.targets)
+            model.bank.fine_items = fine.distributions()
+    return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias, fine)
 
 
 def _eval(model: PersonaModel) -> PersonaModel:
@@ -474,7 +495,7 @@ class ValidProbe:
             protos = bank.assign(codes)
             edit = model.prototype_edit(codes, bank.centres, protos)
             scores = dm.scores_from_head(dm.head(self.states[i : i + self.batch], edit), item_targets, reps)
-            bias = bank.item_bias(protos)
+            bias = bank.item_bias(protos, codes)
             metrics.update(target_ranks(scores if bias is None else scores + bias, tgt))
             if refine:
                 bank.refine(codes, protos)
@@ -514,6 +535,91 @@ def choose_group_bias(
     count_next_items(counts, train_assignment, targets, chosen.decay)
     model.bank.next_items.copy_(counts)
     return chosen
+
+
+@dataclass
+class FineGroups:
+    """The fine groups chosen on validation (``ModelConfig.fine_groups``): their centres [K2, L, d], their members'
+    next-item counts [K2, N] so far, and the settings with their validation NDCG@10 (``score``; ``baseline``: the
+    model without them)."""
+
+    centres: Tensor
+    counts: Tensor
+    temperature: float
+    weight: float
+    smoothing: float
+    score: float
+    baseline: float
+
+    def add(self, codes: Tensor, targets: np.ndarray) -> None:
+        """Count the next items ``targets`` [M] of sessions with ``codes`` [M, L, d] into their nearest groups."""
+        nearest = torch.cdist(codes.flatten(1), self.centres.flatten(1)).argmin(1)
+        self.counts.index_put_((nearest, torch.from_numpy(targets)), torch.ones(len(targets)), accumulate=True)
+
+    def distributions(self) -> Tensor:
+        """Each group's next-item distribution [K2, N] (a group without members: zeros, no bias)."""
+        return self.counts / self.counts.sum(1, keepdim=True).clamp(min=1.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "groups": int(self.centres.shape[0]),
+            "temperature": self.temperature,
+            "weight": self.weight,
+            "smoothing": self.smoothing,
+            "valid_ndcg@10": self.score,
+            "valid_ndcg@10_without": self.baseline,
+        }
+
+
+def _fine_settings(cfg: ModelConfig) -> tuple[float, float, float]:
+    """The fine groups' τ2, β2, α2 as set now (for the log)."""
+    return cfg.fine_temperature, cfg.fine_bias_weight, cfg.fine_bias_smoothing
+
+
+#: Fine groups × items the bank may hold (float32): 64 MB. Larger catalogues get fewer groups, or none.
+FINE_CELLS = 1 << 24
+
+
+@torch.no_grad()
+def choose_fine_groups(
+    model: PersonaModel, probe: ValidProbe, train_codes: Tensor, train_targets: np.ndarray, tc: TrainConfig
+) -> FineGroups | None:
+    """K2, τ2, β2 and α2 of the fine groups with the best validation NDCG@10 of Persona as it will serve (prototype
+    mode, the group bias as chosen, the bank refined and counting through validation); ``None`` (the model keeps
+    none) unless some setting beats the model without them. Each K2's groups are k-means of the training codes, with
+    their members' next items of the training period. Leaves ``model``'s config and bank at the choice."""
+    cfg, bank = model.cfg, model.bank
+    cfg.fine_groups, cfg.fine_bias_weight = 0, 0.0
+    baseline = probe.ndcg10(model, refine=True)
+    best: FineGroups | None = None
+    for k2 in tc.fine_group_counts:
+        if k2 > len(train_codes) or k2 * cfg.n_items > FINE_CELLS:
+            log.info("fine groups: K2=%d skipped (%d training sessions, %d items)", k2, len(train_codes), cfg.n_items)
+            continue
+        grouping = PrototypeBank(dataclasses.replace(cfg, n_prototypes=k2))
+        grouping.fit(train_codes, seed=tc.seed)
+        fine = FineGroups(grouping.centres.clone(), torch.zeros(k2, cfg.n_items), 0.0, 0.0, 1.0, 0.0, baseline)
+        fine.add(train_codes, train_targets)
+        bank.fine_centres, bank.fine_items = fine.centres, fine.distributions()
+        cfg.fine_groups = k2
+        for temperature, weight, smoothing in itertools.product(
+            tc.fine_temperatures, tc.fine_bias_weights, tc.fine_bias_smoothings
+        ):
+            cfg.fine_temperature, cfg.fine_bias_weight, cfg.fine_bias_smoothing = temperature, weight, smoothing
+            score = probe.ndcg10(model, refine=True)
+            log.info("fine groups: K2=%d τ2=%.2f β2=%.2f α2=%.1f valid NDCG@10 %.4f", k2, *_fine_settings(cfg), score)
+            if score > (baseline if best is None else best.score):
+                best = dataclasses.replace(fine, temperature=temperature, weight=weight, smoothing=smoothing)
+                best.score = score
+    if best is None:
+        cfg.fine_groups, cfg.fine_bias_weight = 0, 0.0
+        bank.fine_centres = torch.zeros(0, cfg.n_edit_layers, cfg.code_dim)
+        bank.fine_items = torch.zeros(0, cfg.n_items)
+        return None
+    cfg.fine_groups, cfg.fine_temperature = best.centres.shape[0], best.temperature
+    cfg.fine_bias_weight, cfg.fine_bias_smoothing = best.weight, best.smoothing
+    bank.fine_centres, bank.fine_items = best.centres, best.distributions()
+    return best
 
 
 @torch.no_grad()

@@ -216,7 +216,7 @@ class Ranker:
             raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
         codes, protos = self._codes(online, [row], bank)
         edit = online.edit(codes, bank, prototypes=protos)
-        group = online.group_bias(protos, bank)
+        group = online.group_bias(protos, codes, bank)
         return ExportedEdit(
             session_id=session_id,
             model_version=online.version,
@@ -271,7 +271,7 @@ class Ranker:
             if bank.centres.shape[0] > 0:
                 codes, protos = self._codes(online, picked, bank)
                 vectors, _ratios = online.edited_queries(h, codes, protos, bank)
-                bias = online.group_bias(protos, bank)  # the prototype's group bias (None: the model has none)
+                bias = online.group_bias(protos, codes, bank)  # the group biases (None: the model has none)
                 for r, p in zip(picked, protos.tolist(), strict=True):
                     r.prototype = int(p)
             else:

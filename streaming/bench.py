@@ -61,7 +61,9 @@ def train_tiny_bundle(out: Path) -> Path:
         DatasetSpec(source=TINY_SOURCE, min_user=2, min_item=2),
         out,
         model_overrides={"dim": 16, "code_dim": 8, "max_len": 20},
-        tc=TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,)),
+        tc=TrainConfig(
+            epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,), fine_group_counts=(8,)
+        ),
         progress=False,
     )
     return out

@@ -36,7 +36,9 @@ def sliding_window_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         DatasetSpec(source=TINY_SOURCE, min_user=2, min_item=2),
         out,
         model_overrides={"dim": 16, "code_dim": 8, "max_len": 20, "window_stride": 0},
-        tc=TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,)),
+        tc=TrainConfig(
+            epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,), fine_group_counts=(8,)
+        ),
         progress=False,
     )
     return out
@@ -44,8 +46,9 @@ def sliding_window_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle with its prototypes' group bias on (β = 1, α = 1, γ = 0.9) and uneven next-item counts, so
-    the online paths are checked with the bias whatever the tiny bundle's validation chose."""
+    """The tiny bundle with its prototypes' group bias on (β = 1, α = 1, γ = 0.9) and uneven next-item counts, and 6
+    fine groups (β2 = 1, τ2 = 0.5), so the online paths are checked with both biases whatever the tiny bundle's
+    validation chose."""
     import torch
 
     from recsys.bundle import load_bundle
@@ -56,19 +59,30 @@ def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactor
     model = dict(bundle.tensors["model"])
     g = torch.Generator().manual_seed(0)
     model["bank.next_items"] = torch.rand(model["bank.next_items"].shape, generator=g).pow(6) * 20.0
+    # and fine groups (soft membership), spread like the prototypes' centres, with uneven next-item distributions
+    config["model"].update(fine_groups=6, fine_bias_weight=1.0, fine_bias_smoothing=1.0, fine_temperature=0.5)
+    centres = model["bank.centres"]
+    picks = torch.randint(centres.shape[0], (6,), generator=g)
+    model["bank.fine_centres"] = centres[picks] + 0.3 * torch.randn(6, *centres.shape[1:], generator=g)
+    items = torch.rand(6, model["bank.next_items"].shape[1], generator=g).pow(6)
+    model["bank.fine_items"] = items / items.sum(1, keepdim=True)
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("group-bias-model"))
 
 
 @pytest.fixture(scope="session")
 def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle as written before prototypes counted next items: no ``bank.next_items``, no β in its config."""
+    """The tiny bundle as written before prototypes counted next items: no ``bank.next_items``, no β in its config
+    (and no fine groups)."""
     from recsys.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
     config = bundle.documents["config"]
     for key in ("group_bias_weight", "group_bias_smoothing", "group_bias_decay"):
         config["model"].pop(key, None)
-    model = {k: v for k, v in bundle.tensors["model"].items() if k != "bank.next_items"}
+    for key in ("fine_groups", "fine_bias_weight", "fine_bias_smoothing", "fine_temperature"):
+        config["model"].pop(key, None)  # nor fine groups, which came later
+    dropped = ("bank.next_items", "bank.fine_centres", "bank.fine_items")
+    model = {k: v for k, v in bundle.tensors["model"].items() if k not in dropped}
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("old-model"))
 
 
@@ -121,7 +135,9 @@ def items_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         DatasetSpec(source=str(root / "tiny.inter"), min_user=2, min_item=2),
         out,
         model_overrides={"dim": 16, "code_dim": 8, "max_len": 20},
-        tc=TrainConfig(epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,)),
+        tc=TrainConfig(
+            epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,), fine_group_counts=(8,)
+        ),
         progress=False,
     )
     return out

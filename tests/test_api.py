@@ -218,12 +218,13 @@ def test_edit_export_round_trips_into_the_library(api: Api) -> None:
         torch.tensor([[layer["weight"] for layer in exported["layers"]]], dtype=torch.float32),
         torch.tensor([[layer["bias"] for layer in exported["layers"]]], dtype=torch.float32),
         torch.tensor([exported["prototype_id"]]),
+        torch.tensor([exported["code"]], dtype=torch.float32),  # what the fine groups' bias reads
     )
     state = api.store.get_session("s")
     assert state is not None
     bank = _bank(api)
     idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True, bank=bank)
-    group = online.group_bias(edit.prototype, bank)
+    group = online.group_bias(edit.prototype, edit.codes, bank)
     assert (exported["item_bias"] is None) == (group is None)  # the edit carries its prototype's group bias
     if group is not None:
         np.testing.assert_allclose(np.asarray(exported["item_bias"]), group[0].numpy(), rtol=1e-6)

@@ -9,6 +9,7 @@ import torch
 
 from recsys.baselines import finetune_edit
 from recsys.model import (
+    FINE_NEAREST,
     PAD,
     CloudAdapter,
     Edit,
@@ -17,6 +18,8 @@ from recsys.model import (
     PrototypeBank,
     count_next_items,
     cross_entropy,
+    fine_group_bias,
+    fine_weights,
     group_bias,
     last_state,
     reseed_idle,
@@ -90,6 +93,50 @@ def test_group_bias_is_the_stated_log_count_and_only_in_prototype_mode() -> None
         lift = model.score(h, proto) - model.device_model(h, proto)
         assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(3.0 / (3.0 / 60))))
         assert torch.equal(lift[:, 4], torch.zeros(4))
+
+
+def test_fine_groups_add_the_log_of_their_neighbourhoods_next_items() -> None:
+    """A session adds β2 · log1p(Σ_f w_f P_f(i) · N / α2): its nearest group's distribution alone at τ2 = 0, a
+    softmax-weighted mix otherwise; nothing for a session without a prototype, nothing when off."""
+    cfg = small_cfg(n_items=4, n_edit_layers=1, code_dim=2, fine_groups=2, fine_bias_weight=0.5)
+    cfg.fine_bias_smoothing = 2.0
+    centres = torch.tensor([[[0.0, 0.0]], [[4.0, 0.0]]])
+    items = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.25, 0.75]])
+    codes = torch.tensor([[[1.0, 0.0]], [[3.5, 0.0]], [[1.0, 0.0]]])
+    protos = torch.tensor([0, 3, -1])
+    bias = fine_group_bias(codes, protos, centres, items, cfg)
+    assert bias is not None
+    assert bias[0, 2].item() == pytest.approx(0.5 * math.log1p(1.0 * 4 / 2.0))  # nearest: group 0
+    assert bias[1, 3].item() == pytest.approx(0.5 * math.log1p(0.75 * 4 / 2.0))  # nearest: group 1
+    assert bias[0, 3].item() == 0.0 and torch.equal(bias[2], torch.zeros(4))  # no prototype: no bias
+    # soft: squared distances 1 and 9 for the first code; the median is torch's (the lower middle one: 1), so the
+    # weights are ∝ exp(−(d² − 1) / (τ · 1))
+    cfg.fine_temperature = 2.0
+    groups, w = fine_weights(torch.tensor([[9.0, 1.0]]), 2.0)
+    w0 = 1.0 / (1.0 + math.exp(-8.0 / 2.0))
+    assert groups.tolist() == [[1, 0]] and w[0].tolist() == pytest.approx([w0, 1 - w0])  # nearest first
+    soft = fine_group_bias(codes, protos, centres, items, cfg)
+    assert soft is not None
+    assert soft[0, 3].item() == pytest.approx(0.5 * math.log1p((1 - w0) * 0.75 * 4 / 2.0), rel=1e-5)
+    assert [t.tolist() for t in fine_weights(torch.tensor([[1.0, 9.0]]), 0.0)] == [[[0]], [[1.0]]]
+    # beyond the nearest FINE_NEAREST groups a session's weight is 0 (negligible at the temperatures chosen)
+    far = torch.arange(20.0).flip(0).unsqueeze(0)
+    groups, w = fine_weights(far, 100.0)
+    assert groups.shape == (1, FINE_NEAREST) and set(groups[0].tolist()) == set(range(19, 19 - FINE_NEAREST, -1))
+    assert float(w.sum()) == pytest.approx(1.0)
+    cfg.fine_bias_weight = 0.0
+    assert fine_group_bias(codes, protos, centres, items, cfg) is None
+    # in the model: prototype-mode edits carry their codes, so the scores add both biases; session edits neither
+    model = PersonaModel(small_cfg(fine_groups=3, fine_bias_weight=1.0)).eval()
+    model.bank.fine_items[:, 5] = 1.0
+    h = histories(4, model.cfg)
+    with torch.no_grad():
+        codes = model.codes(h)
+        session, proto = model.edit_for(codes, "session"), model.edit_for(codes, "prototype")
+        assert torch.equal(model.score(h, session), model.device_model(h, session))
+        lift = model.score(h, proto) - model.device_model(h, proto)
+    assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(1.0 * model.cfg.n_items)))
+    assert torch.equal(lift[:, 4], torch.zeros(4))
 
 
 def test_group_counts_decay_per_member_event_in_order() -> None:

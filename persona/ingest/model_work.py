@@ -232,7 +232,7 @@ class _Checks:
         first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
         reps = None if self.repeats is None else self.repeats[idx]
         persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
-        self.persona[idx] = ranks(online, persona_q, targets, (protos, bank), reps)
+        self.persona[idx] = ranks(online, persona_q, targets, (protos, bank, codes), reps)
         self.protos[idx] = protos
         todo = [j for j, r in enumerate(rows) if r < 0]
         if todo:
@@ -244,17 +244,18 @@ def ranks(
     online: OnlineModel,
     queries: Tensor,
     targets: Tensor,
-    group: tuple[Tensor, BankState] | None = None,
+    group: tuple[Tensor, BankState, Tensor] | None = None,
     repeats: Tensor | None = None,
 ) -> Tensor:
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
-    = (prototypes [P], bank) adds the prototypes' group bias under that bank (Persona's scores); ``repeats``
+    = (prototypes [P], bank, codes [P, L, d]) adds the prototypes' group bias under that bank and the fine groups'
+    bias of the codes (Persona's scores); ``repeats``
     [P, R, W] the repeat part's bias (the sessions' item counts before the event)."""
     out = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
         sl = slice(start, start + step)
-        bias = None if group is None else online.group_bias(group[0][sl], group[1])
+        bias = None if group is None else online.group_bias(group[0][sl], group[2][sl], group[1])
         reps = None if repeats is None else repeats[sl]
         out[sl] = target_ranks(online.scores_from_queries(queries[sl], bias, reps), targets[sl])
     return out
