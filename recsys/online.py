@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor
 from recsys.bundle import ItemMetadata
 from recsys.edit_rows import EditRows
 from recsys.edited_head import EditedHead, GeneratorTerms
+from recsys.fine_rows import FineRows, fine_rows_of
 from recsys.metrics import target_ranks
 from recsys.model import (
     PAD,
@@ -114,6 +115,7 @@ class OnlineModel:
         self._index_built: NormOrderedIndex | None = None
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
+        self._fine: FineRows | Literal[False] | None = False  # False: not built yet
         self._item_inputs: Tensor | None = None  # the adapter's per-item input projections, built on first use
         self._edit_rows_built: EditRows | None = None  # a few rows' codes and edits in NumPy, built on first use
         #: The bundle it was loaded from (``None`` when built in memory): another process can load it from there.
@@ -258,8 +260,16 @@ class OnlineModel:
         bias = None if counts is None else group_bias(counts, prototypes, self.cfg)
         if codes is None:
             return bias
+        if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (FineRows)
+            rows = self._fine_rows()
+            return bias if rows is None else add_bias(bias, rows(codes, prototypes))
         fine = self.model.bank
         return add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
+
+    def _fine_rows(self) -> FineRows | None:
+        if self._fine is False:
+            self._fine = fine_rows_of(self.model.bank, self.cfg)  # the fine groups are fixed: built once
+        return self._fine
 
     @torch.inference_mode()
     def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:

@@ -203,3 +203,25 @@ def test_edited_head_is_a_frozen_snapshot() -> None:
     head = EditedHead.build(_model(), _model().bank.centres)
     with pytest.raises(dataclasses.FrozenInstanceError):
         head.n_prototypes = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.05, 0.7])
+def test_a_few_rows_fine_group_bias_in_numpy_equals_the_model(temperature: float) -> None:
+    """A single ranking's fine-group bias (NumPy, recsys/fine_rows.py) is the model's (torch) within float32
+    rounding: nearest groups, weights, the torch median, and no bias for a session without a prototype."""
+    from recsys.fine_rows import FineRows
+    from recsys.model import fine_group_bias
+
+    g = torch.Generator().manual_seed(7)
+    cfg = ModelConfig(n_items=50, code_dim=4, n_edit_layers=2, fine_groups=20, fine_bias_weight=0.7)
+    cfg.fine_temperature, cfg.fine_bias_smoothing = temperature, 3.0
+    centres = torch.randn(20, 2, 4, generator=g)
+    items = torch.rand(20, 50, generator=g).pow(4)
+    items = items / items.sum(1, keepdim=True)
+    codes = torch.randn(3, 2, 4, generator=g)
+    protos = torch.tensor([2, -1, 0])
+    expected = fine_group_bias(codes, protos, centres, items, cfg)
+    assert expected is not None
+    got = FineRows(centres, items, cfg)(codes, protos)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1], torch.zeros(50)) and float(got[0].abs().max()) > 0.1

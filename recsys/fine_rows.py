@@ -1,0 +1,63 @@
+"""The fine groups' bias for a few rows (a single ranking) in NumPy: :func:`recsys.model.fine_group_bias` without
+torch's per-operation overhead, which was most of its cost for one row (measured: 0.42 ms of CPU added to a 0.74 ms
+ranking by the torch version, with 512 groups and 1,322 items)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recsys.model import FINE_NEAREST, ModelConfig
+
+
+class FineRows:
+    """Frozen fine groups (centres flattened [K2, L·d], distributions [K2, N]) and the settings that read them."""
+
+    def __init__(self, centres: Tensor, items: Tensor, cfg: ModelConfig) -> None:
+        self.centres = np.ascontiguousarray(centres.reshape(centres.shape[0], -1).numpy(), dtype=np.float32)
+        self.norms = np.einsum("kd,kd->k", self.centres, self.centres)  # |μ|², for |c − μ|² = |c|² − 2 c·μ + |μ|²
+        self.items = np.ascontiguousarray(items.numpy(), dtype=np.float32)
+        self.temperature = cfg.fine_temperature
+        self.weight = cfg.fine_bias_weight
+        self.scale = items.shape[1] / cfg.fine_bias_smoothing
+
+    def __call__(self, codes: Tensor, prototypes: Tensor) -> Tensor:
+        """The bias [B, N] of :func:`recsys.model.fine_group_bias` for codes [B, L, d] (float32; within rounding)."""
+        flat = codes.reshape(codes.shape[0], -1).numpy()
+        out = np.zeros((flat.shape[0], self.items.shape[1]), dtype=np.float32)
+        for b, proto in enumerate(prototypes.tolist()):
+            if proto < 0:
+                continue  # no prototype: the base model, no bias
+            code = flat[b]
+            sq = np.maximum(self.norms - 2.0 * (self.centres @ code) + code @ code, 0.0)  # as torch.cdist computes it
+            if self.temperature == 0.0:
+                mix = self.items[int(sq.argmin())]
+            else:
+                nearest = self._nearest(sq)
+                mix = self.items[nearest].T @ self._weights(sq, nearest)
+            out[b] = np.log1p(mix * np.float32(self.scale)) * np.float32(self.weight)
+        return torch.from_numpy(out)
+
+    def _nearest(self, sq: np.ndarray) -> np.ndarray:
+        m = min(FINE_NEAREST, len(sq))
+        nearest = np.argpartition(sq, m - 1)[:m]
+        return nearest[np.argsort(sq[nearest], kind="stable")]
+
+    def _weights(self, sq: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Softmax over the nearest ``groups`` (nearest first) of ``−(d² − min d²) / (τ · median d²)``, the median
+        over every group as torch's (the lower middle value)."""
+        nearest = sq[groups]
+        median = float(np.partition(sq, (len(sq) - 1) // 2)[(len(sq) - 1) // 2])
+        logits = -(nearest.astype(np.float64) - nearest[0]) / (self.temperature * max(median, 1e-12))
+        w = np.exp(logits - logits.max())
+        return (w / w.sum()).astype(np.float32)
+
+
+def fine_rows_of(model_bank: torch.nn.Module, cfg: ModelConfig) -> FineRows | None:
+    """The bank's fine groups as :class:`FineRows`; ``None`` when the model has none (or they are off)."""
+    centres, items = model_bank.fine_centres, model_bank.fine_items
+    if cfg.fine_bias_weight == 0.0 or centres.shape[0] == 0:
+        return None
+    assert isinstance(centres, Tensor) and isinstance(items, Tensor)
+    return FineRows(centres, items, cfg)
