@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recsys.model import FINE_NEAREST, ModelConfig
+from recsys.model import FINE_NEAREST, ModelConfig, PrototypeBank
 
 
 class FineRows:
@@ -54,10 +54,8 @@ class FineRows:
         return (w / w.sum()).astype(np.float32)
 
 
-def fine_rows_of(model_bank: torch.nn.Module, cfg: ModelConfig) -> FineRows | None:
+def fine_rows_of(bank: PrototypeBank, cfg: ModelConfig) -> FineRows | None:
     """The bank's fine groups as :class:`FineRows`; ``None`` when the model has none (or they are off)."""
-    centres, items = model_bank.fine_centres, model_bank.fine_items
-    if cfg.fine_bias_weight == 0.0 or centres.shape[0] == 0:
+    if cfg.fine_bias_weight == 0.0 or bank.fine_centres.shape[0] == 0:
         return None
-    assert isinstance(centres, Tensor) and isinstance(items, Tensor)
-    return FineRows(centres, items, cfg)
+    return FineRows(bank.fine_centres, bank.fine_items, cfg)
