@@ -15,8 +15,9 @@ class FineRows:
     """Frozen fine groups (centres flattened [K2, L·d], distributions [K2, N]) and the settings that read them."""
 
     def __init__(self, centres: Tensor, items: Tensor, cfg: ModelConfig) -> None:
-        self.centres = np.ascontiguousarray(centres.reshape(centres.shape[0], -1).numpy(), dtype=np.float32)
-        self.norms = np.einsum("kd,kd->k", self.centres, self.centres)  # |μ|², for |c − μ|² = |c|² − 2 c·μ + |μ|²
+        # float64, as recsys.model.fine_sq_distances: |c − μ|² = (|c|² − 2 c·μ) + |μ|²
+        self.centres = np.ascontiguousarray(centres.reshape(centres.shape[0], -1).numpy(), dtype=np.float64)
+        self.norms = np.einsum("kd,kd->k", self.centres, self.centres)
         self.items = np.ascontiguousarray(items.numpy(), dtype=np.float32)
         self.temperature = cfg.fine_temperature
         self.weight = cfg.fine_bias_weight
@@ -29,13 +30,16 @@ class FineRows:
         for b, proto in enumerate(prototypes.tolist()):
             if proto < 0:
                 continue  # no prototype: the base model, no bias
-            code = flat[b]
-            sq = np.maximum(self.norms - 2.0 * (self.centres @ code) + code @ code, 0.0)  # as torch.cdist computes it
+            code = flat[b].astype(np.float64)
+            sq = np.maximum((code @ code - 2.0 * (self.centres @ code)) + self.norms, 0.0)
             if self.temperature == 0.0:
                 mix = self.items[int(sq.argmin())]
             else:
                 nearest = self._nearest(sq)
-                mix = self.items[nearest].T @ self._weights(sq, nearest)
+                weights = self._weights(sq, nearest)
+                mix = self.items[nearest[0]] * weights[0]
+                for j in range(1, len(nearest)):  # in the model's order, so the float32 sums agree
+                    mix = mix + self.items[nearest[j]] * weights[j]
             out[b] = np.log1p(mix * np.float32(self.scale)) * np.float32(self.weight)
         return torch.from_numpy(out)
 
@@ -49,7 +53,7 @@ class FineRows:
         over every group as torch's (the lower middle value)."""
         nearest = sq[groups]
         median = float(np.partition(sq, (len(sq) - 1) // 2)[(len(sq) - 1) // 2])
-        logits = -(nearest.astype(np.float64) - nearest[0]) / (self.temperature * max(median, 1e-12))
+        logits = -(nearest - nearest[0]) / (self.temperature * max(median, 1e-12))
         w = np.exp(logits - logits.max())
         return (w / w.sum()).astype(np.float32)
 

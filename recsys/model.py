@@ -633,6 +633,15 @@ def fine_weights(sq_distances: Tensor, temperature: float) -> tuple[Tensor, Tens
     return groups, torch.softmax(-(values - values[:, :1]) / (temperature * scale), dim=1)
 
 
+def fine_sq_distances(codes: Tensor, centres: Tensor) -> Tensor:
+    """Squared distances [B, K2] of codes [B, L, d] to the fine groups' centres [K2, L, d], as
+    ``(|c|² − 2 c·μ) + |μ|²`` in float64 (clamped at 0): one product with every centre, and exact enough that the
+    single-row NumPy path (:mod:`recsys.fine_rows`) picks the same groups and weights."""
+    flat = codes.reshape(codes.shape[0], -1).double()
+    cen = centres.reshape(centres.shape[0], -1).double()
+    return (flat.pow(2).sum(1, keepdim=True) - 2.0 * (flat @ cen.T) + cen.pow(2).sum(1)).clamp(min=0.0)
+
+
 def fine_group_bias(
     codes: Tensor, prototypes: Tensor, centres: Tensor, items: Tensor, cfg: ModelConfig
 ) -> Tensor | None:
@@ -646,8 +655,8 @@ def fine_group_bias(
     beta = cfg.fine_bias_weight
     if beta == 0.0 or centres.shape[0] == 0:
         return None
-    sq = torch.cdist(codes.reshape(codes.shape[0], -1), centres.reshape(centres.shape[0], -1)).pow(2)
-    groups, weights = fine_weights(sq, cfg.fine_temperature)
+    groups, weights = fine_weights(fine_sq_distances(codes, centres), cfg.fine_temperature)
+    weights = weights.to(items.dtype)
     mix = items[groups[:, 0]] * weights[:, :1]
     for j in range(1, groups.shape[1]):  # row by row of the nearest groups: [B, N] at a time, not [B, m, N]
         mix += items[groups[:, j]] * weights[:, j : j + 1]

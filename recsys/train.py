@@ -71,9 +71,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["k_candidates"] = list(self.k_candidates)
-        d["residual_weights"] = list(self.residual_weights)
-        for key in _TUPLE_FIELDS[2:]:
+        for key in _TUPLE_FIELDS:  # as JSON lists
             d[key] = list(d[key])
         return d
 
@@ -86,6 +84,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+#: TrainConfig's tuple fields (lists in a bundle's JSON).
 _TUPLE_FIELDS = (
     "k_candidates",
     "residual_weights",
