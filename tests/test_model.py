@@ -72,6 +72,17 @@ def test_zero_code_gives_exactly_the_base_model_in_prototype_mode(rank: int) -> 
         assert torch.equal(model.score(h, session), model.score(h))
 
 
+def _prototype_lift(model: PersonaModel) -> torch.Tensor:
+    """What prototype-mode scores add to the edited device model's for 4 sessions [4, N]; checks on the way that a
+    session edit (no prototypes) adds nothing."""
+    h = histories(4, model.cfg)
+    with torch.no_grad():
+        codes = model.codes(h)
+        session, proto = model.edit_for(codes, "session"), model.edit_for(codes, "prototype")
+        assert torch.equal(model.score(h, session), model.device_model(h, session))
+        return model.score(h, proto) - model.device_model(h, proto)
+
+
 def test_group_bias_is_the_stated_log_count_and_only_in_prototype_mode() -> None:
     cfg = small_cfg(n_items=6, n_prototypes=2, group_bias_weight=0.5, group_bias_smoothing=2.0)
     counts = torch.tensor([[0.0, 0.0, 6.0, 0.0, 0.0, 0.0], [0.0] * 6])
@@ -85,14 +96,9 @@ def test_group_bias_is_the_stated_log_count_and_only_in_prototype_mode() -> None
     assert group_bias(counts, torch.tensor([0]), small_cfg(group_bias_weight=0.0)) is None
     model = PersonaModel(small_cfg(group_bias_weight=1.0)).eval()
     model.bank.next_items[:, 5] = 3.0
-    h = histories(4, model.cfg)
-    with torch.no_grad():
-        codes = model.codes(h)
-        session, proto = model.edit_for(codes, "session"), model.edit_for(codes, "prototype")
-        assert torch.equal(model.score(h, session), model.device_model(h, session))
-        lift = model.score(h, proto) - model.device_model(h, proto)
-        assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(3.0 / (3.0 / 60))))
-        assert torch.equal(lift[:, 4], torch.zeros(4))
+    lift = _prototype_lift(model)
+    assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(3.0 / (3.0 / 60))))
+    assert torch.equal(lift[:, 4], torch.zeros(4))
 
 
 def test_fine_groups_add_the_log_of_their_neighbourhoods_next_items() -> None:
@@ -129,12 +135,7 @@ def test_fine_groups_add_the_log_of_their_neighbourhoods_next_items() -> None:
     # in the model: prototype-mode edits carry their codes, so the scores add both biases; session edits neither
     model = PersonaModel(small_cfg(fine_groups=3, fine_bias_weight=1.0)).eval()
     model.bank.fine_items[:, 5] = 1.0
-    h = histories(4, model.cfg)
-    with torch.no_grad():
-        codes = model.codes(h)
-        session, proto = model.edit_for(codes, "session"), model.edit_for(codes, "prototype")
-        assert torch.equal(model.score(h, session), model.device_model(h, session))
-        lift = model.score(h, proto) - model.device_model(h, proto)
+    lift = _prototype_lift(model)
     assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(1.0 * model.cfg.n_items)))
     assert torch.equal(lift[:, 4], torch.zeros(4))
 
