@@ -26,7 +26,7 @@ from torch import Tensor
 import recsys.model as model_module
 from recsys.bootstrap import paired_ratio
 from recsys.metrics import per_example_ndcg, target_ranks
-from recsys.model import PrototypeBank, count_next_items, fine_group_bias, group_bias
+from recsys.model import PrototypeBank, count_next_items, fine_group_bias, fine_nearest, group_bias
 from recsys.pipeline import load_trained, prepare
 from recsys.splits import Examples
 
@@ -96,7 +96,7 @@ def main() -> None:
 
 
 def _count(counts: Tensor, centres: Tensor, codes: Tensor, targets: Tensor) -> None:
-    nearest = torch.cdist(codes.flatten(1), centres.flatten(1)).argmin(1)
+    nearest = fine_nearest(codes, centres)
     counts.index_put_((nearest, targets), torch.ones(len(targets)), accumulate=True)
 
 

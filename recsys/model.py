@@ -642,6 +642,12 @@ def fine_sq_distances(codes: Tensor, centres: Tensor) -> Tensor:
     return (flat.pow(2).sum(1, keepdim=True) - 2.0 * (flat @ cen.T) + cen.pow(2).sum(1)).clamp(min=0.0)
 
 
+def fine_nearest(codes: Tensor, centres: Tensor) -> Tensor:
+    """The nearest fine group [B] of each code [B, L, d], by :func:`fine_sq_distances`: the group a session's next
+    item is counted in during training is the group that weighs most when it is served."""
+    return fine_sq_distances(codes, centres).argmin(1)
+
+
 def fine_group_bias(
     codes: Tensor, prototypes: Tensor, centres: Tensor, items: Tensor, cfg: ModelConfig
 ) -> Tensor | None:

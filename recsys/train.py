@@ -24,7 +24,16 @@ from torch import Tensor, nn
 
 from recsys.evaluate import BaseMethod, Method, PersonaMethod, evaluate_method
 from recsys.metrics import RankingMetrics, target_ranks
-from recsys.model import PAD, UNK, ModelConfig, PersonaModel, PrototypeBank, count_next_items, cross_entropy
+from recsys.model import (
+    PAD,
+    UNK,
+    ModelConfig,
+    PersonaModel,
+    PrototypeBank,
+    count_next_items,
+    cross_entropy,
+    fine_nearest,
+)
 from recsys.progress import track
 from recsys.splits import Examples, Split
 
@@ -552,7 +561,7 @@ class FineGroups:
 
     def add(self, codes: Tensor, targets: np.ndarray) -> None:
         """Count the next items ``targets`` [M] of sessions with ``codes`` [M, L, d] into their nearest groups."""
-        nearest = torch.cdist(codes.flatten(1), self.centres.flatten(1)).argmin(1)
+        nearest = fine_nearest(codes, self.centres)
         self.counts.index_put_((nearest, torch.from_numpy(targets)), torch.ones(len(targets)), accumulate=True)
 
     def distributions(self) -> Tensor:
