@@ -43,6 +43,7 @@ DENSE_ITEMS = 4096
 
 K = TypeVar("K")
 _PACK = Struct("=5d").pack  # an entry's vocabulary code, count, last, decayed short, decayed long
+ENTRY_BYTES = Struct("=5d").size
 
 
 class StoredCounts(dict[str, Any]):
@@ -83,7 +84,7 @@ class RepeatCounts(Generic[K]):
     redone only for the entries that changed. Counts read once (a ranking) never build them.
     """
 
-    __slots__ = ("_codes", "_packed", "_rows", "_stale", "_texts", "n", "size", "table")
+    __slots__ = ("_codes", "_packed", "_rows", "_slots", "_stale", "_texts", "n", "size", "table")
 
     def __init__(self, size: int = REPEAT_SIZE) -> None:
         self.size = size
@@ -94,11 +95,14 @@ class RepeatCounts(Generic[K]):
         self._rows: dict[K, tuple[Any, ...] | None] | None = None
         self._texts: dict[K, str | None] | None = None
         self._stale: list[K] = []
-        self._packed: dict[K, bytes] | None = None
+        # the entries' packed numbers in the table's order, ENTRY_BYTES each, and each key's position there: a
+        # snapshot is one copy of it (a join of 64 entries' bytes cost six times as much)
+        self._packed: bytearray | None = None
+        self._slots: dict[K, int] | None = None
         self._codes: Mapping[K, int] | None = None  # the vocabulary _packed's codes come from
 
     def add(self, item: K) -> None:
-        table, rows, texts, packed = self.table, self._rows, self._texts, self._packed
+        table, rows, texts, packed, slots = self.table, self._rows, self._texts, self._packed, self._slots
         entry = table.get(item)
         if entry is None:
             if len(table) >= self.size:
@@ -107,19 +111,25 @@ class RepeatCounts(Generic[K]):
                 del table[evicted]
                 if rows is not None and texts is not None:
                     del rows[evicted], texts[evicted]
-                if packed is not None:
-                    del packed[evicted]
+                if packed is not None and slots is not None:
+                    at = slots.pop(evicted) * ENTRY_BYTES
+                    del packed[at : at + ENTRY_BYTES]
+                    self._slots = slots = {k: i for i, k in enumerate(table)}  # the later entries moved up
             entry = table[item] = (1, self.n, 1.0, 1.0)
+            if packed is not None and slots is not None:
+                slots[item] = len(slots)
+                packed += _PACK(self._codes[item], *entry)  # type: ignore[index]
         else:
             count, last, short, long = entry
             gap = self.n - last
             entry = table[item] = (count + 1, self.n, short * _SHORT**gap + 1.0, long * _LONG**gap + 1.0)
+            if packed is not None and slots is not None:
+                at = slots[item] * ENTRY_BYTES
+                packed[at : at + ENTRY_BYTES] = _PACK(self._codes[item], *entry)  # type: ignore[index]
         # a new key goes last in every dict, an old one keeps its place: their orders stay the table's
         if rows is not None and texts is not None:
             rows[item] = texts[item] = None
             self._stale.append(item)
-        if packed is not None:
-            packed[item] = _PACK(self._codes[item], *entry)  # type: ignore[index]
         self.n += 1
 
     def entries(self) -> list[tuple[K, int, int, list[float]]]:
@@ -138,8 +148,9 @@ class RepeatCounts(Generic[K]):
         ``codes`` must give every item a code, UNK for one it does not know)."""
         if self._packed is None or self._codes is not codes:
             self._codes = codes
-            self._packed = {k: _PACK(codes[k], *e) for k, e in self.table.items()}
-        return b"".join(self._packed.values())
+            self._packed = bytearray(b"".join([_PACK(codes[k], *e) for k, e in self.table.items()]))
+            self._slots = {k: i for i, k in enumerate(self.table)}
+        return bytes(self._packed)
 
     def encode(self, code_of: Callable[[K], int], size: int) -> np.ndarray:
         """The model's input [size, ENTRY_WIDTH] float32 (:func:`encode_entries` of :meth:`entries`, written
