@@ -5,7 +5,9 @@ Run on demand (docs/performance.md, "Repeat part: serving cost"); it is not a te
     .venv/bin/python bench/strip_repeat.py runs/bench/rep runs/bench/rep-without
 
 The copy has ``repeat_size`` 0 and no ``device_model.repeat.*`` tensors; every other weight is the same, so the
-two bundles serve the same base model and a release from before the part loads the copy as it is.
+two bundles serve the same base model and a release from before the part loads the copy as it is. A bundle trained
+with ``--fine-groups 0`` also loses its empty fine-group tensors and settings, which releases from before them do
+not know (with fine groups the copy keeps them: strip a bundle without them for the previous release).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from recsys.bundle import ARTIFACT_SUFFIXES, load_bundle, read_artifact, save_bundle
 
 PREFIX = "device_model.repeat."
+FINE_KEYS = ("bank.fine_centres", "bank.fine_items")
 
 
 def main() -> None:
@@ -26,10 +29,15 @@ def main() -> None:
     bundle = load_bundle(args.source)
     documents = dict(bundle.documents)
     config = dict(documents["config"])
-    config["model"] = {k: v for k, v in config["model"].items() if k != "repeat_form"} | {"repeat_size": 0}
+    model = {k: v for k, v in config["model"].items() if k != "repeat_form"} | {"repeat_size": 0}
+    no_fine = not model.get("fine_groups")
+    if no_fine:
+        model = {k: v for k, v in model.items() if not k.startswith("fine_")}
+    config["model"] = model
     documents["config"] = config
     tensors = {
-        stem: {k: v for k, v in state.items() if not k.startswith(PREFIX)} for stem, state in bundle.tensors.items()
+        stem: {k: v for k, v in state.items() if not k.startswith(PREFIX) and not (no_fine and k in FINE_KEYS)}
+        for stem, state in bundle.tensors.items()
     }
     # the device graph holds the part too; a copy without it serves from the weights alone
     artifacts = {
