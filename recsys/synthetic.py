@@ -9,6 +9,12 @@ Re-consumption (``repeat`` > 0): with that probability an event repeats one of t
 instead, as where people buy, watch or play the same things again. The earlier event is drawn a geometric number
 of steps back (mean :data:`REPEAT_MEAN_LAG`): recent items are repeated most, and items the user chose often occupy
 more of their history, so they are repeated more: a recency and a frequency bias, like real re-consumption logs.
+
+Cohorts (``cohorts`` > 0): users fall into that many cohorts, and a cohort's users share their walk over the
+clusters: the same home clusters, and the same never-visited clusters in the same order when the late period makes
+them jump. Each user still jumps at their own moments, so a cohort moves to its new clusters one member after
+another: a group-level drift that the members who moved first reveal to the others. A single user's history cannot
+show where their cohort is going; a group's recent choices can (what Persona's prototypes count live).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class SyntheticConfig:
     late_shift_prob: float = 0.25
     zipf: float = 1.1
     repeat: float = 0.0  # probability that an event repeats one of the user's earlier items (re-consumption)
+    cohorts: int = 0  # users in this many cohorts share their cluster walk (group-level drift); 0: each their own
     seed: int = 0
 
     def validate(self) -> None:
@@ -53,6 +60,10 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise DataError(f"synthetic {name}={value!r} must be a probability", f"use 0 <= {name} <= 1")
+        if not isinstance(self.cohorts, int | np.integer) or isinstance(self.cohorts, bool) or self.cohorts < 0:
+            raise DataError(f"synthetic cohorts={self.cohorts!r} must be a whole number >= 0", "e.g. cohorts=20")
+        if self.cohorts > self.users:
+            raise DataError(f"synthetic cohorts={self.cohorts} exceeds users={self.users}", "use cohorts <= users")
         if not math.isfinite(float(self.zipf)) or self.zipf < 0:
             raise DataError(f"synthetic zipf={self.zipf!r} must be >= 0", "use e.g. zipf=1.1 (0 = uniform)")
         if self.clusters > self.items:
@@ -143,7 +154,7 @@ def draw(cfg: SyntheticConfig) -> Draws:
     prob = np.where(late, cfg.late_shift_prob, cfg.shift_prob)
     starts = first | (rng.random(n_events) < prob)
 
-    segments = _segment_clusters(rng, user[starts], first[starts], late[starts], n_users, n_clusters)
+    segments = _segment_clusters(rng, user[starts], first[starts], late[starts], n_users, n_clusters, int(cfg.cohorts))
     seg = np.cumsum(starts) - 1
     event_cluster = segments.cluster[seg]
 
@@ -178,12 +189,14 @@ def _segment_clusters(
     seg_late: np.ndarray,
     n_users: int,
     n_clusters: int,
+    cohorts: int = 0,
 ) -> _Segments:
     """Cluster of every interest segment (segments in per-user time order).
 
     Each user walks their own permutation of clusters, ``perm_u(p) = (a_u * p + b_u) mod C`` (no U x C
     table). Positions ``0..H-1`` are home clusters; early jumps move to another home cluster; a late jump
-    goes, with ``FRESH_PROB``, to the next never-visited position ``H, H+1, ...`` (else back home).
+    goes, with ``FRESH_PROB``, to the next never-visited position ``H, H+1, ...`` (else back home). With
+    ``cohorts`` > 0 the users of a cohort (drawn uniformly) share one permutation.
     """
     n_seg = seg_user.size
     home = max(1, min(3, n_clusters // 4))
@@ -198,8 +211,13 @@ def _segment_clusters(
     position = np.where(fresh, home + (fresh_count - 1) % max(n_fresh, 1), home_pos)
 
     units = np.array([a for a in range(1, n_clusters) if math.gcd(a, n_clusters) == 1] or [1], dtype=np.int64)
-    a = units[rng.integers(0, units.size, n_users)]
-    b = rng.integers(0, n_clusters, n_users)
+    if cohorts:  # drawn only when asked for, so streams without cohorts stay what they were
+        cohort = rng.integers(0, cohorts, n_users)
+        a = units[rng.integers(0, units.size, cohorts)][cohort]
+        b = rng.integers(0, n_clusters, cohorts)[cohort]
+    else:
+        a = units[rng.integers(0, units.size, n_users)]
+        b = rng.integers(0, n_clusters, n_users)
     cluster = np.asarray((a[seg_user] * position + b[seg_user]) % n_clusters, dtype=np.int64)
     return _Segments(cluster, home_pos, fresh_count, a, b)
 

@@ -8,7 +8,7 @@ import pytest
 
 from recsys.errors import DataError
 from recsys.splits import make_split
-from recsys.synthetic import SyntheticConfig, generate
+from recsys.synthetic import SyntheticConfig, draw, generate
 
 TINY = SyntheticConfig(users=150, items=200, events=15_000, clusters=10, seed=7)
 
@@ -84,6 +84,8 @@ def test_splits_cleanly() -> None:
         ({"late_shift_prob": -0.1}, "late_shift_prob"),
         ({"zipf": -1.0}, "zipf"),
         ({"repeat": 1.5}, "repeat"),
+        ({"cohorts": -1}, "cohorts=-1"),
+        ({"cohorts": 151}, "exceeds users"),
         ({"clusters": 300, "items": 200}, "exceeds items"),
     ],
 )
@@ -131,6 +133,40 @@ def test_repeat_is_parsed_from_a_synthetic_spec() -> None:
     df = load_interactions("synthetic:users=150,items=200,events=15000,clusters=10,seed=7,repeat=0.5")
     share, _ = _repeat_share_and_lags(df)
     assert share >= 0.5
+
+
+def test_cohorts_share_their_walk_so_a_late_shift_moves_a_whole_cohort() -> None:
+    """With cohorts, a cohort's users share home clusters and the never-visited clusters they jump to, in the same
+    order: every user's first late jump of cohort c lands on the same cluster. Without, users scatter."""
+    home = 2  # min(3, clusters // 4) for TINY's 10 clusters
+
+    def first_fresh_clusters(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+        d = draw(cfg)
+        seg_user = np.zeros(d.seg_cluster.size, dtype=np.int64)
+        seg_user[d.seg] = d.user
+        # a segment is a first fresh jump where the user's fresh count first reaches 1
+        first = (d.fresh_count == 1) & (np.concatenate(([0], d.fresh_count[:-1])) == 0)
+        first &= np.concatenate(([True], seg_user[1:] == seg_user[:-1]))  # not a user's first segment
+        return seg_user[first], d.seg_cluster[first]
+
+    assert generate(TINY).equals(generate(SyntheticConfig(**{**TINY.__dict__, "cohorts": 0})))
+    users, clusters = first_fresh_clusters(SyntheticConfig(**{**TINY.__dict__, "cohorts": 1}))
+    assert len(users) > 50 and len(set(clusters.tolist())) == 1  # one cohort: one first new cluster for all
+    d = draw(SyntheticConfig(**{**TINY.__dict__, "cohorts": 3}))
+    walks = set(zip(d.perm_a.tolist(), d.perm_b.tolist(), strict=True))
+    assert len(walks) <= 3
+    users, clusters = first_fresh_clusters(SyntheticConfig(**{**TINY.__dict__, "cohorts": 3}))
+    walk_of = {u: (int(d.perm_a[u]), int(d.perm_b[u])) for u in users.tolist()}
+    for walk in walks:  # per cohort, a single first new cluster, outside the cohort's home clusters
+        mine = {int(c) for u, c in zip(users.tolist(), clusters.tolist(), strict=True) if walk_of[u] == walk}
+        assert len(mine) <= 1 and not mine & {(walk[0] * p + walk[1]) % 10 for p in range(home)}
+    _, scattered = first_fresh_clusters(TINY)
+    assert len(set(scattered.tolist())) > 5
+    from recsys.data import load_interactions
+
+    assert load_interactions("synthetic:users=150,items=200,events=15000,clusters=10,seed=7,cohorts=3").equals(
+        generate(SyntheticConfig(**{**TINY.__dict__, "cohorts": 3}))
+    )
 
 
 @pytest.mark.slow
