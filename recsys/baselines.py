@@ -183,9 +183,12 @@ def finetune_edit(
 
 
 class FinetuneMethod:
-    """Base model with its head fine-tuned per session (``steps`` steps of ``optimizer``) before scoring."""
+    """Base model with its head fine-tuned per session (``steps`` steps of ``optimizer``) before scoring; it reads
+    the sessions' whole-history item counts like the base model (its repeat part scores with the fine-tuned head),
+    so a step of 0 is exactly the base model."""
 
     name = "finetune"
+    reads_repeats = True
 
     def __init__(
         self, model: PersonaModel, *, steps: int = 3, lr: float = 0.1, optimizer: Optimizer = "sgd", window: int = 5
@@ -197,8 +200,8 @@ class FinetuneMethod:
             self.model, histories, steps=self.steps, lr=self.lr, optimizer=self.optimizer, window=self.window
         )
 
-    def score(self, histories: Tensor) -> Tensor:
-        return self.model.score(histories, self.edit(histories))
+    def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
+        return self.model.score(histories, self.edit(histories), repeats=repeats)
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         return None

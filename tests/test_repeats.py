@@ -15,8 +15,8 @@ from persona.events import Event
 from persona.ingest import Ingestor
 from persona.models import ModelProvider
 from persona.store import Store
-from recsys.baselines import SessionRepeatMethod
-from recsys.evaluate import BaseMethod, evaluate_method
+from recsys.baselines import FinetuneMethod, SessionRepeatMethod
+from recsys.evaluate import BaseMethod, evaluate_method, score_batch
 from recsys.metrics import target_ranks
 from recsys.model import ModelConfig, PersonaModel
 from recsys.online import OnlineModel
@@ -114,6 +114,21 @@ def _perturb(part: RepeatPart) -> None:
     with torch.no_grad():
         for p in part.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+
+
+def test_the_finetune_baseline_reads_the_repeat_part_like_the_base_model() -> None:
+    """Fine-tuning is compared like for like: with the sessions' counts it scores through the repeat part, so a step
+    of 0 is exactly the base model with its part (without them it would rank like base-no-repeat)."""
+    model = _model()
+    hist = torch.tensor([[0, 0, 5, 7, 5, 9], [0, 0, 0, 3, 4, 3]])
+    reps = _entries([[(5, 2, 2), (9, 1, 1), (7, 1, 3)], [(3, 2, 1), (4, 1, 2)]], 4)
+    with torch.inference_mode():
+        base = score_batch(BaseMethod(model), hist, reps)
+        still = score_batch(FinetuneMethod(model, lr=0.0), hist, reps)
+        moved = score_batch(FinetuneMethod(model, lr=0.5), hist, reps)
+    torch.testing.assert_close(still, base, rtol=0, atol=1e-6)
+    assert not torch.allclose(still, model.score(hist), atol=1e-3)  # the part moved the session's items
+    assert not torch.allclose(moved, base, atol=1e-3)
 
 
 @pytest.mark.parametrize("form", FORMS)
