@@ -24,7 +24,7 @@ import torch
 from recsys.bootstrap import paired_ratio
 from recsys.evaluate import BaseMethod, PersonaMethod, evaluate_examples
 from recsys.pipeline import load_trained, prepare
-from recsys.train import ValidProbe, _cap, _codes, choose_group_bias
+from recsys.train import ValidProbe, choose_group_bias, example_codes, latest_examples
 
 
 def main() -> None:
@@ -41,14 +41,14 @@ def main() -> None:
     own = copy.deepcopy(model)
     print(f"bundle's choice: β {cfg.group_bias_weight:g}, α {cfg.group_bias_smoothing:g}, γ {cfg.group_bias_decay:g}")
 
-    codes = _codes(model, split.train)
+    codes = example_codes(model, split.train)
     assignment = model.bank.assign(codes)
-    probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
+    probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid))
     grid = dataclasses.replace(tc, group_bias_decays=tuple(float(g) for g in args.decays.split(",")))
     chosen = choose_group_bias(model, probe, assignment, split.train.targets, grid)
     setting = f"β {chosen.weight:g}, α {chosen.smoothing:g}, γ {chosen.decay:g}"
     print(f"re-chosen on validation: {setting} ({chosen.score:.4f})")
-    valid_codes = _codes(model, split.valid)
+    valid_codes = example_codes(model, split.valid)
     model.bank.observe(model.bank.assign(valid_codes), torch.from_numpy(split.valid.targets))
 
     base = evaluate_examples(BaseMethod(model), split.test).ndcg10

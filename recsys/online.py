@@ -356,12 +356,6 @@ class OnlineModel:
         rows = [np.zeros((size, ENTRY_WIDTH), dtype=np.float32) if c is None else self.encode_counts(c) for c in counts]
         return entries_tensor(rows) if rows else torch.zeros(0, size, ENTRY_WIDTH)
 
-    def prepare_repeats(self, entries: Tensor) -> Tensor:
-        """Entries [B, R, W] with the terms that read them alone computed once (:meth:`RepeatPart.prepare`): for
-        predictions scored twice (Persona's and the base model's prequential check). Unchanged without the part."""
-        part = self.model.device_model.repeat
-        return entries if part is None else part.prepare(entries)
-
     def session_counts(self, stored: dict[str, Any] | None, recent_items: Sequence[str] = ()) -> RepeatCounts[str]:
         """A session's item counts: as ``stored`` (:meth:`RepeatCounts.to_json`), or, when it has none (a stateless
         request, a session stored before it kept counts), started from its known ``recent_items``."""
@@ -376,9 +370,11 @@ class OnlineModel:
         assert self._repeat_rows is not None, "the model has no repeat part"
         return self._repeat_rows
 
-    def encode_snapshots(self, snapshots: CountsSnapshots[str]) -> np.ndarray:
-        """Many sessions' counts as the repeat part's input [P, R, W] float32 (each as :meth:`encode_counts`)."""
-        return snapshots.encode(self.cfg.repeat_size)
+    def prepared_snapshots(self, snapshots: CountsSnapshots[str]) -> Tensor:
+        """Many sessions' counts as the repeat part's input, prepared for scoring twice (the consumer's checks of
+        the edited and the base model): [P, R, W + 1] float32, each row :meth:`encode_counts` plus the terms that
+        read the entries alone (:meth:`recsys.repeats.RepeatPart.prepare`, here in NumPy on the real entries)."""
+        return torch.from_numpy(snapshots.encode(self.cfg.repeat_size, self.repeat_rows.entry_logits))
 
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
         """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);

@@ -169,10 +169,12 @@ def causal_windows(train: Examples, stride: int) -> Examples:
 
 
 def valid_ndcg(method: Method, valid: Examples, tc: TrainConfig) -> float:
-    return evaluate_method(method, _cap(valid, tc.max_valid), batch_size=tc.valid_batch)["ndcg@10"]
+    return evaluate_method(method, latest_examples(valid, tc.max_valid), batch_size=tc.valid_batch)["ndcg@10"]
 
 
-def _cap(examples: Examples, n: int | None) -> Examples:
+def latest_examples(examples: Examples, n: int | None) -> Examples:
+    """The most recent ``n`` examples (all of them when ``n`` is None): validation checks are capped in time, and
+    the latest slice is the one closest to the period the model will serve."""
     if n is None or len(examples) <= n:
         return examples
     return examples.subset(np.arange(len(examples) - n, len(examples)))  # the most recent slice
@@ -241,7 +243,9 @@ def fit_stage(
 
 
 @torch.inference_mode()
-def _codes(model: PersonaModel, examples: Examples, batch: int = 2048) -> Tensor:
+def example_codes(model: PersonaModel, examples: Examples, batch: int = 2048) -> Tensor:
+    """The adapter's codes [M, L, d] of the examples' histories (eval mode), in batches: what prototypes and fine
+    groups are fitted on and assigned by."""
     model.eval()
     parts = [model.codes(torch.from_numpy(examples.histories[i : i + batch])) for i in range(0, len(examples), batch)]
     return torch.cat(parts)
@@ -347,8 +351,8 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     # session's edit may move away from its prototype's) and the group bias (β, α, γ) are chosen together on
     # validation, on the adapter as trained; the device model and the adapter are frozen here, so the validation
     # sessions' states and codes are computed once.
-    train_codes = _codes(model, split.train)
-    probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
+    train_codes = example_codes(model, split.train)
+    probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid))
     k_scores: dict[int, float] = {}
     best: tuple[float, int, float, GroupBias, PrototypeBank] | None = None
     for k in tc.k_candidates:
@@ -393,7 +397,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
             progress=progress,
         )
         # (c) re-estimate the centres from the new codes, starting from the current ones
-        codes = _codes(model, split.train)
+        codes = example_codes(model, split.train)
         assignment = model.bank.assign(codes)
         with torch.no_grad():
             for j in range(best_k):
@@ -414,9 +418,9 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
 
     # The group bias on the final bank: its β, α and γ again (the rounds moved codes and centres), then the counts
     # a live bank would hold when the test period starts: the training period's, then the validation period's.
-    codes = _codes(model, split.train)
+    codes = example_codes(model, split.train)
     train_assignment = model.bank.assign(codes)
-    probe = ValidProbe.build(model, _cap(split.valid, tc.max_valid))
+    probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid))
     chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
     fine = choose_fine_groups(model, probe, codes, split.train.targets, tc)
 
@@ -430,7 +434,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
         "persona": evaluate_method(PersonaMethod(model, "persona", "prototype", refine=True), split.valid),
     }
     with torch.no_grad():  # then the validation period's, as a live bank would have counted them
-        valid_codes = _codes(model, split.valid)
+        valid_codes = example_codes(model, split.valid)
         model.bank.observe(model.bank.assign(valid_codes), torch.from_numpy(split.valid.targets))
         if fine is not None:  # the fine groups' distributions: the training and validation periods'
             fine.add(valid_codes, split.valid.targets)

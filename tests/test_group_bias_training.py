@@ -38,7 +38,7 @@ def test_the_trained_bank_reads_the_models_settings_and_the_choice_sees_each_wei
 def test_fine_groups_are_kept_only_if_they_win_and_count_both_periods() -> None:
     """Training keeps fine groups only when some setting beats the model without them on validation; the kept groups'
     distributions are their nearest members' next items over the training and validation periods."""
-    from recsys.train import _codes, choose_fine_groups
+    from recsys.train import choose_fine_groups, example_codes
 
     split = _split()
     cfg = ModelConfig(n_items=split.vocab.size, dim=16, code_dim=8, max_len=20)
@@ -56,14 +56,14 @@ def test_fine_groups_are_kept_only_if_they_win_and_count_both_periods() -> None:
         centres = model.bank.fine_centres.flatten(1)
         counts = torch.zeros(model.cfg.fine_groups, model.cfg.n_items)
         for examples in (split.train, split.valid):
-            nearest = torch.cdist(_codes(model, examples).flatten(1), centres).argmin(1)
+            nearest = torch.cdist(example_codes(model, examples).flatten(1), centres).argmin(1)
             counts.index_put_((nearest, torch.from_numpy(examples.targets)), torch.ones(len(examples)), accumulate=True)
         expected = counts / counts.sum(1, keepdim=True).clamp(min=1.0)
         torch.testing.assert_close(model.bank.fine_items, expected)
     # no setting that can win (β2 = 0 adds nothing): none kept, and the model is left without them
     probe = ValidProbe.build(model, split.valid)
     none = TrainConfig(fine_group_counts=(8,), fine_bias_weights=(0.0,))
-    train_codes = _codes(model, split.train)
+    train_codes = example_codes(model, split.train)
     assert choose_fine_groups(model, probe, train_codes, split.train.targets, none) is None
     assert model.cfg.fine_groups == 0 and model.cfg.fine_bias_weight == 0.0
     assert model.bank.fine_centres.shape[0] == 0 and model.bank.fine_items.shape[0] == 0

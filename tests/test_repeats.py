@@ -198,6 +198,35 @@ def test_snapshots_encode_like_each_sessions_counts() -> None:
     assert not np.array_equal(first.encode(8), second.encode(8))
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_prepared_snapshots_carry_the_parts_entry_terms(form: str) -> None:
+    """The consumer prepares a batch's counts as it encodes them (NumPy, real entries only): the same rows as
+    encoding them, plus RepeatPart.prepare's column up to rounding, with unknown items, truncated tables and
+    empty ones; and the part scores the same from either."""
+    import random
+
+    rng = random.Random(1)
+    model = _model(repeat_size=8, form=form)
+    part = model.device_model.repeat
+    assert part is not None
+    rows = RepeatRows(part, model.device_model.item_targets())
+    codes = {str(i): (1 if i in (3, 7) else i + 2) for i in range(25)}
+    snapshots: CountsSnapshots[str] = CountsSnapshots(codes)
+    for _ in range(30):
+        snapshots.take(RepeatCounts.of([str(rng.randrange(25)) for _ in range(rng.randrange(0, 40))], 12))
+    plain = torch.from_numpy(snapshots.encode(8))
+    got = torch.from_numpy(snapshots.encode(8, rows.entry_logits))
+    expected = part.prepare(plain)
+    assert got.shape == (30, 8, ENTRY_WIDTH + 1) and float(plain[..., 0].eq(0).float().mean()) > 0.1
+    assert torch.equal(got[..., :ENTRY_WIDTH], plain)
+    assert torch.equal(got[..., ENTRY_WIDTH][plain[..., 0] <= 1], torch.zeros(int((plain[..., 0] <= 1).sum())))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        x = torch.randn(30, 16)
+        targets = model.device_model.item_targets()
+        torch.testing.assert_close(part(x, targets, got)[1], part(x, targets, plain)[1], rtol=1e-5, atol=1e-5)
+
+
 def test_the_stored_form_carries_its_exact_json_and_picks_its_counts_up_again() -> None:
     """to_json keeps each entry's text until the entry changes: its text must stay json.dumps of the stored form
     through updates, evictions and re-entries; from_json takes the live counts back only while they have not moved

@@ -118,7 +118,7 @@ def build_job(online: OnlineModel, plan: Plan, with_encoder_cache: bool) -> Mode
         recent = pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
         job = ModelJob(online.version, recent, plan.pre_rows, early_input(online, plan))
         if plan.pre_counts:  # None without a repeat part, empty when nothing is predicted
-            job.repeats = online.prepare_repeats(torch.from_numpy(online.encode_snapshots(plan.pre_counts)))
+            job.repeats = online.prepared_snapshots(plan.pre_counts)
             job.early.repeats = job.repeats[job.early.which]
         if with_encoder_cache:
             job.requests, job.order = window_requests(plan)
