@@ -8,7 +8,7 @@ Nothing is retrained: on the bundle's frozen model and prototypes, β, α and γ
 ``persona train`` chooses them (``recsys.train.choose_group_bias``, over ``--decays`` instead of the default grid),
 the bank then counts the validation period as a trained bundle's does, and the test period is evaluated once:
 Persona (prototype mode, refined live) against the base model, with paired bootstrap CIs, next to the bundle's own
-choice.
+choice and to the bundle with its group bias switched off (β = 0, every weight the same).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def main() -> None:
     model.bank.observe(model.bank.assign(valid_codes), torch.from_numpy(split.valid.targets))
 
     base = evaluate_examples(BaseMethod(model), split.test).ndcg10
-    bundles = {"bundle's choice": own, "re-chosen": model}
+    off = copy.deepcopy(own)
+    off.cfg.group_bias_weight = 0.0  # the same bundle without its group bias: what the bias itself adds
+    bundles = {"bundle's choice": own, "re-chosen": model, "bundle's choice, group bias off (β 0)": off}
     for name, m in bundles.items():
         persona = evaluate_examples(PersonaMethod(m, "persona", "prototype", refine=True), split.test).ndcg10
         ratio = paired_ratio(persona, base)
