@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from json import dumps as json_dumps
 from json.encoder import encode_basestring_ascii
+from operator import itemgetter
 from struct import Struct
 from typing import Any, Generic, TypeVar
 
@@ -45,6 +46,7 @@ K = TypeVar("K")
 _ENTRY = Struct("=5d")  # an entry's vocabulary code, count, last, decayed short, decayed long
 _PACK = _ENTRY.pack
 ENTRY_BYTES = _ENTRY.size
+_ENTRY_OF = itemgetter(1)  # a table item's entry (count, last, decayed short, decayed long)
 
 
 class StoredCounts(dict[str, Any]):
@@ -108,7 +110,8 @@ class RepeatCounts(Generic[K]):
         if entry is None:
             if len(table) >= self.size:
                 # fewest occurrences first, then the oldest latest occurrence: the most frequent and recent stay
-                evicted = min(table.items(), key=_eviction_rank)[0]
+                # (entries compare as (count, last, ...) and no two share a ``last``: a C-level min over them)
+                evicted = min(table.items(), key=_ENTRY_OF)[0]
                 del table[evicted]
                 if rows is not None and texts is not None:
                     del rows[evicted], texts[evicted]
@@ -278,10 +281,6 @@ class CountsSnapshots(Generic[K]):
 
 #: :meth:`RepeatRows.entry_logits`: entries [E, ENTRY_WIDTH] float32 and their sessions' total counts [E] → [E].
 EntryLogits = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _eviction_rank(kv: tuple[Any, tuple[int, int, float, float]]) -> tuple[int, int]:
-    return kv[1][0], kv[1][1]
 
 
 def encode_entries(entries: Sequence[tuple[int, int, int, list[float]]], size: int) -> np.ndarray:
