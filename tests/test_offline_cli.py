@@ -145,6 +145,9 @@ def test_evaluate_refuses_a_tampered_bundle(bundle: Path, tmp_path: Path, capsys
         (["--prototypes", "four"], "prototypes"),
         (["--patience", "0"], "patience"),
         (["--base-patience", "0"], "--base-patience"),
+        (["--group-bias", "half"], "--group-bias"),
+        (["--group-bias", "0.5,-1"], "--group-bias"),
+        (["--group-bias", "nan"], "--group-bias"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(
@@ -162,6 +165,16 @@ def test_bad_training_input_is_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and needle.lower() in err[0].lower()
+
+
+@pytest.mark.slow
+def test_group_bias_zero_trains_a_model_without_it(tmp_path: Path) -> None:
+    """`--group-bias 0` leaves β = 0 as the only candidate: the bundle's prototypes add no group bias."""
+    out = tmp_path / "bundle"
+    assert main(["train", "--out", str(out), *TINY_ARGS, "--group-bias", "0"]) == 0
+    trained = load_trained(out)
+    assert trained.train_config.group_bias_weights == (0.0,)
+    assert trained.model.cfg.group_bias_weight == 0.0
 
 
 def test_evaluate_a_missing_bundle_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

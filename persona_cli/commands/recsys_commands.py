@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -98,6 +99,16 @@ def train(
             "to their scores (chosen on validation with their weights; kept only if they win). 0 = none.",
         ),
     ] = "64,128,256,512",
+    group_bias: Annotated[
+        str,
+        typer.Option(
+            "--group-bias",
+            help="Candidate weights β of the prototypes' group bias (what a session's group chose next, added to "
+            "its scores), comma separated, chosen on validation with its smoothing and decay; 0 = none. Use 0 where "
+            "the whole population's tastes may move at once after training: validation cannot see such a move, "
+            "prefers the bias, and the moved period pays for it (docs/results.md).",
+        ),
+    ] = "0.25,0.5,1,2",  # recsys.train.TrainConfig.group_bias_weights (β = 0 is always a candidate)
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -124,6 +135,16 @@ def train(
         raise PersonaError(
             f"--fine-groups {fine_groups!r} has a count below 2", "e.g. --fine-groups 64,128, or 0 for none"
         )
+    try:
+        betas = tuple(float(x) for x in group_bias.split(",") if x.strip())
+    except ValueError:
+        raise PersonaError(
+            f"--group-bias {group_bias!r} is not a list of numbers", "e.g. --group-bias 0.5,1, or 0 for none"
+        ) from None
+    if not betas or min(betas) < 0 or not all(math.isfinite(b) for b in betas):
+        raise PersonaError(
+            f"--group-bias {group_bias!r} needs weights of 0 or more", "e.g. --group-bias 0.5,1, or 0 for none"
+        )
     for flag, value in (("--patience", patience), ("--base-patience", base_patience)):
         if value < 1:
             raise PersonaError(f"{flag} {value} stops before any epoch is compared", f"use {flag} 1 or more")
@@ -138,6 +159,7 @@ def train(
         proto_rounds=proto_rounds,
         k_candidates=ks,
         fine_group_counts=fine_ks,
+        group_bias_weights=tuple(sorted({0.0, *betas})),
         seed=seed,
         patience=patience,
         base_patience=base_patience,
