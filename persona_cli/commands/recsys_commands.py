@@ -104,9 +104,10 @@ def train(
         typer.Option(
             "--group-bias",
             help="Candidate weights β of the prototypes' group bias (what a session's group chose next, added to "
-            "its scores), comma separated, chosen on validation with its smoothing and decay; 0 = none. Use 0 where "
-            "the whole population's tastes may move at once after training: validation cannot see such a move, "
-            "prefers the bias, and the moved period pays for it (docs/results.md).",
+            "its scores), comma separated, chosen on validation with its smoothing and decay; 0 = none. Where the "
+            "whole population's tastes may move at once after training, use --group-bias 0 --fine-groups 0: "
+            "validation cannot see such a move, prefers group-level counts, and the moved period pays for them "
+            "(docs/results.md).",
         ),
     ] = "0.25,0.5,1,2",  # recsys.train.TrainConfig.group_bias_weights (β = 0 is always a candidate)
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
