@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
+from itertools import count as positions
 from json import dumps as json_dumps
 from json.encoder import encode_basestring_ascii
 from operator import itemgetter
@@ -118,7 +119,7 @@ class RepeatCounts(Generic[K]):
                 if packed is not None and slots is not None:
                     at = slots[evicted] * ENTRY_BYTES
                     del packed[at : at + ENTRY_BYTES]
-                    self._slots = slots = {k: i for i, k in enumerate(table)}  # the later entries moved up
+                    self._slots = slots = dict(zip(table, positions()))  # the later entries moved up
             entry = table[item] = (1, self.n, 1.0, 1.0)
             if packed is not None and slots is not None:
                 slots[item] = len(slots)
@@ -153,7 +154,7 @@ class RepeatCounts(Generic[K]):
         if self._packed is None or self._codes is not codes:
             self._codes = codes
             self._packed = bytearray(b"".join([_PACK(codes[k], *e) for k, e in self.table.items()]))
-            self._slots = {k: i for i, k in enumerate(self.table)}
+            self._slots = dict(zip(self.table, positions()))
         return bytes(self._packed)
 
     def encode(self, code_of: Callable[[K], int], size: int) -> np.ndarray:

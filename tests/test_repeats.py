@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_counts_keep_the_most_frequent_then_the_most_recent_items() -> None:
     counts.add("b")  # c (1, older than d) leaves
     assert [e[0] for e in counts.entries()] == ["a", "d", "b"]
     assert counts.n == 6
-    back = RepeatCounts.from_json(json.loads(json.dumps(counts.to_json())), size=3)  # as stored: same order, bits
+    back = RepeatCounts.from_json(json.loads(counts.to_json().json_text), size=3)  # as stored: same order, bits
     assert back.entries() == counts.entries()
     back.add("a")
     counts.add("a")
@@ -227,23 +228,31 @@ def test_prepared_snapshots_carry_the_parts_entry_terms(form: str) -> None:
         torch.testing.assert_close(part(x, targets, got)[1], part(x, targets, plain)[1], rtol=1e-5, atol=1e-5)
 
 
+def _dumped(counts: RepeatCounts[Any]) -> str:
+    """What the stored form must be: ``json.dumps`` of the counts' rows, built from the table alone."""
+    return json.dumps({"n": counts.n, "items": [[k, *e] for k, e in counts.table.items()]})
+
+
 def test_the_stored_form_carries_its_exact_json_and_picks_its_counts_up_again() -> None:
-    """to_json keeps each entry's text until the entry changes: its text must stay json.dumps of the stored form
-    through updates, evictions and re-entries; from_json takes the live counts back only while they have not moved
-    on (a batch that failed after adding to them must rebuild from what was stored)."""
+    """to_json keeps each entry's text until the entry changes: its text must stay json.dumps of the counts' rows
+    (built here from the table alone) and of the stored form through updates, evictions and re-entries;
+    from_json takes the live counts back only while they have not moved on (a batch that failed after adding to them
+    must rebuild from what was stored)."""
     import random
 
     rng = random.Random(1)
     ids = ["a", 'quo"te', "back\\slash", "ünï", "tab\t"] + [f"i{i}" for i in range(40)]
-    for size in (2, 5, 64):
+    for size in (1, 2, 5, 64):
         counts: RepeatCounts[str] = RepeatCounts(size)
+        assert counts.to_json().json_text == _dumped(counts) == '{"n": 0, "items": []}'
         for _ in range(300):
             counts.add(rng.choice(ids))
             if rng.random() < 0.15:
                 stored = counts.to_json()
-                assert stored.json_text == json.dumps(stored)
+                assert stored.json_text == _dumped(counts)
         stored = counts.to_json()
-        assert stored.json_text == json.dumps(stored) and json.loads(stored.json_text) == json.loads(json.dumps(stored))
+        assert stored.json_text == _dumped(counts) == json.dumps(stored)
+        assert stored["n"] == counts.n and len(stored["items"]) == min(size, len(ids))
         assert RepeatCounts.from_json(stored, size) is counts
         assert RepeatCounts.from_json(stored, size + 1) is not counts  # another model's size: rebuilt
         counts.add("a")  # moved on: the stored form is rebuilt, as it was
@@ -252,7 +261,27 @@ def test_the_stored_form_carries_its_exact_json_and_picks_its_counts_up_again() 
         back.add("a")
         assert back.entries() == counts.entries()
     offline: RepeatCounts[int] = RepeatCounts.of([3, 4, 3])  # integer keys (offline) write JSON numbers
-    assert offline.to_json().json_text == json.dumps(offline.to_json())
+    assert offline.to_json().json_text == _dumped(offline)
+    assert offline.to_json().json_text.startswith('{"n": 3, "items": [[3, 2, 2, ')
+
+
+def test_the_stored_text_and_the_packed_entries_follow_the_same_evictions() -> None:
+    """Snapshots' packed numbers are kept in place and renumbered on eviction, the stored text per entry: interleaving
+    them through evictions must keep both equal to counts rebuilt from what was stored."""
+    import random
+
+    rng = random.Random(2)
+    codes = {f"i{i}": i + 2 for i in range(30)}
+    counts: RepeatCounts[str] = RepeatCounts(6)
+    for step in range(400):
+        counts.add(f"i{rng.randrange(30)}")
+        if step % 3 == 0:
+            counts.packed_entries(codes)
+        if step % 5 == 0:
+            assert counts.to_json().json_text == _dumped(counts)
+    fresh = RepeatCounts.from_json(json.loads(counts.to_json().json_text), 6)
+    assert counts.packed_entries(codes) == fresh.packed_entries(codes)
+    assert counts.to_json().json_text == fresh.to_json().json_text == _dumped(counts)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -524,7 +553,7 @@ def test_the_prequential_check_scores_with_the_repeat_part_as_offline(
     assert sum(r.reciprocal_rank["persona"] for r in results) == pytest.approx(sum(1 / (r + 1) for r in persona))
     assert sum(r.reciprocal_rank["base"] for r in results) == pytest.approx(sum(1 / (r + 1) for r in base))
     stored = store.get_session("rep")
-    assert stored is not None and stored.item_counts == json.loads(json.dumps(RepeatCounts.of(seq, 8).to_json()))
+    assert stored is not None and stored.item_counts == json.loads(RepeatCounts.of(seq, 8).to_json().json_text)
 
 
 def test_one_batch_gives_the_same_check_as_one_event_at_a_time(store: Store, repeat_models: ModelProvider) -> None:
@@ -602,7 +631,7 @@ def test_the_session_route_gives_a_device_the_stored_counts(store: Store, repeat
                                           enumerate(seq)])  # fmt: skip
     with TestClient(create_app(Settings(), store=store, models=repeat_models)) as client:
         summary = client.get("/v1/sessions/route").json()
-    assert summary["item_counts"] == json.loads(json.dumps(RepeatCounts.of(seq, 8).to_json()))
+    assert summary["item_counts"] == json.loads(RepeatCounts.of(seq, 8).to_json().json_text)
     back = RepeatCounts.from_json(summary["item_counts"], 8)
     assert back.table == RepeatCounts.of(seq, 8).table  # the floats survive the JSON exactly
 
