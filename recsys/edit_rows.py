@@ -3,7 +3,7 @@
 At batch 1, torch's per-call overhead is most of an edit's cost (measured on the 2-core VM: 1.0 ms for one
 session's codes and prototype edit, where the arithmetic is a GRU over ≤ 10 items, a 2-step cross-layer GRU and one
 generator product). :class:`EditRows` runs the same arithmetic in float32 with frozen weights, row by row, as
-:class:`recsys.repeats.RepeatRows` does for the repeat part: :meth:`codes` follows
+:class:`recsys.repeat_rows.RepeatRows` does for the repeat part: :meth:`codes` follows
 :meth:`recsys.model.CloudAdapter.codes_from_inputs` (padding skipped as packing skips it), :meth:`residual` the
 clipped session residual of :meth:`recsys.model.PersonaModel.prototype_edit`. The results agree with torch's within
 float32 rounding (tests/test_inference_paths.py).

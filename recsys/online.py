@@ -41,15 +41,8 @@ from recsys.model import (
     refine_centres,
 )
 from recsys.pipeline import TrainedModel, load_trained
-from recsys.repeats import (
-    ENTRY_WIDTH,
-    REPEAT_SIZE,
-    SMALL_BATCH,
-    CountsSnapshots,
-    RepeatCounts,
-    RepeatRows,
-    entries_tensor,
-)
+from recsys.repeat_rows import SMALL_BATCH, PreparedRows, RepeatRows
+from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, CountsSnapshots, RepeatCounts, entries_tensor
 from recsys.retrieval import NormOrderedIndex
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -366,15 +359,15 @@ class OnlineModel:
 
     @property
     def repeat_rows(self) -> RepeatRows:
-        """The repeat part for a few rows in NumPy (:class:`recsys.repeats.RepeatRows`)."""
+        """The repeat part with frozen weights (:class:`recsys.repeat_rows.RepeatRows`)."""
         assert self._repeat_rows is not None, "the model has no repeat part"
         return self._repeat_rows
 
-    def prepared_snapshots(self, snapshots: CountsSnapshots[str]) -> Tensor:
+    def prepared_snapshots(self, snapshots: CountsSnapshots[str]) -> PreparedRows:
         """Many sessions' counts as the repeat part's input, prepared for scoring twice (the consumer's checks of
-        the edited and the base model): [P, R, W + 1] float32, each row :meth:`encode_counts` plus the terms that
-        read the entries alone (:meth:`recsys.repeats.RepeatPart.prepare`, here in NumPy on the real entries)."""
-        return torch.from_numpy(snapshots.encode(self.cfg.repeat_size, self.repeat_rows.entry_logits))
+        the edited and the base model): everything that reads the entries alone, computed once, in NumPy, on the
+        real entries (:meth:`recsys.repeat_rows.RepeatRows.prepare`)."""
+        return self.repeat_rows.prepare(snapshots, self.cfg.repeat_size)
 
     def encode_counts(self, counts: RepeatCounts[str]) -> np.ndarray:
         """One session's counts as the repeat part's input [R, W] float32 (:func:`recsys.repeats.encode_entries`);
@@ -391,13 +384,17 @@ class OnlineModel:
         return self.scores_from_queries(self.queries(states, edit), bias, repeats)
 
     @torch.inference_mode()
-    def scores_from_queries(self, queries: Tensor, bias: Tensor | None = None, repeats: Tensor | None = None) -> Tensor:
+    def scores_from_queries(
+        self, queries: Tensor, bias: Tensor | None = None, repeats: Tensor | PreparedRows | None = None
+    ) -> Tensor:
         """Scores [B, N] of head outputs [B, D] against every item, plus ``bias`` [B, N] (the group bias of
         :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, W],
-        :meth:`repeat_entries`); PAD/UNK never rank."""
+        :meth:`repeat_entries`, or :meth:`prepared_rows` of them); PAD/UNK never rank."""
         s = queries @ self.item_targets_t
-        if repeats is not None and self.has_repeat_part and queries.shape[0] <= SMALL_BATCH:
-            rep: tuple[Tensor, Tensor] | None = self.repeat_rows(queries, repeats, s)
+        if isinstance(repeats, PreparedRows):
+            rep: tuple[Tensor, Tensor] | None = self.repeat_rows.score(queries, repeats, s)
+        elif repeats is not None and self.has_repeat_part and queries.shape[0] <= SMALL_BATCH:
+            rep = self.repeat_rows(queries, repeats, s)
         else:
             rep = self.model.device_model.repeat_bias(queries, self.item_targets_t.T, repeats, s)
         if rep is not None:

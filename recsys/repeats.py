@@ -58,8 +58,8 @@ class StoredCounts(dict[str, Any]):
 
     __slots__ = ("json_text", "source")
 
-    def __init__(self, data: dict[str, Any], json_text: str, source: RepeatCounts[Any] | None = None) -> None:
-        super().__init__(data)
+    def __init__(self, n: int, items: list[Any], json_text: str, source: RepeatCounts[Any] | None = None) -> None:
+        super().__init__(n=n, items=items)
         self.json_text = json_text
         self.source = source
 
@@ -190,10 +190,14 @@ class RepeatCounts(Generic[K]):
         for k in self._stale:
             if rows.get(k, 0) is None:  # changed since the last call, and still kept
                 row = rows[k] = (k, *table[k])
-                texts[k] = f"[{_key_text(k)}, {row[1]}, {row[2]}, {row[3]!r}, {row[4]!r}]"
+                _, count, last, short, long = row
+                if count == 1 and short == long == 1.0:  # a new entry (most changes): no float to format
+                    texts[k] = f"[{_key_text(k)}, 1, {last}, 1.0, 1.0]"
+                else:
+                    texts[k] = f"[{_key_text(k)}, {count}, {last}, {short!r}, {long!r}]"
         self._stale.clear()
         text = f'{{"n": {self.n}, "items": [{", ".join(texts.values())}]}}'  # type: ignore[arg-type]
-        return StoredCounts({"n": self.n, "items": list(rows.values())}, text, self)
+        return StoredCounts(self.n, list(rows.values()), text, self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, size: int = REPEAT_SIZE) -> RepeatCounts[Any]:
@@ -220,8 +224,8 @@ class CountsSnapshots(Generic[K]):
     """Many sessions' counts as they are at some moments, encoded together: what the consumer's prequential check
     needs (per prediction, its session's counts before the event).
 
-    :meth:`take` keeps one bytes join of the entries' codes and numbers (:meth:`RepeatCounts.packed_entries`), so a
-    snapshot costs a join; :meth:`encode` then builds every snapshot's rows with one set of array operations,
+    :meth:`take` keeps one copy of the entries' packed codes and numbers (:meth:`RepeatCounts.packed_entries`);
+    :meth:`real_entries` and :meth:`encode` then unpack every snapshot's rows with one set of array operations,
     bit-identical to :meth:`RepeatCounts.encode` of each (numpy's per-call overhead was most of a per-snapshot
     encode, reading the numbers back out of tuples most of the rest, and looking each entry's code up again most of
     what was left).
@@ -243,20 +247,13 @@ class CountsSnapshots(Generic[K]):
         self.lengths.append(len(counts.table))
         self.ns.append(counts.n)
 
-    def encode(self, size: int, entry_logits: EntryLogits | None = None) -> np.ndarray:
-        """float32 [snapshots, size, ENTRY_WIDTH]: row i is :meth:`RepeatCounts.encode` of snapshot i. With
-        ``entry_logits`` (:meth:`RepeatRows.entry_logits`), one more column: each real entry's terms that read the
-        entries alone, as :meth:`RepeatPart.prepare` adds them (0 at empty rows), computed on the real entries as
-        they are unpacked, not gathered back out of the padded rows."""
-        width = ENTRY_WIDTH + (entry_logits is not None)
-        out = np.zeros((len(self.lengths), size, width), dtype=np.float32)
-        if not self.blobs:
-            return out
-        lengths = np.asarray(self.lengths)
+    def real_entries(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every snapshot's known entries, the first ``size`` of each, unpacked together: (snapshot [E], row among
+        its snapshot's known entries [E], the entry as :meth:`RepeatCounts.encode` writes it [E, ENTRY_WIDTH]
+        float32). One set of array operations for the whole batch."""
+        lengths = np.asarray(self.lengths, dtype=np.int64)
         # [E, 5]: code, count, last, short, long
         values = np.frombuffer(b"".join(self.blobs), dtype=np.float64).reshape(-1, 5)
-        if not len(values):
-            return out
         codes = values[:, 0]
         keep = codes > UNK
         kept = np.cumsum(keep)
@@ -272,16 +269,14 @@ class CountsSnapshots(Generic[K]):
         rows[:, 2] = age
         rows[:, 3] = values[:, 3] * np.power(_SHORT, age - 1.0)
         rows[:, 4] = values[:, 4] * np.power(_LONG, age - 1.0)
-        out[snap, pos, :ENTRY_WIDTH] = rows
-        if entry_logits is not None and len(rows):
-            # each snapshot's total count over its rows (integers: exact in float32, as the padded rows' sum)
-            total = np.bincount(snap, weights=rows[:, 1], minlength=len(lengths)).astype(np.float32)
-            out[snap, pos, ENTRY_WIDTH] = entry_logits(rows, total[snap])
+        return snap, pos, rows
+
+    def encode(self, size: int) -> np.ndarray:
+        """float32 [snapshots, size, ENTRY_WIDTH]: row i is :meth:`RepeatCounts.encode` of snapshot i."""
+        out = np.zeros((len(self.lengths), size, ENTRY_WIDTH), dtype=np.float32)
+        snap, pos, rows = self.real_entries(size)
+        out[snap, pos] = rows
         return out
-
-
-#: :meth:`RepeatRows.entry_logits`: entries [E, ENTRY_WIDTH] float32 and their sessions' total counts [E] → [E].
-EntryLogits = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def encode_entries(entries: Sequence[tuple[int, int, int, list[float]]], size: int) -> np.ndarray:
@@ -430,19 +425,6 @@ class RepeatPart(nn.Module):
         learned = self.features(torch.cat([*phi, log_decayed], -1)).squeeze(-1)
         return (log_decayed * self.decay_weight).sum(-1) + learned
 
-    @torch.inference_mode()
-    def prepare(self, entries: Tensor) -> Tensor:
-        """``entries`` [B, R, W] with :meth:`entry_logits` as one more column [B, R, W + 1], computed at real entries
-        only (0 at empty ones, which the softmax masks anyway): what scoring the same predictions twice (the
-        consumer's check of the edited and of the base model) computes once. Every method that takes entries takes
-        prepared ones too. (The device graph computes them inline: its shapes stay static.)"""
-        real = entries[..., 0] > UNK
-        total = entries[..., 1].sum(-1, keepdim=True).expand(real.shape)[real]
-        out = entries.new_zeros(*entries.shape[:-1], entries.shape[-1] + 1)
-        out[..., :-1] = entries
-        out[..., -1][real] = self._entry_logits(entries[real], total)
-        return out
-
     def forward(
         self, x: Tensor, targets: Tensor, entries: Tensor, logits: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -487,7 +469,7 @@ class RepeatPart(nn.Module):
             if self.mixture:
                 lse = catalogue_logsumexp(x, targets) if logits is None else torch.logsumexp(logits, 1, keepdim=True)
         total = count.sum(1, keepdim=True)
-        z = entries[..., ENTRY_WIDTH].to(x.dtype) if entries.shape[-1] > ENTRY_WIDTH else self.entry_logits(entries)
+        z = self.entry_logits(entries)
         if att is not None:
             z = z + att
         log_p = torch.log_softmax(z.masked_fill(~real, -1e4), 1)
@@ -496,93 +478,6 @@ class RepeatPart(nn.Module):
         if lse is not None:
             rho = rho + lse
         return items, real, s, log_p, rho
-
-
-#: Up to this many rows, online scoring runs the repeat part in NumPy (:class:`RepeatRows`).
-SMALL_BATCH = 4
-
-
-class RepeatRows:
-    """:meth:`RepeatPart.forward` for a few rows (a single ranking) in NumPy, with frozen weights, row by row at the
-    row's real entries only: the same arithmetic in float32 (its scalars in float64) without torch's per-operation
-    overhead, which is most of its cost for one row (measured: ~30 torch operations, 0.37 ms a ranking, against
-    ~0.03 ms for the explore scores themselves). The attention term is folded into one key per item at load,
-    ``k_i = W_q^T t(E_i) / √D`` and ``c_i = <b_q, t(E_i)> / √D``, so a row's is a gather and one product."""
-
-    def __init__(self, part: RepeatPart, targets: Tensor) -> None:
-        def arr(t: Tensor) -> np.ndarray:
-            return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
-
-        self.mixture = part.mixture
-        self.keys: np.ndarray | None = None
-        self.key_bias: np.ndarray | None = None
-        if part.query is not None:
-            with torch.no_grad():
-                scale = math.sqrt(targets.shape[1])
-                t = targets.detach()
-                self.keys = arr(t @ part.query.weight / scale)  # [N, D]: <k_i, x> = <t_i, W_q x> / √D
-                self.key_bias = arr(t @ part.query.bias / scale)  # [N]
-        first, second = part.features[0], part.features[2]
-        assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
-        self.w1, self.b1 = arr(first.weight.T), arr(first.bias)
-        self.w2, self.b2 = arr(second.weight.T)[:, 0], float(second.bias.detach()[0])
-        gate = arr(part.gate.weight[0])
-        self.wg, self.wg_entries, self.wg_total = gate[:-2], float(gate[-2]), float(gate[-1])
-        self.bg = float(part.gate.bias.detach()[0])
-        self.wd = None if part.decay_weight is None else arr(part.decay_weight)
-
-    def __call__(self, x: Tensor, entries: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(items [B, R], bias [B, R]) as :meth:`RepeatPart.forward` for x [B, D], entries [B, R, W] (prepared or
-        not) and the explore logits [B, N]."""
-        xs, e, full = x.numpy(), entries.numpy(), logits.numpy()
-        items = e[..., 0].astype(np.int64)
-        bias = np.zeros(items.shape, dtype=np.float32)
-        for b in range(len(items)):
-            real = np.flatnonzero(items[b] > UNK)
-            if len(real):
-                bias[b, real] = self._row(xs[b], e[b, real], items[b, real], full[b])
-        return torch.from_numpy(items), torch.from_numpy(bias)
-
-    def entry_logits(self, e: np.ndarray, total: np.ndarray | np.float32) -> np.ndarray:
-        """:meth:`RepeatPart.entry_logits` in NumPy for real entries ``e`` [M, W] whose sessions' total counts are
-        ``total`` (one, or one per entry): float32, equal to torch's up to rounding (NumPy's tanh is about seven
-        times faster than torch's on this CPU, and it is a third of the consumer's preparation)."""
-        f32 = np.float32
-        count = e[:, 1]
-        age = np.maximum(e[:, 2], f32(1.0))
-        decayed = e[:, 3 : 3 + len(DECAYS)]
-        phi = np.empty((len(e), self.w1.shape[0]), dtype=np.float32)
-        phi[:, 0] = np.log1p(count)
-        phi[:, 1] = np.log(age)
-        phi[:, 2] = f32(1.0) / age
-        phi[:, 3] = count / np.maximum(total, f32(1.0))
-        phi[:, 4 : 4 + len(DECAYS)] = decayed
-        if self.wd is None:
-            return np.tanh(phi @ self.w1 + self.b1) @ self.w2 + f32(self.b2)
-        # the mixture forms also read the decayed counts' logs
-        log_decayed = np.log(np.maximum(decayed, f32(TINY)))
-        phi[:, 4 + len(DECAYS) :] = log_decayed
-        z = np.tanh(phi @ self.w1 + self.b1) @ self.w2 + f32(self.b2)
-        term = log_decayed[:, 0] * self.wd[0]  # a sum over a short last axis is slow in NumPy: one term at a time
-        for j in range(1, len(DECAYS)):
-            term += log_decayed[:, j] * self.wd[j]
-        return term + z
-
-    def _row(self, x: np.ndarray, e: np.ndarray, items: np.ndarray, full: np.ndarray) -> np.ndarray:
-        """One row's bias [M] at its M real entries ``e`` [M, W] (items ``items``), head output x [D], logits [N]."""
-        f32 = np.float32
-        total = float(e[:, 1].sum())
-        prepared = e.shape[1] > ENTRY_WIDTH  # RepeatPart.prepare's column is there
-        z = e[:, ENTRY_WIDTH] if prepared else self.entry_logits(e, f32(total))
-        if self.keys is not None and self.key_bias is not None:
-            z = z + (self.keys[items] @ x + self.key_bias[items])
-        top = float(z.max())
-        log_norm = top + math.log(float(np.exp(z - top).sum()))  # log Σ_j exp(z_j): log P_r = z − log_norm
-        rho = float(x @ self.wg) + self.wg_entries * math.log1p(len(e)) + self.wg_total * math.log1p(total) + self.bg
-        if self.mixture:
-            peak = float(full.max())
-            rho += peak + math.log(float(np.exp(full - peak).sum()))
-        return np.logaddexp(f32(0.0), z - (log_norm - rho) - full[items]).astype(np.float32)
 
 
 def add_repeat_bias(scores: Tensor, items: Tensor, bias: Tensor) -> Tensor:

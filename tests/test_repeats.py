@@ -21,6 +21,7 @@ from recsys.evaluate import BaseMethod, evaluate_method, score_batch
 from recsys.metrics import target_ranks
 from recsys.model import ModelConfig, PersonaModel
 from recsys.online import OnlineModel
+from recsys.repeat_rows import RepeatRows
 from recsys.repeats import (
     DECAYS,
     ENTRY_WIDTH,
@@ -29,7 +30,6 @@ from recsys.repeats import (
     CountsSnapshots,
     RepeatCounts,
     RepeatPart,
-    RepeatRows,
     catalogue_logsumexp,
     encode_entries,
     repeat_features,
@@ -199,35 +199,6 @@ def test_snapshots_encode_like_each_sessions_counts() -> None:
     assert not np.array_equal(first.encode(8), second.encode(8))
 
 
-@pytest.mark.parametrize("form", FORMS)
-def test_prepared_snapshots_carry_the_parts_entry_terms(form: str) -> None:
-    """The consumer prepares a batch's counts as it encodes them (NumPy, real entries only): the same rows as
-    encoding them, plus RepeatPart.prepare's column up to rounding, with unknown items, truncated tables and
-    empty ones; and the part scores the same from either."""
-    import random
-
-    rng = random.Random(1)
-    model = _model(repeat_size=8, form=form)
-    part = model.device_model.repeat
-    assert part is not None
-    rows = RepeatRows(part, model.device_model.item_targets())
-    codes = {str(i): (1 if i in (3, 7) else i + 2) for i in range(25)}
-    snapshots: CountsSnapshots[str] = CountsSnapshots(codes)
-    for _ in range(30):
-        snapshots.take(RepeatCounts.of([str(rng.randrange(25)) for _ in range(rng.randrange(0, 40))], 12))
-    plain = torch.from_numpy(snapshots.encode(8))
-    got = torch.from_numpy(snapshots.encode(8, rows.entry_logits))
-    expected = part.prepare(plain)
-    assert got.shape == (30, 8, ENTRY_WIDTH + 1) and float(plain[..., 0].eq(0).float().mean()) > 0.1
-    assert torch.equal(got[..., :ENTRY_WIDTH], plain)
-    assert torch.equal(got[..., ENTRY_WIDTH][plain[..., 0] <= 1], torch.zeros(int((plain[..., 0] <= 1).sum())))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    with torch.inference_mode():
-        x = torch.randn(30, 16)
-        targets = model.device_model.item_targets()
-        torch.testing.assert_close(part(x, targets, got)[1], part(x, targets, plain)[1], rtol=1e-5, atol=1e-5)
-
-
 def _dumped(counts: RepeatCounts[Any]) -> str:
     """What the stored form must be: ``json.dumps`` of the counts' rows, built from the table alone."""
     return json.dumps({"n": counts.n, "items": [[k, *e] for k, e in counts.table.items()]})
@@ -314,15 +285,56 @@ def test_a_few_rows_in_numpy_give_the_parts_scores(form: str) -> None:
         logits = x @ targets.T
         items, bias = part(x, targets, reps, logits)
         rows = RepeatRows(part, targets)(x, reps, logits)
-        # entries prepared once for two scorings (the consumer's check): the same, in torch and in NumPy
-        prepared = part.prepare(reps)
-        items_p, bias_p = part(x, targets, prepared, logits)
-        rows_p = RepeatRows(part, targets)(x, prepared, logits)
-    assert torch.equal(rows[0], items) and torch.equal(items_p, items) and torch.equal(rows_p[0], items)
+    assert torch.equal(rows[0], items)
     torch.testing.assert_close(rows[1], bias, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bias_p, bias, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(rows_p[1], bias, rtol=1e-5, atol=1e-6)
     assert float(bias[0, :3].min()) > 0 and float(bias[1].min()) > 0 and float(rows[1][2].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("form", FORMS)
+def test_prepared_snapshots_score_like_the_part(form: str, dense: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The consumer prepares a batch's count snapshots once (RepeatRows.prepare: NumPy, real entries only) and scores
+    them under two head outputs (RepeatRows.score): the module's items and biases on the same snapshots encoded,
+    for every form, with unknown items, truncated and empty tables, for any selection of rows, through the dense
+    product or the gathered keys; empty entries get exactly 0."""
+    import random
+
+    import recsys.repeat_rows
+
+    if not dense:
+        monkeypatch.setattr(recsys.repeat_rows, "DENSE_ITEMS", 0)
+    rng = random.Random(2)
+    model = _model(repeat_size=8, form=form)
+    part = model.device_model.repeat
+    assert part is not None
+    targets = model.device_model.item_targets()
+    rows = RepeatRows(part, targets)
+    codes = {str(i): (1 if i in (3, 7) else i + 2) for i in range(25)}
+    snapshots: CountsSnapshots[str] = CountsSnapshots(codes)
+    for _ in range(30):
+        snapshots.take(RepeatCounts.of([str(rng.randrange(25)) for _ in range(rng.randrange(0, 40))], 12))
+    plain = torch.from_numpy(snapshots.encode(8))
+    empty = plain[..., 0] <= 1
+    assert bool(empty.any()) and bool((~empty).any()) and bool(empty.all(1).any())  # an empty table among them
+    prepared = rows.prepare(snapshots, 8)
+    assert len(prepared) == 30 and len(prepared[2:9]) == 7
+    assert torch.equal(prepared.items, plain[..., 0].long()) and torch.equal(prepared.empty, empty)
+    with torch.inference_mode():
+        x = torch.randn(30, 16)
+        logits = x @ targets.T
+        items, bias = part(x, targets, plain, logits)
+        got_items, got = rows.score(x, prepared, logits)
+        assert torch.equal(got_items, items)
+        torch.testing.assert_close(got, bias, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[empty], torch.zeros(int(empty.sum())))
+        pick = torch.tensor([29, 3, 3, 0, 17])
+        _, picked = rows.score(x[pick], prepared[pick], logits[pick])
+        torch.testing.assert_close(picked, bias[pick], rtol=1e-5, atol=1e-5)
+        # across a process boundary (the consumer's model process) the same
+        _, again = rows.score(x, type(prepared).from_numpy(*prepared.to_numpy()), logits)
+        assert torch.equal(again, got)
+    none: CountsSnapshots[str] = CountsSnapshots(codes)
+    assert len(rows.prepare(none, 8)) == 0
 
 
 def test_a_model_without_the_part_ignores_counts_and_loads_old_configs() -> None:

@@ -23,6 +23,7 @@ from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.metrics import target_ranks
 from recsys.model import SASRecEncoder
 from recsys.online import BankState, OnlineModel
+from recsys.repeat_rows import PreparedRows
 from recsys.vocab import ItemVocab
 
 __all__ = [
@@ -53,7 +54,7 @@ class EarlyInput:
     which: list[int]
     states: Tensor
     targets: Tensor
-    repeats: Tensor | None = None  # their sessions' item counts before the event [E, R, W] (the repeat part)
+    repeats: PreparedRows | None = None  # their sessions' item counts before the event (the repeat part)
 
 
 @dataclass
@@ -64,8 +65,8 @@ class ModelJob:
     reads either ``requests`` through an encoder cache (``order``: the post-event row of each state they give,
     in order) or ``histories`` [B, T], whole windows. ``pre_rows``: per prediction, the row of its previous state
     (>= 0: a post-event row of this batch; < 0: a stored state) and its target item. ``repeats``: per prediction,
-    its session's item counts before the event [P, R, W] (:meth:`OnlineModel.repeat_entries`; ``None`` when the
-    model has no repeat part).
+    its session's item counts before the event, prepared for scoring (:meth:`OnlineModel.prepared_snapshots`;
+    ``None`` when the model has no repeat part).
     """
 
     version: str
@@ -75,7 +76,7 @@ class ModelJob:
     requests: list[WindowRequest] | None = None
     order: list[int] | None = None
     histories: Tensor | None = None
-    repeats: Tensor | None = None
+    repeats: PreparedRows | None = None
 
     @property
     def rows(self) -> int:
@@ -172,13 +173,13 @@ def outcome(
     prev_codes: Tensor,
     prev_protos: Tensor,
     prev_states: Tensor,
-    repeats: Tensor | None = None,
+    repeats: PreparedRows | None = None,
 ) -> Outcome:
     """A job's outcome under ``bank``: prototypes of the new codes, and the prequential check of every prediction,
     from a stored previous state (``prev_*``, indexed by ``-row - 2``) or from this batch's forward (a session's
     second event or later). ``forward()`` gives the batch's codes and user states; it is called once the stored
     states are scored, so on compute threads that scoring overlaps the forward still running. ``repeats``: the
-    predictions' item counts before their events [P, R, W] (:attr:`ModelJob.repeats`)."""
+    predictions' item counts before their events (:attr:`ModelJob.repeats`)."""
     checks = _Checks.start(len(pre_rows), early_half, repeats)
     early = [n for n, (r, _i) in enumerate(pre_rows) if r < -1]
     if early:
@@ -205,10 +206,10 @@ class _Checks:
     protos: Tensor
     early: Early
     position: dict[int, int]  # prediction -> its row in early
-    repeats: Tensor | None = None  # per prediction [P, R, W]
+    repeats: PreparedRows | None = None  # per prediction (OnlineModel.prepared_snapshots)
 
     @classmethod
-    def start(cls, n_pred: int, early: Early, repeats: Tensor | None = None) -> _Checks:
+    def start(cls, n_pred: int, early: Early, repeats: PreparedRows | None = None) -> _Checks:
         base = torch.empty(n_pred, dtype=torch.long)
         base[early.which] = early.base
         position = {n: j for j, n in enumerate(early.which)}
@@ -245,12 +246,12 @@ def ranks(
     queries: Tensor,
     targets: Tensor,
     group: tuple[Tensor, BankState, Tensor] | None = None,
-    repeats: Tensor | None = None,
+    repeats: PreparedRows | None = None,
 ) -> Tensor:
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
     = (prototypes [P], bank, codes [P, L, d]) adds the prototypes' group bias under that bank and the fine groups'
-    bias of the codes (Persona's scores); ``repeats``
-    [P, R, W] the repeat part's bias (the sessions' item counts before the event)."""
+    bias of the codes (Persona's scores); ``repeats`` the repeat part's input (the sessions' item counts before
+    the event, :meth:`OnlineModel.prepared_rows`: prepared once for both checks)."""
     out = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):

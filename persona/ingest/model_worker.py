@@ -54,6 +54,7 @@ from persona.ingest.model_work import (
 from recsys.encoder_cache import EncoderCache, WindowRequest
 from recsys.errors import PersonaError
 from recsys.online import BankState, OnlineModel
+from recsys.repeat_rows import PreparedRows
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +250,13 @@ def _job_to_wire(job: ModelJob) -> tuple[Any, ...]:
         requests,
         job.order,
         None if job.histories is None else job.histories.numpy(),
-        None if job.repeats is None else job.repeats.numpy(),
+        None if job.repeats is None else job.repeats.to_numpy(),
     )
 
 
 def _job_from_wire(wire: tuple[Any, ...]) -> ModelJob:
     version, recent, pre_rows, (which, states, targets), requests, order, histories, repeats = wire
-    reps = None if repeats is None else torch.from_numpy(repeats)
+    reps = None if repeats is None else PreparedRows.from_numpy(*repeats)
     return ModelJob(
         version,
         torch.from_numpy(recent),
