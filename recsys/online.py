@@ -389,7 +389,8 @@ class OnlineModel:
     ) -> Tensor:
         """Scores [B, N] of head outputs [B, D] against every item, plus ``bias`` [B, N] (the group bias of
         :meth:`group_bias`) when given, plus the repeat part's bias at each session's items (``repeats`` [B, R, W],
-        :meth:`repeat_entries`, or :meth:`prepared_rows` of them); PAD/UNK never rank."""
+        :meth:`repeat_entries`, or many sessions' counts as :meth:`prepared_snapshots` gives them); PAD/UNK never
+        rank."""
         s = queries @ self.item_targets_t
         if isinstance(repeats, PreparedRows):
             rep: tuple[Tensor, Tensor] | None = self.repeat_rows.score(queries, repeats, s)

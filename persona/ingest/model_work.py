@@ -251,7 +251,7 @@ def ranks(
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
     = (prototypes [P], bank, codes [P, L, d]) adds the prototypes' group bias under that bank and the fine groups'
     bias of the codes (Persona's scores); ``repeats`` the repeat part's input (the sessions' item counts before
-    the event, :meth:`OnlineModel.prepared_rows`: prepared once for both checks)."""
+    the event, :meth:`OnlineModel.prepared_snapshots`: prepared once for both checks)."""
     out = torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
