@@ -28,12 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recsys.repeats import DECAYS, DENSE_ITEMS, TINY, UNK, CountsSnapshots, RepeatPart
+from recsys.repeats import DECAYS, DENSE_ITEMS, EMPTY_LOGIT, TINY, UNK, CountsSnapshots, RepeatPart
 
 #: Up to this many rows, online scoring runs the repeat part in NumPy (:meth:`RepeatRows.__call__`).
 SMALL_BATCH = 4
-#: The repeat logit of an empty entry: its softmax weight underflows to exactly 0 (as the module's mask).
-EMPTY_LOGIT = -1e4
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,8 @@ DEFAULT_FORM = MIXTURE_ATTENTION  # chosen on validation (docs/results.md, "A pr
 INITIAL_REPEAT = 0.6
 #: Decayed counts are floored here before their log (an entry last seen ~400 events ago underflows float32's 0.8^age).
 TINY = 1e-30
+#: The repeat logit of an empty entry: its softmax weight underflows to exactly 0.
+EMPTY_LOGIT = -1e4
 #: Items per product when the catalogue's logsumexp is computed without the caller's logits (an index's catalogue).
 LSE_CHUNK = 65536
 
@@ -410,10 +412,7 @@ class RepeatPart(nn.Module):
     def entry_logits(self, entries: Tensor) -> Tensor:
         """The repeat logits' terms that read the entries alone [..., R] (the features' MLP, and the mixture forms'
         decayed-count term): the same for every head output, so for the edited and the base model alike."""
-        return self._entry_logits(entries, entries[..., 1].sum(-1, keepdim=True))
-
-    def _entry_logits(self, entries: Tensor, total: Tensor) -> Tensor:
-        """:meth:`entry_logits` of entries [..., W] whose sessions' total counts are ``total`` (broadcast)."""
+        total = entries[..., 1].sum(-1, keepdim=True)
         count = entries[..., 1]
         age = entries[..., 2].clamp(min=1.0)
         decayed = entries[..., 3 : 3 + len(DECAYS)]
@@ -472,7 +471,7 @@ class RepeatPart(nn.Module):
         z = self.entry_logits(entries)
         if att is not None:
             z = z + att
-        log_p = torch.log_softmax(z.masked_fill(~real, -1e4), 1)
+        log_p = torch.log_softmax(z.masked_fill(~real, EMPTY_LOGIT), 1)
         summary = torch.cat([x, torch.log1p(real.sum(1, keepdim=True).to(x.dtype)), torch.log1p(total)], 1)
         rho = self.gate(summary)  # [B, 1]
         if lse is not None:
