@@ -10,14 +10,27 @@ histories have grown, then ``--batches`` timed batches of ``--batch`` events. Pr
 in process here) over the timed batches, per event. Unlike events/s it does not count time the process waited
 for a core, so it is the steadier figure on a shared machine. After the warm batches the objects alive are frozen
 (``gc.freeze()``), as ``persona consume`` does once it is loaded.
+
+On this shared 2-core VM CPU time per event moves by 10-30 % from run to run. ``--instructions`` counts the
+instructions of the timed batches instead, which valgrind's callgrind makes exactly repeatable (the same total
+whatever else the machine is doing); run under it with instrumentation off until the timed loop:
+
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=cg.%p \\
+        .venv/bin/python bench/ingest_apply.py --model BUNDLE --instructions
+
+It prints ``instructions_per_event`` from callgrind's dump of the timed loop. Instructions are not time (cache
+misses cost time and no instructions), so they complement CPU time rather than replace it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
+import os
 import random
+import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -37,7 +50,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--warm", type=int, default=10)
     ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="Run under valgrind --tool=callgrind --instr-atstart=no: count the timed batches' instructions.",
+    )
     args = ap.parse_args()
+    counter = InstructionCounter() if args.instructions else None
     torch.set_num_threads(args.threads)
 
     from persona.events import Event
@@ -64,16 +83,22 @@ def main() -> None:
             ingestor.apply(batch)
         gc.collect()
         gc.freeze()  # as `persona consume` does once loaded: full collections then skip the model and the modules
+        if counter is not None:
+            counter.start()
         start, cpu_start = time.perf_counter(), time.process_time()
         for batch in batches[args.warm :]:
             ingestor.apply(batch)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if counter is not None:
+            counter.stop()
         ingestor.close()
         store.close()
     events = args.batches * args.batch
+    counted = {} if counter is None else {"instructions_per_event": round(counter.total() / events)}
     print(
         json.dumps(
             {
+                **counted,
                 "events_per_s": round(events / elapsed, 1),
                 "ms_per_batch": round(elapsed / args.batches * 1e3, 1),
                 "cpu_us_per_event": round(cpu / events * 1e6, 1),
@@ -84,6 +109,43 @@ def main() -> None:
             }
         )
     )
+
+
+class InstructionCounter:
+    """Callgrind's client requests around the timed loop (valgrind's C macros, compiled once into a small library:
+    they are instruction sequences that only valgrind recognises, not functions Python could call)."""
+
+    SOURCE = """#include <valgrind/callgrind.h>
+void start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT("timed"); }
+"""
+
+    def __init__(self) -> None:
+        if "vgpreload" not in os.environ.get("LD_PRELOAD", ""):  # valgrind preloads its core
+            raise SystemExit(
+                "--instructions: run under valgrind --tool=callgrind --instr-atstart=no (see this script's docstring)"
+            )
+        self.dir = Path(tempfile.mkdtemp(prefix="ingest-cg-"))
+        (self.dir / "cg.c").write_text(self.SOURCE)
+        lib = self.dir / "libcg.so"
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(self.dir / "cg.c")], check=True)
+        self.lib = ctypes.CDLL(str(lib))
+        self.pid = os.getpid()
+
+    def start(self) -> None:
+        self.lib.start()
+
+    def stop(self) -> None:
+        self.lib.stop()
+
+    def total(self) -> int:
+        """Instructions in the timed loop's dump (callgrind writes it as ``<out file>.<n>``; its ``totals:`` line:
+        ``summary:`` reads 0 after the zeroing)."""
+        for path in Path.cwd().glob(f"*{self.pid}*"):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+        raise SystemExit(f"--instructions: no callgrind dump for process {self.pid} in {Path.cwd()}")
 
 
 if __name__ == "__main__":

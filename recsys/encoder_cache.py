@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recsys.index_rows import index_of
 from recsys.model import DeviceModel, SASRecEncoder, feed_forward
 
 __all__ = ["EncoderCache", "WindowRequest"]
@@ -167,7 +168,7 @@ class EncoderCache:
                     src_row += [b] * wanted
                     src_col += range(m - wanted, m)
                     dst += range(at, at + wanted)
-                out[dst] = states[src_row, src_col]
+                out[index_of(dst)] = states[index_of(src_row), index_of(src_col)]
         except BaseException:
             for r in reqs:  # their slots may be half written: forget them
                 entry = self._entries.pop(r.key, None)
@@ -201,14 +202,14 @@ class EncoderCache:
         b = len(slots)
         dim, heads, hd, t = self.dim, self._heads, self.dim // self._heads, self._t
         need = [len(w) - c for w, c in zip(windows, cached, strict=True)]
-        first = torch.tensor(cached, dtype=torch.long)
+        first = index_of(cached)
         positions = first[:, None] + torch.arange(width)  # [B, width]: each new item's position in its window
-        real = torch.arange(width) < torch.tensor(need)[:, None]
+        real = torch.arange(width) < index_of(need)[:, None]
         rows_real, cols_real = real.nonzero(as_tuple=True)  # row-major: the new items in window order
         new_items = itertools.chain.from_iterable(w[c:] for w, c in zip(windows, cached, strict=True))
         ids = torch.zeros(b, width, dtype=torch.long)
         ids[rows_real, cols_real] = torch.from_numpy(np.fromiter(new_items, dtype=np.int64, count=sum(need)))
-        slot_t = torch.tensor(slots, dtype=torch.long)
+        slot_t = index_of(slots)
         # where the new keys and values go, in a slab seen as [slots × heads × T, head dim] rows
         write = (
             (slot_t[rows_real, None] * heads + torch.arange(heads)) * t + positions[rows_real, cols_real, None]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys.index_rows import index_of
 from recsys.repeats import DECAYS, DENSE_ITEMS, EMPTY_LOGIT, TINY, UNK, CountsSnapshots, RepeatPart
 
 #: Up to this many rows, online scoring runs the repeat part in NumPy (:meth:`RepeatRows.__call__`).
@@ -45,6 +46,8 @@ class PreparedRows:
     gate: Tensor  # [P] float32: the gate's terms that read the entries alone (their number, total count, bias)
 
     def __getitem__(self, rows: Any) -> PreparedRows:
+        if isinstance(rows, list):  # once for the four tensors (recsys.index_rows)
+            rows = index_of(rows)
         return PreparedRows(self.items[rows], self.empty[rows], self.logits[rows], self.gate[rows])
 
     def __len__(self) -> int:

@@ -330,6 +330,9 @@ def test_prepared_snapshots_score_like_the_part(form: str, dense: bool, monkeypa
         pick = torch.tensor([29, 3, 3, 0, 17])
         _, picked = rows.score(x[pick], prepared[pick], logits[pick])
         torch.testing.assert_close(picked, bias[pick], rtol=1e-5, atol=1e-5)
+        listed = prepared[pick.tolist()]  # a list of rows (the consumer's), converted once for the four tensors
+        assert all(np.array_equal(a, b) for a, b in zip(listed.to_numpy(), prepared[pick].to_numpy(), strict=True))
+        assert len(prepared[[]]) == 0
         # across a process boundary (the consumer's model process) the same
         _, again = rows.score(x, type(prepared).from_numpy(*prepared.to_numpy()), logits)
         assert torch.equal(again, got)

@@ -352,3 +352,47 @@ def test_a_sessions_copy_has_every_field_of_the_original() -> None:
     assert copied is not state
     copied.event_count += 1  # the consumer changes its own copy; the original stays as it was
     assert state.event_count == 3
+
+
+def test_the_sqlite_hot_paths_time_text_is_isoformats() -> None:
+    """The field-by-field time text is exactly ``isoformat(" ", "microseconds")`` without the offset (what
+    SQLAlchemy writes for UTCDateTime), for any instant, years below 1000 and other time zones included."""
+    import random
+
+    from persona.store.hot_path import _sqlite_time
+
+    rng = random.Random(0)
+    start = datetime(1, 1, 1, tzinfo=UTC)
+    span = int((datetime(9999, 12, 30, tzinfo=UTC) - start) / timedelta(microseconds=1))
+    instants = [start + timedelta(microseconds=rng.randrange(span)) for _ in range(20_000)]
+    instants += [datetime(999, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)]
+    for t in instants:
+        assert _sqlite_time(t) == t.isoformat(" ", "microseconds")[:26]
+    east = datetime(2026, 1, 2, 1, 4, 5, 7, tzinfo=timezone(timedelta(hours=2)))
+    assert _sqlite_time(east) == "2026-01-01 23:04:05.000007"
+    assert _sqlite_time(None) is None
+
+
+def test_sqlite_binds_none_bools_and_bytes_as_it_did_before_the_adapters(tmp_path: Path) -> None:
+    """The identity adapters registered for SQLite stores (persona.store.engine._plain_sqlite_parameters) bind
+    what sqlite3 bound without them: None as NULL, a bool as the integer, bytes as a blob; and a session row with
+    every such field reads back the same."""
+    import sqlite3
+
+    opened = Store.open(f"sqlite:///{tmp_path}/adapters.db")
+    try:
+        for t in (type(None), bool, bytes):
+            assert (t, sqlite3.PrepareProtocol) in sqlite3.adapters
+        con = sqlite3.connect(":memory:")
+        row = con.execute(
+            "SELECT ?, typeof(?), ?, typeof(?), ?, typeof(?), ?", (None, None, True, True, b"\x00a", b"", False)
+        )
+        assert row.fetchone() == (None, "null", 1, "integer", b"\x00a", "blob", 0)
+        state = _state(device_id=None, user_id=None, prototype_id=None, code=b"\x00\x01", user_state=b"")
+        with opened.transaction() as uow:
+            uow.upsert_sessions([state])
+        loaded = opened.get_session("s-1")
+        assert loaded is not None
+        assert (loaded.device_id, loaded.prototype_id, loaded.code, loaded.user_state) == (None, None, b"\x00\x01", b"")
+    finally:
+        opened.close()

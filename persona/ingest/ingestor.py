@@ -33,6 +33,7 @@ from persona.ingest.work import Scoring, Work, build_job, done, local_outcome, p
 from persona.store import NewEvent, PrototypeRow, SessionState, Store, UnitOfWork
 from recsys.encoder_cache import EncoderCache
 from recsys.errors import PersonaError
+from recsys.index_rows import index_of
 from recsys.model import reseed_idle
 from recsys.online import BankState, OnlineModel, refine_bank
 
@@ -281,7 +282,7 @@ class Ingestor:
             p.concluded.set()
 
             if codes is not None:
-                protos = torch.tensor(result.prototypes, dtype=torch.long)
+                protos = index_of(result.prototypes)
                 chosen = result.chosen
                 refined = refine_bank(bank, codes, protos, online.cfg, chosen)
                 touched = set(result.prototypes) | self._reseed(online, refined, rows, codes, protos, p.now)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from recsys.encoder_cache import EncoderCache, WindowRequest
+from recsys.index_rows import index_of
 from recsys.metrics import target_ranks
 from recsys.model import SASRecEncoder
 from recsys.online import BankState, OnlineModel
@@ -145,7 +146,7 @@ def early_work(online: OnlineModel, early: EarlyInput) -> Early:
 def cached_states(cache: EncoderCache, requests: list[WindowRequest], order: list[int], rows: int) -> Tensor:
     """User states [rows, D] of a batch's post-event rows through the encoder cache."""
     states = torch.empty(rows, cache.dim)
-    states[torch.tensor(order, dtype=torch.long)] = cache.encode(requests)
+    states[index_of(order)] = cache.encode(requests)
     return states
 
 
@@ -183,14 +184,14 @@ def outcome(
     checks = _Checks.start(len(pre_rows), early_half, repeats)
     early = [n for n, (r, _i) in enumerate(pre_rows) if r < -1]
     if early:
-        sel = torch.tensor([-pre_rows[n][0] - 2 for n in early], dtype=torch.long)
+        sel = index_of([-pre_rows[n][0] - 2 for n in early])
         checks.score(online, bank, pre_rows, early, prev_codes[sel], prev_protos[sel], prev_states[sel])
     codes, states = forward()
     protos = online.assign(codes, bank)
     dists = online.distances(codes, protos, bank)
     late = [n for n, (r, _i) in enumerate(pre_rows) if r >= 0]
     if late:
-        sel = torch.tensor([pre_rows[n][0] for n in late], dtype=torch.long)
+        sel = index_of([pre_rows[n][0] for n in late])
         checks.score(online, bank, pre_rows, late, codes[sel], protos[sel], states[sel])
     return Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base, checks.protos)
 
@@ -211,7 +212,7 @@ class _Checks:
     @classmethod
     def start(cls, n_pred: int, early: Early, repeats: PreparedRows | None = None) -> _Checks:
         base = torch.empty(n_pred, dtype=torch.long)
-        base[early.which] = early.base
+        base[index_of(early.which)] = early.base
         position = {n: j for j, n in enumerate(early.which)}
         persona, protos = torch.empty(n_pred, dtype=torch.long), torch.empty(n_pred, dtype=torch.long)
         return cls(torch.empty(n_pred), persona, base, protos, early, position, repeats)
@@ -227,16 +228,17 @@ class _Checks:
         states: Tensor,
     ) -> None:
         """Score predictions ``which`` from their previous states (codes, prototypes, user states [P, ...])."""
-        idx = torch.tensor(which, dtype=torch.long)
-        targets = torch.tensor([pre_rows[n][1] for n in which], dtype=torch.long)
+        idx = index_of(which)
+        targets = index_of([pre_rows[n][1] for n in which])
         rows = [self.position.get(n, -1) for n in which]
-        first = self.early.first[rows] if rows and min(rows) >= 0 else None  # all done early: the usual case
+        first = self.early.first[index_of(rows)] if rows and min(rows) >= 0 else None  # all done early: the usual case
         reps = None if self.repeats is None else self.repeats[idx]
         persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
         self.persona[idx] = ranks(online, persona_q, targets, (protos, bank, codes), reps)
         self.protos[idx] = protos
-        todo = [j for j, r in enumerate(rows) if r < 0]
-        if todo:
+        todo_list = [j for j, r in enumerate(rows) if r < 0]
+        if todo_list:
+            todo = index_of(todo_list)
             base_reps = None if reps is None else reps[todo]
             self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo], repeats=base_reps)
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from persona.ingest.model_work import EarlyInput
 from persona.ingest.plan import Plan, StoredState
 from persona.user_state import user_state_payload
+from recsys.index_rows import index_of
 from recsys.online import BankState, OnlineModel
 
 
@@ -61,12 +62,12 @@ def previous_states(online: OnlineModel, bank: BankState, prev: list[tuple[Store
     )
     if not usable:
         return out
-    rows = torch.tensor(usable, dtype=torch.long)
+    rows = index_of(usable)
     out.codes[rows] = floats(code_bytes).view(len(usable), cfg.n_edit_layers, cfg.code_dim)
     out.states[rows] = floats(state_bytes).view(len(usable), cfg.dim)
     stored_protos = [prev[j][0].prototype_id for j in usable]
     # scored with the edit the API served for it: the stored prototype, while it still exists
-    protos = torch.tensor([p if p is not None and 0 <= p < n_protos else -1 for p in stored_protos], dtype=torch.long)
+    protos = index_of([p if p is not None and 0 <= p < n_protos else -1 for p in stored_protos])
     lost = (protos < 0).nonzero().flatten()
     if len(lost):
         protos[lost] = online.assign(out.codes[rows[lost]], bank)
@@ -94,4 +95,4 @@ def early_input(online: OnlineModel, plan: Plan) -> EarlyInput:
     if not which:
         return EarlyInput([], torch.empty(0, online.cfg.dim), torch.empty(0, dtype=torch.long))
     states = floats(payloads).view(len(which), online.cfg.dim)
-    return EarlyInput(which, states, torch.tensor([plan.pre_rows[n][1] for n in which], dtype=torch.long))
+    return EarlyInput(which, states, index_of([plan.pre_rows[n][1] for n in which]))

@@ -14,6 +14,7 @@ from persona.ingest.model_work import Outcome
 from persona.ingest.plan import Plan
 from persona.store import SessionState
 from persona.user_state import pack_user_states
+from recsys.index_rows import index_of
 from recsys.online import OnlineModel
 
 #: Cut-offs of the prequential hit-rate and NDCG counters.
@@ -75,13 +76,13 @@ def conclude(online: OnlineModel, plan: Plan, outcome: Outcome | None, result: I
         count_ranks(result, "base", outcome.base)
         result.edit_norm_ratios = outcome.ratios.tolist()
         # what each prediction's prototype chose next: its group counts it once the batch commits
-        result.chosen = (outcome.pred_protos, torch.tensor([t for _r, t in plan.pre_rows], dtype=torch.long))
+        result.chosen = (outcome.pred_protos, index_of([t for _r, t in plan.pre_rows]))
     q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
     result.prototypes = outcome.protos.tolist()
     result.ood_scores = (outcome.dists / q99).tolist()
     code_np = outcome.codes.to(torch.float32).contiguous().numpy()
     latest = [w for w in plan.sessions.values() if w.row >= 0]
-    packed = pack_user_states(outcome.states[[w.row for w in latest]], [w.state.edit_version for w in latest])
+    packed = pack_user_states(outcome.states[index_of([w.row for w in latest])], [w.state.edit_version for w in latest])
     for w, user_state in zip(latest, packed, strict=True):
         w.state.code = code_np[w.row].tobytes()
         w.state.user_state = user_state

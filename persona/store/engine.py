@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
@@ -54,6 +55,19 @@ def _parse(url: str) -> URL:
     return parsed
 
 
+def _plain_sqlite_parameters() -> None:
+    """Register identity adapters for the parameter types sqlite3 otherwise "adapts" by failing: in Python 3.11
+    every parameter that is not exactly an int, float, str or bytearray (None, bool, bytes: a session row has
+    several) is looked up as ``PrepareProtocol.__adapt__``, which formats and discards an ``AttributeError``
+    (1.3 µs a parameter here; callgrind put it at 1.6 % of the consumer's instructions). An adapter registered for
+    the type is found first. Each returns what sqlite3 would bind anyway (None as NULL, a bool as its int, bytes as
+    a blob), with a C callable: no Python frame per parameter. Process-wide and idempotent."""
+    none: Callable[[None], None] = cast(Callable[[None], None], {}.get)  # {}.get(None) is None
+    sqlite3.register_adapter(type(None), none)
+    sqlite3.register_adapter(bool, int)
+    sqlite3.register_adapter(bytes, bytes)  # bytes(b) is b
+
+
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -64,6 +78,7 @@ def _sqlite_engine(url: URL) -> Engine:
                 f"cannot create the directory for the SQLite store {mask_url(url)!r}: {exc.strerror}",
                 "set PERSONA_DATA_DIR or PERSONA_DATABASE_URL to a writable place",
             ) from exc
+    _plain_sqlite_parameters()
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10.0})
 
     @event.listens_for(engine, "connect")

@@ -51,13 +51,27 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+#: "00" … "99", for :func:`_sqlite_time`.
+_TWO_DIGITS = tuple(f"{i:02d}" for i in range(100))
+
+
 def _sqlite_time(value: datetime | None) -> str | None:
-    """SQLAlchemy's SQLite ``DATETIME`` text for a UTC instant (what :class:`UTCDateTime` stores there)."""
+    """SQLAlchemy's SQLite ``DATETIME`` text for a UTC instant (what :class:`UTCDateTime` stores there), i.e.
+    ``isoformat(" ", "microseconds")`` without the offset, written field by field: ``isoformat`` goes through C's
+    ``printf`` and cost 3.0 µs a call here against 1.2, about two calls an ingested event (callgrind: 3.6 % of the
+    consumer's instructions)."""
     if value is None:
         return None
     if value.tzinfo is not UTC:
         value = to_utc(value)
-    return value.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
+    year = value.year
+    if year < 1000:  # four digits, zero-padded: rare enough for the slow path
+        return value.isoformat(" ", "microseconds")[:26]
+    d = _TWO_DIGITS
+    return (
+        f"{year}-{d[value.month]}-{d[value.day]} {d[value.hour]}:{d[value.minute]}:{d[value.second]}"
+        f".{value.microsecond:06d}"
+    )
 
 
 #: Printable ASCII but the quote and the backslash: text JSON writes as it is.
