@@ -12,8 +12,8 @@ for a core, so it is the steadier figure on a shared machine. After the warm bat
 (``gc.freeze()``), as ``persona consume`` does once it is loaded.
 
 On this shared 2-core VM CPU time per event moves by 10-30 % from run to run. ``--instructions`` counts the
-instructions of the timed batches instead, which valgrind's callgrind makes exactly repeatable (the same total
-whatever else the machine is doing); run under it with instrumentation off until the timed loop:
+instructions of the timed batches instead, which valgrind's callgrind counts the same whatever else the machine
+is doing (two runs here: 0.03 % apart); run under it with instrumentation off until the timed loop:
 
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=cg.%p \\
         .venv/bin/python bench/ingest_apply.py --model BUNDLE --instructions
@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 import time
@@ -112,7 +113,7 @@ def main() -> None:
 
 
 class InstructionCounter:
-    """Callgrind's client requests around the timed loop (valgrind's C macros, compiled once into a small library:
+    """Callgrind's client requests around the timed loop (valgrind's C macros, compiled at start into a small library:
     they are instruction sequences that only valgrind recognises, not functions Python could call)."""
 
     SOURCE = """#include <valgrind/callgrind.h>
@@ -130,6 +131,7 @@ void stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT("timed
         lib = self.dir / "libcg.so"
         subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(self.dir / "cg.c")], check=True)
         self.lib = ctypes.CDLL(str(lib))
+        shutil.rmtree(self.dir)  # loaded: the file is no longer needed
         self.pid = os.getpid()
 
     def start(self) -> None:
@@ -141,7 +143,9 @@ void stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT("timed
     def total(self) -> int:
         """Instructions in the timed loop's dump (callgrind writes it as ``<out file>.<n>``; its ``totals:`` line:
         ``summary:`` reads 0 after the zeroing)."""
-        for path in Path.cwd().glob(f"*{self.pid}*"):
+        for path in Path.cwd().iterdir():
+            if str(self.pid) not in path.name.split(".") or not path.is_file():
+                continue
             for line in path.read_text(errors="replace").splitlines():
                 if line.startswith("totals:"):
                     return int(line.split()[1])
