@@ -21,7 +21,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -208,7 +207,7 @@ class EncoderCache:
         rows_real, cols_real = real.nonzero(as_tuple=True)  # row-major: the new items in window order
         new_items = itertools.chain.from_iterable(w[c:] for w, c in zip(windows, cached, strict=True))
         ids = torch.zeros(b, width, dtype=torch.long)
-        ids[rows_real, cols_real] = torch.from_numpy(np.fromiter(new_items, dtype=np.int64, count=sum(need)))
+        ids[rows_real, cols_real] = index_of(new_items, sum(need))
         slot_t = index_of(slots)
         # where the new keys and values go, in a slab seen as [slots × heads × T, head dim] rows
         write = (

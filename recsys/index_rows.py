@@ -8,13 +8,18 @@ in a few ns an element; the tensor then shares its memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def index_of(rows: Sequence[int] | range) -> Tensor:
-    """int64 [len(rows)] of ``rows`` (a list, a range or any sequence of Python ints)."""
-    return torch.from_numpy(np.fromiter(rows, dtype=np.int64, count=len(rows)))
+def index_of(rows: Iterable[int], count: int | None = None) -> Tensor:
+    """int64 [len(rows)] of ``rows`` (a list, a range or any sequence of Python ints); an iterator (a chain of
+    lists, say) needs its ``count``."""
+    if count is None:
+        if not isinstance(rows, Sequence):
+            raise TypeError("index_of needs the count of an iterator's ints")
+        count = len(rows)
+    return torch.from_numpy(np.fromiter(rows, dtype=np.int64, count=count))
