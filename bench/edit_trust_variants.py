@@ -35,7 +35,7 @@ from recsys.splits import Examples
 
 
 class EditTrust:
-    """Per-prototype (or one global) decayed sums of the edit's log-likelihood gain and of its events."""
+    """Per-prototype (or one global) decayed sums of a term's gain (:func:`gains`) and of its events."""
 
     def __init__(self, k: int, decay: float, margin: float, per_prototype: bool) -> None:
         self.gain = torch.zeros(k if per_prototype else 1, dtype=torch.float64)
@@ -59,39 +59,41 @@ class EditTrust:
         self.events = self.events * keep + n
 
 
-#: How a term's gain on one event is measured: log-likelihood of the target, its reciprocal rank, or its NDCG@10.
-SIGNAL = {"signal": "ll"}
+#: How a term's gain on one event is measured: the target's log-likelihood, its reciprocal rank, or its NDCG@10.
+SIGNALS = ("ll", "rr", "ndcg")
 
 
-def _measure(scores: Tensor, tgt: Tensor) -> Tensor:
-    if SIGNAL["signal"] == "ll":
+def _measure(scores: Tensor, tgt: Tensor, signal: str) -> Tensor:
+    if signal == "ll":
         return torch.log_softmax(scores, -1)[torch.arange(len(tgt)), tgt]
     ranks = target_ranks(scores, tgt)
-    return 1.0 / (ranks.double() + 1) if SIGNAL["signal"] == "rr" else per_example_ndcg(ranks, 10)
+    return 1.0 / (ranks.double() + 1) if signal == "rr" else per_example_ndcg(ranks, 10)
 
 
-def gains(model: PersonaModel, hist: Tensor, edit: Edit, tgt: Tensor, reps: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per example: the measure (``SIGNAL``) of the target with the edit − without it, both with the group terms
-    (log-likelihood: both without), and with the group terms − without them (on the edited model)."""
+def gains(
+    model: PersonaModel, hist: Tensor, edit: Edit, tgt: Tensor, reps: Tensor | None, signal: str = "ll"
+) -> tuple[Tensor, Tensor]:
+    """Per example: the ``signal`` (one of :data:`SIGNALS`) of the target with the edit − without it, both with the
+    group terms (log-likelihood: both without), and with the group terms − without them (on the edited model)."""
     dm = model.device_model
     edited = dm(hist, edit, None, reps)
     plain = dm(hist, None, None, reps)
     bias = model.bank.item_bias(edit.prototype, edit.codes)
-    with_edit = _measure(edited, tgt)
+    with_edit = _measure(edited, tgt, signal)
     if bias is None:
-        return with_edit - _measure(plain, tgt), torch.zeros(len(tgt))
-    both = _measure(edited + bias, tgt)
-    if SIGNAL["signal"] == "ll":
-        return with_edit - _measure(plain, tgt), both - with_edit
-    return both - _measure(plain + bias, tgt), both - with_edit
+        return with_edit - _measure(plain, tgt, signal), torch.zeros(len(tgt))
+    both = _measure(edited + bias, tgt, signal)
+    if signal == "ll":
+        return with_edit - _measure(plain, tgt, signal), both - with_edit
+    return both - _measure(plain + bias, tgt, signal), both - with_edit
 
 
 class TrustedPersona(PersonaMethod):
     """Persona with each prototype's edit (and, with ``bias_trust``, its group terms) switched by an online trust."""
 
-    def __init__(self, model: PersonaModel, trust: EditTrust, bias_trust: EditTrust | None) -> None:
+    def __init__(self, model: PersonaModel, trust: EditTrust, bias_trust: EditTrust | None, signal: str = "ll") -> None:
         super().__init__(model, "persona-trust", "prototype", refine=True)
-        self.trust, self.bias_trust = trust, bias_trust
+        self.trust, self.bias_trust, self.signal = trust, bias_trust, signal
         self._hist: Tensor | None = None
         self._reps: Tensor | None = None
 
@@ -110,20 +112,22 @@ class TrustedPersona(PersonaMethod):
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         assert self._edit is not None and self._hist is not None
-        edit_gain, bias_gain = gains(self.model, self._hist, self._edit, targets, self._reps)
+        edit_gain, bias_gain = gains(self.model, self._hist, self._edit, targets, self._reps, self.signal)
         self.trust.update(self._edit.prototype, edit_gain)
         if self.bias_trust is not None:
             self.bias_trust.update(self._edit.prototype, bias_gain)
         super().observe(histories, targets)
 
 
-def warm(model: PersonaModel, trusts: tuple[EditTrust, EditTrust], examples: Examples, batch: int = 512) -> None:
+def warm(
+    model: PersonaModel, trusts: tuple[EditTrust, EditTrust], examples: Examples, signal: str, batch: int = 512
+) -> None:
     for start in range(0, len(examples), batch):
         hist = torch.from_numpy(examples.histories[start : start + batch])
         tgt = torch.from_numpy(examples.targets[start : start + batch])
         reps = None if examples.repeats is None else torch.from_numpy(examples.repeats[start : start + batch])
         edit = model.session_edit(hist, "prototype")
-        for trust, gain in zip(trusts, gains(model, hist, edit, tgt, reps), strict=True):
+        for trust, gain in zip(trusts, gains(model, hist, edit, tgt, reps, signal), strict=True):
             trust.update(edit.prototype, gain)
 
 
@@ -136,11 +140,10 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--decays", default="0.999,0.99")
     ap.add_argument("--margins", default="0,0.05")
-    ap.add_argument("--signal", choices=("ll", "rr", "ndcg"), default="ll")
+    ap.add_argument("--signal", choices=SIGNALS, default="ll")
     ap.add_argument("--scopes", default="per-prototype,global", help="One switch per prototype, one for all, or both.")
     ap.add_argument("--group-terms", default="no,yes", help="Switch the group terms too: no, yes or both.")
     args = ap.parse_args()
-    SIGNAL["signal"] = args.signal
     torch.set_grad_enabled(False)
     logging.basicConfig(level=logging.WARNING)
     trained = load_trained(args.bundle)
@@ -151,7 +154,7 @@ def main() -> None:
     print(f"base {base.mean():.4f}  persona {persona.mean():.4f}  persona/base {fmt(paired_ratio(persona, base))}")
     for name, examples in (("validation", split.valid), ("test (bank as trained)", split.test)):
         overall = (EditTrust(1, 1.0, 0.0, False), EditTrust(1, 1.0, 0.0, False))
-        warm(model, overall, examples)
+        warm(model, overall, examples, args.signal)
         e, b = (float(t.gain[0] / t.events[0]) for t in overall)
         print(f"{name}: mean gain ({args.signal}) of the edit {e:+.4f}, of the group terms {b:+.4f}")
     k = model.bank.centres.shape[0]
@@ -162,8 +165,8 @@ def main() -> None:
         [float(x) for x in args.margins.split(",")],
     ):
         trust, bias_trust = EditTrust(k, decay, margin, per), EditTrust(k, decay, margin, per)
-        warm(model, (trust, bias_trust), split.valid)
-        method = TrustedPersona(copy.deepcopy(model), trust, bias_trust if gate_bias else None)
+        warm(model, (trust, bias_trust), split.valid, args.signal)
+        method = TrustedPersona(copy.deepcopy(model), trust, bias_trust if gate_bias else None, args.signal)
         ndcg = evaluate_examples(method, split.test).ndcg10
         w = trust.scale(torch.arange(k))
         kind = f"{'per-prototype' if per else 'global'}{', group terms too' if gate_bias else ''}"

@@ -16,8 +16,8 @@ from torch import Tensor
 
 
 def index_of(rows: Iterable[int], count: int | None = None) -> Tensor:
-    """int64 [len(rows)] of ``rows`` (a list, a range or any sequence of Python ints); an iterator (a chain of
-    lists, say) needs its ``count``."""
+    """int64 [count] of ``rows``: a list, a range or any sequence of Python ints (``count`` defaults to its length),
+    or an iterator (a chain of lists, say) with its ``count``."""
     if count is None:
         if not isinstance(rows, Sequence):
             raise TypeError("index_of needs the count of an iterator's ints")
