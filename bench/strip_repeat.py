@@ -7,7 +7,10 @@ Run on demand (docs/performance.md, "Repeat part: serving cost"); it is not a te
 The copy has ``repeat_size`` 0 and no ``device_model.repeat.*`` tensors; every other weight is the same, so the
 two bundles serve the same base model and a release from before the part loads the copy as it is. A bundle trained
 with ``--fine-groups 0`` also loses its empty fine-group tensors and settings, which releases from before them do
-not know (with fine groups the copy keeps them: strip a bundle without them for the previous release).
+not know (with fine groups the copy keeps them: strip a bundle without them for the previous release). The copy
+also loses the bank's online switches (``bank.switches``), which releases from before them do not know; today's code
+loads it with every term on, and its ingestion does the same work either way (the online switches' cost benchmark
+in docs/performance.md compares two releases on such a copy).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from recsys.bundle import ARTIFACT_SUFFIXES, load_bundle, read_artifact, save_bu
 
 PREFIX = "device_model.repeat."
 FINE_KEYS = ("bank.fine_centres", "bank.fine_items")
+SWITCHES = "bank.switches"
 
 
 def main() -> None:
@@ -36,7 +40,11 @@ def main() -> None:
     config["model"] = model
     documents["config"] = config
     tensors = {
-        stem: {k: v for k, v in state.items() if not k.startswith(PREFIX) and not (no_fine and k in FINE_KEYS)}
+        stem: {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(PREFIX) and not (no_fine and k in FINE_KEYS) and k != SWITCHES
+        }
         for stem, state in bundle.tensors.items()
     }
     # the device graph holds the part too; a copy without it serves from the weights alone

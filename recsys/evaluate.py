@@ -28,6 +28,7 @@ from recsys.metrics import RankingMetrics, per_example_ndcg, sample_negatives, s
 from recsys.model import Edit, PersonaModel
 from recsys.progress import track
 from recsys.splits import Examples
+from recsys.switch import TermRanks, switched_scores, terms_on, update_switches
 
 METHOD_NAMES = (
     "popularity",
@@ -107,8 +108,10 @@ class PersonaMethod:
     """Persona edits: ``mode="session"`` (no prototypes) or ``"prototype"``, optionally refining the bank.
 
     With ``refine=True`` the method works on its own copy of the prototype bank and, after scoring each batch, moves
-    centres toward its session codes and adds its next items to the prototypes' counts (the group bias), exactly as
-    the consumer does online; without it the bank stays as trained ("static prototypes").
+    centres toward its session codes, adds its next items to the prototypes' counts (the group bias) and updates the
+    prototypes' switches for the edit and the group terms with their gains (:mod:`recsys.switch`), exactly as the
+    consumer does online; without it the bank and its switches stay as trained ("static prototypes"). Prototype mode
+    serves each session under its prototype's switches.
     """
 
     reads_repeats = True
@@ -126,18 +129,37 @@ class PersonaMethod:
         self.model = copy.deepcopy(model) if refine else model
         self._codes: Tensor | None = None
         self._edit: Edit | None = None
+        self._terms: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
         self._codes = self.model.codes(histories)
         self._edit = self.model.edit_for(self._codes, self.mode)
-        return self.model.score(histories, self._edit, repeats=repeats)
+        if self.mode == "session":
+            return self.model.score(histories, self._edit, repeats=repeats)
+        self._terms = edited, plain, bias = self.model.term_scores(histories, self._edit, repeats=repeats)
+        return switched_scores(edited, plain, bias, *terms_on(self.model.bank.switches, self._edit.prototype))
 
     def observe(self, histories: Tensor, targets: Tensor) -> None:
         if self.refine and self._codes is not None and self._edit is not None:
-            # after scoring, like the consumer: centres move toward the codes, and each prototype counts what its
-            # members chose next (the group bias, in prototype mode only)
-            self.model.bank.refine(self._codes, self._edit.prototype)
-            self.model.bank.observe(self._edit.prototype, targets)
+            # after scoring, like the consumer: the switches learn the terms' gains, centres move toward the codes,
+            # and each prototype counts what its members chose next (the group bias, in prototype mode only)
+            bank, protos = self.model.bank, self._edit.prototype
+            if self._terms is not None:
+                update_switches(bank.switches, protos, *TermRanks.of(*self._terms, targets).gains())
+            bank.refine(self._codes, protos)
+            bank.observe(protos, targets)
+        self._terms = None
+
+
+@torch.no_grad()
+def warm_switches(model: PersonaModel, examples: Examples, batch_size: int = 512) -> None:
+    """Start the prototypes' switches (:mod:`recsys.switch`) on ``examples`` in time order, under the bank as it is
+    (training's last step, on the validation period: a live bank starts the test period with them, as with its
+    counts)."""
+    for histories, targets, repeats in _batches(examples, batch_size):
+        edit = model.session_edit(histories, "prototype")
+        ranks = TermRanks.of(*model.term_scores(histories, edit, repeats=repeats), targets)
+        update_switches(model.bank.switches, edit.prototype, *ranks.gains())
 
 
 def _batches(examples: Examples, batch_size: int) -> Iterable[tuple[Tensor, Tensor, Tensor | None]]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
 from recsys.repeats import ADDITIVE, DEFAULT_FORM, FORMS, RepeatPart, add_repeat_bias
+from recsys.switch import neutral_switches
 
 PAD = 0
 UNK = 1
@@ -495,6 +496,8 @@ class PrototypeBank(nn.Module):
     §3b: what the group did recently, which no single session can see).
     ``fine_centres`` [K2, L, d] and ``fine_items`` [K2, N]: the fine groups' centres and next-item distributions
     (``ModelConfig.fine_groups``; fixed after training, K2 = 0 without them).
+    ``switches`` [K, 3] float64: each prototype's online switches for the edit and the group terms
+    (:mod:`recsys.switch`; started on the validation period, all on before that).
     Parameters: ``weight_offset`` [K, L, D, D] and ``bias_offset`` [K, L, D], each prototype's own learned
     edit on top of what the shared generators make of its centre (zero-initialised, trained on its cluster in
     the alternating rounds): the "per-prototype conditioning" of METHOD.md §3 at the cost of one edit each.
@@ -505,6 +508,7 @@ class PrototypeBank(nn.Module):
     next_items: Tensor
     fine_centres: Tensor
     fine_items: Tensor
+    switches: Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -515,6 +519,7 @@ class PrototypeBank(nn.Module):
         self.register_buffer("next_items", torch.zeros(k, cfg.n_items))
         self.register_buffer("fine_centres", torch.zeros(cfg.fine_groups, n, cfg.code_dim))
         self.register_buffer("fine_items", torch.zeros(cfg.fine_groups, cfg.n_items))
+        self.register_buffer("switches", neutral_switches(k))
         self.weight_offset = nn.Parameter(torch.zeros(k, n, dim, dim))
         self.bias_offset = nn.Parameter(torch.zeros(k, n, dim))
 
@@ -796,6 +801,15 @@ class PersonaModel(nn.Module):
         scores: Tensor = self.device_model(history, edit, targets, repeats)
         bias = None if edit is None else self.bank.item_bias(edit.prototype, edit.codes)
         return scores if bias is None else scores + bias
+
+    def term_scores(
+        self, history: Tensor, edit: Edit, targets: Tensor | None = None, repeats: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The parts the online switches choose from (:mod:`recsys.switch`): the edited and the plain device model's
+        scores [B, N] and the group terms [B, N] of a prototype-mode ``edit`` (``None``: the model has none)."""
+        edited: Tensor = self.device_model(history, edit, targets, repeats)
+        plain: Tensor = self.device_model(history, None, targets, repeats)
+        return edited, plain, self.bank.item_bias(edit.prototype, edit.codes)
 
     def freeze_device_model(self) -> None:
         for p in self.device_model.parameters():

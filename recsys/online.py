@@ -44,6 +44,7 @@ from recsys.pipeline import TrainedModel, load_trained
 from recsys.repeat_rows import SMALL_BATCH, PreparedRows, RepeatRows
 from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, CountsSnapshots, RepeatCounts, entries_tensor
 from recsys.retrieval import NormOrderedIndex
+from recsys.switch import terms_on, update_switches
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
 
@@ -63,13 +64,15 @@ class _Indices(dict[str, int]):
 
 @dataclass(frozen=True)
 class BankState:
-    """A snapshot of the prototype centres [K, L, d] and their counts [K], with the version it came from, and the
-    prototypes' decayed next-item counts [K, N] (their group bias, METHOD.md §3b; ``None``: no group bias)."""
+    """A snapshot of the prototype centres [K, L, d] and their counts [K], with the version it came from, the
+    prototypes' decayed next-item counts [K, N] (their group bias, METHOD.md §3b; ``None``: no group bias) and their
+    switches for the edit and the group terms [K, 3] (:mod:`recsys.switch`; ``None``: every term on)."""
 
     centres: Tensor
     counts: Tensor
     version: int = 0
     next_items: Tensor | None = None
+    switches: Tensor | None = None
     # The prototypes' own edits and the factored head built from them, computed on first use; keyed by the centres'
     # in-place version counter so an in-place change (re-seeding) can never serve stale edits.
     _edits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, compare=False, repr=False)
@@ -97,7 +100,7 @@ class OnlineModel:
         bank = self.model.bank
         # the group counts only where the model uses them (β > 0): a bank without them stores and ships less
         group = bank.next_items.clone() if self.cfg.group_bias_weight > 0 else None
-        self.initial_bank = BankState(bank.centres.clone(), bank.counts.clone(), 0, group)
+        self.initial_bank = BankState(bank.centres.clone(), bank.counts.clone(), 0, group, bank.switches.clone())
         self.item_counts = trained.item_counts
         self.drift = trained.drift
         self._index = _Indices({item: i + ItemVocab.OFFSET for i, item in enumerate(self.vocab.ids)})
@@ -198,13 +201,20 @@ class OnlineModel:
 
     @torch.inference_mode()
     def edit(self, codes: Tensor, bank: BankState | None = None, prototypes: Tensor | None = None) -> Edit:
-        """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given)."""
+        """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given), as served: zero
+        for a session whose prototype has its edit switched off (:mod:`recsys.switch`)."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
         if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (EditRows)
             w, bias = self._edit_rows().edit(codes.numpy(), b.centres.numpy(), proto.numpy(), self._bank_edits(b))
-            return Edit(torch.from_numpy(w), torch.from_numpy(bias), proto, codes)
-        return self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
+            edit = Edit(torch.from_numpy(w), torch.from_numpy(bias), proto, codes)
+        else:
+            edit = self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
+        edit_on, _group_on = terms_on(b.switches, proto)
+        if bool(edit_on.all()):
+            return edit
+        keep = edit_on.to(edit.weight.dtype)
+        return edit._replace(weight=edit.weight * keep[:, None, None, None], bias=edit.bias * keep[:, None, None])
 
     @torch.inference_mode()
     def edited_head(self, bank: BankState | None = None) -> EditedHead:
@@ -226,12 +236,20 @@ class OnlineModel:
         prototypes: Tensor,
         bank: BankState | None = None,
         first: Tensor | None = None,
+        *,
+        switched: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """The Persona-edited head's outputs [B, D] and edit-norm ratios [B] for user states [B, D], codes
         [B, L, d] and prototypes [B]: ``queries(states, edit(codes, bank, prototypes))`` without materialising the
-        edits (see :mod:`recsys.edited_head`). ``first``: the states' :meth:`first_products`, if computed."""
+        edits (see :mod:`recsys.edited_head`). ``first``: the states' :meth:`first_products`, if computed. A row
+        whose prototype has its edit switched off gets the plain head's output unless ``switched`` is false (the
+        prequential check measures the edit's gain); the ratios are always the edit's own (a drift signal)."""
         b = self._bank(bank)
-        return self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
+        queries, ratios = self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
+        edit_on, _group_on = terms_on(b.switches, prototypes)
+        if switched and not bool(edit_on.all()):
+            queries = torch.where(edit_on[:, None], queries, self.queries(states))
+        return queries, ratios
 
     def first_products(self, states: Tensor) -> Tensor:
         """The bank-independent first products of the factored edited head for user states [B, D]
@@ -244,20 +262,28 @@ class OnlineModel:
         return self._generator_terms
 
     @torch.inference_mode()
-    def group_bias(self, prototypes: Tensor, codes: Tensor | None, bank: BankState | None = None) -> Tensor | None:
+    def group_bias(
+        self, prototypes: Tensor, codes: Tensor | None, bank: BankState | None = None, *, switched: bool = True
+    ) -> Tensor | None:
         """The group bias [B, N] that prototype-mode scores add for sessions assigned to ``prototypes`` [B] (-1 = none)
         under ``bank``'s next-item counts (:func:`recsys.model.group_bias`), plus the fine groups' bias of their edit
         ``codes`` [B, L, d] (:func:`recsys.model.fine_group_bias`; every caller with prototypes has the codes they
-        came from); ``None`` when the model has neither."""
-        counts = self._bank(bank).next_items
+        came from); ``None`` when the model has neither. Zero for a row whose prototype has its group terms switched
+        off (:mod:`recsys.switch`), unless ``switched`` is false."""
+        b = self._bank(bank)
+        counts = b.next_items
         bias = None if counts is None else group_bias(counts, prototypes, self.cfg)
-        if codes is None:
+        if codes is not None:
+            if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (FineRows)
+                rows = self._fine_rows()
+                bias = bias if rows is None else add_bias(bias, rows(codes, prototypes))
+            else:
+                fine = self.model.bank
+                bias = add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
+        if bias is None or not switched:
             return bias
-        if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (FineRows)
-            rows = self._fine_rows()
-            return bias if rows is None else add_bias(bias, rows(codes, prototypes))
-        fine = self.model.bank
-        return add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
+        _edit_on, group_on = terms_on(b.switches, prototypes)
+        return bias if bool(group_on.all()) else bias * group_on[:, None].to(bias.dtype)
 
     def _fine_rows(self) -> FineRows | None:
         if self._fine is False:
@@ -333,6 +359,12 @@ class OnlineModel:
     def queries(self, states: Tensor, edit: Edit | None = None) -> Tensor:
         """The (edited) head's output [B, D] for user states [B, D]: an item's score is its dot product."""
         return self.model.device_model.head(states, edit)
+
+    @property
+    def has_group_terms(self) -> bool:
+        """Whether prototype-mode scores add group terms (the prototypes' group bias, the fine groups')."""
+        cfg, bank = self.cfg, self.model.bank
+        return cfg.group_bias_weight > 0 or (cfg.fine_bias_weight > 0 and bank.fine_centres.shape[0] > 0)
 
     @property
     def has_repeat_part(self) -> bool:
@@ -511,20 +543,26 @@ def refine_bank(
     prototypes: Tensor,
     cfg: ModelConfig,
     chosen: tuple[Tensor, Tensor] | None = None,
+    gains: tuple[Tensor, Tensor] | None = None,
 ) -> BankState:
-    """Streaming k-means over codes [B, L, d] in order: ``μ_k ← μ_k + η_k (c − μ_k)`` (METHOD.md §3), and the
+    """Streaming k-means over codes [B, L, d] in order: ``μ_k ← μ_k + η_k (c − μ_k)`` (METHOD.md §3), the
     group counts of ``chosen`` = (prototypes [P], items [P]): what sessions assigned to those prototypes chose next,
-    counted in order after they were scored (:func:`recsys.model.count_next_items`, METHOD.md §3b).
+    counted in order after they were scored (:func:`recsys.model.count_next_items`, METHOD.md §3b), and the same
+    predictions' ``gains`` = (the edit's [P], the group terms' [P]) added to their prototypes' switches
+    (:func:`recsys.switch.update_switches`).
 
     Returns a new state (version + 1); the input is left untouched so readers never see half an update.
     """
     centres, counts = bank.centres.clone(), bank.counts.clone()
     refine_centres(centres, counts, codes, prototypes, cfg)
-    next_items = bank.next_items
+    next_items, switches = bank.next_items, bank.switches
     if next_items is not None and chosen is not None and len(chosen[0]):
         next_items = next_items.clone()
         count_next_items(next_items, chosen[0], chosen[1], cfg.group_bias_decay)
-    return BankState(centres, counts, bank.version + 1, next_items)
+    if switches is not None and chosen is not None and gains is not None and len(chosen[0]):
+        switches = switches.clone()
+        update_switches(switches, chosen[0], *gains)
+    return BankState(centres, counts, bank.version + 1, next_items, switches)
 
 
 def next_items_to_bytes(counts: Tensor) -> bytes:

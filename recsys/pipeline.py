@@ -223,13 +223,14 @@ def load_trained(path: Path) -> TrainedModel:
 def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> dict[str, torch.Tensor]:
     """A bundle trained before prototypes counted their members' next items has no ``bank.next_items``: it loads
     with empty counts, which add no group bias (and its config has β = 0), so it serves exactly as it was trained;
-    one trained before the fine groups loads with none."""
+    one trained before the fine groups loads with none, one before the online switches with all of them on."""
     if "bank.centres" not in state:
         return state
     out = dict(state)
     if "bank.next_items" not in state:
         out["bank.next_items"] = torch.zeros(state["bank.centres"].shape[0], model.cfg.n_items)
-    # one trained before the fine groups has none (and its config 0 of them): it serves exactly as it was trained
-    for name in ("fine_centres", "fine_items"):
+    # one trained before the fine groups has none (and its config 0 of them): it serves exactly as it was trained;
+    # one trained before the online switches starts with every term on
+    for name in ("fine_centres", "fine_items", "switches"):
         out.setdefault(f"bank.{name}", getattr(model.bank, name))
     return out

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recsys.evaluate import BaseMethod, Method, PersonaMethod, evaluate_method
+from recsys.evaluate import BaseMethod, Method, PersonaMethod, evaluate_method, warm_switches
 from recsys.metrics import RankingMetrics, target_ranks
 from recsys.model import (
     PAD,
@@ -439,6 +439,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
         if fine is not None:  # the fine groups' distributions: the training and validation periods'
             fine.add(valid_codes, split.valid.targets)
             model.bank.fine_items = fine.distributions()
+        warm_switches(model, split.valid)  # and the switches the validation period's gains
     return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias, fine)
 
 

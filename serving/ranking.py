@@ -46,6 +46,7 @@ from recsys.model import PAD, UNK
 from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
 from recsys.repeats import RepeatCounts
 from recsys.retrieval import NormOrderedIndex
+from recsys.switch import stored_switches
 from serving.problems import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("persona.serving")
@@ -437,11 +438,18 @@ def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankSt
     except ValueError:
         log.warning("stored group counts of %s do not fit the model; using the bundle's", online.version)
         next_items = online.initial_bank.next_items
+    switches = online.initial_bank.switches
+    if switches is not None:
+        try:
+            switches = stored_switches([r.switches for r in rows], switches)
+        except ValueError:
+            log.warning("stored switches of %s do not fit the model; using the bundle's", online.version)
     return BankState(
         torch.from_numpy(centres.copy()).view(len(rows), cfg.n_edit_layers, cfg.code_dim),
         torch.tensor([r.count for r in rows], dtype=online.initial_bank.counts.dtype),
         max(r.version for r in rows),  # the consumer's notion of the bank version
         next_items,
+        switches,
     )
 
 

@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: The item ``items_bundle``'s item file has no row for.
 MISSING_ITEM = "i0"
@@ -66,13 +69,25 @@ def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactor
     model["bank.fine_centres"] = centres[picks] + 0.3 * torch.randn(6, *centres.shape[1:], generator=g)
     items = torch.rand(6, model["bank.next_items"].shape[1], generator=g).pow(6)
     model["bank.fine_items"] = items / items.sum(1, keepdim=True)
+    model["bank.switches"] = always_on(model["bank.switches"])
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("group-bias-model"))
+
+
+def always_on(switches: Tensor) -> Tensor:
+    """Switch states [K, 3] that keep every term on through any test's few events (gains of +1,000 each, where an
+    event's gain is at most 1 in reciprocal rank): the exactness checks of other parts compare the live paths with
+    the offline definition of every term applied (tests/test_switch.py checks the switches themselves)."""
+    from recsys.switch import EDIT_GAIN, GROUP_GAIN
+
+    out = switches.clone()
+    out[:, EDIT_GAIN] = out[:, GROUP_GAIN] = 1000.0
+    return out
 
 
 @pytest.fixture(scope="session")
 def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny bundle as written before prototypes counted next items: no ``bank.next_items``, no β in its config
-    (and no fine groups)."""
+    (and no fine groups, no online switches)."""
     from recsys.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
@@ -81,7 +96,7 @@ def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFa
         config["model"].pop(key, None)
     for key in ("fine_groups", "fine_bias_weight", "fine_bias_smoothing", "fine_temperature"):
         config["model"].pop(key, None)  # nor fine groups, which came later
-    dropped = ("bank.next_items", "bank.fine_centres", "bank.fine_items")
+    dropped = ("bank.next_items", "bank.fine_centres", "bank.fine_items", "bank.switches")
     model = {k: v for k, v in bundle.tensors["model"].items() if k not in dropped}
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("old-model"))
 
@@ -111,6 +126,7 @@ def repeat_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
         torch.nn.init.normal_(part.features[2].weight, std=0.5)  # P_r is not the decayed count alone
     model = dict(bundle.tensors["model"])
     model.update({f"device_model.repeat.{k}": v for k, v in part.state_dict().items()})
+    model["bank.switches"] = always_on(model["bank.switches"])
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("repeat-model"))
 
 

@@ -284,9 +284,10 @@ class Ingestor:
             if codes is not None:
                 protos = index_of(result.prototypes)
                 chosen = result.chosen
-                refined = refine_bank(bank, codes, protos, online.cfg, chosen)
+                refined = refine_bank(bank, codes, protos, online.cfg, chosen, result.gains)
                 touched = set(result.prototypes) | self._reseed(online, refined, rows, codes, protos, p.now)
-                counted = set(chosen[0].tolist()) if chosen is not None and refined.next_items is not None else set()
+                # the predictions' prototypes: their group counts and switches changed
+                counted = set(chosen[0].tolist()) if chosen is not None else set()
                 saved = uow.save_prototypes(online.version, rows_from_bank(refined, touched, rows, p.now, counted))
                 result.bank_version = max((r.version for r in saved), default=0)
             else:

@@ -25,6 +25,7 @@ from recsys.metrics import target_ranks
 from recsys.model import SASRecEncoder
 from recsys.online import BankState, OnlineModel
 from recsys.repeat_rows import PreparedRows
+from recsys.switch import TermRanks, terms_on
 from recsys.vocab import ItemVocab
 
 __all__ = [
@@ -110,8 +111,10 @@ class Started:
 @dataclass
 class Outcome:
     """Everything a batch's model work gives: codes [B, L, d], user states [B, D], prototypes [B] and their
-    distances [B] of the applied events, and per prediction the edit-norm ratio, both variants' ranks and the
-    prototype it was scored under [P] (whose group counts its item once the batch commits)."""
+    distances [B] of the applied events, and per prediction the edit-norm ratio, both variants' ranks (Persona as
+    served, under its prototype's switches), the prototype it was scored under (whose group counts its item once the
+    batch commits) and the edit's and the group terms' gains for that prototype's switches (:mod:`recsys.switch`),
+    [P] each."""
 
     codes: Tensor
     states: Tensor
@@ -121,6 +124,8 @@ class Outcome:
     persona: Tensor
     base: Tensor
     pred_protos: Tensor
+    edit_gains: Tensor
+    group_gains: Tensor
 
 
 def uses_encoder_cache(online: OnlineModel, session_cache: int) -> bool:
@@ -139,7 +144,7 @@ def early_work(online: OnlineModel, early: EarlyInput) -> Early:
     """See :class:`Early`; :func:`outcome` does the rest of the prequential check."""
     if not early.which:
         return Early([], torch.empty(0, dtype=torch.long), torch.empty(0))
-    base = ranks(online, online.queries(early.states), early.targets, repeats=early.repeats)
+    base = ranks(online, online.queries(early.states), early.targets, repeats=early.repeats)[0]
     return Early(early.which, base, online.first_products(early.states))
 
 
@@ -193,18 +198,21 @@ def outcome(
     if late:
         sel = index_of([pre_rows[n][0] for n in late])
         checks.score(online, bank, pre_rows, late, codes[sel], protos[sel], states[sel])
-    return Outcome(codes, states, protos, dists, checks.ratios, checks.persona, checks.base, checks.protos)
+    return Outcome(
+        codes, states, protos, dists, checks.ratios, checks.persona, checks.base, checks.protos, *checks.gains
+    )
 
 
 @dataclass
 class _Checks:
     """The prequential check of a job's predictions, filled in as they are scored: per prediction the edit-norm
-    ratio and both variants' ranks. ``early`` holds what :func:`early_work` computed."""
+    ratio, both variants' ranks and the switches' gains. ``early`` holds what :func:`early_work` computed."""
 
     ratios: Tensor
     persona: Tensor
     base: Tensor
     protos: Tensor
+    gains: tuple[Tensor, Tensor]  # the edit's and the group terms' (TermRanks.gains)
     early: Early
     position: dict[int, int]  # prediction -> its row in early
     repeats: PreparedRows | None = None  # per prediction (OnlineModel.prepared_snapshots)
@@ -215,7 +223,8 @@ class _Checks:
         base[index_of(early.which)] = early.base
         position = {n: j for j, n in enumerate(early.which)}
         persona, protos = torch.empty(n_pred, dtype=torch.long), torch.empty(n_pred, dtype=torch.long)
-        return cls(torch.empty(n_pred), persona, base, protos, early, position, repeats)
+        gains = torch.empty(n_pred, dtype=torch.float64), torch.empty(n_pred, dtype=torch.float64)
+        return cls(torch.empty(n_pred), persona, base, protos, gains, early, position, repeats)
 
     def score(
         self,
@@ -227,20 +236,31 @@ class _Checks:
         protos: Tensor,
         states: Tensor,
     ) -> None:
-        """Score predictions ``which`` from their previous states (codes, prototypes, user states [P, ...])."""
+        """Score predictions ``which`` from their previous states (codes, prototypes, user states [P, ...]): the
+        edited and the plain model, each with and without the group terms (:class:`recsys.switch.TermRanks`), so
+        the switches learn every term's gain whichever of them is on; Persona's rank is the one it serves."""
         idx = index_of(which)
         targets = index_of([pre_rows[n][1] for n in which])
         rows = [self.position.get(n, -1) for n in which]
         first = self.early.first[index_of(rows)] if rows and min(rows) >= 0 else None  # all done early: the usual case
         reps = None if self.repeats is None else self.repeats[idx]
-        persona_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
-        self.persona[idx] = ranks(online, persona_q, targets, (protos, bank, codes), reps)
+        group = (protos, bank, codes)
+        edited_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first, switched=False)
+        edited, edited_grouped = ranks(online, edited_q, targets, group, reps)
         self.protos[idx] = protos
         todo_list = [j for j, r in enumerate(rows) if r < 0]
         if todo_list:
             todo = index_of(todo_list)
             base_reps = None if reps is None else reps[todo]
-            self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo], repeats=base_reps)
+            self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo], repeats=base_reps)[0]
+        plain = self.base[idx]
+        # the plain model with the group terms: one more scoring of these rows, only where the model has the terms
+        plain_grouped = plain
+        if online.has_group_terms:
+            plain_grouped = ranks(online, online.queries(states), targets, group, reps)[1]
+        terms = TermRanks(edited_grouped, plain_grouped, edited, plain)
+        self.persona[idx] = terms.served(*terms_on(bank.switches, protos))
+        self.gains[0][idx], self.gains[1][idx] = terms.gains()
 
 
 def ranks(
@@ -249,19 +269,24 @@ def ranks(
     targets: Tensor,
     group: tuple[Tensor, BankState, Tensor] | None = None,
     repeats: PreparedRows | None = None,
-) -> Tensor:
-    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time; ``group``
-    = (prototypes [P], bank, codes [P, L, d]) adds the prototypes' group bias under that bank and the fine groups'
-    bias of the codes (Persona's scores); ``repeats`` the repeat part's input (the sessions' item counts before
-    the event, :meth:`OnlineModel.prepared_snapshots`: prepared once for both checks)."""
-    out = torch.empty(len(targets), dtype=torch.long)
+) -> tuple[Tensor, Tensor]:
+    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time, without and
+    with the group terms (the same tensor twice without ``group``): ``group`` = (prototypes [P], bank, codes
+    [P, L, d]) gives the prototypes' group bias under that bank and the fine groups' bias of the codes, whatever
+    the bank's switches (the check measures their gains); ``repeats`` the repeat part's input (the sessions' item
+    counts before the event, :meth:`OnlineModel.prepared_snapshots`: prepared once for every check)."""
+    alone = torch.empty(len(targets), dtype=torch.long)
+    grouped = alone if group is None else torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
         sl = slice(start, start + step)
-        bias = None if group is None else online.group_bias(group[0][sl], group[2][sl], group[1])
         reps = None if repeats is None else repeats[sl]
-        out[sl] = target_ranks(online.scores_from_queries(queries[sl], bias, reps), targets[sl])
-    return out
+        scores = online.scores_from_queries(queries[sl], None, reps)
+        alone[sl] = target_ranks(scores, targets[sl])
+        if group is not None:
+            bias = online.group_bias(group[0][sl], group[2][sl], group[1], switched=False)
+            grouped[sl] = alone[sl] if bias is None else target_ranks(scores.add_(bias), targets[sl])
+    return alone, grouped
 
 
 def warm_up(online: OnlineModel, with_cache: bool, rows: int = 64) -> Outcome:

@@ -83,7 +83,8 @@ class RemoteJob:
     ) -> Future[Outcome | None]:
         """The job's :class:`Outcome` under ``bank`` (the process answers once it has started the job)."""
         next_items = None if bank.next_items is None else bank.next_items.numpy()
-        bank_wire = (bank.centres.numpy(), bank.counts.numpy(), bank.version, next_items)
+        switches = None if bank.switches is None else bank.switches.numpy()
+        bank_wire = (bank.centres.numpy(), bank.counts.numpy(), bank.version, next_items, switches)
         prev = (prev_codes.numpy(), prev_protos.numpy(), prev_states.numpy())
         return self._worker._request(self._conn, ("outcome", self.job_id, bank_wire, prev), self.job_id)
 
@@ -270,7 +271,8 @@ def _job_from_wire(wire: tuple[Any, ...]) -> ModelJob:
 
 
 def _outcome_to_wire(o: Outcome) -> tuple[np.ndarray, ...]:
-    return tuple(t.numpy() for t in (o.codes, o.states, o.protos, o.dists, o.ratios, o.persona, o.base, o.pred_protos))
+    checks = (o.ratios, o.persona, o.base, o.pred_protos, o.edit_gains, o.group_gains)
+    return tuple(t.numpy() for t in (o.codes, o.states, o.protos, o.dists, *checks))
 
 
 def _outcome_from_wire(wire: tuple[np.ndarray, ...]) -> Outcome:
@@ -364,7 +366,9 @@ def _serve(conn: Connection, session_cache: int) -> None:
                     answer("error", job_id, _reason())
         ready = sorted(j for j in outcomes if j in started)
         if ready:
-            _, job_id, (centres, counts, version, next_items), (codes, protos, states) = outcomes.pop(ready[0])
+            _, job_id, (centres, counts, version, next_items, switches), (codes, protos, states) = outcomes.pop(
+                ready[0]
+            )
             half = started.pop(job_id)
             if isinstance(half, str):
                 answer("error", job_id, half)
@@ -373,7 +377,8 @@ def _serve(conn: Connection, session_cache: int) -> None:
             try:
                 online = models[job.version][0]
                 group = None if next_items is None else torch.from_numpy(next_items)
-                bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version, group)
+                on_off = None if switches is None else torch.from_numpy(switches)
+                bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version, group, on_off)
                 prev = (torch.from_numpy(codes), torch.from_numpy(protos), torch.from_numpy(states))
                 result = outcome(
                     online, bank, job.pre_rows, first_half.early, first_half.forward, *prev, repeats=job.repeats

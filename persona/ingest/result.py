@@ -52,6 +52,9 @@ class IngestResult:
     #: (prototypes [P], items [P]): each scored prediction's prototype and what its session chose next (the group
     #: counts of METHOD.md §3b); ``None`` when nothing was scored
     chosen: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: (the edit's [P], the group terms' [P]): each scored prediction's gains for its prototype's switches
+    #: (:mod:`recsys.switch`), counted with ``chosen``
+    gains: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def conclude(online: OnlineModel, plan: Plan, outcome: Outcome | None, result: IngestResult) -> Tensor | None:
@@ -77,6 +80,7 @@ def conclude(online: OnlineModel, plan: Plan, outcome: Outcome | None, result: I
         result.edit_norm_ratios = outcome.ratios.tolist()
         # what each prediction's prototype chose next: its group counts it once the batch commits
         result.chosen = (outcome.pred_protos, index_of([t for _r, t in plan.pre_rows]))
+        result.gains = (outcome.edit_gains, outcome.group_gains)
     q99 = max(online.drift.distance_quantiles.get("q99", 1.0), 1e-9)
     result.prototypes = outcome.protos.tolist()
     result.ood_scores = (outcome.dists / q99).tolist()

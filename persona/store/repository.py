@@ -125,13 +125,15 @@ class StoredEvent:
 @dataclass(slots=True)
 class PrototypeRow:
     """One prototype of a bank; ``centre`` is float32 bytes, ``version`` counts its changes; ``next_items``: its
-    decayed next-item counts as float32 bytes [N] (``None``: not stored yet, the bundle's counts apply)."""
+    decayed next-item counts as float32 bytes [N] and ``switches``: its switch state for the edit and the group
+    terms as float64 bytes [3] (:mod:`recsys.switch`; ``None`` each: not stored yet, the bundle's apply)."""
 
     prototype_id: int
     centre: bytes
     count: float = 0.0
     version: int = 0
     next_items: bytes | None = None
+    switches: bytes | None = None
     last_assigned_at: datetime | None = None
     updated_at: datetime = field(default_factory=utcnow)
 
@@ -275,6 +277,7 @@ class UnitOfWork:
                     "centre": excluded.centre,
                     "count": excluded.count,
                     "next_items": excluded.next_items,
+                    "switches": excluded.switches,
                     "version": prototypes.c.version + 1,
                     "last_assigned_at": excluded.last_assigned_at,
                     "updated_at": excluded.updated_at,
@@ -288,6 +291,7 @@ class UnitOfWork:
                     "centre": r.centre,
                     "count": r.count,
                     "next_items": r.next_items,
+                    "switches": r.switches,
                     "version": r.version,
                     "last_assigned_at": r.last_assigned_at,
                     "updated_at": now,

@@ -125,7 +125,8 @@ class PrototypeDBRow(Base):
     centre: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     count: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    next_items: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 [N] group next-item counts (0003)
+    next_items: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32 [N] group next-item counts (0004)
+    switches: Mapped[bytes | None] = mapped_column(LargeBinary)  # float64 [3] edit/group-term switch state (0006)
     last_assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 

@@ -251,10 +251,11 @@ def evaluate(
 
     from recsys.baselines import choose_finetune, choose_recent_window, stream_before
     from recsys.bootstrap import RESAMPLES, paired_comparisons
-    from recsys.evaluate import METHOD_NAMES, PAIRED, build_methods, evaluate_examples, measure_cost
+    from recsys.evaluate import METHOD_NAMES, PAIRED, PersonaMethod, build_methods, evaluate_examples, measure_cost
     from recsys.pipeline import load_trained as load
     from recsys.pipeline import prepare
     from recsys.repeats import REPEAT_SIZE
+    from recsys.switch import describe
 
     names = METHOD_NAMES if methods == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
     unknown = [m for m in names if m not in METHOD_NAMES]
@@ -301,6 +302,9 @@ def evaluate(
         evaluation = evaluate_examples(method, split.test, sampled=sampled, progress=progress)
         results[method.name], per_example[method.name] = evaluation.metrics, evaluation.ndcg10
         log.info("%s evaluated in %.1f s", method.name, time.perf_counter() - start)
+        if isinstance(method, PersonaMethod) and method.refine and method.mode == "prototype":
+            switches = describe(method.model.bank.switches)
+            log.info("%s's switches at the end of the test period: %s", method.name, switches)
     paired = paired_comparisons(per_example, PAIRED)
     timing = measure_cost(trained.model, split.test, finetune=finetune).as_dict()
     report: dict[str, Any] = {
