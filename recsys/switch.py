@@ -112,10 +112,16 @@ def update_switches(
         row[EVENTS] = row[EVENTS] * keep + weights.sum()
 
 
+def count_terms_on(switches: Tensor) -> tuple[int, int]:
+    """How many of the K prototypes apply the edit, and the group terms (a gauge on the dashboard)."""
+    edit, group = (int((switches[:, c] >= 0).sum()) for c in (EDIT_GAIN, GROUP_GAIN))
+    return edit, group
+
+
 def describe(switches: Tensor) -> str:
     """One line for logs: how many of the K prototypes apply each term."""
     k = switches.shape[0]
-    edit, group = (int((switches[:, c] >= 0).sum()) for c in (EDIT_GAIN, GROUP_GAIN))
+    edit, group = count_terms_on(switches)
     return f"edit on for {edit} of {k} prototypes, group terms on for {group} of {k}"
 
 

@@ -163,6 +163,12 @@ class ConsumerMetrics:
         )
         self.model_info = Gauge("persona_model_info", "The model version in use (value 1).", ["version"], registry=r)
         self.bank_version = Gauge("persona_bank_version", "Version of the prototype bank last written.", registry=r)
+        self.terms_on = Gauge(
+            "persona_prototypes_terms_on",
+            "Prototypes applying a term (the edit, the group terms) under their online switches.",
+            ["term"],
+            registry=r,
+        )
         self._window = window
         self._model_version: str | None = None
         self._proto_window: SlidingCounts | None = None
@@ -219,6 +225,9 @@ class ConsumerMetrics:
                 if n:
                     self.assignments.labels(str(k)).inc(n)
         self.bank_version.set(result.bank_version)
+        if result.terms_on is not None:
+            self.terms_on.labels("edit").set(result.terms_on[0])
+            self.terms_on.labels("group").set(result.terms_on[1])
         self._update_drift(result)
 
     def _update_drift(self, result: IngestResult) -> None:

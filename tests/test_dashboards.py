@@ -51,6 +51,7 @@ GAUGES = {
     "persona_drift_js",
     "persona_model_info",
     "persona_bank_version",
+    "persona_prototypes_terms_on",
 }
 HISTOGRAMS = {
     "persona_event_processing_seconds",

@@ -190,6 +190,7 @@ def test_the_consumer_serves_under_the_switches_and_stores_their_update(
     unswitched = [int(r) for _p, _s, t in offline.values() for r in t.edited_grouped]
     assert served != unswitched
     assert result.reciprocal_rank["persona"] == pytest.approx(sum(1 / (r + 1) for r in served))
+    assert result.terms_on == (2, 2)  # the dashboard's gauge: the edit on for 1 and 3, the group terms for 0 and 3
 
     # the stored switches: the bundle's, plus each prediction's gains for its prototype
     rows = store.load_prototypes(online.version)

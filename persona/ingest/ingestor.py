@@ -36,6 +36,7 @@ from recsys.errors import PersonaError
 from recsys.index_rows import index_of
 from recsys.model import reseed_idle
 from recsys.online import BankState, OnlineModel, refine_bank
+from recsys.switch import count_terms_on
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,8 @@ class Ingestor:
                 counted = set(chosen[0].tolist()) if chosen is not None else set()
                 saved = uow.save_prototypes(online.version, rows_from_bank(refined, touched, rows, p.now, counted))
                 result.bank_version = max((r.version for r in saved), default=0)
+                if refined.switches is not None:
+                    result.terms_on = count_terms_on(refined.switches)
             else:
                 result.bank_version = max((r.version for r in rows), default=0)
             uow.upsert_sessions(list(result.sessions.values()))

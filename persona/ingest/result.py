@@ -55,6 +55,8 @@ class IngestResult:
     #: (the edit's [P], the group terms' [P]): each scored prediction's gains for its prototype's switches
     #: (:mod:`recsys.switch`), counted with ``chosen``
     gains: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: prototypes applying the edit and the group terms under the bank as committed (``None``: no bank written)
+    terms_on: tuple[int, int] | None = None
 
 
 def conclude(online: OnlineModel, plan: Plan, outcome: Outcome | None, result: IngestResult) -> Tensor | None:
