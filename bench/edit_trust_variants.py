@@ -3,7 +3,10 @@
 applied; optionally the group terms (prototype counts, fine groups) get a switch of their own. One switch for all
 sessions or one per prototype.
 
-A research script (docs/results.md, "An online switch for the edit and the group terms"), not a test:
+The product switches each prototype's edit and group terms by reciprocal rank (:mod:`recsys.switch`); this script
+measures the variants around that choice (one switch for all sessions, log-likelihood, scaling instead of switching),
+each in place of the product's switches. A research script (docs/results.md, "An online switch for the edit and the
+group terms"), not a test:
 
     PYTHONPATH=. .venv/bin/python bench/edit_trust_variants.py runs/csv/fl-s0 --signal rr --scopes global \
         --decays 0.999,0.99 --margins 0 --group-terms no,yes
@@ -151,7 +154,8 @@ def main() -> None:
     split = prepare(trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=cfg.repeat_size).split
     base = evaluate_examples(BaseMethod(model), split.test).ndcg10
     persona = evaluate_examples(PersonaMethod(model, "persona", "prototype", refine=True), split.test).ndcg10
-    print(f"base {base.mean():.4f}  persona {persona.mean():.4f}  persona/base {fmt(paired_ratio(persona, base))}")
+    ratio = fmt(paired_ratio(persona, base))
+    print(f"base {base.mean():.4f}  persona (the product's switches) {persona.mean():.4f}  persona/base {ratio}")
     for name, examples in (("validation", split.valid), ("test (bank as trained)", split.test)):
         overall = (EditTrust(1, 1.0, 0.0, False), EditTrust(1, 1.0, 0.0, False))
         warm(model, overall, examples, args.signal)

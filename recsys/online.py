@@ -555,12 +555,12 @@ def refine_bank(
     """
     centres, counts = bank.centres.clone(), bank.counts.clone()
     refine_centres(centres, counts, codes, prototypes, cfg)
-    next_items, switches = bank.next_items, bank.switches
+    next_items = bank.next_items
     if next_items is not None and chosen is not None and len(chosen[0]):
         next_items = next_items.clone()
         count_next_items(next_items, chosen[0], chosen[1], cfg.group_bias_decay)
+    switches = None if bank.switches is None else bank.switches.clone()  # K × 3: re-seeding resets rows in place
     if switches is not None and chosen is not None and gains is not None and len(chosen[0]):
-        switches = switches.clone()
         update_switches(switches, chosen[0], *gains)
     return BankState(centres, counts, bank.version + 1, next_items, switches)
 

@@ -25,6 +25,7 @@ from persona.user_state import pack_user_state, unpack_user_state
 from recsys.metrics import target_ranks
 from recsys.model import count_next_items
 from recsys.online import BankState, OnlineModel, code_from_bytes, refine_bank
+from recsys.switch import neutral_switches, switches_to_bytes
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -585,6 +586,9 @@ def test_idle_prototypes_are_reseeded_at_the_batchs_worst_served_codes(store: St
     assert len(reseeded) == 1  # one code in the batch: one idle prototype takes it over
     assert after[reseeded[0]].count == 0
     torch.testing.assert_close(code_from_bytes(after[reseeded[0]].centre, online.cfg), code)
+    # a new group: its switches start over with every term on (the bundle's were started on validation)
+    assert before[reseeded[0]].switches != switches_to_bytes(neutral_switches(1)[0])
+    assert after[reseeded[0]].switches == switches_to_bytes(neutral_switches(1)[0])
 
     quiet = Ingestor(store, models, prototype_idle_s=None)
     result = quiet.apply(make_events(online, 3, sessions=1, seed=9, prefix="c"))

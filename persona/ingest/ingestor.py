@@ -353,6 +353,8 @@ class Ingestor:
             return set()
         distances = online.distances(codes, protos, bank)
         reseeded = set(reseed_idle(bank.centres, bank.counts, idle, codes, distances))
+        if bank.switches is not None:  # a new group: its switches start with every term on
+            bank.switches[sorted(reseeded)] = 0.0
         log.info("re-seeded idle prototypes %s of model %s", sorted(reseeded), online.version)
         return reseeded
 
