@@ -246,9 +246,10 @@ class OnlineModel:
         prequential check measures the edit's gain); the ratios are always the edit's own (a drift signal)."""
         b = self._bank(bank)
         queries, ratios = self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
-        edit_on, _group_on = terms_on(b.switches, prototypes)
-        if switched and not bool(edit_on.all()):
-            queries = torch.where(edit_on[:, None], queries, self.queries(states))
+        if switched:
+            edit_on, _group_on = terms_on(b.switches, prototypes)
+            if not bool(edit_on.all()):
+                queries = torch.where(edit_on[:, None], queries, self.queries(states))
         return queries, ratios
 
     def first_products(self, states: Tensor) -> Tensor:

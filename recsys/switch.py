@@ -1,9 +1,10 @@
-"""Online switches for the adapter's edit and the group terms, one pair per prototype (METHOD.md §3c).
+"""Online switches for the adapter's edit and the group terms, one pair per prototype (docs/method.md).
 
-Validation chooses the adapter and the group terms, but it cannot see a test period on which they stop helping: on
-the flights log the edit gained on validation and lost on every later event, so Persona scored 0.99 × its own base
-model (docs/results.md, "An online switch"). Whoever serves the model scores every event before applying it (the
-consumer's prequential check, ``persona evaluate`` in time order), so it can see a term losing as it happens.
+Our rule, not the paper's (docs/method.md, "Online switches"). Validation chooses the adapter and the group terms,
+but it cannot see a test period on which they stop helping: on the flights log the edit gained on validation and
+lost on every later event, so Persona scored 0.99 × its own base model (docs/results.md, "An online switch").
+Whoever serves the model scores every event before applying it (the consumer's prequential check, ``persona
+evaluate`` in time order), so it can see a term losing as it happens.
 
 Each prototype keeps, per term, a decayed sum of the term's **gain** on its members' events and a decayed count of
 those events (γ = :data:`SWITCH_DECAY` per event of the prototype, about its last thousand events):
