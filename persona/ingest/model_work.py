@@ -244,9 +244,10 @@ class _Checks:
         rows = [self.position.get(n, -1) for n in which]
         first = self.early.first[index_of(rows)] if rows and min(rows) >= 0 else None  # all done early: the usual case
         reps = None if self.repeats is None else self.repeats[idx]
-        group = (protos, bank, codes)
         edited_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first, switched=False)
-        edited, edited_grouped = ranks(online, edited_q, targets, group, reps)
+        # the plain model with the group terms: one more scoring of these rows, only where the model has the terms
+        plain_q = online.queries(states) if online.has_group_terms else None
+        edited, edited_grouped, plain_grouped = ranks(online, edited_q, targets, (protos, bank, codes), reps, plain_q)
         self.protos[idx] = protos
         todo_list = [j for j, r in enumerate(rows) if r < 0]
         if todo_list:
@@ -254,11 +255,7 @@ class _Checks:
             base_reps = None if reps is None else reps[todo]
             self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo], repeats=base_reps)[0]
         plain = self.base[idx]
-        # the plain model with the group terms: one more scoring of these rows, only where the model has the terms
-        plain_grouped = plain
-        if online.has_group_terms:
-            plain_grouped = ranks(online, online.queries(states), targets, group, reps)[1]
-        terms = TermRanks(edited_grouped, plain_grouped, edited, plain)
+        terms = TermRanks(edited_grouped, plain if plain_q is None else plain_grouped, edited, plain)
         self.persona[idx] = terms.served(*terms_on(bank.switches, protos))
         self.gains[0][idx], self.gains[1][idx] = terms.gains()
 
@@ -269,24 +266,32 @@ def ranks(
     targets: Tensor,
     group: tuple[Tensor, BankState, Tensor] | None = None,
     repeats: PreparedRows | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time, without and
-    with the group terms (the same tensor twice without ``group``): ``group`` = (prototypes [P], bank, codes
-    [P, L, d]) gives the prototypes' group bias under that bank and the fine groups' bias of the codes, whatever
-    the bank's switches (the check measures their gains); ``repeats`` the repeat part's input (the sessions' item
-    counts before the event, :meth:`OnlineModel.prepared_snapshots`: prepared once for every check)."""
+    plain: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time: without and
+    with the group terms (the same tensor twice without ``group``), and with them under the second head outputs
+    ``plain`` [P, D] when given (the third tensor; the second again without ``plain``). ``group`` = (prototypes [P],
+    bank, codes [P, L, d]) gives the prototypes' group bias under that bank and the fine groups' bias of the codes,
+    computed once per chunk for both, whatever the bank's switches (the check measures their gains); ``repeats``
+    the repeat part's input (the sessions' item counts before the event, :meth:`OnlineModel.prepared_snapshots`:
+    prepared once for every check)."""
     alone = torch.empty(len(targets), dtype=torch.long)
     grouped = alone if group is None else torch.empty(len(targets), dtype=torch.long)
+    plain_grouped = grouped if plain is None else torch.empty(len(targets), dtype=torch.long)
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
         sl = slice(start, start + step)
         reps = None if repeats is None else repeats[sl]
         scores = online.scores_from_queries(queries[sl], None, reps)
         alone[sl] = target_ranks(scores, targets[sl])
-        if group is not None:
-            bias = online.group_bias(group[0][sl], group[2][sl], group[1], switched=False)
-            grouped[sl] = alone[sl] if bias is None else target_ranks(scores.add_(bias), targets[sl])
-    return alone, grouped
+        if group is None:
+            continue
+        bias = online.group_bias(group[0][sl], group[2][sl], group[1], switched=False)
+        grouped[sl] = alone[sl] if bias is None else target_ranks(scores.add_(bias), targets[sl])
+        if plain is not None:
+            plain_scores = online.scores_from_queries(plain[sl], bias, reps)
+            plain_grouped[sl] = target_ranks(plain_scores, targets[sl])
+    return alone, grouped, plain_grouped
 
 
 def warm_up(online: OnlineModel, with_cache: bool, rows: int = 64) -> Outcome:
