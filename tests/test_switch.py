@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from persona.events import Event
-from persona.ingest import Ingestor
+from persona.ingest import Ingestor, model_work
 from persona.ingest.bank_rows import bank_from_rows
 from persona.models import ModelProvider
 from persona.store import Store
@@ -164,10 +164,16 @@ def _offline_terms(online: OnlineModel, seq: list[str]) -> tuple[list[int], list
     return protos, served, TermRanks(*(torch.cat(r) for r in zip(*parts, strict=True)))
 
 
-@pytest.mark.parametrize("model_process", [False, True])
+@pytest.mark.parametrize(
+    ("model_process", "score_budget"),
+    # a budget of one score: the early half keeps no scores and the check scores one row at a time
+    [(False, None), (True, None), (False, 1)],
+)
 def test_the_consumer_serves_under_the_switches_and_stores_their_update(
-    store: Store, switched_bundle: Path, model_process: bool
+    store: Store, switched_bundle: Path, model_process: bool, score_budget: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if score_budget is not None:
+        monkeypatch.setattr(model_work, "_SCORE_BUDGET", score_budget)
     models = ModelProvider(store, model_dir=switched_bundle)
     online = models.get()
     items = list(online.vocab.ids)
@@ -206,6 +212,20 @@ def test_the_consumer_serves_under_the_switches_and_stores_their_update(
     # read back as the next consumer and the API read the bank
     assert torch.equal(bank_from_rows(rows, online).switches, stored)
     assert torch.equal(_bank_from_rows(rows, online).switches, stored)
+
+
+def test_the_check_adds_the_group_terms_to_the_early_plain_scores_as_to_a_second_scoring(
+    switched_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Predictions from stored states: the early half keeps the plain model's scores and the check adds the group
+    terms to them; with a budget of one score it scores the catalogue again, a row at a time. Same ranks, same gains."""
+    online = OnlineModel.load(switched_bundle)
+    kept = model_work.warm_up(online, with_cache=False)  # half its predictions come from stored states
+    monkeypatch.setattr(model_work, "_SCORE_BUDGET", 1)
+    again = model_work.warm_up(online, with_cache=False)
+    for name in ("persona", "base", "edit_gains", "group_gains"):
+        assert torch.equal(getattr(kept, name), getattr(again, name)), name
+    assert kept.edit_gains.abs().sum() > 0  # the plain model's grouped ranks differ from the edited ones
 
 
 def test_a_stored_row_without_switches_keeps_the_bundles_and_a_bad_one_is_refused() -> None:

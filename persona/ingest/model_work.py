@@ -93,6 +93,7 @@ class Early:
     which: list[int]
     base: Tensor
     first: Tensor
+    scores: Tensor | None = None  # their plain scores [E, N] without the group terms, kept for the check
 
 
 @dataclass
@@ -144,8 +145,13 @@ def early_work(online: OnlineModel, early: EarlyInput) -> Early:
     """See :class:`Early`; :func:`outcome` does the rest of the prequential check."""
     if not early.which:
         return Early([], torch.empty(0, dtype=torch.long), torch.empty(0))
-    base = ranks(online, online.queries(early.states), early.targets, repeats=early.repeats)[0]
-    return Early(early.which, base, online.first_products(early.states))
+    queries, first = online.queries(early.states), online.first_products(early.states)
+    if online.has_group_terms and len(early.which) * online.n_items <= _SCORE_BUDGET:
+        # the check ranks the plain model with the group terms too: keep its scores (one chunk, as ranks scores
+        # them) so that the bank-dependent half adds the terms instead of scoring the catalogue again
+        scores = online.scores_from_queries(queries, None, early.repeats)
+        return Early(early.which, target_ranks(scores, early.targets), first, scores)
+    return Early(early.which, ranks(online, queries, early.targets, repeats=early.repeats)[0], first)
 
 
 def cached_states(cache: EncoderCache, requests: list[WindowRequest], order: list[int], rows: int) -> Tensor:
@@ -242,12 +248,18 @@ class _Checks:
         idx = index_of(which)
         targets = index_of([pre_rows[n][1] for n in which])
         rows = [self.position.get(n, -1) for n in which]
-        first = self.early.first[index_of(rows)] if rows and min(rows) >= 0 else None  # all done early: the usual case
+        all_early = bool(rows) and min(rows) >= 0  # every row's plain half done early: the usual case
+        first = self.early.first[index_of(rows)] if all_early else None
         reps = None if self.repeats is None else self.repeats[idx]
         edited_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first, switched=False)
-        # the plain model with the group terms: one more scoring of these rows, only where the model has the terms
-        plain_q = online.queries(states) if online.has_group_terms else None
-        edited, edited_grouped, plain_grouped = ranks(online, edited_q, targets, (protos, bank, codes), reps, plain_q)
+        # the plain model with the group terms, only where the model has them: from the early half's scores when it
+        # kept them, else one more scoring of these rows
+        plain_q: Tensor | None = None
+        plain_scores = self.early.scores[index_of(rows)] if all_early and self.early.scores is not None else None
+        if online.has_group_terms and plain_scores is None:
+            plain_q = online.queries(states)
+        group = (protos, bank, codes)
+        edited, edited_grouped, plain_grouped = ranks(online, edited_q, targets, group, reps, plain_q, plain_scores)
         self.protos[idx] = protos
         todo_list = [j for j, r in enumerate(rows) if r < 0]
         if todo_list:
@@ -255,7 +267,7 @@ class _Checks:
             base_reps = None if reps is None else reps[todo]
             self.base[idx[todo]] = ranks(online, online.queries(states[todo]), targets[todo], repeats=base_reps)[0]
         plain = self.base[idx]
-        terms = TermRanks(edited_grouped, plain if plain_q is None else plain_grouped, edited, plain)
+        terms = TermRanks(edited_grouped, plain_grouped if online.has_group_terms else plain, edited, plain)
         self.persona[idx] = terms.served(*terms_on(bank.switches, protos))
         self.gains[0][idx], self.gains[1][idx] = terms.gains()
 
@@ -267,17 +279,20 @@ def ranks(
     group: tuple[Tensor, BankState, Tensor] | None = None,
     repeats: PreparedRows | None = None,
     plain: Tensor | None = None,
+    plain_scores: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time: without and
     with the group terms (the same tensor twice without ``group``), and with them under the second head outputs
-    ``plain`` [P, D] when given (the third tensor; the second again without ``plain``). ``group`` = (prototypes [P],
+    ``plain`` [P, D] when given, or the second head's scores ``plain_scores`` [P, N] without the group terms when
+    already computed (the third tensor; the second again without either). ``group`` = (prototypes [P],
     bank, codes [P, L, d]) gives the prototypes' group bias under that bank and the fine groups' bias of the codes,
     computed once per chunk for both, whatever the bank's switches (the check measures their gains); ``repeats``
     the repeat part's input (the sessions' item counts before the event, :meth:`OnlineModel.prepared_snapshots`:
     prepared once for every check)."""
     alone = torch.empty(len(targets), dtype=torch.long)
     grouped = alone if group is None else torch.empty(len(targets), dtype=torch.long)
-    plain_grouped = grouped if plain is None else torch.empty(len(targets), dtype=torch.long)
+    second = plain is not None or plain_scores is not None
+    plain_grouped = torch.empty(len(targets), dtype=torch.long) if second else grouped
     step = max(1, _SCORE_BUDGET // max(online.n_items, 1))
     for start in range(0, len(targets), step):
         sl = slice(start, start + step)
@@ -288,9 +303,10 @@ def ranks(
             continue
         bias = online.group_bias(group[0][sl], group[2][sl], group[1], switched=False)
         grouped[sl] = alone[sl] if bias is None else target_ranks(scores.add_(bias), targets[sl])
-        if plain is not None:
-            plain_scores = online.scores_from_queries(plain[sl], bias, reps)
-            plain_grouped[sl] = target_ranks(plain_scores, targets[sl])
+        if plain_scores is not None:  # the same sums in the same order as scores_from_queries with the bias
+            plain_grouped[sl] = target_ranks(plain_scores[sl] if bias is None else plain_scores[sl] + bias, targets[sl])
+        elif plain is not None:
+            plain_grouped[sl] = target_ranks(online.scores_from_queries(plain[sl], bias, reps), targets[sl])
     return alone, grouped, plain_grouped
 
 
