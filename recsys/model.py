@@ -806,9 +806,12 @@ class PersonaModel(nn.Module):
         self, history: Tensor, edit: Edit, targets: Tensor | None = None, repeats: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The parts the online switches choose from (:mod:`recsys.switch`): the edited and the plain device model's
-        scores [B, N] and the group terms [B, N] of a prototype-mode ``edit`` (``None``: the model has none)."""
-        edited: Tensor = self.device_model(history, edit, targets, repeats)
-        plain: Tensor = self.device_model(history, None, targets, repeats)
+        scores [B, N] and the group terms [B, N] of a prototype-mode ``edit`` (``None``: the model has none). The
+        history is encoded once for both heads: the encoder is most of the work."""
+        dm = self.device_model
+        states, items = dm.encode(history), dm.item_targets() if targets is None else targets
+        edited = dm.scores_from_head(dm.head(states, edit), items, repeats)
+        plain = dm.scores_from_head(dm.head(states, None), items, repeats)
         return edited, plain, self.bank.item_bias(edit.prototype, edit.codes)
 
     def freeze_device_model(self) -> None:
