@@ -39,12 +39,18 @@ def main() -> None:
     ap.add_argument("--nearest", type=int, default=model_module.FINE_NEAREST, help="0 = every group")
     ap.add_argument("--groups", default="64,128,256,512")
     ap.add_argument("--temperatures", default="0,0.05,0.2")
+    ap.add_argument("--strip", action="store_true", help="drop a bundle's own fine groups instead of refusing it")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     trained = load_trained(args.bundle)
     model, cfg, seed = trained.model.eval(), trained.model.cfg, trained.train_config.seed
     if cfg.fine_groups:
-        raise SystemExit(f"{args.bundle} has fine groups already: train one with --fine-groups 0")
+        if not args.strip:
+            raise SystemExit(f"{args.bundle} has fine groups already: train one with --fine-groups 0, or --strip")
+        # training is bit-identical up to the fine groups' stage, which comes last: without them this is the
+        # bundle --fine-groups 0 trains (the bank's counts through validation do not depend on them)
+        print(f"stripped the bundle's fine groups (K2={cfg.fine_groups})")
+        cfg.fine_groups, cfg.fine_bias_weight = 0, 0.0
     split = prepare(trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=cfg.repeat_size).split
 
     def codes_of(examples: Examples) -> Tensor:
