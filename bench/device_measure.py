@@ -153,14 +153,12 @@ def sizes_and_latency(online: OnlineModel, histories: np.ndarray, repeats: int, 
 
     def server_full() -> None:  # a session the server must encode (history carried in the request)
         h = online.user_states(hist)
-        q, _ = online.edited_queries(h, codes, edit.prototype, bank)
-        s = online.scores_from_queries(q, online.group_bias(edit.prototype, edit.codes, bank))
+        s = online.scores_from_queries(*online.served_terms(h, codes, edit.prototype, bank))
         s[0, hist[0]] = float("-inf")
         torch.topk(s, 10)
 
     def server_stored() -> None:  # a stored session: the consumer's user state and code are reused
-        q, _ = online.edited_queries(state, codes, edit.prototype, bank)
-        s = online.scores_from_queries(q, online.group_bias(edit.prototype, edit.codes, bank))
+        s = online.scores_from_queries(*online.served_terms(state, codes, edit.prototype, bank))
         s[0, hist[0]] = float("-inf")
         torch.topk(s, 10)
 

@@ -236,21 +236,36 @@ class OnlineModel:
         prototypes: Tensor,
         bank: BankState | None = None,
         first: Tensor | None = None,
-        *,
-        switched: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """The Persona-edited head's outputs [B, D] and edit-norm ratios [B] for user states [B, D], codes
         [B, L, d] and prototypes [B]: ``queries(states, edit(codes, bank, prototypes))`` without materialising the
-        edits (see :mod:`recsys.edited_head`). ``first``: the states' :meth:`first_products`, if computed. A row
-        whose prototype has its edit switched off gets the plain head's output unless ``switched`` is false (the
-        prequential check measures the edit's gain); the ratios are always the edit's own (a drift signal)."""
+        edits (see :mod:`recsys.edited_head`), whatever the switches (the prequential check measures the edit's
+        gain; :meth:`served_terms` applies them). ``first``: the states' :meth:`first_products`, if computed."""
         b = self._bank(bank)
-        queries, ratios = self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
-        if switched:
-            edit_on, _group_on = terms_on(b.switches, prototypes)
+        return self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
+
+    @torch.inference_mode()
+    def served_terms(
+        self, states: Tensor, codes: Tensor, prototypes: Tensor, bank: BankState | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """What a ranking request scores with, under the switches (:mod:`recsys.switch`): head outputs [B, D], edited
+        where the session's prototype applies its edit and plain where not, and the group bias [B, N] where it
+        applies its group terms (``None``: no row gets any). As :meth:`edited_queries` and :meth:`group_bias` with
+        their switches on, reading the switches once and skipping the work of a term no row applies."""
+        b = self._bank(bank)
+        edit_on, group_on = terms_on(b.switches, prototypes)
+        if not bool(edit_on.any()):
+            queries = self.queries(states)
+        else:
+            queries = self.edited_head(b).queries(states, codes, prototypes, b.centres)[0]
             if not bool(edit_on.all()):
                 queries = torch.where(edit_on[:, None], queries, self.queries(states))
-        return queries, ratios
+        if not bool(group_on.any()):
+            return queries, None
+        bias = self.group_bias(prototypes, codes, b, switched=False)
+        if bias is not None and not bool(group_on.all()):
+            bias = bias * group_on[:, None].to(bias.dtype)
+        return queries, bias
 
     def first_products(self, states: Tensor) -> Tensor:
         """The bank-independent first products of the factored edited head for user states [B, D]

@@ -271,8 +271,7 @@ class Ranker:
             bias: Tensor | None = None
             if bank.centres.shape[0] > 0:
                 codes, protos = self._codes(online, picked, bank)
-                vectors, _ratios = online.edited_queries(h, codes, protos, bank)
-                bias = online.group_bias(protos, codes, bank)  # the group biases (None: the model has none)
+                vectors, bias = online.served_terms(h, codes, protos, bank)  # bias None: no group terms apply
                 for r, p in zip(picked, protos.tolist(), strict=True):
                     r.prototype = int(p)
             else:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -226,6 +227,29 @@ def test_the_check_adds_the_group_terms_to_the_early_plain_scores_as_to_a_second
     for name in ("persona", "base", "edit_gains", "group_gains"):
         assert torch.equal(getattr(kept, name), getattr(again, name)), name
     assert kept.edit_gains.abs().sum() > 0  # the plain model's grouped ranks differ from the edited ones
+
+
+def test_a_ranking_request_scores_each_session_under_its_prototypes_switches(switched_bundle: Path) -> None:
+    """What the API ranks with (OnlineModel.served_terms) against the offline definition, for a batch (torch) and
+    a single row (the NumPy paths), and for banks where no row applies the edit or the group terms."""
+    online = OnlineModel.load(switched_bundle)
+    items = list(online.vocab.ids)
+    hist = online.histories([[items[(5 * n + j) % len(items)] for j in range(6)] for n in range(20)])
+    states, codes = online.user_states(hist), online.codes(hist)
+    protos = online.assign(codes)
+    assert set(protos.tolist()) == {0, 1, 2, 3}  # every switch state is served to someone
+    all_off = dataclasses.replace(online.initial_bank, switches=online.initial_bank.switches * 0 - 1.0)
+    for bank in (online.initial_bank, all_off):
+        assert bank.switches is not None
+        edit = online.model.edit_for(codes, "prototype")
+        edited, plain, bias = online.model.term_scores(hist, edit)
+        expected = switched_scores(edited, plain, bias, *terms_on(bank.switches, protos))
+        for rows in (list(range(20)), [int(protos.eq(0).nonzero()[0])], [int(protos.eq(1).nonzero()[0])]):
+            sel = torch.tensor(rows)
+            queries, group = online.served_terms(states[sel], codes[sel], protos[sel], bank)
+            got = online.scores_from_queries(queries, group)
+            assert torch.allclose(got[:, 2:], expected[sel][:, 2:], atol=1e-4), (bank is all_off, rows)
+    assert online.served_terms(states, codes, protos, all_off)[1] is None
 
 
 def test_a_stored_row_without_switches_keeps_the_bundles_and_a_bad_one_is_refused() -> None:

@@ -251,7 +251,7 @@ class _Checks:
         all_early = bool(rows) and min(rows) >= 0  # every row's plain half done early: the usual case
         first = self.early.first[index_of(rows)] if all_early else None
         reps = None if self.repeats is None else self.repeats[idx]
-        edited_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first, switched=False)
+        edited_q, self.ratios[idx] = online.edited_queries(states, codes, protos, bank, first)
         # the plain model with the group terms, only where the model has them: from the early half's scores when it
         # kept them, else one more scoring of these rows
         plain_q: Tensor | None = None
