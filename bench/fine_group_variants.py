@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--nearest", type=int, default=model_module.FINE_NEAREST, help="0 = every group")
-    ap.add_argument("--groups", default="64,128,256,512")
+    ap.add_argument("--groups", default="64,128,256,512,1024,2048")
     ap.add_argument("--temperatures", default="0,0.05,0.2")
     ap.add_argument("--strip", action="store_true", help="drop a bundle's own fine groups instead of refusing it")
     args = ap.parse_args()

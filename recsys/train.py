@@ -65,7 +65,7 @@ class TrainConfig:
     group_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
     # the fine groups (ModelConfig.fine_groups), chosen on validation after the prototypes' group bias: K2, τ2, β2, α2
     # (none is always a candidate; docs/results.md, "Fine groups"). () = no fine groups.
-    fine_group_counts: tuple[int, ...] = (64, 128, 256, 512)
+    fine_group_counts: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     fine_temperatures: tuple[float, ...] = (0.0, 0.05, 0.2)
     fine_bias_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     fine_bias_smoothings: tuple[float, ...] = (1.0, 3.0)

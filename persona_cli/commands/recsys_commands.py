@@ -98,7 +98,7 @@ def train(
             help="Candidate counts K2 of fine groups, comma separated: finer groups of sessions whose next items add "
             "to their scores (chosen on validation with their weights; kept only if they win). 0 = none.",
         ),
-    ] = "64,128,256,512",
+    ] = "64,128,256,512,1024,2048",
     group_bias: Annotated[
         str,
         typer.Option(
