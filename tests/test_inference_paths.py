@@ -225,3 +225,15 @@ def test_a_few_rows_fine_group_bias_in_numpy_equals_the_model(temperature: float
     got = FineRows(centres, items, cfg)(codes, protos)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(got[1], torch.zeros(50)) and float(got[0].abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("groups", [1, 2, 7, 8, 2048])
+def test_the_fine_groups_median_is_torchs_lower_middle_value(groups: int) -> None:
+    """The fine groups' temperature scale reads each row's median through NumPy's partition: exactly the value
+    torch.median gives, for odd and even counts and with ties."""
+    from recsys.model import lower_median
+
+    g = torch.Generator().manual_seed(groups)
+    rows = torch.rand(5, groups, generator=g, dtype=torch.float64)
+    rows[1] = rows[1].round(decimals=1)  # ties
+    assert torch.equal(lower_median(rows), rows.median(dim=1, keepdim=True).values)
