@@ -239,10 +239,9 @@ def test_a_ranking_request_scores_each_session_under_its_prototypes_switches(swi
     protos = online.assign(codes)
     assert set(protos.tolist()) == {0, 1, 2, 3}  # every switch state is served to someone
     all_off = dataclasses.replace(online.initial_bank, switches=online.initial_bank.switches * 0 - 1.0)
+    edited, plain, bias = online.model.term_scores(hist, online.model.edit_for(codes, "prototype"))
     for bank in (online.initial_bank, all_off):
         assert bank.switches is not None
-        edit = online.model.edit_for(codes, "prototype")
-        edited, plain, bias = online.model.term_scores(hist, edit)
         expected = switched_scores(edited, plain, bias, *terms_on(bank.switches, protos))
         for rows in (list(range(20)), [int(protos.eq(0).nonzero()[0])], [int(protos.eq(1).nonzero()[0])]):
             sel = torch.tensor(rows)
