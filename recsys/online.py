@@ -44,6 +44,7 @@ from recsys.pipeline import TrainedModel, load_trained
 from recsys.repeat_rows import SMALL_BATCH, PreparedRows, RepeatRows
 from recsys.repeats import ENTRY_WIDTH, REPEAT_SIZE, CountsSnapshots, RepeatCounts, entries_tensor
 from recsys.retrieval import NormOrderedIndex
+from recsys.stored_rows import overlay_stored
 from recsys.switch import terms_on, update_switches
 from recsys.vocab import ItemVocab
 from recsys.windows import window_length
@@ -263,9 +264,7 @@ class OnlineModel:
         if not bool(group_on.any()):
             return queries, None
         bias = self.group_bias(prototypes, codes, b, switched=False)
-        if bias is not None and not bool(group_on.all()):
-            bias = bias * group_on[:, None].to(bias.dtype)
-        return queries, bias
+        return queries, None if bias is None else _rows_on(bias, group_on)
 
     def first_products(self, states: Tensor) -> Tensor:
         """The bank-independent first products of the factored edited head for user states [B, D]
@@ -298,8 +297,7 @@ class OnlineModel:
                 bias = add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
         if bias is None or not switched:
             return bias
-        _edit_on, group_on = terms_on(b.switches, prototypes)
-        return bias if bool(group_on.all()) else bias * group_on[:, None].to(bias.dtype)
+        return _rows_on(bias, terms_on(b.switches, prototypes)[1])
 
     def _fine_rows(self) -> FineRows | None:
         if self._fine is False:
@@ -522,6 +520,11 @@ class OnlineModel:
         return self.vocab.decode(np.asarray(indices, dtype=np.int64))
 
 
+def _rows_on(bias: Tensor, on: Tensor) -> Tensor:
+    """``bias`` [B, N] with the rows whose switch ``on`` [B] is off zeroed (``bias`` itself when all are on)."""
+    return bias if bool(on.all()) else bias * on[:, None].to(bias.dtype)
+
+
 def _float32_bytes(values: Tensor) -> bytes:
     return values.detach().to(torch.float32).contiguous().numpy().tobytes()
 
@@ -592,8 +595,4 @@ def stored_next_items(stored: Sequence[bytes | None], initial: Tensor | None, cf
     ``ValueError`` when a stored row does not fit the model."""
     if initial is None:
         return None
-    out = initial.clone()
-    for k, raw in enumerate(stored):
-        if raw is not None:
-            out[k] = _float32_tensor(raw, cfg.n_items, "next-item counts")
-    return out
+    return overlay_stored(initial, stored, lambda raw: _float32_tensor(raw, cfg.n_items, "next-item counts"))

@@ -26,12 +26,14 @@ bundle's bank (started on the validation period) and in the store's prototype ro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from recsys.metrics import target_ranks
+from recsys.stored_rows import overlay_stored
 
 #: Per event of a prototype: each switch weighs its last ~1,000 events (γ 0.99 measured 2 % worse on MovieLens-100K,
 #: where a few hundred events' reciprocal ranks are too noisy to switch on).
@@ -131,14 +133,13 @@ def switches_to_bytes(row: Tensor) -> bytes:
     return row.detach().to(torch.float64).contiguous().numpy().tobytes()
 
 
-def stored_switches(stored: list[bytes | None], initial: Tensor) -> Tensor:
+def stored_switches(stored: Sequence[bytes | None], initial: Tensor) -> Tensor:
     """The bank's switch state [K, 3] from the stored rows' bytes (in prototype order): a row stored before the
     switches were (``None``) keeps the bundle's ``initial`` row. Raises ``ValueError`` for a row of the wrong size."""
-    out = initial.clone()
-    for k, raw in enumerate(stored):
-        if raw is None:
-            continue
-        if len(raw) != 8 * SWITCH_WIDTH:
-            raise ValueError(f"stored switch state has {len(raw)} bytes, expected {8 * SWITCH_WIDTH}")
-        out[k] = torch.frombuffer(bytearray(raw), dtype=torch.float64)
-    return out
+    return overlay_stored(initial, stored, _switch_row)
+
+
+def _switch_row(raw: bytes) -> Tensor:
+    if len(raw) != 8 * SWITCH_WIDTH:
+        raise ValueError(f"stored switch state has {len(raw)} bytes, expected {8 * SWITCH_WIDTH}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.float64)
