@@ -1,0 +1,235 @@
+"""Groups keyed by a session's whole history, with live next-item counts: do they carry a group's drift?
+
+Run on demand (docs/results.md, "A stream with group-level drift"); a research script, not a method:
+
+    PYTHONPATH=. .venv/bin/python bench/history_groups.py runs/q/c20-s0
+
+The prototypes and the fine groups are keyed by the session's code, a function of its last items (its current
+interest). On ``synthetic:...,cohorts=N`` a group's drift belongs to users who share a walk, and what tells a
+cohort is the whole history (its home clusters). Here each session's key is the mean of the device model's own
+item embeddings over its whole history window, L2-normalised; k-means on the training period's keys gives G
+history groups; each group counts its members' next items, decayed by γ per group event, through the training
+period and then live, after each batch is scored (as the consumer counts the prototypes'). Their bias
+``β · log1p(n_gi / (α n̄_g))`` (the prototypes' form, ``recsys.model.group_bias``) is added to the bundle's Persona
+scores. G, γ, α and β (β = 0 included) are chosen on validation NDCG@10; the test period is evaluated once, with
+paired bootstrap CIs against Persona and the base model.
+
+The bundle's Persona has already counted the validation period (a saved bundle's bank holds it), so Persona reads
+slightly better on validation than it would live there: a conservative bias against choosing a large β.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from recsys.bootstrap import paired_ratio
+from recsys.data import synthetic_config
+from recsys.evaluate import BaseMethod, PersonaMethod, _batches, score_batch
+from recsys.metrics import per_example_ndcg, target_ranks
+from recsys.model import PersonaModel, count_next_items
+from recsys.pipeline import load_trained, prepare
+from recsys.splits import Examples
+from recsys.synthetic import draw
+from recsys.vocab import ItemVocab
+
+BATCH = 512
+MIXTURE = False  # --mixture
+BY_CLUSTER = False  # --by-cluster
+
+
+def history_keys(model: PersonaModel, examples: Examples, recent: int = 0) -> Tensor:
+    """[M, D]: the L2-normalised mean item embedding of each example's history window; with ``recent`` > 0, that of
+    its last ``recent`` items appended ([M, 2D], halves weighted equally): where the session is now as well."""
+    whole = _mean_keys(model, examples.histories)
+    if not recent:
+        return whole
+    return torch.cat([whole, _mean_keys(model, examples.histories[:, -recent:])], 1) / 2**0.5
+
+
+def _mean_keys(model: PersonaModel, histories: np.ndarray) -> Tensor:
+    table = model.device_model.items.weight.detach()
+    hist = torch.from_numpy(np.ascontiguousarray(histories))
+    mask = (hist != ItemVocab.PAD).unsqueeze(-1).float()
+    out = []
+    for start in range(0, hist.shape[0], 4096):
+        h, m = hist[start : start + 4096], mask[start : start + 4096]
+        mean = (table[h] * m).sum(1) / m.sum(1).clamp(min=1.0)
+        out.append(torch.nn.functional.normalize(mean, dim=1))
+    return torch.cat(out)
+
+
+def kmeans(keys: Tensor, k: int, seed: int = 0, rounds: int = 25) -> Tensor:
+    """Spherical k-means centres [k, D] (cosine), seeded by k random keys."""
+    g = torch.Generator().manual_seed(seed)
+    centres = keys[torch.randperm(keys.shape[0], generator=g)[:k]].clone()
+    for _ in range(rounds):
+        assign = (keys @ centres.T).argmax(1)
+        for j in range(k):
+            members = keys[assign == j]
+            if len(members):
+                centres[j] = torch.nn.functional.normalize(members.mean(0), dim=0)
+    return centres
+
+
+def history_assignment(keys: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """Each period's examples in their nearest of k history groups (k-means on the training period's keys)."""
+    centres = kmeans(keys["train"], k)
+    return {name: (v @ centres.T).argmax(1) for name, v in keys.items()}
+
+
+def cohort_assignment(
+    source: str, user_ids: list[str], splits: dict[str, Examples], vocab: ItemVocab
+) -> tuple[dict[str, Tensor], set[int]]:
+    """Each period's examples under their user's cohort (the generator's shared walk), and the cohorts seen."""
+    d = draw(synthetic_config(source))
+    walks: dict[tuple[int, int], int] = {}
+    cohort = [walks.setdefault((int(a), int(b)), len(walks)) for a, b in zip(d.perm_a, d.perm_b, strict=True)]
+    of_user = torch.tensor([cohort[int(u.removeprefix("u"))] for u in user_ids])
+    if not BY_CLUSTER:
+        return {name: of_user[torch.from_numpy(ex.users)] for name, ex in splits.items()}, set(walks.values())
+    c = d.cfg.clusters
+    of_index = torch.zeros(vocab.size, dtype=torch.long)  # PAD, UNK: cluster 0
+    for item, cluster in zip(d.item_of_slot.ravel(), d.cluster_of_slot.ravel(), strict=True):
+        if f"i{int(item)}" in vocab:
+            of_index[vocab.index_of(f"i{int(item)}")] = int(cluster)
+    out = {}
+    for name, ex in splits.items():
+        last = of_index[torch.from_numpy(ex.histories[:, -1])]
+        out[name] = of_user[torch.from_numpy(ex.users)] * c + last
+    return out, set(range(len(walks) * c))
+
+
+def method_scores(method: object, examples: Examples) -> list[Tensor]:
+    """The method's scores per batch of ``examples`` in time order (observing each batch after scoring it)."""
+    out = []
+    for hist, tgt, reps in _batches(examples, BATCH):
+        out.append(score_batch(method, hist, reps).float())  # type: ignore[arg-type]
+        method.observe(hist, tgt)  # type: ignore[attr-defined]
+    return out
+
+
+def live_pass(
+    scores: list[Tensor], groups: Tensor, targets: Tensor, counts: Tensor, beta: float, alpha: float, decay: float
+) -> np.ndarray:
+    """Per-example NDCG@10 of scores + the history groups' bias, counting each batch after scoring it (in place)."""
+    out = []
+    for b, s in enumerate(scores):
+        g, t = groups[b * BATCH : (b + 1) * BATCH], targets[b * BATCH : (b + 1) * BATCH]
+        if beta and MIXTURE:  # probability space: (1 - β) p_model + β p_group, the group's smoothed distribution
+            rows = counts[g].float() + alpha * 1e-3
+            p_group = rows / rows.sum(1, keepdim=True)
+            s = torch.log((1.0 - beta) * torch.softmax(s, 1) + beta * p_group)
+        elif beta:
+            rows = counts[g]
+            mean = rows.mean(1, keepdim=True)
+            scale = torch.where(mean > 0, 1.0 / (alpha * mean).clamp(min=1e-30), torch.zeros_like(mean))
+            s = s + torch.log1p(rows * scale).float() * beta
+        out.append(per_example_ndcg(target_ranks(s, t), 10).numpy())
+        count_next_items(counts, g, t, decay)
+    return np.concatenate(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--groups", default="4,8,16,32,64,128", help="Comma-separated G candidates.")
+    ap.add_argument("--decays", default="1,0.999,0.99,0.95", help="Comma-separated γ candidates.")
+    ap.add_argument("--smoothings", default="1,3", help="Comma-separated α candidates.")
+    ap.add_argument("--weights", default="0.25,0.5,1,2", help="Comma-separated β candidates (0 always tried).")
+    ap.add_argument(
+        "--oracle-cohorts",
+        action="store_true",
+        help="Group by the generator's own cohorts (a synthetic:...,cohorts=N bundle): the best any grouping can do.",
+    )
+    ap.add_argument(
+        "--mixture",
+        action="store_true",
+        help="Mix in probability space, (1 - β) p_model + β p_group, instead of the log-linear bias (β < 1).",
+    )
+    ap.add_argument(
+        "--by-cluster",
+        action="store_true",
+        help="With --oracle-cohorts: one group per (cohort, cluster of the session's last item).",
+    )
+    ap.add_argument("--recent", type=int, default=0, help="Key on the last R items as well as the whole window.")
+    args = ap.parse_args()
+    global MIXTURE, BY_CLUSTER
+    MIXTURE, BY_CLUSTER = args.mixture, args.by_cluster
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    trained = load_trained(args.bundle)
+    model, cfg = trained.model.eval(), trained.model.cfg
+    split = prepare(trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=cfg.repeat_size).split
+    valid_scores = method_scores(PersonaMethod(model, "persona", "prototype", refine=True), split.valid)
+    test_scores = method_scores(PersonaMethod(model, "persona", "prototype", refine=True), split.test)
+    base_test = np.concatenate(
+        [
+            per_example_ndcg(
+                target_ranks(s, torch.from_numpy(split.test.targets[i * BATCH : (i + 1) * BATCH])), 10
+            ).numpy()
+            for i, s in enumerate(method_scores(BaseMethod(model), split.test))
+        ]
+    )
+    keys = {
+        name: history_keys(model, ex, args.recent)
+        for name, ex in (("train", split.train), ("valid", split.valid), ("test", split.test))
+    }
+    targets = {
+        name: torch.from_numpy(ex.targets)
+        for name, ex in (("train", split.train), ("valid", split.valid), ("test", split.test))
+    }
+    print(f"{args.bundle}: scored in {time.perf_counter() - t0:.0f} s; N = {cfg.n_items}")
+
+    floats = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
+    best: tuple[float, int, float, float, float] | None = None
+    base_valid = None
+    splits = {"train": split.train, "valid": split.valid, "test": split.test}
+    oracle = (
+        cohort_assignment(trained.spec.source, split.user_ids, splits, split.vocab) if args.oracle_cohorts else None
+    )
+    group_counts = [len(oracle[1])] if oracle else [int(x) for x in args.groups.split(",")]
+    for k in group_counts:
+        assign = oracle[0] if oracle else history_assignment(keys, k)
+        for decay in floats(args.decays):
+            start = torch.zeros(k, cfg.n_items, dtype=torch.float64)
+            count_next_items(start, assign["train"], targets["train"], decay)
+            for alpha, beta in itertools.product(floats(args.smoothings), [0.0, *floats(args.weights)]):
+                if beta == 0.0 and base_valid is not None:
+                    continue
+                score = float(
+                    live_pass(valid_scores, assign["valid"], targets["valid"], start.clone(), beta, alpha, decay).mean()
+                )
+                if beta == 0.0:
+                    base_valid = score
+                print(f"G {k} γ {decay:g} α {alpha:g} β {beta:g}: valid NDCG@10 {score:.4f}")
+                if best is None or score > best[0]:
+                    best = (score, k, decay, alpha, beta)
+    assert best is not None
+    score, k, decay, alpha, beta = best
+    print(
+        f"chosen on validation: G {k} γ {decay:g} α {alpha:g} β {beta:g} ({score:.4f}, Persona alone {base_valid:.4f})"
+    )
+    assign = oracle[0] if oracle else history_assignment(keys, k)
+    counts = torch.zeros(k, cfg.n_items, dtype=torch.float64)
+    count_next_items(counts, assign["train"], targets["train"], decay)
+    count_next_items(counts, assign["valid"], targets["valid"], decay)
+    persona = live_pass(test_scores, assign["test"], targets["test"], counts.clone(), 0.0, alpha, decay)
+    grouped = live_pass(test_scores, assign["test"], targets["test"], counts, beta, alpha, decay)
+    print(
+        f"test NDCG@10: base {base_test.mean():.4f}, Persona {persona.mean():.4f}, "
+        f"+ history groups {grouped.mean():.4f}"
+    )
+    print(f"Persona / base {paired_ratio(persona, base_test)}")
+    print(f"Persona + history groups / base {paired_ratio(grouped, base_test)}")
+    print(f"Persona + history groups / Persona {paired_ratio(grouped, persona)}")
+
+
+if __name__ == "__main__":
+    main()
