@@ -14,13 +14,15 @@ period and then live, after each batch is scored (as the consumer counts the pro
 scores. G, γ, α and β (β = 0 included) are chosen on validation NDCG@10; the test period is evaluated once, with
 paired bootstrap CIs against Persona and the base model.
 
-The bundle's Persona has already counted the validation period (a saved bundle's bank holds it), so Persona reads
-slightly better on validation than it would live there: a conservative bias against choosing a large β.
+Validation is scored as ``persona train`` chose its settings: from the bundle's model before it counted the
+validation period (:func:`before_validation`), counting it live; the test period from the saved bundle, as
+``persona evaluate`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import time
 from pathlib import Path
@@ -33,15 +35,18 @@ from recsys.bootstrap import paired_ratio
 from recsys.data import synthetic_config
 from recsys.evaluate import BaseMethod, PersonaMethod, _batches, score_batch
 from recsys.metrics import per_example_ndcg, target_ranks
-from recsys.model import PersonaModel, count_next_items
+from recsys.model import PersonaModel, count_next_items, fine_nearest
 from recsys.pipeline import load_trained, prepare
-from recsys.splits import Examples
+from recsys.splits import Examples, Split
+from recsys.switch import neutral_switches
 from recsys.synthetic import draw
+from recsys.train import example_codes
 from recsys.vocab import ItemVocab
 
 BATCH = 512
 MIXTURE = False  # --mixture
 BY_CLUSTER = False  # --by-cluster
+FROZEN = False  # --frozen
 
 
 def history_keys(model: PersonaModel, examples: Examples, recent: int = 0) -> Tensor:
@@ -106,6 +111,25 @@ def cohort_assignment(
     return out, set(range(len(walks) * c))
 
 
+def before_validation(model: PersonaModel, split: Split) -> PersonaModel:
+    """A copy of the bundle's model as training chose its settings with, before it counted the validation period:
+    the prototypes' next-item counts and the fine groups' distributions of the training period alone, and neutral
+    switches. (A saved bundle has counted the validation period, so its Persona would score validation with each
+    validation target already in its group's counts.)"""
+    m = copy.deepcopy(model)
+    bank, targets = m.bank, torch.from_numpy(split.train.targets)
+    codes = example_codes(m, split.train)
+    counts = torch.zeros_like(bank.next_items)
+    count_next_items(counts, bank.assign(codes), targets, m.cfg.group_bias_decay)
+    bank.next_items.copy_(counts)
+    if m.cfg.fine_groups:
+        fine = torch.zeros_like(bank.fine_items)
+        fine.index_put_((fine_nearest(codes, bank.fine_centres), targets), torch.ones(len(targets)), accumulate=True)
+        bank.fine_items.copy_(fine / fine.sum(1, keepdim=True).clamp(min=1.0))
+    bank.switches.copy_(neutral_switches(bank.switches.shape[0]))
+    return m
+
+
 def method_scores(method: object, examples: Examples) -> list[Tensor]:
     """The method's scores per batch of ``examples`` in time order (observing each batch after scoring it)."""
     out = []
@@ -132,7 +156,8 @@ def live_pass(
             scale = torch.where(mean > 0, 1.0 / (alpha * mean).clamp(min=1e-30), torch.zeros_like(mean))
             s = s + torch.log1p(rows * scale).float() * beta
         out.append(per_example_ndcg(target_ranks(s, t), 10).numpy())
-        count_next_items(counts, g, t, decay)
+        if not FROZEN:
+            count_next_items(counts, g, t, decay)
     return np.concatenate(out)
 
 
@@ -159,15 +184,21 @@ def main() -> None:
         help="With --oracle-cohorts: one group per (cohort, cluster of the session's last item).",
     )
     ap.add_argument("--recent", type=int, default=0, help="Key on the last R items as well as the whole window.")
+    ap.add_argument(
+        "--frozen",
+        action="store_true",
+        help="Count only the training period (and, for the test period, validation's): no live counting.",
+    )
     args = ap.parse_args()
-    global MIXTURE, BY_CLUSTER
-    MIXTURE, BY_CLUSTER = args.mixture, args.by_cluster
+    global MIXTURE, BY_CLUSTER, FROZEN
+    MIXTURE, BY_CLUSTER, FROZEN = args.mixture, args.by_cluster, args.frozen
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     trained = load_trained(args.bundle)
     model, cfg = trained.model.eval(), trained.model.cfg
     split = prepare(trained.spec, max_len=cfg.max_len, window_stride=cfg.stride, repeat_size=cfg.repeat_size).split
-    valid_scores = method_scores(PersonaMethod(model, "persona", "prototype", refine=True), split.valid)
+    valid_model = before_validation(model, split)
+    valid_scores = method_scores(PersonaMethod(valid_model, "persona", "prototype", refine=True), split.valid)
     test_scores = method_scores(PersonaMethod(model, "persona", "prototype", refine=True), split.test)
     base_test = np.concatenate(
         [
