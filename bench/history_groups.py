@@ -25,6 +25,7 @@ import argparse
 import copy
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,6 @@ from recsys.train import example_codes
 from recsys.vocab import ItemVocab
 
 BATCH = 512
-MIXTURE = False  # --mixture
-BY_CLUSTER = False  # --by-cluster
-FROZEN = False  # --frozen
 
 
 def history_keys(model: PersonaModel, examples: Examples, recent: int = 0) -> Tensor:
@@ -90,14 +88,14 @@ def history_assignment(keys: dict[str, Tensor], k: int) -> dict[str, Tensor]:
 
 
 def cohort_assignment(
-    source: str, user_ids: list[str], splits: dict[str, Examples], vocab: ItemVocab
+    source: str, user_ids: list[str], splits: dict[str, Examples], vocab: ItemVocab, *, by_cluster: bool
 ) -> tuple[dict[str, Tensor], set[int]]:
     """Each period's examples under their user's cohort (the generator's shared walk), and the cohorts seen."""
     d = draw(synthetic_config(source))
     walks: dict[tuple[int, int], int] = {}
     cohort = [walks.setdefault((int(a), int(b)), len(walks)) for a, b in zip(d.perm_a, d.perm_b, strict=True)]
     of_user = torch.tensor([cohort[int(u.removeprefix("u"))] for u in user_ids])
-    if not BY_CLUSTER:
+    if not by_cluster:
         return {name: of_user[torch.from_numpy(ex.users)] for name, ex in splits.items()}, set(walks.values())
     c = d.cfg.clusters
     of_index = torch.zeros(vocab.size, dtype=torch.long)  # PAD, UNK: cluster 0
@@ -139,26 +137,45 @@ def method_scores(method: object, examples: Examples) -> list[Tensor]:
     return out
 
 
-def live_pass(
-    scores: list[Tensor], groups: Tensor, targets: Tensor, counts: Tensor, beta: float, alpha: float, decay: float
-) -> np.ndarray:
-    """Per-example NDCG@10 of scores + the history groups' bias, counting each batch after scoring it (in place)."""
-    out = []
-    for b, s in enumerate(scores):
-        g, t = groups[b * BATCH : (b + 1) * BATCH], targets[b * BATCH : (b + 1) * BATCH]
-        if beta and MIXTURE:  # probability space: (1 - β) p_model + β p_group, the group's smoothed distribution
-            rows = counts[g].float() + alpha * 1e-3
-            p_group = rows / rows.sum(1, keepdim=True)
-            s = torch.log((1.0 - beta) * torch.softmax(s, 1) + beta * p_group)
-        elif beta:
-            rows = counts[g]
-            mean = rows.mean(1, keepdim=True)
-            scale = torch.where(mean > 0, 1.0 / (alpha * mean).clamp(min=1e-30), torch.zeros_like(mean))
-            s = s + torch.log1p(rows * scale).float() * beta
-        out.append(per_example_ndcg(target_ranks(s, t), 10).numpy())
-        if not FROZEN:
-            count_next_items(counts, g, t, decay)
-    return np.concatenate(out)
+@dataclass(frozen=True)
+class GroupTerm:
+    """How the groups' counts enter the scores: the prototypes' log-linear bias, or a probability-space mixture
+    ``(1 - β) p_model + β p_group``; counted live after each batch, or frozen."""
+
+    mixture: bool = False
+    live: bool = True
+
+    def add(self, scores: Tensor, rows: Tensor, beta: float, alpha: float) -> Tensor:
+        """``scores`` [B, N] with the term of the sessions' groups' counts ``rows`` [B, N]."""
+        if not beta:
+            return scores
+        if self.mixture:  # the group's distribution, smoothed by α·0.001 per item
+            smoothed = rows.float() + alpha * 1e-3
+            p_group = smoothed / smoothed.sum(1, keepdim=True)
+            return torch.log((1.0 - beta) * torch.softmax(scores, 1) + beta * p_group)
+        mean = rows.mean(1, keepdim=True)
+        scale = torch.where(mean > 0, 1.0 / (alpha * mean).clamp(min=1e-30), torch.zeros_like(mean))
+        return scores + torch.log1p(rows * scale).float() * beta
+
+    def ndcg10(
+        self,
+        scores: list[Tensor],
+        groups: Tensor,
+        targets: Tensor,
+        counts: Tensor,
+        beta: float,
+        alpha: float,
+        decay: float,
+    ) -> np.ndarray:
+        """Per-example NDCG@10 of ``scores`` (per batch of :data:`BATCH`, in time order) plus the groups' term, each
+        batch scored before its next items are counted into ``counts`` [G, N] (in place; not at all when frozen)."""
+        out = []
+        for b, s in enumerate(scores):
+            g, t = groups[b * BATCH : (b + 1) * BATCH], targets[b * BATCH : (b + 1) * BATCH]
+            out.append(per_example_ndcg(target_ranks(self.add(s, counts[g], beta, alpha), t), 10).numpy())
+            if self.live:
+                count_next_items(counts, g, t, decay)
+        return np.concatenate(out)
 
 
 def main() -> None:
@@ -190,8 +207,7 @@ def main() -> None:
         help="Count only the training period (and, for the test period, validation's): no live counting.",
     )
     args = ap.parse_args()
-    global MIXTURE, BY_CLUSTER, FROZEN
-    MIXTURE, BY_CLUSTER, FROZEN = args.mixture, args.by_cluster, args.frozen
+    term = GroupTerm(mixture=args.mixture, live=not args.frozen)
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     trained = load_trained(args.bundle)
@@ -223,7 +239,9 @@ def main() -> None:
     base_valid = None
     splits = {"train": split.train, "valid": split.valid, "test": split.test}
     oracle = (
-        cohort_assignment(trained.spec.source, split.user_ids, splits, split.vocab) if args.oracle_cohorts else None
+        cohort_assignment(trained.spec.source, split.user_ids, splits, split.vocab, by_cluster=args.by_cluster)
+        if args.oracle_cohorts
+        else None
     )
     group_counts = [len(oracle[1])] if oracle else [int(x) for x in args.groups.split(",")]
     for k in group_counts:
@@ -235,7 +253,9 @@ def main() -> None:
                 if beta == 0.0 and base_valid is not None:
                     continue
                 score = float(
-                    live_pass(valid_scores, assign["valid"], targets["valid"], start.clone(), beta, alpha, decay).mean()
+                    term.ndcg10(
+                        valid_scores, assign["valid"], targets["valid"], start.clone(), beta, alpha, decay
+                    ).mean()
                 )
                 if beta == 0.0:
                     base_valid = score
@@ -251,8 +271,8 @@ def main() -> None:
     counts = torch.zeros(k, cfg.n_items, dtype=torch.float64)
     count_next_items(counts, assign["train"], targets["train"], decay)
     count_next_items(counts, assign["valid"], targets["valid"], decay)
-    persona = live_pass(test_scores, assign["test"], targets["test"], counts.clone(), 0.0, alpha, decay)
-    grouped = live_pass(test_scores, assign["test"], targets["test"], counts, beta, alpha, decay)
+    persona = term.ndcg10(test_scores, assign["test"], targets["test"], counts.clone(), 0.0, alpha, decay)
+    grouped = term.ndcg10(test_scores, assign["test"], targets["test"], counts, beta, alpha, decay)
     print(
         f"test NDCG@10: base {base_test.mean():.4f}, Persona {persona.mean():.4f}, "
         f"+ history groups {grouped.mean():.4f}"
