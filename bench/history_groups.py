@@ -34,7 +34,7 @@ from torch import Tensor
 
 from recsys.bootstrap import paired_ratio
 from recsys.data import synthetic_config
-from recsys.evaluate import BaseMethod, PersonaMethod, _batches, score_batch
+from recsys.evaluate import BaseMethod, PersonaMethod, _batches, evaluate_examples, score_batch
 from recsys.metrics import per_example_ndcg, target_ranks
 from recsys.model import PersonaModel, count_next_items, fine_nearest
 from recsys.pipeline import load_trained, prepare
@@ -216,28 +216,16 @@ def main() -> None:
     valid_model = before_validation(model, split)
     valid_scores = method_scores(PersonaMethod(valid_model, "persona", "prototype", refine=True), split.valid)
     test_scores = method_scores(PersonaMethod(model, "persona", "prototype", refine=True), split.test)
-    base_test = np.concatenate(
-        [
-            per_example_ndcg(
-                target_ranks(s, torch.from_numpy(split.test.targets[i * BATCH : (i + 1) * BATCH])), 10
-            ).numpy()
-            for i, s in enumerate(method_scores(BaseMethod(model), split.test))
-        ]
-    )
-    keys = {
-        name: history_keys(model, ex, args.recent)
-        for name, ex in (("train", split.train), ("valid", split.valid), ("test", split.test))
-    }
-    targets = {
-        name: torch.from_numpy(ex.targets)
-        for name, ex in (("train", split.train), ("valid", split.valid), ("test", split.test))
-    }
+    base_test = evaluate_examples(BaseMethod(model), split.test, batch_size=BATCH).ndcg10
+    splits = {"train": split.train, "valid": split.valid, "test": split.test}
+    keys = {name: history_keys(model, ex, args.recent) for name, ex in splits.items()}
+    targets = {name: torch.from_numpy(ex.targets) for name, ex in splits.items()}
     print(f"{args.bundle}: scored in {time.perf_counter() - t0:.0f} s; N = {cfg.n_items}")
 
     floats = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
     best: tuple[float, int, float, float, float] | None = None
+    assignments: dict[int, dict[str, Tensor]] = {}
     base_valid = None
-    splits = {"train": split.train, "valid": split.valid, "test": split.test}
     oracle = (
         cohort_assignment(trained.spec.source, split.user_ids, splits, split.vocab, by_cluster=args.by_cluster)
         if args.oracle_cohorts
@@ -245,7 +233,7 @@ def main() -> None:
     )
     group_counts = [len(oracle[1])] if oracle else [int(x) for x in args.groups.split(",")]
     for k in group_counts:
-        assign = oracle[0] if oracle else history_assignment(keys, k)
+        assign = assignments[k] = oracle[0] if oracle else history_assignment(keys, k)
         for decay in floats(args.decays):
             start = torch.zeros(k, cfg.n_items, dtype=torch.float64)
             count_next_items(start, assign["train"], targets["train"], decay)
@@ -267,7 +255,7 @@ def main() -> None:
     print(
         f"chosen on validation: G {k} γ {decay:g} α {alpha:g} β {beta:g} ({score:.4f}, Persona alone {base_valid:.4f})"
     )
-    assign = oracle[0] if oracle else history_assignment(keys, k)
+    assign = assignments[k]
     counts = torch.zeros(k, cfg.n_items, dtype=torch.float64)
     count_next_items(counts, assign["train"], targets["train"], decay)
     count_next_items(counts, assign["valid"], targets["valid"], decay)
