@@ -65,8 +65,8 @@ def accuracy(model: PersonaModel, histories: np.ndarray, targets: np.ndarray, va
         for name, (dtype, rank) in variants.items():
             m = models[name]
             codes = m.codes(hist)
-            edit = m.edit_for(codes, "prototype")
-            bias = m.bank.item_bias(edit.prototype, edit.codes)
+            edit = m.edit_for(codes, "prototype", hist)
+            bias = m.bank.item_bias(edit.prototype, edit.codes, edit.groups)
             edit_d, bias_d = _round(edit, bias, dtype, rank)
             scores = m.device_model(hist, edit_d)
             if bias_d is not None:
@@ -106,7 +106,7 @@ def sizes_and_latency(online: OnlineModel, histories: np.ndarray, repeats: int, 
     hist = torch.from_numpy(histories[-1:])  # the last test example: a full history window
     codes = online.codes(hist)
     edit = online.edit(codes)
-    group = online.group_bias(edit.prototype, edit.codes)
+    group = online.group_bias(edit.prototype, edit.codes, groups=online.history_groups(hist))
     w, b = edit.weight[0], edit.bias[0]
     json_body = SessionEdit(
         session_id="session-0000001",

@@ -81,7 +81,7 @@ def gains(
     dm = model.device_model
     edited = dm(hist, edit, None, reps)
     plain = dm(hist, None, None, reps)
-    bias = model.bank.item_bias(edit.prototype, edit.codes)
+    bias = model.bank.item_bias(edit.prototype, edit.codes, edit.groups)
     with_edit = _measure(edited, tgt, signal)
     if bias is None:
         return with_edit - _measure(plain, tgt, signal), torch.zeros(len(tgt))
@@ -103,11 +103,11 @@ class TrustedPersona(PersonaMethod):
     def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
         self._hist, self._reps = histories, repeats
         self._codes = self.model.codes(histories)
-        self._edit = e = self.model.edit_for(self._codes, self.mode)
+        self._edit = e = self.model.edit_for(self._codes, self.mode, histories)
         w = self.trust.scale(e.prototype)
         scaled = e._replace(weight=e.weight * w[:, None, None, None], bias=e.bias * w[:, None, None])
         scores = self.model.device_model(histories, scaled, None, repeats)
-        bias = self.model.bank.item_bias(e.prototype, e.codes)
+        bias = self.model.bank.item_bias(e.prototype, e.codes, e.groups)
         if bias is None:
             return scores
         b = torch.ones(len(histories)) if self.bias_trust is None else self.bias_trust.scale(e.prototype)

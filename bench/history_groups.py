@@ -41,7 +41,7 @@ from recsys.pipeline import load_trained, prepare
 from recsys.splits import Examples, Split
 from recsys.switch import neutral_switches
 from recsys.synthetic import draw
-from recsys.train import example_codes
+from recsys.train import HistoryGroups, example_codes, spherical_kmeans
 from recsys.vocab import ItemVocab
 
 BATCH = 512
@@ -68,22 +68,10 @@ def _mean_keys(model: PersonaModel, histories: np.ndarray) -> Tensor:
     return torch.cat(out)
 
 
-def kmeans(keys: Tensor, k: int, seed: int = 0, rounds: int = 25) -> Tensor:
-    """Spherical k-means centres [k, D] (cosine), seeded by k random keys."""
-    g = torch.Generator().manual_seed(seed)
-    centres = keys[torch.randperm(keys.shape[0], generator=g)[:k]].clone()
-    for _ in range(rounds):
-        assign = (keys @ centres.T).argmax(1)
-        for j in range(k):
-            members = keys[assign == j]
-            if len(members):
-                centres[j] = torch.nn.functional.normalize(members.mean(0), dim=0)
-    return centres
-
-
 def history_assignment(keys: dict[str, Tensor], k: int) -> dict[str, Tensor]:
-    """Each period's examples in their nearest of k history groups (k-means on the training period's keys)."""
-    centres = kmeans(keys["train"], k)
+    """Each period's examples in their nearest of k history groups (k-means on the training period's keys, as
+    ``persona train`` fits the product's history groups)."""
+    centres = spherical_kmeans(keys["train"], k)
     return {name: (v @ centres.T).argmax(1) for name, v in keys.items()}
 
 
@@ -111,9 +99,9 @@ def cohort_assignment(
 
 def before_validation(model: PersonaModel, split: Split) -> PersonaModel:
     """A copy of the bundle's model as training chose its settings with, before it counted the validation period:
-    the prototypes' next-item counts and the fine groups' distributions of the training period alone, and neutral
-    switches. (A saved bundle has counted the validation period, so its Persona would score validation with each
-    validation target already in its group's counts.)"""
+    the prototypes' next-item counts and the fine and history groups' distributions of the training period alone,
+    and neutral switches. (A saved bundle has counted the validation period, so its Persona would score validation
+    with each validation target already in its group's counts.)"""
     m = copy.deepcopy(model)
     bank, targets = m.bank, torch.from_numpy(split.train.targets)
     codes = example_codes(m, split.train)
@@ -124,6 +112,11 @@ def before_validation(model: PersonaModel, split: Split) -> PersonaModel:
         fine = torch.zeros_like(bank.fine_items)
         fine.index_put_((fine_nearest(codes, bank.fine_centres), targets), torch.ones(len(targets)), accumulate=True)
         bank.fine_items.copy_(fine / fine.sum(1, keepdim=True).clamp(min=1.0))
+    if m.cfg.history_groups:
+        counts = torch.zeros(bank.history_items.shape, dtype=torch.float64)
+        history = HistoryGroups(bank.history_centres, counts, 0.0, 1.0, m.cfg.history_bias_decay, 0.0, 0.0)
+        history.add(history.groups_of(m, split.train), split.train.targets)
+        bank.history_items.copy_(history.distributions())
     bank.switches.copy_(neutral_switches(bank.switches.shape[0]))
     return m
 

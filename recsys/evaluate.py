@@ -133,7 +133,7 @@ class PersonaMethod:
 
     def score(self, histories: Tensor, repeats: Tensor | None = None) -> Tensor:
         self._codes = self.model.codes(histories)
-        self._edit = self.model.edit_for(self._codes, self.mode)
+        self._edit = self.model.edit_for(self._codes, self.mode, histories)
         if self.mode == "session":
             return self.model.score(histories, self._edit, repeats=repeats)
         self._terms = edited, plain, bias = self.model.term_scores(histories, self._edit, repeats=repeats)

@@ -71,6 +71,17 @@ class ModelConfig:
     fine_bias_weight: float = 0.0  # β2
     fine_bias_smoothing: float = 1.0  # α2
     fine_temperature: float = 0.0  # τ2
+    # History groups (METHOD.md §3b, docs/results.md, "Groups keyed by the whole window"): ``history_groups`` G groups
+    # of the sessions' whole encoder windows, keyed by the mean of the device model's item embeddings over the window
+    # (spherical k-means on the training period's windows, then fixed), each with the distribution of what its
+    # members chose next in the training and validation periods (decayed by γ3 per member event). A session adds
+    # ``β3 · log1p(P_g(i) · N / α3)`` for its nearest group g. The prototypes and fine groups read the code, a function
+    # of the last ``adapter_window`` items; these read the whole window (who the user is, not only where they are
+    # now). 0 groups = none (bundles trained before them, or validation said no).
+    history_groups: int = 0
+    history_bias_weight: float = 0.0  # β3
+    history_bias_smoothing: float = 1.0  # α3
+    history_bias_decay: float = 1.0  # γ3 (used while counting the training and validation periods only)
     # The encoder's window (recsys.windows): 0 = the last max_len items, positions counted from the most recent
     # (bundles trained before windows had a stride load as 0); S > 0 = a window that starts every S items,
     # positions counted from its start. None = max_len // 2, at most max_len - adapter_window + 1.
@@ -116,13 +127,16 @@ class Edit(NamedTuple):
     """Per-session additive edits of the editable layers.
 
     ``weight``: [B, L, D, D], ``bias``: [B, L, D]; ``prototype``: [B] int64 (-1 = none); ``codes``: the sessions'
-    edit codes [B, L, d] a prototype-mode edit was made from (the fine groups' bias reads them; None otherwise).
+    edit codes [B, L, d] a prototype-mode edit was made from (the fine groups' bias reads them; None otherwise);
+    ``groups``: the sessions' history groups [B] (-1 = none; :meth:`PersonaModel.history_groups`), when the edit was
+    made from their histories and the model has them.
     """
 
     weight: Tensor
     bias: Tensor
     prototype: Tensor
     codes: Tensor | None = None
+    groups: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- device model
@@ -497,6 +511,8 @@ class PrototypeBank(nn.Module):
     §3b: what the group did recently, which no single session can see).
     ``fine_centres`` [K2, L, d] and ``fine_items`` [K2, N]: the fine groups' centres and next-item distributions
     (``ModelConfig.fine_groups``; fixed after training, K2 = 0 without them).
+    ``history_centres`` [G, D] and ``history_items`` [G, N]: the history groups' unit centres in item-embedding space
+    and their next-item distributions (``ModelConfig.history_groups``; fixed after training, G = 0 without them).
     ``switches`` [K, 3] float64: each prototype's online switches for the edit and the group terms
     (:mod:`recsys.switch`; started on the validation period, all on before that).
     Parameters: ``weight_offset`` [K, L, D, D] and ``bias_offset`` [K, L, D], each prototype's own learned
@@ -509,6 +525,8 @@ class PrototypeBank(nn.Module):
     next_items: Tensor
     fine_centres: Tensor
     fine_items: Tensor
+    history_centres: Tensor
+    history_items: Tensor
     switches: Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -520,6 +538,8 @@ class PrototypeBank(nn.Module):
         self.register_buffer("next_items", torch.zeros(k, cfg.n_items))
         self.register_buffer("fine_centres", torch.zeros(cfg.fine_groups, n, cfg.code_dim))
         self.register_buffer("fine_items", torch.zeros(cfg.fine_groups, cfg.n_items))
+        self.register_buffer("history_centres", torch.zeros(cfg.history_groups, dim))
+        self.register_buffer("history_items", torch.zeros(cfg.history_groups, cfg.n_items))
         self.register_buffer("switches", neutral_switches(k))
         self.weight_offset = nn.Parameter(torch.zeros(k, n, dim, dim))
         self.bias_offset = nn.Parameter(torch.zeros(k, n, dim))
@@ -543,13 +563,20 @@ class PrototypeBank(nn.Module):
         """Count the next items ``targets`` [B] of sessions in ``prototypes`` [B] (:func:`count_next_items`)."""
         count_next_items(self.next_items, prototypes, targets, self.cfg.group_bias_decay)
 
-    def item_bias(self, prototypes: Tensor, codes: Tensor | None) -> Tensor | None:
+    def item_bias(self, prototypes: Tensor, codes: Tensor | None, groups: Tensor | None = None) -> Tensor | None:
         """The group bias [B, N] of sessions assigned to ``prototypes`` [B] (:func:`group_bias`), plus the fine groups'
-        of their ``codes`` [B, L, d] when given (:func:`fine_group_bias`); ``None`` when both are off."""
+        of their ``codes`` [B, L, d] when given (:func:`fine_group_bias`), plus their history groups' ``groups`` [B]
+        when given (:func:`history_group_bias`); ``None`` when all are off."""
         bias = group_bias(self.next_items, prototypes, self.cfg)
-        if codes is None:
-            return bias
-        return add_bias(bias, fine_group_bias(codes, prototypes, self.fine_centres, self.fine_items, self.cfg))
+        if codes is not None:
+            bias = add_bias(bias, fine_group_bias(codes, prototypes, self.fine_centres, self.fine_items, self.cfg))
+        if groups is not None:
+            bias = add_bias(bias, history_group_bias(groups, prototypes, self.history_items, self.cfg))
+        return bias
+
+    def has_history_groups(self) -> bool:
+        """Whether prototype-mode scores add the history groups' bias."""
+        return self.cfg.history_bias_weight > 0 and self.history_centres.shape[0] > 0
 
     @torch.no_grad()
     def fit(self, codes: Tensor, *, iters: int = 25, seed: int = 0) -> Tensor:
@@ -680,8 +707,38 @@ def fine_group_bias(
     mix = items[groups[:, 0]] * weights[:, :1]
     for j in range(1, groups.shape[1]):  # row by row of the nearest groups: [B, N] at a time, not [B, m, N]
         mix += items[groups[:, j]] * weights[:, j : j + 1]
-    bias = torch.log1p(mix * (items.shape[1] / cfg.fine_bias_smoothing)) * beta
-    return bias * (prototypes >= 0).unsqueeze(1)
+    return distribution_bias(mix, beta, cfg.fine_bias_smoothing) * (prototypes >= 0).unsqueeze(1)
+
+
+def distribution_bias(distributions: Tensor, weight: float, smoothing: float) -> Tensor:
+    """``β · log1p(P(i) · N / α)`` [B, N] of next-item distributions [B, N]: up to a per-row constant, β times the log
+    of ``P`` smoothed by α/N per item (the fine and the history groups' form; :func:`group_bias`'s on counts)."""
+    return torch.log1p(distributions * (distributions.shape[1] / smoothing)) * weight
+
+
+def window_sums(items: Tensor, histories: Tensor) -> Tensor:
+    """The sum [B, D] float64 of the item embeddings ``items`` [N, D] over each history window [B, T] (PAD left out):
+    the history groups' key, up to its length (their nearest centre by cosine is the same for the sum and the mean).
+    In float64, so that the single-row NumPy path (:mod:`recsys.history_rows`) picks the same groups."""
+    return (items[histories].double() * (histories != PAD).unsqueeze(-1)).sum(1)
+
+
+def nearest_history_groups(sums: Tensor, centres: Tensor) -> Tensor:
+    """The nearest history group [B] (largest cosine with the unit ``centres`` [G, D], in float64) of window sums
+    [B, D] (:func:`window_sums`); -1 for an empty window."""
+    nearest = (sums.double() @ centres.double().T).argmax(1)
+    return torch.where(sums.abs().sum(1) > 0, nearest, torch.full_like(nearest, -1))
+
+
+def history_group_bias(groups: Tensor, prototypes: Tensor, items: Tensor, cfg: ModelConfig) -> Tensor | None:
+    """``β3 · log1p(P_g(i) · N / α3)`` [B, N] for sessions in history groups ``groups`` [B] (their next-item
+    distributions ``items`` [G, N]); 0 for a session without a prototype (-1 in ``prototypes``: it gets the base
+    model) or without a group (-1). ``None`` when the model has no history groups."""
+    beta = cfg.history_bias_weight
+    if beta == 0.0 or items.shape[0] == 0:
+        return None
+    bias = distribution_bias(items[groups.clamp(min=0)], beta, cfg.history_bias_smoothing)
+    return bias * ((prototypes >= 0) & (groups >= 0)).unsqueeze(1)
 
 
 def add_bias(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -756,11 +813,21 @@ class PersonaModel(nn.Module):
         emb = self.device_model.embed(recent)
         return self.adapter.codes(emb, recent != PAD)
 
-    def edit_for(self, codes: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
-        """Edits from codes [B, L, d]. In prototype mode also returns each session's prototype."""
+    def edit_for(
+        self, codes: Tensor, mode: Literal["session", "prototype"] = "prototype", history: Tensor | None = None
+    ) -> Edit:
+        """Edits from codes [B, L, d]. In prototype mode also returns each session's prototype, and its history group
+        when the sessions' ``history`` windows [B, T] are given (:meth:`history_groups`)."""
         if mode == "session":
             return self.adapter.edit_from_codes(codes)
-        return self.prototype_edit(codes, self.bank.centres, self.bank.assign(codes))
+        edit = self.prototype_edit(codes, self.bank.centres, self.bank.assign(codes))
+        return edit if history is None else edit._replace(groups=self.history_groups(history))
+
+    def history_groups(self, history: Tensor) -> Tensor | None:
+        """The nearest history group [B] of each window [B, T] (-1: empty); ``None`` when the model has none."""
+        if not self.bank.has_history_groups():
+            return None
+        return nearest_history_groups(window_sums(self.device_model.items.weight, history), self.bank.history_centres)
 
     def prototype_edits(self, centres: Tensor, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The clipped edits ``clip(G μ_k + O_k, ±τ)`` of prototypes ``ids`` (all K by default).
@@ -795,7 +862,7 @@ class PersonaModel(nn.Module):
         return Edit(proto_w[which] + res_w.clamp(-rt, rt), proto_b[which] + res_b.clamp(-rt, rt), prototypes, codes)
 
     def session_edit(self, history: Tensor, mode: Literal["session", "prototype"] = "prototype") -> Edit:
-        return self.edit_for(self.codes(history), mode)
+        return self.edit_for(self.codes(history), mode, history)
 
     def score(
         self,
@@ -808,7 +875,7 @@ class PersonaModel(nn.Module):
         sessions' item counts [B, R, W] for the repeat part. An edit with prototypes (prototype mode) adds their
         group bias (:func:`group_bias`); base and session edits do not."""
         scores: Tensor = self.device_model(history, edit, targets, repeats)
-        bias = None if edit is None else self.bank.item_bias(edit.prototype, edit.codes)
+        bias = None if edit is None else self.bank.item_bias(edit.prototype, edit.codes, edit.groups)
         return scores if bias is None else scores + bias
 
     def term_scores(
@@ -821,7 +888,7 @@ class PersonaModel(nn.Module):
         states, items = dm.encode(history), dm.item_targets() if targets is None else targets
         edited = dm.scores_from_head(dm.head(states, edit), items, repeats)
         plain = dm.scores_from_head(dm.head(states, None), items, repeats)
-        return edited, plain, self.bank.item_bias(edit.prototype, edit.codes)
+        return edited, plain, self.bank.item_bias(edit.prototype, edit.codes, edit.groups)
 
     def freeze_device_model(self) -> None:
         for p in self.device_model.parameters():

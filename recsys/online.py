@@ -27,6 +27,7 @@ from recsys.bundle import ItemMetadata
 from recsys.edit_rows import EditRows
 from recsys.edited_head import EditedHead, GeneratorTerms
 from recsys.fine_rows import FineRows, fine_rows_of
+from recsys.history_rows import history_rows_of
 from recsys.metrics import target_ranks
 from recsys.model import (
     PAD,
@@ -113,6 +114,7 @@ class OnlineModel:
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
         self._fine: FineRows | Literal[False] | None = False  # False: not built yet
+        self._history = history_rows_of(self.model)  # the history groups, fixed: their bias rows computed once
         self._item_inputs: Tensor | None = None  # the adapter's per-item input projections, built on first use
         self._edit_rows_built: EditRows | None = None  # a few rows' codes and edits in NumPy, built on first use
         #: The bundle it was loaded from (``None`` when built in memory): another process can load it from there.
@@ -246,13 +248,29 @@ class OnlineModel:
         return self.edited_head(b).queries(states, codes, prototypes, b.centres, first)
 
     @torch.inference_mode()
+    def history_groups(self, histories: Tensor) -> Tensor | None:
+        """The history group [B] of each session's encoder window [B, T] (-1: empty window;
+        :meth:`recsys.model.PersonaModel.history_groups`); ``None`` when the model has none."""
+        if self._history is None:
+            return None
+        if histories.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (HistoryRows)
+            return self._history.groups(histories.numpy())
+        return self.model.history_groups(histories)
+
+    @torch.inference_mode()
     def served_terms(
-        self, states: Tensor, codes: Tensor, prototypes: Tensor, bank: BankState | None = None
+        self,
+        states: Tensor,
+        codes: Tensor,
+        prototypes: Tensor,
+        bank: BankState | None = None,
+        groups: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """What a ranking request scores with, under the switches (:mod:`recsys.switch`): head outputs [B, D], edited
         where the session's prototype applies its edit and plain where not, and the group bias [B, N] where it
-        applies its group terms (``None``: no row gets any). As :meth:`edited_queries` and :meth:`group_bias` with
-        their switches on, reading the switches once and skipping the work of a term no row applies."""
+        applies its group terms (``None``: no row gets any; ``groups``: the sessions' :meth:`history_groups`). As
+        :meth:`edited_queries` and :meth:`group_bias` with their switches on, reading the switches once and skipping
+        the work of a term no row applies."""
         b = self._bank(bank)
         edit_on, group_on = terms_on(b.switches, prototypes)
         if not bool(edit_on.any()):
@@ -263,7 +281,7 @@ class OnlineModel:
                 queries = torch.where(edit_on[:, None], queries, self.queries(states))
         if not bool(group_on.any()):
             return queries, None
-        bias = self.group_bias(prototypes, codes, b, switched=False)
+        bias = self.group_bias(prototypes, codes, b, switched=False, groups=groups)
         return queries, None if bias is None else _rows_on(bias, group_on)
 
     def first_products(self, states: Tensor) -> Tensor:
@@ -278,13 +296,20 @@ class OnlineModel:
 
     @torch.inference_mode()
     def group_bias(
-        self, prototypes: Tensor, codes: Tensor | None, bank: BankState | None = None, *, switched: bool = True
+        self,
+        prototypes: Tensor,
+        codes: Tensor | None,
+        bank: BankState | None = None,
+        *,
+        switched: bool = True,
+        groups: Tensor | None = None,
     ) -> Tensor | None:
         """The group bias [B, N] that prototype-mode scores add for sessions assigned to ``prototypes`` [B] (-1 = none)
         under ``bank``'s next-item counts (:func:`recsys.model.group_bias`), plus the fine groups' bias of their edit
         ``codes`` [B, L, d] (:func:`recsys.model.fine_group_bias`; every caller with prototypes has the codes they
-        came from); ``None`` when the model has neither. Zero for a row whose prototype has its group terms switched
-        off (:mod:`recsys.switch`), unless ``switched`` is false."""
+        came from), plus the history groups' bias of their history ``groups`` [B] (:meth:`history_groups`;
+        :func:`recsys.model.history_group_bias`); ``None`` when the model has none of them. Zero for a row whose
+        prototype has its group terms switched off (:mod:`recsys.switch`), unless ``switched`` is false."""
         b = self._bank(bank)
         counts = b.next_items
         bias = None if counts is None else group_bias(counts, prototypes, self.cfg)
@@ -295,6 +320,8 @@ class OnlineModel:
             else:
                 fine = self.model.bank
                 bias = add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
+        if groups is not None and self._history is not None:
+            bias = add_bias(bias, self._history.bias(groups, prototypes))
         if bias is None or not switched:
             return bias
         return _rows_on(bias, terms_on(b.switches, prototypes)[1])
@@ -376,9 +403,10 @@ class OnlineModel:
 
     @property
     def has_group_terms(self) -> bool:
-        """Whether prototype-mode scores add group terms (the prototypes' group bias, the fine groups')."""
+        """Whether prototype-mode scores add group terms (the prototypes' group bias, the fine and history groups')."""
         cfg, bank = self.cfg, self.model.bank
-        return cfg.group_bias_weight > 0 or (cfg.fine_bias_weight > 0 and bank.fine_centres.shape[0] > 0)
+        fine = cfg.fine_bias_weight > 0 and bank.fine_centres.shape[0] > 0
+        return cfg.group_bias_weight > 0 or fine or bank.has_history_groups()
 
     @property
     def has_repeat_part(self) -> bool:
@@ -426,7 +454,7 @@ class OnlineModel:
     ) -> Tensor:
         """Scores [B, N] from user states [B, D] (edited head, then every item, plus a prototype-mode edit's group
         bias under ``bank`` and the repeat part's bias from ``repeats`` [B, R, W]); PAD/UNK never rank."""
-        bias = None if edit is None else self.group_bias(edit.prototype, edit.codes, bank)
+        bias = None if edit is None else self.group_bias(edit.prototype, edit.codes, bank, groups=edit.groups)
         return self.scores_from_queries(self.queries(states, edit), bias, repeats)
 
     @torch.inference_mode()
@@ -470,7 +498,10 @@ class OnlineModel:
     ) -> Tensor:
         """Scores [B, N] of the base (``edit=None``) or edited device model, with the group bias of a prototype-mode
         edit's prototypes under ``bank`` (the bundle's by default) and the repeat part's bias from ``repeats``
-        (:meth:`repeat_entries`); PAD/UNK never rank."""
+        (:meth:`repeat_entries`) and the history groups' of ``histories`` when the edit does not carry them;
+        PAD/UNK never rank."""
+        if edit is not None and edit.codes is not None and edit.groups is None:
+            edit = edit._replace(groups=self.history_groups(histories))
         return self.scores_from_states(self.user_states(histories), edit, bank, repeats)
 
     @torch.inference_mode()

@@ -146,6 +146,7 @@ def save_trained(out: Path, prepared: Prepared, result: TrainResult, tc: TrainCo
                 "residual_weight": model.cfg.residual_weight,
                 "group_bias": asdict(result.group_bias),
                 "fine_groups": None if result.fine_groups is None else result.fine_groups.as_dict(),
+                "history_groups": None if result.history_groups is None else result.history_groups.as_dict(),
                 "k_scores": {str(k): v for k, v in result.k_scores.items()},
                 "stages": [asdict(s) for s in result.stages],
             },
@@ -223,7 +224,8 @@ def load_trained(path: Path) -> TrainedModel:
 def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> dict[str, torch.Tensor]:
     """A bundle trained before prototypes counted their members' next items has no ``bank.next_items``: it loads
     with empty counts, which add no group bias (and its config has β = 0), so it serves exactly as it was trained;
-    one trained before the fine groups loads with none, one before the online switches with all of them on."""
+    one trained before the fine groups (or the history groups) loads with none, one before the online switches with all
+    of them on."""
     if "bank.centres" not in state:
         return state
     out = dict(state)
@@ -231,6 +233,6 @@ def with_group_counts(state: dict[str, torch.Tensor], model: PersonaModel) -> di
         out["bank.next_items"] = torch.zeros(state["bank.centres"].shape[0], model.cfg.n_items)
     # one trained before the fine groups has none (and its config 0 of them): it serves exactly as it was trained;
     # one trained before the online switches starts with every term on
-    for name in ("fine_centres", "fine_items", "switches"):
+    for name in ("fine_centres", "fine_items", "history_centres", "history_items", "switches"):
         out.setdefault(f"bank.{name}", getattr(model.bank, name))
     return out

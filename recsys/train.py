@@ -33,6 +33,8 @@ from recsys.model import (
     count_next_items,
     cross_entropy,
     fine_nearest,
+    nearest_history_groups,
+    window_sums,
 )
 from recsys.progress import track
 from recsys.splits import Examples, Split
@@ -69,6 +71,13 @@ class TrainConfig:
     fine_temperatures: tuple[float, ...] = (0.0, 0.05, 0.2)
     fine_bias_weights: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     fine_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
+    # the history groups (ModelConfig.history_groups), chosen on validation after the fine groups: G, γ3, β3, α3 (none
+    # is always a candidate; docs/results.md, "Groups keyed by the whole window"). A count above one group per
+    # HISTORY_USERS_PER_GROUP training users is skipped. () = no history groups.
+    history_group_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+    history_bias_weights: tuple[float, ...] = (0.25, 0.5, 1.0)
+    history_bias_smoothings: tuple[float, ...] = (1.0, 3.0)
+    history_bias_decays: tuple[float, ...] = (1.0, 0.999)
     # the repeat part (recsys.repeats): trained after the base model on its frozen state, kept only if it raises the
     # base model's validation NDCG@10 (so data without re-consumption gets the model without it)
     repeat_epochs: int = 20
@@ -105,6 +114,10 @@ _TUPLE_FIELDS = (
     "fine_temperatures",
     "fine_bias_weights",
     "fine_bias_smoothings",
+    "history_group_counts",
+    "history_bias_weights",
+    "history_bias_smoothings",
+    "history_bias_decays",
 )
 
 
@@ -128,6 +141,7 @@ class TrainResult:
     k_scores: dict[int, float]
     group_bias: GroupBias
     fine_groups: FineGroups | None = None
+    history_groups: HistoryGroups | None = None
 
 
 class Batch(NamedTuple):
@@ -423,6 +437,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid))
     chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
     fine = choose_fine_groups(model, probe, codes, split.train.targets, tc)
+    history = choose_history_groups(model, probe, split.train, tc)
 
     _eval(model)
     no_proto = copy.deepcopy(model)
@@ -439,8 +454,11 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
         if fine is not None:  # the fine groups' distributions: the training and validation periods'
             fine.add(valid_codes, split.valid.targets)
             model.bank.fine_items = fine.distributions()
+        if history is not None:  # and the history groups': the training and validation periods'
+            history.add(history.groups_of(model, split.valid), split.valid.targets)
+            model.bank.history_items = history.distributions()
         warm_switches(model, split.valid)  # and the switches the validation period's gains
-    return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias, fine)
+    return TrainResult(model, no_proto_state, stages, valid_metrics, best_k, k_scores, chosen_bias, fine, history)
 
 
 def _eval(model: PersonaModel) -> PersonaModel:
@@ -479,19 +497,22 @@ class ValidProbe:
     codes: Tensor
     targets: Tensor
     repeats: Tensor | None = None
+    sums: Tensor | None = None  # their windows' item-embedding sums [M, D] (the history groups' key)
     batch: int = 512
 
     @classmethod
     @torch.inference_mode()
     def build(cls, model: PersonaModel, valid: Examples, batch: int = 2048) -> ValidProbe:
         model.eval()
-        states, codes = [], []
+        states, codes, sums = [], [], []
+        items = model.device_model.items.weight
         for i in range(0, len(valid), batch):
             h = torch.from_numpy(valid.histories[i : i + batch])
             states.append(model.device_model.encode(h))
             codes.append(model.codes(h))
+            sums.append(window_sums(items, h))
         reps = None if valid.repeats is None else torch.from_numpy(valid.repeats)
-        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets), reps)
+        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets), reps, torch.cat(sums))
 
     @torch.inference_mode()
     def ndcg10(self, model: PersonaModel, *, refine: bool) -> float:
@@ -508,7 +529,10 @@ class ValidProbe:
             protos = bank.assign(codes)
             edit = model.prototype_edit(codes, bank.centres, protos)
             scores = dm.scores_from_head(dm.head(self.states[i : i + self.batch], edit), item_targets, reps)
-            bias = bank.item_bias(protos, codes)
+            groups = None
+            if self.sums is not None and bank.has_history_groups():
+                groups = nearest_history_groups(self.sums[i : i + self.batch], bank.history_centres)
+            bias = bank.item_bias(protos, codes, groups)
             metrics.update(target_ranks(scores if bias is None else scores + bias, tgt))
             if refine:
                 bank.refine(codes, protos)
@@ -632,6 +656,123 @@ def choose_fine_groups(
     cfg.fine_groups, cfg.fine_temperature = best.centres.shape[0], best.temperature
     cfg.fine_bias_weight, cfg.fine_bias_smoothing = best.weight, best.smoothing
     bank.fine_centres, bank.fine_items = best.centres, best.distributions()
+    return best
+
+
+#: The history groups' cap: at most one group per this many users of the training period (more groups than that
+#: fit validation's noise: docs/results.md, "Groups keyed by the whole window").
+HISTORY_USERS_PER_GROUP = 8
+
+
+@dataclass
+class HistoryGroups:
+    """The history groups chosen on validation (``ModelConfig.history_groups``): their unit centres [G, D] in
+    item-embedding space, their members' decayed next-item counts [G, N] so far, and the settings with their
+    validation NDCG@10 (``score``; ``baseline``: the model without them)."""
+
+    centres: Tensor
+    counts: Tensor
+    weight: float
+    smoothing: float
+    decay: float
+    score: float
+    baseline: float
+
+    def groups_of(self, model: PersonaModel, examples: Examples) -> Tensor:
+        """The nearest group [M] of each example's window."""
+        return nearest_history_groups(example_window_sums(model, examples), self.centres)
+
+    def add(self, groups: Tensor, targets: np.ndarray) -> None:
+        """Count the next items ``targets`` [M] of sessions in ``groups`` [M], in order (γ3 per member event)."""
+        count_next_items(self.counts, groups, torch.from_numpy(targets), self.decay)
+
+    def distributions(self) -> Tensor:
+        """Each group's next-item distribution [G, N] float32 (a group without members: zeros, no bias)."""
+        return (self.counts / self.counts.sum(1, keepdim=True).clamp(min=1.0)).float()
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "groups": int(self.centres.shape[0]),
+            "weight": self.weight,
+            "smoothing": self.smoothing,
+            "decay": self.decay,
+            "valid_ndcg@10": self.score,
+            "valid_ndcg@10_without": self.baseline,
+        }
+
+
+@torch.no_grad()
+def example_window_sums(model: PersonaModel, examples: Examples, batch: int = 4096) -> Tensor:
+    """The item-embedding sums [M, D] of the examples' windows (:func:`recsys.model.window_sums`), in batches."""
+    items = model.device_model.items.weight.detach()
+    parts = [
+        window_sums(items, torch.from_numpy(examples.histories[i : i + batch])) for i in range(0, len(examples), batch)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, items.shape[1], dtype=torch.float64)
+
+
+@torch.no_grad()
+def spherical_kmeans(keys: Tensor, k: int, *, seed: int = 0, rounds: int = 25) -> Tensor:
+    """Unit centres [k, D] of k-means by cosine on unit ``keys`` [M, D], started at k distinct random keys."""
+    g = torch.Generator().manual_seed(seed)
+    centres = keys[torch.randperm(keys.shape[0], generator=g)[:k]].clone()
+    for _ in range(rounds):
+        assign = (keys @ centres.T).argmax(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, keys)
+        moved = torch.nn.functional.normalize(sums, dim=1)
+        centres = torch.where(torch.bincount(assign, minlength=k).unsqueeze(1) > 0, moved, centres)
+    return centres
+
+
+@torch.no_grad()
+def choose_history_groups(
+    model: PersonaModel, probe: ValidProbe, train: Examples, tc: TrainConfig
+) -> HistoryGroups | None:
+    """G, γ3, β3 and α3 of the history groups with the best validation NDCG@10 of Persona as it will serve (prototype
+    mode, the group bias and fine groups as chosen, the bank refined and counting through validation); ``None`` (the
+    model keeps none) unless some setting beats the model without them. Each G's groups are spherical k-means of the
+    training windows' keys, with their members' next items of the training period, fixed through validation as they
+    will be through the test period. Leaves ``model``'s config and bank at the choice."""
+    cfg, bank = model.cfg, model.bank
+    cfg.history_groups, cfg.history_bias_weight = 0, 0.0
+    baseline = probe.ndcg10(model, refine=True)
+    best: HistoryGroups | None = None
+    sums = example_window_sums(model, train)
+    keys = torch.nn.functional.normalize(sums, dim=1)
+    users = int(np.unique(train.users).size)
+    for g in tc.history_group_counts:
+        if g * HISTORY_USERS_PER_GROUP > users or g * cfg.n_items > FINE_CELLS:
+            log.info("history groups: G=%d skipped (%d training users, %d items)", g, users, cfg.n_items)
+            continue
+        centres = spherical_kmeans(keys, g, seed=tc.seed).float()  # as the bundle holds them
+        members = nearest_history_groups(sums, centres)
+        bank.history_centres, cfg.history_groups = centres, g
+        for decay in tc.history_bias_decays:
+            counts = torch.zeros(g, cfg.n_items, dtype=torch.float64)
+            history = HistoryGroups(centres, counts, 0.0, 1.0, decay, 0.0, baseline)
+            history.add(members, train.targets)
+            bank.history_items = history.distributions()
+            for weight, smoothing in itertools.product(tc.history_bias_weights, tc.history_bias_smoothings):
+                cfg.history_bias_weight, cfg.history_bias_smoothing = weight, smoothing
+                score = probe.ndcg10(model, refine=True)
+                log.info(
+                    "history groups: G=%d γ3=%.4f β3=%.2f α3=%.1f valid NDCG@10 %.4f",
+                    g,
+                    decay,
+                    weight,
+                    smoothing,
+                    score,
+                )
+                if score > (baseline if best is None else best.score):
+                    best = dataclasses.replace(history, weight=weight, smoothing=smoothing, score=score)
+    if best is None:
+        cfg.history_groups, cfg.history_bias_weight = 0, 0.0
+        bank.history_centres = torch.zeros(0, cfg.dim)
+        bank.history_items = torch.zeros(0, cfg.n_items)
+        return None
+    cfg.history_groups, cfg.history_bias_decay = best.centres.shape[0], best.decay
+    cfg.history_bias_weight, cfg.history_bias_smoothing = best.weight, best.smoothing
+    bank.history_centres, bank.history_items = best.centres, best.distributions()
     return best
 
 

@@ -217,7 +217,7 @@ class Ranker:
             raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
         codes, protos = self._codes(online, [row], bank)
         edit = online.edit(codes, bank, prototypes=protos)
-        group = online.group_bias(protos, codes, bank)
+        group = online.group_bias(protos, codes, bank, groups=_history_groups(online, [row]))
         return ExportedEdit(
             session_id=session_id,
             model_version=online.version,
@@ -271,7 +271,8 @@ class Ranker:
             bias: Tensor | None = None
             if bank.centres.shape[0] > 0:
                 codes, protos = self._codes(online, picked, bank)
-                vectors, bias = online.served_terms(h, codes, protos, bank)  # bias None: no group terms apply
+                groups = _history_groups(online, picked)
+                vectors, bias = online.served_terms(h, codes, protos, bank, groups)  # bias None: no group terms apply
                 for r, p in zip(picked, protos.tolist(), strict=True):
                     r.prototype = int(p)
             else:
@@ -399,6 +400,14 @@ class Ranker:
         if len(missing):
             protos[missing] = online.assign(codes[missing], bank)
         return codes, protos
+
+
+def _history_groups(online: OnlineModel, rows: Sequence[_Row]) -> Tensor | None:
+    """The history groups [B] of model rows' encoder windows (:meth:`OnlineModel.history_groups`); ``None`` when the
+    model has none (then no row's history is built for them)."""
+    if not online.model.bank.has_history_groups():
+        return None
+    return online.history_groups(_histories(online, rows, range(len(rows))))
 
 
 def _user_states(online: OnlineModel, rows: Sequence[_Row]) -> Tensor:

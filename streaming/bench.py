@@ -62,7 +62,13 @@ def train_tiny_bundle(out: Path) -> Path:
         out,
         model_overrides={"dim": 16, "code_dim": 8, "max_len": 20},
         tc=TrainConfig(
-            epochs=1, adapter_epochs=1, proto_rounds=1, proto_epochs=1, k_candidates=(4,), fine_group_counts=(8,)
+            epochs=1,
+            adapter_epochs=1,
+            proto_rounds=1,
+            proto_epochs=1,
+            k_candidates=(4,),
+            fine_group_counts=(8,),
+            history_group_counts=(8,),
         ),
         progress=False,
     )

@@ -49,9 +49,9 @@ def sliding_window_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle with its prototypes' group bias on (β = 1, α = 1, γ = 0.9) and uneven next-item counts, and 6
-    fine groups (β2 = 1, τ2 = 0.5), so the online paths are checked with both biases whatever the tiny bundle's
-    validation chose."""
+    """The tiny bundle with its prototypes' group bias on (β = 1, α = 1, γ = 0.9) and uneven next-item counts, 6
+    fine groups (β2 = 1, τ2 = 0.5) and 5 history groups (β3 = 1, α3 = 0.5), so the online paths are checked with
+    every bias whatever the tiny bundle's validation chose."""
     import torch
 
     from recsys.bundle import load_bundle
@@ -69,6 +69,13 @@ def group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactor
     model["bank.fine_centres"] = centres[picks] + 0.3 * torch.randn(6, *centres.shape[1:], generator=g)
     items = torch.rand(6, model["bank.next_items"].shape[1], generator=g).pow(6)
     model["bank.fine_items"] = items / items.sum(1, keepdim=True)
+    # and 5 history groups (keyed by the window's item embeddings) centred on random items' embeddings
+    config["model"].update(history_groups=5, history_bias_weight=1.0, history_bias_smoothing=0.5)
+    table = model["device_model.items.collection.embeddings.item_table.weight"]
+    picks = torch.randint(2, table.shape[0], (5,), generator=g)
+    model["bank.history_centres"] = torch.nn.functional.normalize(table[picks], dim=1)
+    items = torch.rand(5, model["bank.next_items"].shape[1], generator=g).pow(6)
+    model["bank.history_items"] = items / items.sum(1, keepdim=True)
     model["bank.switches"] = always_on(model["bank.switches"])
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("group-bias-model"))
 
@@ -87,7 +94,7 @@ def always_on(switches: Tensor) -> Tensor:
 @pytest.fixture(scope="session")
 def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny bundle as written before prototypes counted next items: no ``bank.next_items``, no β in its config
-    (and no fine groups, no online switches)."""
+    (and no fine groups, no history groups, no online switches)."""
     from recsys.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
@@ -96,7 +103,10 @@ def pre_group_bias_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFa
         config["model"].pop(key, None)
     for key in ("fine_groups", "fine_bias_weight", "fine_bias_smoothing", "fine_temperature"):
         config["model"].pop(key, None)  # nor fine groups, which came later
-    dropped = ("bank.next_items", "bank.fine_centres", "bank.fine_items", "bank.switches")
+    for key in ("history_groups", "history_bias_weight", "history_bias_smoothing", "history_bias_decay"):
+        config["model"].pop(key, None)  # nor history groups, later still
+    dropped = ("bank.next_items", "bank.fine_centres", "bank.fine_items", "bank.history_centres", "bank.history_items")
+    dropped = (*dropped, "bank.switches")
     model = {k: v for k, v in bundle.tensors["model"].items() if k not in dropped}
     return _rewritten(bundle, model, config, tmp_path_factory.mktemp("old-model"))
 

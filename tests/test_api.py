@@ -24,6 +24,7 @@ from persona.store import Store
 from persona.user_state import pack_user_state
 from recsys.model import Edit
 from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
+from recsys.switch import stored_switches
 from serving.admission import TokenBuckets, key_matches
 from serving.app import create_app
 from tests.fixtures_store import set_reachable
@@ -79,7 +80,10 @@ def _bank(api: Api) -> BankState:
     centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
     # the prototypes' stored next-item counts too: the group bias a ranking adds comes from them
     next_items = stored_next_items([r.next_items for r in rows], api.online.initial_bank.next_items, cfg)
-    return BankState(centres, torch.tensor([r.count for r in rows]), 0, next_items)
+    # and their switches: a ranking applies a prototype's edit and group terms only where they are on
+    initial = api.online.initial_bank.switches
+    switches = None if initial is None else stored_switches([r.switches for r in rows], initial)
+    return BankState(centres, torch.tensor([r.count for r in rows]), 0, next_items, switches)
 
 
 def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool = True) -> list[str]:
@@ -223,8 +227,9 @@ def test_edit_export_round_trips_into_the_library(api: Api) -> None:
     state = api.store.get_session("s")
     assert state is not None
     bank = _bank(api)
-    idx, _ = online.rank(online.histories([state.recent_items]), edit, k=10, exclude_seen=True, bank=bank)
-    group = online.group_bias(edit.prototype, edit.codes, bank)
+    hist = online.histories([state.recent_items])
+    idx, _ = online.rank(hist, edit, k=10, exclude_seen=True, bank=bank)
+    group = online.group_bias(edit.prototype, edit.codes, bank, groups=online.history_groups(hist))
     assert (exported["item_bias"] is None) == (group is None)  # the edit carries its prototype's group bias
     if group is not None:
         np.testing.assert_allclose(np.asarray(exported["item_bias"]), group[0].numpy(), rtol=1e-6)

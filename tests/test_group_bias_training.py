@@ -67,3 +67,48 @@ def test_fine_groups_are_kept_only_if_they_win_and_count_both_periods() -> None:
     assert choose_fine_groups(model, probe, train_codes, split.train.targets, none) is None
     assert model.cfg.fine_groups == 0 and model.cfg.fine_bias_weight == 0.0
     assert model.bank.fine_centres.shape[0] == 0 and model.bank.fine_items.shape[0] == 0
+
+
+def test_history_groups_are_kept_only_if_they_win_capped_by_users_and_count_both_periods() -> None:
+    """Training keeps history groups only when some setting beats the model without them on validation, tries no more
+    than one group per HISTORY_USERS_PER_GROUP training users, and the kept groups' distributions are their members'
+    decayed next items over the training and validation periods, in time order."""
+    import numpy as np
+
+    from recsys.train import HISTORY_USERS_PER_GROUP, choose_history_groups, example_window_sums
+
+    split = _split()
+    users = int(np.unique(split.train.users).size)
+    too_many = users // HISTORY_USERS_PER_GROUP + 1
+    cfg = ModelConfig(n_items=split.vocab.size, dim=16, code_dim=8, max_len=20)
+    tc = TrainConfig(
+        epochs=1,
+        adapter_epochs=1,
+        proto_rounds=1,
+        proto_epochs=1,
+        k_candidates=(4,),
+        fine_group_counts=(),
+        history_group_counts=(4, 8, too_many),
+        history_bias_weights=(1.0, 4.0),
+    )
+    result = train_persona(split, cfg, tc, progress=False)
+    model, history = result.model, result.history_groups
+    assert history is not None  # on this stream some β3 wins on validation (so the checks below run)
+    assert history.score > history.baseline and model.cfg.history_groups in (4, 8)  # never the count above the cap
+    assert model.cfg.history_groups == history.centres.shape[0] == model.bank.history_centres.shape[0]
+    assert (model.cfg.history_bias_weight, model.cfg.history_bias_decay) == (history.weight, history.decay)
+    assert torch.allclose(model.bank.history_centres.norm(dim=1), torch.ones(model.cfg.history_groups))
+    counts = torch.zeros(model.cfg.history_groups, model.cfg.n_items, dtype=torch.float64)
+    for examples in (split.train, split.valid):
+        sums = example_window_sums(model, examples)
+        nearest = (torch.nn.functional.normalize(sums, dim=1) @ model.bank.history_centres.double().T).argmax(1)
+        count_next_items(counts, nearest, torch.from_numpy(examples.targets), history.decay)
+    expected = (counts / counts.sum(1, keepdim=True).clamp(min=1.0)).float()
+    torch.testing.assert_close(model.bank.history_items, expected)
+    # no setting that can win (β3 = 0 adds nothing): none kept, and the model is left without them
+    probe = ValidProbe.build(model, split.valid)
+    none = TrainConfig(history_group_counts=(4,), history_bias_weights=(0.0,))
+    assert choose_history_groups(model, probe, split.train, none) is None
+    assert model.cfg.history_groups == 0 and model.cfg.history_bias_weight == 0.0
+    assert model.bank.history_centres.shape[0] == 0 and model.bank.history_items.shape[0] == 0
+    assert model.history_groups(torch.from_numpy(split.valid.histories[:3])) is None

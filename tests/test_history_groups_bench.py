@@ -63,15 +63,17 @@ def test_each_batch_is_scored_before_its_next_items_are_counted() -> None:
 
 def test_before_validation_the_bank_holds_the_training_period_alone() -> None:
     torch.manual_seed(0)
-    cfg = small_cfg(group_bias_weight=1.0, group_bias_decay=0.9, fine_groups=2)
+    cfg = small_cfg(group_bias_weight=1.0, group_bias_decay=0.9, fine_groups=2, history_groups=3)
     model = PersonaModel(cfg).eval()
     with torch.no_grad():
         model.bank.centres.normal_()
         model.bank.fine_centres.normal_()
+        model.bank.history_centres.copy_(torch.nn.functional.normalize(torch.randn(3, cfg.dim), dim=1))
         train, valid = _examples(histories(40, cfg, seed=1), 1), _examples(histories(20, cfg, seed=2), 2)
         split = Split("time-shift", ItemVocab(ids=[]), train, valid, valid, np.zeros(cfg.n_items, np.int64), [])
         model.bank.next_items.fill_(5.0)  # a saved bundle: it has counted validation too
         model.bank.fine_items.fill_(0.5)
+        model.bank.history_items.fill_(0.5)
         model.bank.switches.fill_(-1.0)
         earlier = before_validation(model, split)
         codes = example_codes(model, train)
@@ -80,7 +82,12 @@ def test_before_validation_the_bank_holds_the_training_period_alone() -> None:
         fine = torch.zeros(2, cfg.n_items)
         for group, target in zip(fine_nearest(codes, model.bank.fine_centres).tolist(), train.targets, strict=True):
             fine[group, target] += 1.0
+        keys = history_keys(model, train)  # unit mean embeddings: their nearest centre is the groups'
+        history = torch.zeros(3, cfg.n_items)
+        for group, target in zip((keys @ model.bank.history_centres.T).argmax(1).tolist(), train.targets, strict=True):
+            history[group, target] += 1.0
     assert torch.equal(earlier.bank.next_items, expected)
     assert torch.allclose(earlier.bank.fine_items, fine / fine.sum(1, keepdim=True).clamp(min=1.0))
+    assert torch.allclose(earlier.bank.history_items, history / history.sum(1, keepdim=True).clamp(min=1.0))
     assert torch.equal(earlier.bank.switches, neutral_switches(cfg.n_prototypes))
     assert float(model.bank.next_items[0, 0]) == 5.0 and float(model.bank.switches[0, 0]) == -1.0  # untouched

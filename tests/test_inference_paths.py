@@ -227,6 +227,39 @@ def test_a_few_rows_fine_group_bias_in_numpy_equals_the_model(temperature: float
     assert torch.equal(got[1], torch.zeros(50)) and float(got[0].abs().max()) > 0.1
 
 
+def test_a_few_rows_history_groups_in_numpy_equal_the_model() -> None:
+    """A single ranking's history groups and their bias (NumPy, recsys/history_rows.py) are the model's (torch):
+    the same group for every window (empty ones: none), and exactly the same bias, none without a prototype."""
+    from recsys.history_rows import history_rows_of
+    from recsys.model import history_group_bias
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(n_items=50, dim=16, max_len=12, history_groups=9, history_bias_weight=0.7)
+    cfg.history_bias_smoothing = 3.0
+    model = PersonaModel(cfg).eval()
+    g = torch.Generator().manual_seed(7)
+    model.bank.history_centres.copy_(torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=1))
+    items = torch.rand(9, 50, generator=g).pow(4)
+    model.bank.history_items.copy_(items / items.sum(1, keepdim=True))
+    hist = torch.randint(2, 50, (64, 12), generator=g)
+    for row in range(64):
+        hist[row, : row % 12] = PAD  # windows of every length
+    hist[5] = PAD  # and an empty one
+    rows = history_rows_of(model)
+    assert rows is not None
+    with torch.no_grad():
+        expected = model.history_groups(hist)
+    assert expected is not None and len(set(expected.tolist())) > 4
+    got = rows.groups(hist.numpy())
+    assert torch.equal(got, expected) and int(got[5]) == -1
+    protos = torch.arange(64) % 3 - 1  # every third session without a prototype
+    bias = history_group_bias(expected, protos, model.bank.history_items, cfg)
+    assert bias is not None and float(bias.abs().max()) > 0.1
+    assert torch.equal(rows.bias(got, protos), bias)
+    model.cfg.history_bias_weight = 0.0
+    assert history_rows_of(model) is None
+
+
 @pytest.mark.parametrize("groups", [1, 2, 7, 8, 2048])
 def test_the_fine_groups_median_is_torchs_lower_middle_value(groups: int) -> None:
     """The fine groups' temperature scale reads each row's median through NumPy's partition: exactly the value

@@ -617,7 +617,8 @@ def bias_models(store: Store, group_bias_bundle: Path) -> ModelProvider:
 
 
 def test_the_prequential_check_scores_with_the_group_bias(store: Store, bias_models: ModelProvider) -> None:
-    """Persona's live ranks include the prototypes' group bias, exactly as the offline definition scores it."""
+    """Persona's live ranks include the prototypes' group bias (and the fine and history groups'), exactly as the
+    offline definition scores it."""
     online = bias_models.get()
     assert online.initial_bank.next_items is not None
     items = list(online.vocab.ids)
@@ -628,10 +629,11 @@ def test_the_prequential_check_scores_with_the_group_bias(store: Store, bias_mod
     ranks, plain = [], []
     for i in range(1, len(seq)):
         hist = online.histories([seq[:i]])
-        edit = model.edit_for(online.codes(hist), "prototype")
+        edit = model.edit_for(online.codes(hist), "prototype", hist)
+        assert edit.groups is not None  # the bundle's history groups are scored too
         target = torch.tensor([online.index_of(seq[i])])
         with torch.inference_mode():
-            scores = model.score(hist, edit)  # recsys.model: device model + group bias
+            scores = model.score(hist, edit)  # recsys.model: device model + group bias + fine and history groups
             plain_scores = model.device_model(hist, edit)
         ranks.append(int(target_ranks(scores, target)[0]))
         plain.append(int(target_ranks(plain_scores, target)[0]))

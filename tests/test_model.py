@@ -23,8 +23,11 @@ from recsys.model import (
     fine_sq_distances,
     fine_weights,
     group_bias,
+    history_group_bias,
     last_state,
+    nearest_history_groups,
     reseed_idle,
+    window_sums,
 )
 from recsys.train import FineGroups
 
@@ -102,6 +105,42 @@ def test_group_bias_is_the_stated_log_count_and_only_in_prototype_mode() -> None
     lift = _prototype_lift(model)
     assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(3.0 / (3.0 / 60))))
     assert torch.equal(lift[:, 4], torch.zeros(4))
+
+
+def test_history_groups_key_the_whole_window_and_add_the_log_of_their_next_items() -> None:
+    """A session's history group is the nearest unit centre (cosine) to the sum of its window's item embeddings, PAD
+    left out, whatever the window's length; it adds β3 · log1p(P_g(i) · N / α3), nothing without a prototype or an
+    item in the window, nothing when off; prototype-mode scores add it, session edits do not."""
+    items = torch.tensor([[9.0, 9.0], [5.0, -5.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # rows 0, 1: PAD, UNK
+    windows = torch.tensor([[PAD, PAD, 2], [PAD, 3, 3], [2, 2, 3], [PAD, PAD, PAD]])
+    sums = window_sums(items, windows)
+    assert sums.tolist() == [[1.0, 0.0], [0.0, 2.0], [2.0, 1.0], [0.0, 0.0]]  # PAD's embedding never counts
+    centres = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.2, 1.0]]), dim=1)
+    groups = nearest_history_groups(sums, centres)
+    assert groups.tolist() == [0, 1, 0, -1]  # the last window has no item: no group
+    cfg = small_cfg(n_items=4, history_groups=2, history_bias_weight=0.5, history_bias_smoothing=2.0)
+    dist = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.25, 0.75]])
+    bias = history_group_bias(groups, torch.tensor([0, 2, -1, 1]), dist, cfg)
+    assert bias is not None
+    assert bias[0, 2].item() == pytest.approx(0.5 * math.log1p(1.0 * 4 / 2.0)) and bias[0, 3].item() == 0.0
+    assert bias[1, 3].item() == pytest.approx(0.5 * math.log1p(0.75 * 4 / 2.0))
+    assert torch.equal(bias[2], torch.zeros(4)) and torch.equal(bias[3], torch.zeros(4))  # no prototype, no group
+    cfg.history_bias_weight = 0.0
+    assert history_group_bias(groups, torch.tensor([0, 2, -1, 1]), dist, cfg) is None
+    # in the model: prototype-mode edits made from histories carry their groups, and the scores add their bias
+    model = PersonaModel(small_cfg(history_groups=3, history_bias_weight=1.0)).eval()
+    model.bank.history_centres.copy_(torch.nn.functional.normalize(torch.randn(3, 16), dim=1))
+    model.bank.history_items[:, 5] = 1.0
+    h = histories(4, model.cfg)
+    with torch.no_grad():
+        edit = model.session_edit(h)
+        assert edit.groups is not None and torch.equal(edit.groups, model.history_groups(h))
+        lift = model.score(h, edit) - model.device_model(h, edit)
+        assert torch.allclose(lift[:, 5], torch.full((4,), math.log1p(60 / 1.0)))
+        assert torch.equal(lift[:, 4], torch.zeros(4))
+        assert model.edit_for(model.codes(h), "session", h).groups is None  # a session edit: no group terms
+    model.cfg.history_bias_weight = 0.0
+    assert model.history_groups(h) is None
 
 
 def test_fine_groups_add_the_log_of_their_neighbourhoods_next_items() -> None:

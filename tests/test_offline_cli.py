@@ -107,6 +107,8 @@ def test_bundle_records_validation_metrics_and_chosen_k(bundle: Path) -> None:
     train = json.loads((bundle / "config.json").read_text())["train"]
     assert (train["patience"], train["base_patience"]) == (3, 4)  # both patiences reached training
     assert {"base", "persona", "persona-no-prototypes"} <= set(metrics["valid"])
+    history = metrics["history_groups"]  # the history groups' choice, or None when none won on validation
+    assert history is None or history["valid_ndcg@10"] > history["valid_ndcg@10_without"]
 
 
 @pytest.mark.slow
@@ -148,6 +150,9 @@ def test_evaluate_refuses_a_tampered_bundle(bundle: Path, tmp_path: Path, capsys
         (["--group-bias", "half"], "--group-bias"),
         (["--group-bias", "0.5,-1"], "--group-bias"),
         (["--group-bias", "nan"], "--group-bias"),
+        (["--fine-groups", "many"], "--fine-groups"),
+        (["--history-groups", "many"], "--history-groups"),
+        (["--history-groups", "1,8"], "--history-groups"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_2(
@@ -169,12 +174,15 @@ def test_bad_training_input_is_one_line_and_exit_2(
 
 @pytest.mark.slow
 def test_group_bias_zero_trains_a_model_without_it(tmp_path: Path) -> None:
-    """`--group-bias 0` leaves β = 0 as the only candidate: the bundle's prototypes add no group bias."""
+    """`--group-bias 0` leaves β = 0 as the only candidate: the bundle's prototypes add no group bias; and
+    `--history-groups 0` tries no history groups."""
     out = tmp_path / "bundle"
-    assert main(["train", "--out", str(out), *TINY_ARGS, "--group-bias", "0"]) == 0
+    assert main(["train", "--out", str(out), *TINY_ARGS, "--group-bias", "0", "--history-groups", "0"]) == 0
     trained = load_trained(out)
     assert trained.train_config.group_bias_weights == (0.0,)
     assert trained.model.cfg.group_bias_weight == 0.0
+    assert trained.train_config.history_group_counts == () and trained.model.cfg.history_groups == 0
+    assert json.loads((out / "metrics.json").read_text())["history_groups"] is None
 
 
 def test_evaluate_a_missing_bundle_says_how_to_make_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

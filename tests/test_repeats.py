@@ -541,7 +541,7 @@ def _offline(online: OnlineModel, seq: list[str]) -> tuple[list[int], list[int],
         reps = torch.from_numpy(repeat_features(codes, np.array([0]), np.array([i]), size))
         target = torch.tensor([codes[i]])
         with torch.inference_mode():
-            edit = model.edit_for(online.codes(hist), "prototype")
+            edit = model.edit_for(online.codes(hist), "prototype", hist)
             persona.append(int(target_ranks(model.score(hist, edit, repeats=reps), target)[0]))
             base.append(int(target_ranks(model.score(hist, repeats=reps), target)[0]))
             plain.append(int(target_ranks(model.score(hist, edit), target)[0]))

@@ -155,7 +155,7 @@ def _offline_terms(online: OnlineModel, seq: list[str]) -> tuple[list[int], list
     with torch.inference_mode():
         for i in range(1, len(seq)):
             hist = online.histories([seq[:i]])
-            edit = model.edit_for(online.codes(hist), "prototype")
+            edit = model.edit_for(online.codes(hist), "prototype", hist)
             target = torch.tensor([online.index_of(seq[i])])
             terms = model.term_scores(hist, edit)
             on = terms_on(model.bank.switches, edit.prototype)
@@ -239,13 +239,15 @@ def test_a_ranking_request_scores_each_session_under_its_prototypes_switches(swi
     protos = online.assign(codes)
     assert set(protos.tolist()) == {0, 1, 2, 3}  # every switch state is served to someone
     all_off = dataclasses.replace(online.initial_bank, switches=online.initial_bank.switches * 0 - 1.0)
-    edited, plain, bias = online.model.term_scores(hist, online.model.edit_for(codes, "prototype"))
+    edited, plain, bias = online.model.term_scores(hist, online.model.edit_for(codes, "prototype", hist))
+    groups = online.history_groups(hist)
+    assert groups is not None and len(set(groups.tolist())) > 1  # the history groups' bias differs between rows
     for bank in (online.initial_bank, all_off):
         assert bank.switches is not None
         expected = switched_scores(edited, plain, bias, *terms_on(bank.switches, protos))
         for rows in (list(range(20)), [int(protos.eq(0).nonzero()[0])], [int(protos.eq(1).nonzero()[0])]):
             sel = torch.tensor(rows)
-            queries, group = online.served_terms(states[sel], codes[sel], protos[sel], bank)
+            queries, group = online.served_terms(states[sel], codes[sel], protos[sel], bank, groups[sel])
             got = online.scores_from_queries(queries, group)
             assert torch.allclose(got[:, 2:], expected[sel][:, 2:], atol=1e-4), (bank is all_off, rows)
     assert online.served_terms(states, codes, protos, all_off)[1] is None

@@ -68,7 +68,8 @@ class ModelJob:
     in order) or ``histories`` [B, T], whole windows. ``pre_rows``: per prediction, the row of its previous state
     (>= 0: a post-event row of this batch; < 0: a stored state) and its target item. ``repeats``: per prediction,
     its session's item counts before the event, prepared for scoring (:meth:`OnlineModel.prepared_snapshots`;
-    ``None`` when the model has no repeat part).
+    ``None`` when the model has no repeat part). ``history_groups``: per prediction, the history group of its
+    previous window (:meth:`OnlineModel.history_groups`; ``None`` when the model has none).
     """
 
     version: str
@@ -79,6 +80,7 @@ class ModelJob:
     order: list[int] | None = None
     histories: Tensor | None = None
     repeats: PreparedRows | None = None
+    history_groups: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -186,13 +188,15 @@ def outcome(
     prev_protos: Tensor,
     prev_states: Tensor,
     repeats: PreparedRows | None = None,
+    history_groups: Tensor | None = None,
 ) -> Outcome:
     """A job's outcome under ``bank``: prototypes of the new codes, and the prequential check of every prediction,
     from a stored previous state (``prev_*``, indexed by ``-row - 2``) or from this batch's forward (a session's
     second event or later). ``forward()`` gives the batch's codes and user states; it is called once the stored
     states are scored, so on compute threads that scoring overlaps the forward still running. ``repeats``: the
-    predictions' item counts before their events (:attr:`ModelJob.repeats`)."""
-    checks = _Checks.start(len(pre_rows), early_half, repeats)
+    predictions' item counts before their events (:attr:`ModelJob.repeats`); ``history_groups``: their previous
+    windows' history groups (:attr:`ModelJob.history_groups`)."""
+    checks = _Checks.start(len(pre_rows), early_half, repeats, history_groups)
     early = [n for n, (r, _i) in enumerate(pre_rows) if r < -1]
     if early:
         sel = index_of([-pre_rows[n][0] - 2 for n in early])
@@ -222,15 +226,18 @@ class _Checks:
     early: Early
     position: dict[int, int]  # prediction -> its row in early
     repeats: PreparedRows | None = None  # per prediction (OnlineModel.prepared_snapshots)
+    history_groups: Tensor | None = None  # per prediction (ModelJob.history_groups)
 
     @classmethod
-    def start(cls, n_pred: int, early: Early, repeats: PreparedRows | None = None) -> _Checks:
+    def start(
+        cls, n_pred: int, early: Early, repeats: PreparedRows | None = None, history_groups: Tensor | None = None
+    ) -> _Checks:
         base = torch.empty(n_pred, dtype=torch.long)
         base[index_of(early.which)] = early.base
         position = {n: j for j, n in enumerate(early.which)}
         persona, protos = torch.empty(n_pred, dtype=torch.long), torch.empty(n_pred, dtype=torch.long)
         gains = torch.empty(n_pred, dtype=torch.float64), torch.empty(n_pred, dtype=torch.float64)
-        return cls(torch.empty(n_pred), persona, base, protos, gains, early, position, repeats)
+        return cls(torch.empty(n_pred), persona, base, protos, gains, early, position, repeats, history_groups)
 
     def score(
         self,
@@ -258,7 +265,7 @@ class _Checks:
         plain_scores = self.early.scores[index_of(rows)] if all_early and self.early.scores is not None else None
         if online.has_group_terms and plain_scores is None:
             plain_q = online.queries(states)
-        group = (protos, bank, codes)
+        group = (protos, bank, codes, None if self.history_groups is None else self.history_groups[idx])
         edited, edited_grouped, plain_grouped = ranks(online, edited_q, targets, group, reps, plain_q, plain_scores)
         self.protos[idx] = protos
         todo_list = [j for j, r in enumerate(rows) if r < 0]
@@ -276,7 +283,7 @@ def ranks(
     online: OnlineModel,
     queries: Tensor,
     targets: Tensor,
-    group: tuple[Tensor, BankState, Tensor] | None = None,
+    group: tuple[Tensor, BankState, Tensor, Tensor | None] | None = None,
     repeats: PreparedRows | None = None,
     plain: Tensor | None = None,
     plain_scores: Tensor | None = None,
@@ -284,11 +291,11 @@ def ranks(
     """Prequential ranks [P] of the targets under head outputs [P, D], scored a chunk of rows at a time: without and
     with the group terms (the same tensor twice without ``group``), and with them under the second head outputs
     ``plain`` [P, D] when given, or the second head's scores ``plain_scores`` [P, N] without the group terms when
-    already computed (the third tensor; the second again without either). ``group`` = (prototypes [P],
-    bank, codes [P, L, d]) gives the prototypes' group bias under that bank and the fine groups' bias of the codes,
-    computed once per chunk for both, whatever the bank's switches (the check measures their gains); ``repeats``
-    the repeat part's input (the sessions' item counts before the event, :meth:`OnlineModel.prepared_snapshots`:
-    prepared once for every check)."""
+    already computed (the third tensor; the second again without either). ``group`` = (prototypes [P], bank,
+    codes [P, L, d], history groups [P] or ``None``) gives the prototypes' group bias under that bank, the fine
+    groups' bias of the codes and the history groups', computed once per chunk for both, whatever the bank's
+    switches (the check measures their gains); ``repeats`` the repeat part's input (the sessions' item counts before
+    the event, :meth:`OnlineModel.prepared_snapshots`: prepared once for every check)."""
     alone = torch.empty(len(targets), dtype=torch.long)
     grouped = alone if group is None else torch.empty(len(targets), dtype=torch.long)
     second = plain is not None or plain_scores is not None
@@ -301,7 +308,8 @@ def ranks(
         alone[sl] = target_ranks(scores, targets[sl])
         if group is None:
             continue
-        bias = online.group_bias(group[0][sl], group[2][sl], group[1], switched=False)
+        history = None if group[3] is None else group[3][sl]
+        bias = online.group_bias(group[0][sl], group[2][sl], group[1], switched=False, groups=history)
         grouped[sl] = alone[sl] if bias is None else target_ranks(scores.add_(bias), targets[sl])
         if plain_scores is not None:  # the same sums in the same order as scores_from_queries with the bias
             plain_grouped[sl] = target_ranks(plain_scores[sl] if bias is None else plain_scores[sl] + bias, targets[sl])
@@ -340,4 +348,7 @@ def warm_up(online: OnlineModel, with_cache: bool, rows: int = 64) -> Outcome:
     bank = online.initial_bank
     prev_codes = torch.zeros(stored, cfg.n_edit_layers, cfg.code_dim)
     prev_protos = torch.zeros(stored, dtype=torch.long)
-    return outcome(online, bank, pre_rows, started.early, started.forward, prev_codes, prev_protos, early.states)
+    groups = torch.zeros(len(pre_rows), dtype=torch.long) if online.model.bank.has_history_groups() else None
+    return outcome(
+        online, bank, pre_rows, started.early, started.forward, prev_codes, prev_protos, early.states, None, groups
+    )

@@ -252,11 +252,12 @@ def _job_to_wire(job: ModelJob) -> tuple[Any, ...]:
         job.order,
         None if job.histories is None else job.histories.numpy(),
         None if job.repeats is None else job.repeats.to_numpy(),
+        None if job.history_groups is None else job.history_groups.numpy(),
     )
 
 
 def _job_from_wire(wire: tuple[Any, ...]) -> ModelJob:
-    version, recent, pre_rows, (which, states, targets), requests, order, histories, repeats = wire
+    version, recent, pre_rows, (which, states, targets), requests, order, histories, repeats, groups = wire
     reps = None if repeats is None else PreparedRows.from_numpy(*repeats)
     return ModelJob(
         version,
@@ -267,6 +268,7 @@ def _job_from_wire(wire: tuple[Any, ...]) -> ModelJob:
         order,
         None if histories is None else torch.from_numpy(histories),
         reps,
+        None if groups is None else torch.from_numpy(groups),
     )
 
 
@@ -381,7 +383,14 @@ def _serve(conn: Connection, session_cache: int) -> None:
                 bank = BankState(torch.from_numpy(centres), torch.from_numpy(counts), version, group, on_off)
                 prev = (torch.from_numpy(codes), torch.from_numpy(protos), torch.from_numpy(states))
                 result = outcome(
-                    online, bank, job.pre_rows, first_half.early, first_half.forward, *prev, repeats=job.repeats
+                    online,
+                    bank,
+                    job.pre_rows,
+                    first_half.early,
+                    first_half.forward,
+                    *prev,
+                    repeats=job.repeats,
+                    history_groups=job.history_groups,
                 )
                 answer("outcome", job_id, _outcome_to_wire(result))
             except Exception:

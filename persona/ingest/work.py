@@ -79,6 +79,7 @@ def local_outcome(online: OnlineModel, bank: BankState, work: Work, prev: Previo
         prev.protos,
         prev.states,
         repeats=work.job.repeats,
+        history_groups=work.job.history_groups,
     )
 
 
@@ -111,8 +112,8 @@ def pad(histories: list[list[int]], t: int) -> torch.Tensor:
 
 def build_job(online: OnlineModel, plan: Plan, with_encoder_cache: bool) -> ModelJob:
     """The plan's model work as plain values (:mod:`persona.ingest.model_work`): the adapter's recent items, the
-    stored states' half of the prequential check, the repeat counts, and either the encoder cache's requests
-    (``with_encoder_cache``) or the padded histories."""
+    stored states' half of the prequential check, the repeat counts, the predictions' history groups, and either the
+    encoder cache's requests (``with_encoder_cache``) or the padded histories."""
     window = online.cfg.adapter_window
     with torch.inference_mode():
         recent = pad([h[-window:] for h in plan.post_hist], window)  # all the adapter reads
@@ -120,6 +121,9 @@ def build_job(online: OnlineModel, plan: Plan, with_encoder_cache: bool) -> Mode
         if plan.pre_counts:  # None without a repeat part, empty when nothing is predicted
             job.repeats = online.prepared_snapshots(plan.pre_counts)
             job.early.repeats = job.repeats[job.early.which]
+        if online.model.bank.has_history_groups():  # each prediction's previous window: the state it is scored from
+            windows = [plan.post_hist[r] if r >= 0 else plan.stored_prev[-r - 2][1] for r, _ in plan.pre_rows]
+            job.history_groups = online.history_groups(pad(windows, online.cfg.max_len))
         if with_encoder_cache:
             job.requests, job.order = window_requests(plan)
         else:

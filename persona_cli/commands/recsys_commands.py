@@ -99,6 +99,16 @@ def train(
             "to their scores (chosen on validation with their weights; kept only if they win). 0 = none.",
         ),
     ] = "64,128,256,512,1024,2048",
+    history_groups: Annotated[
+        str,
+        typer.Option(
+            "--history-groups",
+            help="Candidate counts G of history groups, comma separated: groups of sessions by their whole history "
+            "window (its items' mean embedding), whose next items add to their scores (chosen on validation with "
+            "their weights; kept only if they win; a count above one group per 8 training users is skipped). "
+            "0 = none.",
+        ),
+    ] = "8,16,32,64,128,256,512",  # recsys.train.TrainConfig.history_group_counts
     group_bias: Annotated[
         str,
         typer.Option(
@@ -126,16 +136,8 @@ def train(
         raise PersonaError(f"--prototypes {k!r} is not a list of integers", "e.g. --prototypes 4,8,16") from None
     if not ks or min(ks) < 1:
         raise PersonaError("--prototypes needs at least one positive count", "e.g. --prototypes 8")
-    try:
-        fine_ks = tuple(n for n in (int(x) for x in fine_groups.split(",") if x.strip()) if n != 0)
-    except ValueError:
-        raise PersonaError(
-            f"--fine-groups {fine_groups!r} is not a list of integers", "e.g. --fine-groups 64,128"
-        ) from None
-    if fine_ks and min(fine_ks) < 2:
-        raise PersonaError(
-            f"--fine-groups {fine_groups!r} has a count below 2", "e.g. --fine-groups 64,128, or 0 for none"
-        )
+    fine_ks = _group_counts("--fine-groups", fine_groups)
+    history_gs = _group_counts("--history-groups", history_groups)
     try:
         betas = tuple(float(x) for x in group_bias.split(",") if x.strip())
     except ValueError:
@@ -160,6 +162,7 @@ def train(
         proto_rounds=proto_rounds,
         k_candidates=ks,
         fine_group_counts=fine_ks,
+        history_group_counts=history_gs,
         group_bias_weights=tuple(sorted({0.0, *betas})),
         seed=seed,
         patience=patience,
@@ -190,7 +193,27 @@ def train(
             f"α2={fine.smoothing:g} "
             f"(validation NDCG@10 {fine.score:.4f} against {fine.baseline:.4f} without)"
         )
+    history = result.history_groups
+    if history is None:
+        typer.echo("history groups: none (none beat the model without them on validation)")
+    else:
+        typer.echo(
+            f"history groups: G={history.centres.shape[0]}, γ3={history.decay:g}, β3={history.weight:g}, "
+            f"α3={history.smoothing:g} "
+            f"(validation NDCG@10 {history.score:.4f} against {history.baseline:.4f} without)"
+        )
     _print_table("validation (full ranking)", result.valid_metrics)
+
+
+def _group_counts(flag: str, text: str) -> tuple[int, ...]:
+    """A ``--fine-groups``/``--history-groups`` list of candidate counts (0 left out: none is always a candidate)."""
+    try:
+        counts = tuple(n for n in (int(x) for x in text.split(",") if x.strip()) if n != 0)
+    except ValueError:
+        raise PersonaError(f"{flag} {text!r} is not a list of integers", f"e.g. {flag} 64,128") from None
+    if counts and min(counts) < 2:
+        raise PersonaError(f"{flag} {text!r} has a count below 2", f"e.g. {flag} 64,128, or 0 for none")
+    return counts
 
 
 def export(
