@@ -105,8 +105,8 @@ def sizes_and_latency(online: OnlineModel, histories: np.ndarray, repeats: int, 
     """Bytes of one session's edit in every form, and single-session ranking latency on both sides."""
     hist = torch.from_numpy(histories[-1:])  # the last test example: a full history window
     codes = online.codes(hist)
-    edit = online.edit(codes)
-    group = online.group_bias(edit.prototype, edit.codes, groups=online.history_groups(hist))
+    edit = online.edit(codes, histories=hist)
+    group = online.group_bias(edit.prototype, edit.codes, groups=edit.groups)
     w, b = edit.weight[0], edit.bias[0]
     json_body = SessionEdit(
         session_id="session-0000001",
@@ -153,12 +153,12 @@ def sizes_and_latency(online: OnlineModel, histories: np.ndarray, repeats: int, 
 
     def server_full() -> None:  # a session the server must encode (history carried in the request)
         h = online.user_states(hist)
-        s = online.scores_from_queries(*online.served_terms(h, codes, edit.prototype, bank))
+        s = online.scores_from_queries(*online.served_terms(h, codes, edit.prototype, bank, hist))
         s[0, hist[0]] = float("-inf")
         torch.topk(s, 10)
 
     def server_stored() -> None:  # a stored session: the consumer's user state and code are reused
-        s = online.scores_from_queries(*online.served_terms(state, codes, edit.prototype, bank))
+        s = online.scores_from_queries(*online.served_terms(state, codes, edit.prototype, bank, hist))
         s[0, hist[0]] = float("-inf")
         torch.topk(s, 10)
 

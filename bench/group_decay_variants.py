@@ -43,7 +43,9 @@ def main() -> None:
 
     codes = example_codes(model, split.train)
     assignment = model.bank.assign(codes)
-    probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid))
+    probe = ValidProbe.build(
+        model, latest_examples(split.valid, tc.max_valid), with_sums=model.bank.has_history_groups()
+    )
     grid = dataclasses.replace(tc, group_bias_decays=tuple(float(g) for g in args.decays.split(",")))
     chosen = choose_group_bias(model, probe, assignment, split.train.targets, grid)
     setting = f"β {chosen.weight:g}, α {chosen.smoothing:g}, γ {chosen.decay:g}"

@@ -10,18 +10,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recsys.model import PAD, ModelConfig, PersonaModel, distribution_bias
+from recsys.model import PAD, PersonaModel, history_bias_rows, history_group_bias
 
 
 class HistoryRows:
     """A model's frozen history groups: its item embeddings [N, D] (float32, not copied), the groups' unit centres
-    [G, D] (float64, as the model compares them) and each group's bias row [G, N] (:func:`distribution_bias` of its
-    next-item distribution, as :func:`recsys.model.history_group_bias` computes it for each of its sessions)."""
+    [G, D] (float64, as the model compares them) and their bias rows [G, N] (:func:`recsys.model.history_bias_rows`,
+    computed once)."""
 
-    def __init__(self, items: Tensor, centres: Tensor, distributions: Tensor, cfg: ModelConfig) -> None:
+    def __init__(self, items: Tensor, centres: Tensor, bias_rows: Tensor) -> None:
         self.items = items.detach().numpy()
         self.centres = np.ascontiguousarray(centres.numpy(), dtype=np.float64)
-        self.bias_rows = distribution_bias(distributions, cfg.history_bias_weight, cfg.history_bias_smoothing)
+        self.bias_rows = bias_rows
 
     def groups(self, histories: np.ndarray) -> Tensor:
         """The nearest group [B] of each window [B, T] (-1: no item), as the model picks it: float64 sums and
@@ -34,13 +34,14 @@ class HistoryRows:
         return torch.from_numpy(out)
 
     def bias(self, groups: Tensor, prototypes: Tensor) -> Tensor:
-        """The bias [B, N] of sessions in ``groups`` [B] with ``prototypes`` [B] (0 for -1 in either)."""
-        return self.bias_rows[groups.clamp(min=0)] * ((prototypes >= 0) & (groups >= 0)).unsqueeze(1)
+        """The bias [B, N] of sessions in ``groups`` [B] with ``prototypes`` [B] (:func:`history_group_bias`)."""
+        return history_group_bias(groups, prototypes, self.bias_rows)
 
 
 def history_rows_of(model: PersonaModel) -> HistoryRows | None:
     """The model's history groups as :class:`HistoryRows`; ``None`` when it has none (or they are off)."""
     bank = model.bank
-    if not bank.has_history_groups():
+    rows = history_bias_rows(bank.history_items, model.cfg)
+    if rows is None or not bank.has_history_groups():
         return None
-    return HistoryRows(model.device_model.items.weight, bank.history_centres, bank.history_items, model.cfg)
+    return HistoryRows(model.device_model.items.weight, bank.history_centres, rows)

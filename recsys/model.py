@@ -570,8 +570,8 @@ class PrototypeBank(nn.Module):
         bias = group_bias(self.next_items, prototypes, self.cfg)
         if codes is not None:
             bias = add_bias(bias, fine_group_bias(codes, prototypes, self.fine_centres, self.fine_items, self.cfg))
-        if groups is not None:
-            bias = add_bias(bias, history_group_bias(groups, prototypes, self.history_items, self.cfg))
+        if groups is not None and (rows := history_bias_rows(self.history_items, self.cfg)) is not None:
+            bias = add_bias(bias, history_group_bias(groups, prototypes, rows))
         return bias
 
     def has_history_groups(self) -> bool:
@@ -730,15 +730,21 @@ def nearest_history_groups(sums: Tensor, centres: Tensor) -> Tensor:
     return torch.where(sums.abs().sum(1) > 0, nearest, torch.full_like(nearest, -1))
 
 
-def history_group_bias(groups: Tensor, prototypes: Tensor, items: Tensor, cfg: ModelConfig) -> Tensor | None:
-    """``β3 · log1p(P_g(i) · N / α3)`` [B, N] for sessions in history groups ``groups`` [B] (their next-item
-    distributions ``items`` [G, N]); 0 for a session without a prototype (-1 in ``prototypes``: it gets the base
-    model) or without a group (-1). ``None`` when the model has no history groups."""
+def history_bias_rows(distributions: Tensor, cfg: ModelConfig) -> Tensor | None:
+    """Each history group's bias row ``β3 · log1p(P_g(i) · N / α3)`` [G, N] from its next-item distribution
+    ``distributions`` [G, N] (:func:`distribution_bias`); ``None`` when the model has no history groups. Fixed after
+    training, so a server computes them once (:mod:`recsys.history_rows`)."""
     beta = cfg.history_bias_weight
-    if beta == 0.0 or items.shape[0] == 0:
+    if beta == 0.0 or distributions.shape[0] == 0:
         return None
-    bias = distribution_bias(items[groups.clamp(min=0)], beta, cfg.history_bias_smoothing)
-    return bias * ((prototypes >= 0) & (groups >= 0)).unsqueeze(1)
+    return distribution_bias(distributions, beta, cfg.history_bias_smoothing)
+
+
+def history_group_bias(groups: Tensor, prototypes: Tensor, rows: Tensor) -> Tensor:
+    """The bias [B, N] of sessions in history groups ``groups`` [B]: their group's row of ``rows`` [G, N]
+    (:func:`history_bias_rows`); 0 for a session without a prototype (-1 in ``prototypes``: it gets the base model)
+    or without a group (-1: an empty window)."""
+    return rows[groups.clamp(min=0)] * ((prototypes >= 0) & (groups >= 0)).unsqueeze(1)
 
 
 def add_bias(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -6,7 +6,7 @@ exactly. It knows nothing of Kafka, HTTP or SQL: session state comes in as plain
     >>> online = OnlineModel.load(Path("bundle"))                       # doctest: +SKIP
     >>> hist = online.histories([["50", "172", "133"]])
     >>> codes = online.codes(hist)                                     # [1, L, d]
-    >>> edit = online.edit(codes)                                      # nearest prototype + residual
+    >>> edit = online.edit(codes, histories=hist)                      # nearest prototype + residual
     >>> items, scores = online.rank(hist, edit, k=10)
 """
 
@@ -203,9 +203,17 @@ class OnlineModel:
         return bank_edits
 
     @torch.inference_mode()
-    def edit(self, codes: Tensor, bank: BankState | None = None, prototypes: Tensor | None = None) -> Edit:
+    def edit(
+        self,
+        codes: Tensor,
+        bank: BankState | None = None,
+        prototypes: Tensor | None = None,
+        histories: Tensor | None = None,
+    ) -> Edit:
         """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given), as served: zero
-        for a session whose prototype has its edit switched off (:mod:`recsys.switch`)."""
+        for a session whose prototype has its edit switched off (:mod:`recsys.switch`). With the sessions' encoder
+        windows ``histories`` [B, T] (those the codes came from) it carries their history groups (``Edit.groups``,
+        :meth:`history_groups`), which the scores' group bias reads; without them it has none."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
         if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (EditRows)
@@ -213,6 +221,8 @@ class OnlineModel:
             edit = Edit(torch.from_numpy(w), torch.from_numpy(bias), proto, codes)
         else:
             edit = self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
+        if histories is not None:
+            edit = edit._replace(groups=self.history_groups(histories))
         edit_on, _group_on = terms_on(b.switches, proto)
         if bool(edit_on.all()):
             return edit
@@ -264,13 +274,14 @@ class OnlineModel:
         codes: Tensor,
         prototypes: Tensor,
         bank: BankState | None = None,
-        groups: Tensor | None = None,
+        histories: Tensor | Callable[[], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """What a ranking request scores with, under the switches (:mod:`recsys.switch`): head outputs [B, D], edited
         where the session's prototype applies its edit and plain where not, and the group bias [B, N] where it
-        applies its group terms (``None``: no row gets any; ``groups``: the sessions' :meth:`history_groups`). As
-        :meth:`edited_queries` and :meth:`group_bias` with their switches on, reading the switches once and skipping
-        the work of a term no row applies."""
+        applies its group terms (``None``: no row gets any). As :meth:`edited_queries` and :meth:`group_bias` with
+        their switches on, reading the switches once and skipping the work of a term no row applies: the sessions'
+        encoder windows ``histories`` [B, T] (or a callable that builds them), which only the history groups read,
+        are built only when a row applies its group terms and the model has history groups."""
         b = self._bank(bank)
         edit_on, group_on = terms_on(b.switches, prototypes)
         if not bool(edit_on.any()):
@@ -281,6 +292,9 @@ class OnlineModel:
                 queries = torch.where(edit_on[:, None], queries, self.queries(states))
         if not bool(group_on.any()):
             return queries, None
+        groups = None
+        if histories is not None and self._history is not None:
+            groups = self.history_groups(histories() if callable(histories) else histories)
         bias = self.group_bias(prototypes, codes, b, switched=False, groups=groups)
         return queries, None if bias is None else _rows_on(bias, group_on)
 
@@ -498,10 +512,8 @@ class OnlineModel:
     ) -> Tensor:
         """Scores [B, N] of the base (``edit=None``) or edited device model, with the group bias of a prototype-mode
         edit's prototypes under ``bank`` (the bundle's by default) and the repeat part's bias from ``repeats``
-        (:meth:`repeat_entries`) and the history groups' of ``histories`` when the edit does not carry them;
+        (:meth:`repeat_entries`) and the history groups' bias of the edit's groups (:meth:`edit`'s ``histories``);
         PAD/UNK never rank."""
-        if edit is not None and edit.codes is not None and edit.groups is None:
-            edit = edit._replace(groups=self.history_groups(histories))
         return self.scores_from_states(self.user_states(histories), edit, bank, repeats)
 
     @torch.inference_mode()

@@ -434,7 +434,7 @@ def _train_persona(split: Split, cfg: ModelConfig, tc: TrainConfig, *, progress:
     # a live bank would hold when the test period starts: the training period's, then the validation period's.
     codes = example_codes(model, split.train)
     train_assignment = model.bank.assign(codes)
-    probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid))
+    probe = ValidProbe.build(model, latest_examples(split.valid, tc.max_valid), with_sums=bool(tc.history_group_counts))
     chosen_bias = choose_group_bias(model, probe, train_assignment, split.train.targets, tc)  # counts: training's
     fine = choose_fine_groups(model, probe, codes, split.train.targets, tc)
     history = choose_history_groups(model, probe, split.train, tc)
@@ -502,7 +502,8 @@ class ValidProbe:
 
     @classmethod
     @torch.inference_mode()
-    def build(cls, model: PersonaModel, valid: Examples, batch: int = 2048) -> ValidProbe:
+    def build(cls, model: PersonaModel, valid: Examples, *, with_sums: bool = False, batch: int = 2048) -> ValidProbe:
+        """``with_sums``: also the windows' keys, which only trying history groups reads."""
         model.eval()
         states, codes, sums = [], [], []
         items = model.device_model.items.weight
@@ -510,9 +511,11 @@ class ValidProbe:
             h = torch.from_numpy(valid.histories[i : i + batch])
             states.append(model.device_model.encode(h))
             codes.append(model.codes(h))
-            sums.append(window_sums(items, h))
+            if with_sums:
+                sums.append(window_sums(items, h))
         reps = None if valid.repeats is None else torch.from_numpy(valid.repeats)
-        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets), reps, torch.cat(sums))
+        window_keys = torch.cat(sums) if with_sums else None
+        return cls(torch.cat(states), torch.cat(codes), torch.from_numpy(valid.targets), reps, window_keys)
 
     @torch.inference_mode()
     def ndcg10(self, model: PersonaModel, *, refine: bool) -> float:
@@ -520,6 +523,8 @@ class ValidProbe:
         ``persona-static-prototypes`` evaluate it, on a copy of the bank."""
         bank = copy.deepcopy(model.bank)
         bank.cfg = model.cfg  # the settings being tried are the model's (a deep copy would freeze them)
+        if self.sums is None and bank.has_history_groups():
+            raise ValueError("this validation probe has no window keys for the history groups: build it with_sums")
         dm = model.device_model
         item_targets = dm.item_targets()
         metrics = RankingMetrics()
@@ -596,6 +601,10 @@ class FineGroups:
     def distributions(self) -> Tensor:
         """Each group's next-item distribution [K2, N] (a group without members: zeros, no bias)."""
         return self.counts / self.counts.sum(1, keepdim=True).clamp(min=1.0)
+
+    def settings(self) -> str:
+        """The chosen settings as ``persona train`` prints them."""
+        return f"K2={self.centres.shape[0]}, τ2={self.temperature:g}, β2={self.weight:g}, α2={self.smoothing:g}"
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -690,6 +699,10 @@ class HistoryGroups:
         """Each group's next-item distribution [G, N] float32 (a group without members: zeros, no bias)."""
         return (self.counts / self.counts.sum(1, keepdim=True).clamp(min=1.0)).float()
 
+    def settings(self) -> str:
+        """The chosen settings as ``persona train`` prints them."""
+        return f"G={self.centres.shape[0]}, γ3={self.decay:g}, β3={self.weight:g}, α3={self.smoothing:g}"
+
     def as_dict(self) -> dict[str, float]:
         return {
             "groups": int(self.centres.shape[0]),
@@ -735,8 +748,11 @@ def choose_history_groups(
     will be through the test period. Leaves ``model``'s config and bank at the choice."""
     cfg, bank = model.cfg, model.bank
     cfg.history_groups, cfg.history_bias_weight = 0, 0.0
-    baseline = probe.ndcg10(model, refine=True)
     best: HistoryGroups | None = None
+    if not tc.history_group_counts:  # none to try (``--history-groups 0``)
+        _without_history_groups(model)
+        return None
+    baseline = probe.ndcg10(model, refine=True)
     sums = example_window_sums(model, train)
     keys = torch.nn.functional.normalize(sums, dim=1)
     users = int(np.unique(train.users).size)
@@ -766,14 +782,19 @@ def choose_history_groups(
                 if score > (baseline if best is None else best.score):
                     best = dataclasses.replace(history, weight=weight, smoothing=smoothing, score=score)
     if best is None:
-        cfg.history_groups, cfg.history_bias_weight = 0, 0.0
-        bank.history_centres = torch.zeros(0, cfg.dim)
-        bank.history_items = torch.zeros(0, cfg.n_items)
+        _without_history_groups(model)
         return None
     cfg.history_groups, cfg.history_bias_decay = best.centres.shape[0], best.decay
     cfg.history_bias_weight, cfg.history_bias_smoothing = best.weight, best.smoothing
     bank.history_centres, bank.history_items = best.centres, best.distributions()
     return best
+
+
+def _without_history_groups(model: PersonaModel) -> None:
+    """Leave ``model`` without history groups (its config's and its bank's)."""
+    cfg, bank = model.cfg, model.bank
+    cfg.history_groups, cfg.history_bias_weight = 0, 0.0
+    bank.history_centres, bank.history_items = torch.zeros(0, cfg.dim), torch.zeros(0, cfg.n_items)
 
 
 @torch.no_grad()

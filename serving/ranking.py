@@ -33,20 +33,22 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from persona.bank_rows import bank_from_rows
 from persona.models import ModelProvider
 from persona.store import PrototypeRow, SessionState, Store, StoreUnavailable
 from persona.user_state import unpack_user_state
+from recsys.errors import PersonaError
 from recsys.model import PAD, UNK
-from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
+from recsys.online import BankState, OnlineModel, code_from_bytes
 from recsys.repeats import RepeatCounts
 from recsys.retrieval import NormOrderedIndex
-from recsys.switch import stored_switches
 from serving.problems import Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("persona.serving")
@@ -216,8 +218,8 @@ class Ranker:
         if bank.centres.shape[0] == 0:
             raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
         codes, protos = self._codes(online, [row], bank)
-        edit = online.edit(codes, bank, prototypes=protos)
-        group = online.group_bias(protos, codes, bank, groups=_history_groups(online, [row]))
+        edit = online.edit(codes, bank, prototypes=protos, histories=_windows(online, [row]))
+        group = online.group_bias(protos, codes, bank, groups=edit.groups)
         return ExportedEdit(
             session_id=session_id,
             model_version=online.version,
@@ -271,8 +273,8 @@ class Ranker:
             bias: Tensor | None = None
             if bank.centres.shape[0] > 0:
                 codes, protos = self._codes(online, picked, bank)
-                groups = _history_groups(online, picked)
-                vectors, bias = online.served_terms(h, codes, protos, bank, groups)  # bias None: no group terms apply
+                windows = partial(_windows, online, picked)  # built only if a group term needs them
+                vectors, bias = online.served_terms(h, codes, protos, bank, windows)  # bias None: no group term applies
                 for r, p in zip(picked, protos.tolist(), strict=True):
                     r.prototype = int(p)
             else:
@@ -402,12 +404,9 @@ class Ranker:
         return codes, protos
 
 
-def _history_groups(online: OnlineModel, rows: Sequence[_Row]) -> Tensor | None:
-    """The history groups [B] of model rows' encoder windows (:meth:`OnlineModel.history_groups`); ``None`` when the
-    model has none (then no row's history is built for them)."""
-    if not online.model.bank.has_history_groups():
-        return None
-    return online.history_groups(_histories(online, rows, range(len(rows))))
+def _windows(online: OnlineModel, rows: Sequence[_Row]) -> Tensor:
+    """Model rows' encoder windows [B, T], which their history groups read (:meth:`OnlineModel.history_groups`)."""
+    return _histories(online, rows, range(len(rows)))
 
 
 def _user_states(online: OnlineModel, rows: Sequence[_Row]) -> Tensor:
@@ -431,34 +430,16 @@ def _user_states(online: OnlineModel, rows: Sequence[_Row]) -> Tensor:
 
 
 def _bank_from_rows(rows: Sequence[PrototypeRow], online: OnlineModel) -> BankState:
-    """Stored prototype rows → a bank; the bundle's initial bank when none are stored or they do not fit."""
+    """Stored prototype rows → a bank (:func:`persona.bank_rows.bank_from_rows`, as the consumer reads them); the
+    bundle's initial bank when none are stored, or, with a warning, when they do not fit the model: a ranking must
+    still answer."""
     if not rows:
         return online.initial_bank
-    cfg = online.cfg
-    size = cfg.n_edit_layers * cfg.code_dim
-    ids = [r.prototype_id for r in rows]
-    if ids != list(range(len(rows))) or any(len(r.centre) != 4 * size for r in rows):
-        log.warning("stored prototype bank of %s does not fit the model; using the bundle's bank", online.version)
-        return online.initial_bank
-    centres = np.frombuffer(b"".join(r.centre for r in rows), dtype=np.float32).reshape(len(rows), size)
     try:
-        next_items = stored_next_items([r.next_items for r in rows], online.initial_bank.next_items, cfg)
-    except ValueError:
-        log.warning("stored group counts of %s do not fit the model; using the bundle's", online.version)
-        next_items = online.initial_bank.next_items
-    switches = online.initial_bank.switches
-    if switches is not None:
-        try:
-            switches = stored_switches([r.switches for r in rows], switches)
-        except ValueError:
-            log.warning("stored switches of %s do not fit the model; using the bundle's", online.version)
-    return BankState(
-        torch.from_numpy(centres.copy()).view(len(rows), cfg.n_edit_layers, cfg.code_dim),
-        torch.tensor([r.count for r in rows], dtype=online.initial_bank.counts.dtype),
-        max(r.version for r in rows),  # the consumer's notion of the bank version
-        next_items,
-        switches,
-    )
+        return bank_from_rows(rows, online)
+    except PersonaError as exc:
+        log.warning("%s; using the bundle's bank", exc.message)
+        return online.initial_bank
 
 
 @torch.inference_mode()

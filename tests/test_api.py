@@ -18,13 +18,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from persona.bank_rows import bank_from_rows
 from persona.models import ModelProvider
 from persona.settings import Settings
 from persona.store import Store
 from persona.user_state import pack_user_state
 from recsys.model import Edit
-from recsys.online import BankState, OnlineModel, code_from_bytes, stored_next_items
-from recsys.switch import stored_switches
+from recsys.online import BankState, OnlineModel, code_from_bytes
 from serving.admission import TokenBuckets, key_matches
 from serving.app import create_app
 from tests.fixtures_store import set_reachable
@@ -73,17 +73,10 @@ def _items(api: Api, start: int, n: int) -> list[str]:
 
 
 def _bank(api: Api) -> BankState:
+    """The stored bank as the consumer reads it (:func:`persona.bank_rows.bank_from_rows`): centres, the group
+    counts the consumer refined and the prototypes' switches."""
     rows = api.store.load_prototypes(api.online.version)
-    if not rows:
-        return api.online.initial_bank
-    cfg = api.online.cfg
-    centres = torch.stack([code_from_bytes(r.centre, cfg) for r in rows])
-    # the prototypes' stored next-item counts too: the group bias a ranking adds comes from them
-    next_items = stored_next_items([r.next_items for r in rows], api.online.initial_bank.next_items, cfg)
-    # and their switches: a ranking applies a prototype's edit and group terms only where they are on
-    initial = api.online.initial_bank.switches
-    switches = None if initial is None else stored_switches([r.switches for r in rows], initial)
-    return BankState(centres, torch.tensor([r.count for r in rows]), 0, next_items, switches)
+    return bank_from_rows(rows, api.online) if rows else api.online.initial_bank
 
 
 def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool = True) -> list[str]:
@@ -93,8 +86,8 @@ def _library_ranking(api: Api, session_id: str, k: int = 10, exclude_seen: bool 
     assert state is not None and state.code is not None and state.prototype_id is not None
     code = code_from_bytes(state.code, online.cfg)
     bank = _bank(api)  # the stored bank: centres and the group counts the consumer refined
-    edit = online.edit(code.unsqueeze(0), bank, prototypes=torch.tensor([state.prototype_id]))
     hist = online.histories([state.recent_items])
+    edit = online.edit(code.unsqueeze(0), bank, prototypes=torch.tensor([state.prototype_id]), histories=hist)
     idx, scores = online.rank(hist, edit, k=k, exclude_seen=exclude_seen, bank=bank)
     keep = torch.isfinite(scores[0])
     return online.decode(idx[0][keep])
@@ -218,18 +211,19 @@ def test_edit_export_round_trips_into_the_library(api: Api) -> None:
     assert len(exported["layers"]) == cfg.n_edit_layers
     assert np.asarray(exported["layers"][0]["weight"]).shape == (cfg.dim, cfg.dim)
     assert np.asarray(exported["code"]).shape == (cfg.n_edit_layers, cfg.code_dim)
+    state = api.store.get_session("s")
+    assert state is not None
+    hist = online.histories([state.recent_items])
     edit = Edit(
         torch.tensor([[layer["weight"] for layer in exported["layers"]]], dtype=torch.float32),
         torch.tensor([[layer["bias"] for layer in exported["layers"]]], dtype=torch.float32),
         torch.tensor([exported["prototype_id"]]),
         torch.tensor([exported["code"]], dtype=torch.float32),  # what the fine groups' bias reads
+        online.history_groups(hist),  # and the history groups' (of the session's window)
     )
-    state = api.store.get_session("s")
-    assert state is not None
     bank = _bank(api)
-    hist = online.histories([state.recent_items])
     idx, _ = online.rank(hist, edit, k=10, exclude_seen=True, bank=bank)
-    group = online.group_bias(edit.prototype, edit.codes, bank, groups=online.history_groups(hist))
+    group = online.group_bias(edit.prototype, edit.codes, bank, groups=edit.groups)
     assert (exported["item_bias"] is None) == (group is None)  # the edit carries its prototype's group bias
     if group is not None:
         np.testing.assert_allclose(np.asarray(exported["item_bias"]), group[0].numpy(), rtol=1e-6)

@@ -108,10 +108,9 @@ def test_bundled_graph_scores_like_the_server_with_edit_and_bias(group_bias_bund
     assert graph is not None
     ids = online.vocab.ids
     hist = online.histories([ids[5:25], ids[3:4], ids[40:47], ids[10:13] + ids[60:70]])
-    edit = online.edit(online.codes(hist))
-    groups = online.history_groups(hist)
-    assert groups is not None  # the history groups' bias is part of what the device gets
-    bias = online.group_bias(edit.prototype, edit.codes, groups=groups)
+    edit = online.edit(online.codes(hist), histories=hist)
+    assert edit.groups is not None  # the history groups' bias is part of what the device gets
+    bias = online.group_bias(edit.prototype, edit.codes, groups=edit.groups)
     assert bias is not None and float(bias.abs().max()) > 0.1  # the bias is really exercised
     scores, top_i, top_s = _run(graph, _inputs(hist, edit, bias, online.n_items, online.cfg))
     expected = online.scores(hist, edit)

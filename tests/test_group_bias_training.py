@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 from recsys.data import load_interactions
@@ -25,7 +28,7 @@ def test_the_trained_bank_reads_the_models_settings_and_the_choice_sees_each_wei
     assert model.bank.cfg is model.cfg  # a bank restored from a copy must not keep a stale β
     assert result.group_bias.weight == model.cfg.group_bias_weight
     # Each β tried is really scored with that β (the probe reads the model's settings, not a copy's).
-    probe = ValidProbe.build(model, split.valid)
+    probe = ValidProbe.build(model, split.valid, with_sums=True)
     assignment = model.bank.assign(model.codes(torch.from_numpy(split.train.histories)))
     count_next_items(model.bank.next_items, assignment, torch.from_numpy(split.train.targets), 1.0)
     scores = {}
@@ -61,7 +64,7 @@ def test_fine_groups_are_kept_only_if_they_win_and_count_both_periods() -> None:
         expected = counts / counts.sum(1, keepdim=True).clamp(min=1.0)
         torch.testing.assert_close(model.bank.fine_items, expected)
     # no setting that can win (β2 = 0 adds nothing): none kept, and the model is left without them
-    probe = ValidProbe.build(model, split.valid)
+    probe = ValidProbe.build(model, split.valid, with_sums=True)
     none = TrainConfig(fine_group_counts=(8,), fine_bias_weights=(0.0,))
     train_codes = example_codes(model, split.train)
     assert choose_fine_groups(model, probe, train_codes, split.train.targets, none) is None
@@ -105,10 +108,18 @@ def test_history_groups_are_kept_only_if_they_win_capped_by_users_and_count_both
         count_next_items(counts, nearest, torch.from_numpy(examples.targets), history.decay)
     expected = (counts / counts.sum(1, keepdim=True).clamp(min=1.0)).float()
     torch.testing.assert_close(model.bank.history_items, expected)
-    # no setting that can win (β3 = 0 adds nothing): none kept, and the model is left without them
-    probe = ValidProbe.build(model, split.valid)
-    none = TrainConfig(history_group_counts=(4,), history_bias_weights=(0.0,))
-    assert choose_history_groups(model, probe, split.train, none) is None
-    assert model.cfg.history_groups == 0 and model.cfg.history_bias_weight == 0.0
-    assert model.bank.history_centres.shape[0] == 0 and model.bank.history_items.shape[0] == 0
-    assert model.history_groups(torch.from_numpy(split.valid.histories[:3])) is None
+    # a probe built without the windows' keys cannot score a model with history groups: refused, not scored without
+    with pytest.raises(ValueError, match="with_sums"):
+        ValidProbe.build(model, split.valid).ndcg10(model, refine=True)
+    # no setting that can win (β3 = 0 adds nothing), or none to try (--history-groups 0): none kept, and the model
+    # is left without them
+    for none in (
+        TrainConfig(history_group_counts=(4,), history_bias_weights=(0.0,)),
+        TrainConfig(history_group_counts=()),
+    ):
+        trained = copy.deepcopy(model)
+        probe = ValidProbe.build(trained, split.valid, with_sums=bool(none.history_group_counts))
+        assert choose_history_groups(trained, probe, split.train, none) is None
+        assert trained.cfg.history_groups == 0 and trained.cfg.history_bias_weight == 0.0
+        assert trained.bank.history_centres.shape[0] == 0 and trained.bank.history_items.shape[0] == 0
+        assert trained.history_groups(torch.from_numpy(split.valid.histories[:3])) is None

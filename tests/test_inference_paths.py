@@ -231,7 +231,7 @@ def test_a_few_rows_history_groups_in_numpy_equal_the_model() -> None:
     """A single ranking's history groups and their bias (NumPy, recsys/history_rows.py) are the model's (torch):
     the same group for every window (empty ones: none), and exactly the same bias, none without a prototype."""
     from recsys.history_rows import history_rows_of
-    from recsys.model import history_group_bias
+    from recsys.model import distribution_bias
 
     torch.manual_seed(3)
     cfg = ModelConfig(n_items=50, dim=16, max_len=12, history_groups=9, history_bias_weight=0.7)
@@ -253,8 +253,9 @@ def test_a_few_rows_history_groups_in_numpy_equal_the_model() -> None:
     got = rows.groups(hist.numpy())
     assert torch.equal(got, expected) and int(got[5]) == -1
     protos = torch.arange(64) % 3 - 1  # every third session without a prototype
-    bias = history_group_bias(expected, protos, model.bank.history_items, cfg)
-    assert bias is not None and float(bias.abs().max()) > 0.1
+    per_session = distribution_bias(model.bank.history_items[expected.clamp(min=0)], 0.7, 3.0)  # each row's own
+    bias = per_session * ((protos >= 0) & (expected >= 0)).unsqueeze(1)
+    assert float(bias.abs().max()) > 0.1
     assert torch.equal(rows.bias(got, protos), bias)
     model.cfg.history_bias_weight = 0.0
     assert history_rows_of(model) is None

@@ -424,7 +424,7 @@ def test_hit_counters_match_a_hand_computation(store: Store, models: ModelProvid
     for i in range(1, len(seq)):
         hist = online.histories([seq[:i]])
         code = online.codes(hist)
-        edit = online.edit(code, bank, online.assign(code, bank))
+        edit = online.edit(code, bank, online.assign(code, bank), hist)
         target = torch.tensor([online.index_of(seq[i])])
         expected_ranks["persona"].append(int(online.target_ranks(hist, target, edit)[0]))
         expected_ranks["base"].append(int(online.target_ranks(hist, target)[0]))

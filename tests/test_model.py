@@ -23,6 +23,7 @@ from recsys.model import (
     fine_sq_distances,
     fine_weights,
     group_bias,
+    history_bias_rows,
     history_group_bias,
     last_state,
     nearest_history_groups,
@@ -120,13 +121,14 @@ def test_history_groups_key_the_whole_window_and_add_the_log_of_their_next_items
     assert groups.tolist() == [0, 1, 0, -1]  # the last window has no item: no group
     cfg = small_cfg(n_items=4, history_groups=2, history_bias_weight=0.5, history_bias_smoothing=2.0)
     dist = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.25, 0.75]])
-    bias = history_group_bias(groups, torch.tensor([0, 2, -1, 1]), dist, cfg)
-    assert bias is not None
+    rows = history_bias_rows(dist, cfg)
+    assert rows is not None
+    bias = history_group_bias(groups, torch.tensor([0, 2, -1, 1]), rows)
     assert bias[0, 2].item() == pytest.approx(0.5 * math.log1p(1.0 * 4 / 2.0)) and bias[0, 3].item() == 0.0
     assert bias[1, 3].item() == pytest.approx(0.5 * math.log1p(0.75 * 4 / 2.0))
     assert torch.equal(bias[2], torch.zeros(4)) and torch.equal(bias[3], torch.zeros(4))  # no prototype, no group
     cfg.history_bias_weight = 0.0
-    assert history_group_bias(groups, torch.tensor([0, 2, -1, 1]), dist, cfg) is None
+    assert history_bias_rows(dist, cfg) is None
     # in the model: prototype-mode edits made from histories carry their groups, and the scores add their bias
     model = PersonaModel(small_cfg(history_groups=3, history_bias_weight=1.0)).eval()
     model.bank.history_centres.copy_(torch.nn.functional.normalize(torch.randn(3, 16), dim=1))

@@ -173,11 +173,12 @@ def test_bad_training_input_is_one_line_and_exit_2(
 
 
 @pytest.mark.slow
-def test_group_bias_zero_trains_a_model_without_it(tmp_path: Path) -> None:
+def test_group_bias_zero_trains_a_model_without_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--group-bias 0` leaves β = 0 as the only candidate: the bundle's prototypes add no group bias; and
-    `--history-groups 0` tries no history groups."""
+    `--history-groups 0` tries no history groups, and says so."""
     out = tmp_path / "bundle"
     assert main(["train", "--out", str(out), *TINY_ARGS, "--group-bias", "0", "--history-groups", "0"]) == 0
+    assert "history groups: none (none tried)" in capsys.readouterr().out.splitlines()
     trained = load_trained(out)
     assert trained.train_config.group_bias_weights == (0.0,)
     assert trained.model.cfg.group_bias_weight == 0.0

@@ -623,7 +623,7 @@ def test_the_api_ranks_with_the_stored_counts(store: Store, repeat_models: Model
     hist = online.histories([seq])
     counts = online.session_counts(store.get_session("api").item_counts)  # type: ignore[union-attr]
     with torch.inference_mode():
-        edit = online.edit(online.codes(hist), bank)
+        edit = online.edit(online.codes(hist), bank, histories=hist)
         scores = online.scores(hist, edit, bank, online.repeat_entries([counts]))
         without = online.scores(hist, edit, bank)
     top = torch.topk(scores[0], 5)

@@ -147,7 +147,7 @@ def test_api_rankings_add_the_group_bias_of_the_sessions_prototype(store: Store,
     bank = ranker.bank(online)
     assert bank.next_items is not None
     hist = online.histories([state.recent_items], [state.event_count - len(state.recent_items)])
-    edit = online.edit(online.codes(hist), bank, torch.tensor([state.prototype_id]))
+    edit = online.edit(online.codes(hist), bank, torch.tensor([state.prototype_id]), hist)
     expected = online.rank(hist, edit, k=10, bank=bank)
     assert [i for i, _ in result.items] == online.decode(expected[0][0])
     without = online.scores_from_states(online.user_states(hist), edit._replace(prototype=torch.tensor([-1])))

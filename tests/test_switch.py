@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
+from persona.bank_rows import bank_from_rows
 from persona.events import Event
 from persona.ingest import Ingestor, model_work
-from persona.ingest.bank_rows import bank_from_rows
 from persona.models import ModelProvider
 from persona.store import Store
 from recsys.bundle import load_bundle
+from recsys.errors import PersonaError
 from recsys.evaluate import BaseMethod, PersonaMethod, warm_switches
 from recsys.metrics import target_ranks
 from recsys.model import PersonaModel
@@ -171,7 +174,12 @@ def _offline_terms(online: OnlineModel, seq: list[str]) -> tuple[list[int], list
     [(False, None), (True, None), (False, 1)],
 )
 def test_the_consumer_serves_under_the_switches_and_stores_their_update(
-    store: Store, switched_bundle: Path, model_process: bool, score_budget: int | None, monkeypatch: pytest.MonkeyPatch
+    store: Store,
+    switched_bundle: Path,
+    model_process: bool,
+    score_budget: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     if score_budget is not None:
         monkeypatch.setattr(model_work, "_SCORE_BUDGET", score_budget)
@@ -213,6 +221,13 @@ def test_the_consumer_serves_under_the_switches_and_stores_their_update(
     # read back as the next consumer and the API read the bank
     assert torch.equal(bank_from_rows(rows, online).switches, stored)
     assert torch.equal(_bank_from_rows(rows, online).switches, stored)
+    # rows that do not fit the model: the consumer refuses them, the API ranks with the bundle's bank and says why
+    misfit = [dataclasses.replace(r, switches=b"\0" * 8) for r in rows]
+    with pytest.raises(PersonaError, match="unusable"):
+        bank_from_rows(misfit, online)
+    with caplog.at_level(logging.WARNING, logger="persona.serving"):
+        assert _bank_from_rows(misfit, online) is online.initial_bank
+    assert "using the bundle's bank" in caplog.text
 
 
 def test_the_check_adds_the_group_terms_to_the_early_plain_scores_as_to_a_second_scoring(
@@ -247,9 +262,16 @@ def test_a_ranking_request_scores_each_session_under_its_prototypes_switches(swi
         expected = switched_scores(edited, plain, bias, *terms_on(bank.switches, protos))
         for rows in (list(range(20)), [int(protos.eq(0).nonzero()[0])], [int(protos.eq(1).nonzero()[0])]):
             sel = torch.tensor(rows)
-            queries, group = online.served_terms(states[sel], codes[sel], protos[sel], bank, groups[sel])
+            built: list[Tensor] = []  # the windows are built only when some row applies its group terms
+
+            def windows(sel: Tensor = sel, built: list[Tensor] = built) -> Tensor:
+                built.append(hist[sel])
+                return built[-1]
+
+            queries, group = online.served_terms(states[sel], codes[sel], protos[sel], bank, windows)
             got = online.scores_from_queries(queries, group)
             assert torch.allclose(got[:, 2:], expected[sel][:, 2:], atol=1e-4), (bank is all_off, rows)
+            assert len(built) == int(bool(terms_on(bank.switches, protos[sel])[1].any())), (bank is all_off, rows)
     assert online.served_terms(states, codes, protos, all_off)[1] is None
 
 

@@ -36,7 +36,7 @@ Where each step lives (data flows down this list; nothing here knows Kafka, HTTP
 - :mod:`~persona.ingest.model_work`: the model work itself, as plain tensors in and out (the same code runs here or
   in the model process of :mod:`~persona.ingest.model_worker`).
 - :mod:`~persona.ingest.result`: :class:`IngestResult` and the prequential counters, filled by :func:`conclude`.
-- :mod:`~persona.ingest.bank_rows`: the prototype bank between store rows and tensors.
+- :mod:`persona.bank_rows` (shared with the API): the prototype bank between store rows and tensors.
 
 The model's own arithmetic (codes, edits, prototypes, group counts) is :class:`recsys.online.OnlineModel`'s.
 """

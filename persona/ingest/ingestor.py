@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
+from persona.bank_rows import bank_from_rows, rows_from_bank
 from persona.events import Event, Rejection, RejectReason
 from persona.faults import maybe_crash
-from persona.ingest.bank_rows import bank_from_rows, rows_from_bank
 from persona.ingest.model_work import cached_states, early_work, encoder_cache_for, uses_encoder_cache
 from persona.ingest.model_worker import START_TIMEOUT_S, ModelWorker
 from persona.ingest.plan import Plan, walk

@@ -7,11 +7,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from recsys.errors import PersonaError
+
+if TYPE_CHECKING:  # the CLI imports recsys.train lazily (torch)
+    from recsys.train import FineGroups, HistoryGroups
 
 log = logging.getLogger("persona.offline")
 
@@ -184,25 +187,17 @@ def train(
     bundle, result = train_bundle(spec, out, model_overrides=overrides, tc=tc, overwrite=overwrite, progress=progress)
     typer.echo(f"bundle {bundle.path} version {bundle.version} ({time.perf_counter() - start:.0f} s)")
     typer.echo(f"prototypes: K={result.chosen_k} (validation NDCG@10 by K: {result.k_scores})")
-    fine = result.fine_groups
-    if fine is None:
-        typer.echo("fine groups: none (none beat the model without them on validation)")
-    else:
-        typer.echo(
-            f"fine groups: K2={fine.centres.shape[0]}, τ2={fine.temperature:g}, β2={fine.weight:g}, "
-            f"α2={fine.smoothing:g} "
-            f"(validation NDCG@10 {fine.score:.4f} against {fine.baseline:.4f} without)"
-        )
-    history = result.history_groups
-    if history is None:
-        typer.echo("history groups: none (none beat the model without them on validation)")
-    else:
-        typer.echo(
-            f"history groups: G={history.centres.shape[0]}, γ3={history.decay:g}, β3={history.weight:g}, "
-            f"α3={history.smoothing:g} "
-            f"(validation NDCG@10 {history.score:.4f} against {history.baseline:.4f} without)"
-        )
+    typer.echo(_group_choice("fine groups", result.fine_groups, tried=bool(tc.fine_group_counts)))
+    typer.echo(_group_choice("history groups", result.history_groups, tried=bool(tc.history_group_counts)))
     _print_table("validation (full ranking)", result.valid_metrics)
+
+
+def _group_choice(name: str, chosen: FineGroups | HistoryGroups | None, *, tried: bool) -> str:
+    """One line on a partition of sessions chosen on validation: its settings and validation NDCG@10 against the model
+    without it, or why it has none."""
+    if chosen is None:
+        return f"{name}: none ({'none beat the model without them on validation' if tried else 'none tried'})"
+    return f"{name}: {chosen.settings()} (validation NDCG@10 {chosen.score:.4f} against {chosen.baseline:.4f} without)"
 
 
 def _group_counts(flag: str, text: str) -> tuple[int, ...]:

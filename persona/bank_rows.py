@@ -1,4 +1,5 @@
-"""The prototype bank between the store's rows and the model's tensors."""
+"""The prototype bank between the store's rows and the model's tensors: the consumer reads and writes it, the API
+reads it (one decoding, so both serve the same bank)."""
 
 from __future__ import annotations
 
