@@ -26,7 +26,14 @@ from torch import Tensor
 import recsys.model as model_module
 from recsys.bootstrap import paired_ratio
 from recsys.metrics import per_example_ndcg, target_ranks
-from recsys.model import PrototypeBank, count_next_items, fine_group_bias, fine_nearest, group_bias
+from recsys.model import (
+    PrototypeBank,
+    count_next_items,
+    fine_group_bias,
+    fine_nearest,
+    group_bias,
+    next_item_distributions,
+)
 from recsys.pipeline import load_trained, prepare
 from recsys.splits import Examples
 
@@ -73,7 +80,7 @@ def main() -> None:
         _count(counts, centres, train_codes, train_targets)
         train_only = counts.clone()
         _count(counts, centres, valid_codes, torch.from_numpy(split.valid.targets))
-        return centres, _distributions(train_only), _distributions(counts)
+        return centres, next_item_distributions(train_only), next_item_distributions(counts)
 
     model_module.FINE_NEAREST = args.nearest or max(int(k) for k in args.groups.split(","))
     no_fine = _ndcg(valid, cfg, main_counts, None)
@@ -104,10 +111,6 @@ def main() -> None:
 def _count(counts: Tensor, centres: Tensor, codes: Tensor, targets: Tensor) -> None:
     nearest = fine_nearest(codes, centres)
     counts.index_put_((nearest, targets), torch.ones(len(targets)), accumulate=True)
-
-
-def _distributions(counts: Tensor) -> Tensor:
-    return counts / counts.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def _scored(model: Any, examples: Examples) -> dict[str, list[Tensor]]:

@@ -36,7 +36,7 @@ from recsys.bootstrap import paired_ratio
 from recsys.data import synthetic_config
 from recsys.evaluate import BaseMethod, PersonaMethod, _batches, evaluate_examples, score_batch
 from recsys.metrics import per_example_ndcg, target_ranks
-from recsys.model import PersonaModel, count_next_items, fine_nearest
+from recsys.model import PersonaModel, count_next_items, fine_nearest, next_item_distributions
 from recsys.pipeline import load_trained, prepare
 from recsys.splits import Examples, Split
 from recsys.switch import neutral_switches
@@ -111,7 +111,7 @@ def before_validation(model: PersonaModel, split: Split) -> PersonaModel:
     if m.cfg.fine_groups:
         fine = torch.zeros_like(bank.fine_items)
         fine.index_put_((fine_nearest(codes, bank.fine_centres), targets), torch.ones(len(targets)), accumulate=True)
-        bank.fine_items.copy_(fine / fine.sum(1, keepdim=True).clamp(min=1.0))
+        bank.fine_items.copy_(next_item_distributions(fine))
     if m.cfg.history_groups:
         counts = torch.zeros(bank.history_items.shape, dtype=torch.float64)
         history = HistoryGroups(bank.history_centres, counts, 0.0, 1.0, m.cfg.history_bias_decay, 0.0, 0.0)

@@ -710,6 +710,12 @@ def fine_group_bias(
     return distribution_bias(mix, beta, cfg.fine_bias_smoothing) * (prototypes >= 0).unsqueeze(1)
 
 
+def next_item_distributions(counts: Tensor) -> Tensor:
+    """Each group's next-item distribution [G, N] from its next-item counts [G, N], in their dtype (a group without
+    members: zeros, so no bias): what the fine and the history groups store after training."""
+    return counts / counts.sum(1, keepdim=True).clamp(min=1.0)
+
+
 def distribution_bias(distributions: Tensor, weight: float, smoothing: float) -> Tensor:
     """``β · log1p(P(i) · N / α)`` [B, N] of next-item distributions [B, N]: up to a per-row constant, β times the log
     of ``P`` smoothed by α/N per item (the fine and the history groups' form; :func:`group_bias`'s on counts)."""

@@ -56,6 +56,10 @@ INDEXED_FROM = 200_000
 #: Rows per encoder call: [64, T, D] activations stay in cache (larger chunks measured slower on CPU).
 ENCODE_CHUNK = 64
 
+#: Sessions' encoder windows [B, T], or a zero-argument callable that builds them: the history groups read them, and
+#: a caller that has not built them yet passes the callable so that nothing is built for a model without the groups.
+Windows = Tensor | Callable[[], Tensor]
+
 
 class _Indices(dict[str, int]):
     """Item id → vocabulary index; an unknown id maps to ``UNK`` (so a plain ``map`` can look up many)."""
@@ -208,12 +212,13 @@ class OnlineModel:
         codes: Tensor,
         bank: BankState | None = None,
         prototypes: Tensor | None = None,
-        histories: Tensor | None = None,
+        histories: Windows | None = None,
     ) -> Edit:
         """Prototype edit + clipped residual for codes [B, L, d] (prototypes assigned if not given), as served: zero
         for a session whose prototype has its edit switched off (:mod:`recsys.switch`). With the sessions' encoder
-        windows ``histories`` [B, T] (those the codes came from) it carries their history groups (``Edit.groups``,
-        :meth:`history_groups`), which the scores' group bias reads; without them it has none."""
+        windows ``histories`` [B, T] (those the codes came from, or a callable that builds them, called only when the
+        model has history groups) it carries their history groups (``Edit.groups``, :meth:`history_groups`), which the
+        scores' group bias reads; without them it has none."""
         b = self._bank(bank)
         proto = self.assign(codes, b) if prototypes is None else prototypes
         if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (EditRows)
@@ -221,8 +226,9 @@ class OnlineModel:
             edit = Edit(torch.from_numpy(w), torch.from_numpy(bias), proto, codes)
         else:
             edit = self.model.prototype_edit(codes, b.centres, proto, self._bank_edits(b))
-        if histories is not None:
-            edit = edit._replace(groups=self.history_groups(histories))
+        groups = self._groups_of(histories)
+        if groups is not None:
+            edit = edit._replace(groups=groups)
         edit_on, _group_on = terms_on(b.switches, proto)
         if bool(edit_on.all()):
             return edit
@@ -261,11 +267,16 @@ class OnlineModel:
     def history_groups(self, histories: Tensor) -> Tensor | None:
         """The history group [B] of each session's encoder window [B, T] (-1: empty window;
         :meth:`recsys.model.PersonaModel.history_groups`); ``None`` when the model has none."""
-        if self._history is None:
+        return self._groups_of(histories)
+
+    def _groups_of(self, histories: Windows | None) -> Tensor | None:
+        """:meth:`history_groups` of windows that may be a callable building them, called only when it is needed."""
+        if histories is None or self._history is None:
             return None
-        if histories.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (HistoryRows)
-            return self._history.groups(histories.numpy())
-        return self.model.history_groups(histories)
+        windows = histories() if callable(histories) else histories
+        if windows.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (HistoryRows)
+            return self._history.groups(windows.numpy())
+        return self.model.history_groups(windows)
 
     @torch.inference_mode()
     def served_terms(
@@ -274,7 +285,7 @@ class OnlineModel:
         codes: Tensor,
         prototypes: Tensor,
         bank: BankState | None = None,
-        histories: Tensor | Callable[[], Tensor] | None = None,
+        histories: Windows | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """What a ranking request scores with, under the switches (:mod:`recsys.switch`): head outputs [B, D], edited
         where the session's prototype applies its edit and plain where not, and the group bias [B, N] where it
@@ -292,10 +303,7 @@ class OnlineModel:
                 queries = torch.where(edit_on[:, None], queries, self.queries(states))
         if not bool(group_on.any()):
             return queries, None
-        groups = None
-        if histories is not None and self._history is not None:
-            groups = self.history_groups(histories() if callable(histories) else histories)
-        bias = self.group_bias(prototypes, codes, b, switched=False, groups=groups)
+        bias = self.group_bias(prototypes, codes, b, switched=False, groups=self._groups_of(histories))
         return queries, None if bias is None else _rows_on(bias, group_on)
 
     def first_products(self, states: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from recsys.model import (
     cross_entropy,
     fine_nearest,
     nearest_history_groups,
+    next_item_distributions,
     window_sums,
 )
 from recsys.progress import track
@@ -600,7 +601,7 @@ class FineGroups:
 
     def distributions(self) -> Tensor:
         """Each group's next-item distribution [K2, N] (a group without members: zeros, no bias)."""
-        return self.counts / self.counts.sum(1, keepdim=True).clamp(min=1.0)
+        return next_item_distributions(self.counts)
 
     def settings(self) -> str:
         """The chosen settings as ``persona train`` prints them."""
@@ -697,7 +698,7 @@ class HistoryGroups:
 
     def distributions(self) -> Tensor:
         """Each group's next-item distribution [G, N] float32 (a group without members: zeros, no bias)."""
-        return (self.counts / self.counts.sum(1, keepdim=True).clamp(min=1.0)).float()
+        return next_item_distributions(self.counts).float()
 
     def settings(self) -> str:
         """The chosen settings as ``persona train`` prints them."""

@@ -218,7 +218,7 @@ class Ranker:
         if bank.centres.shape[0] == 0:
             raise Conflict(f"model {online.version} has no prototype bank, so sessions have no edit")
         codes, protos = self._codes(online, [row], bank)
-        edit = online.edit(codes, bank, prototypes=protos, histories=_windows(online, [row]))
+        edit = online.edit(codes, bank, prototypes=protos, histories=partial(_windows, online, [row]))
         group = online.group_bias(protos, codes, bank, groups=edit.groups)
         return ExportedEdit(
             session_id=session_id,

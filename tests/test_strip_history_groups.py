@@ -25,6 +25,16 @@ def test_the_copy_is_the_same_model_without_its_history_groups(group_bias_bundle
     with_groups = full.edit(full.codes(hist), histories=hist)
     without = copy.edit(copy.codes(hist), histories=hist)
     assert without.groups is None and with_groups.groups is not None
+    # windows passed as a callable (the API's edit export): built only for a model that reads them
+    calls: list[int] = []
+
+    def windows() -> torch.Tensor:
+        calls.append(1)
+        return hist
+
+    assert copy.edit(copy.codes(hist), histories=windows).groups is None and calls == []
+    lazy = full.edit(full.codes(hist), histories=windows)
+    assert lazy.groups is not None and torch.equal(lazy.groups, with_groups.groups) and calls == [1]
     # the copy scores as the full model does with the history groups' bias taken out
     history = full._history
     assert history is not None and bool(terms_on(full.initial_bank.switches, with_groups.prototype)[1].all())
