@@ -28,20 +28,23 @@ class FineRows:
         flat = codes.reshape(codes.shape[0], -1).numpy()
         out = np.zeros((flat.shape[0], self.items.shape[1]), dtype=np.float32)
         for b, proto in enumerate(prototypes.tolist()):
-            if proto < 0:
-                continue  # no prototype: the base model, no bias
-            code = flat[b].astype(np.float64)
-            sq = np.maximum((code @ code - 2.0 * (self.centres @ code)) + self.norms, 0.0)
-            if self.temperature == 0.0:
-                mix = self.items[int(sq.argmin())]
-            else:
-                nearest = self._nearest(sq)
-                weights = self._weights(sq, nearest)
-                mix = self.items[nearest[0]] * weights[0]
-                for j in range(1, len(nearest)):  # in the model's order, so the float32 sums agree
-                    mix = mix + self.items[nearest[j]] * weights[j]
-            out[b] = np.log1p(mix * np.float32(self.scale)) * np.float32(self.weight)
+            if proto >= 0:  # no prototype: the base model, no bias
+                out[b] = self.row(flat[b])
         return torch.from_numpy(out)
+
+    def row(self, code: np.ndarray) -> np.ndarray:
+        """The bias [N] float32 of one session's flattened code [L·d] (a session with a prototype)."""
+        code = code.astype(np.float64)
+        sq = np.maximum((code @ code - 2.0 * (self.centres @ code)) + self.norms, 0.0)
+        if self.temperature == 0.0:
+            mix = self.items[int(sq.argmin())]
+        else:
+            nearest = self._nearest(sq)
+            weights = self._weights(sq, nearest)
+            mix = self.items[nearest[0]] * weights[0]
+            for j in range(1, len(nearest)):  # in the model's order, so the float32 sums agree
+                mix = mix + self.items[nearest[j]] * weights[j]
+        return np.log1p(mix * np.float32(self.scale)) * np.float32(self.weight)
 
     def _nearest(self, sq: np.ndarray) -> np.ndarray:
         m = min(FINE_NEAREST, len(sq))

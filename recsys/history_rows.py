@@ -22,6 +22,7 @@ class HistoryRows:
         self.items = items.detach().numpy()
         self.centres = np.ascontiguousarray(centres.numpy(), dtype=np.float64)
         self.bias_rows = bias_rows
+        self.rows = bias_rows.numpy()  # the same memory, for a single ranking's NumPy sum (recsys.group_rows)
 
     def groups(self, histories: np.ndarray) -> Tensor:
         """The nearest group [B] of each window [B, T] (-1: no item), as the model picks it: float64 sums and

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from torch import Tensor
 from recsys.bundle import ItemMetadata
 from recsys.edit_rows import EditRows
 from recsys.edited_head import EditedHead, GeneratorTerms
-from recsys.fine_rows import FineRows, fine_rows_of
+from recsys.fine_rows import fine_rows_of
+from recsys.group_rows import GroupRows
 from recsys.history_rows import history_rows_of
 from recsys.metrics import target_ranks
 from recsys.model import (
@@ -117,7 +118,7 @@ class OnlineModel:
         self._index_built: NormOrderedIndex | None = None
         self._index_lock = threading.Lock()
         self._generator_terms: GeneratorTerms | None = None
-        self._fine: FineRows | Literal[False] | None = False  # False: not built yet
+        self._group_rows_built: GroupRows | None = None  # a single ranking's group terms in NumPy, on first use
         self._history = history_rows_of(self.model)  # the history groups, fixed: their bias rows computed once
         self._item_inputs: Tensor | None = None  # the adapter's per-item input projections, built on first use
         self._edit_rows_built: EditRows | None = None  # a few rows' codes and edits in NumPy, built on first use
@@ -334,24 +335,24 @@ class OnlineModel:
         prototype has its group terms switched off (:mod:`recsys.switch`), unless ``switched`` is false."""
         b = self._bank(bank)
         counts = b.next_items
-        bias = None if counts is None else group_bias(counts, prototypes, self.cfg)
-        if codes is not None:
-            if 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (FineRows)
-                rows = self._fine_rows()
-                bias = bias if rows is None else add_bias(bias, rows(codes, prototypes))
-            else:
+        if codes is not None and 0 < codes.shape[0] <= SMALL_BATCH:  # a single request: in NumPy (GroupRows)
+            bias = self._group_rows()(counts, prototypes, codes, groups)
+        else:
+            bias = None if counts is None else group_bias(counts, prototypes, self.cfg)
+            if codes is not None:
                 fine = self.model.bank
                 bias = add_bias(bias, fine_group_bias(codes, prototypes, fine.fine_centres, fine.fine_items, self.cfg))
-        if groups is not None and self._history is not None:
-            bias = add_bias(bias, self._history.bias(groups, prototypes))
+            if groups is not None and self._history is not None:
+                bias = add_bias(bias, self._history.bias(groups, prototypes))
         if bias is None or not switched:
             return bias
         return _rows_on(bias, terms_on(b.switches, prototypes)[1])
 
-    def _fine_rows(self) -> FineRows | None:
-        if self._fine is False:
-            self._fine = fine_rows_of(self.model.bank, self.cfg)  # the fine groups are fixed: built once
-        return self._fine
+    def _group_rows(self) -> GroupRows:
+        if self._group_rows_built is None:  # the fine and the history groups are fixed: built once
+            fine = fine_rows_of(self.model.bank, self.cfg)
+            self._group_rows_built = GroupRows(self.cfg, fine, self._history)
+        return self._group_rows_built
 
     @torch.inference_mode()
     def distances(self, codes: Tensor, prototypes: Tensor, bank: BankState | None = None) -> Tensor:

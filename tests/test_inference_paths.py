@@ -261,6 +261,47 @@ def test_a_few_rows_history_groups_in_numpy_equal_the_model() -> None:
     assert history_rows_of(model) is None
 
 
+def test_a_single_rankings_whole_group_bias_in_numpy_equals_the_torch_terms_summed() -> None:
+    """A few rows' group bias (NumPy, recsys/group_rows.py: counts, fine and history terms summed in one pass) is the
+    torch path's within float32 rounding: no bias without a prototype, none from a prototype without counts, no
+    history term for an empty window or when the groups are not read, and ``None`` for a model without any term."""
+    from recsys.fine_rows import fine_rows_of
+    from recsys.group_rows import GroupRows
+    from recsys.history_rows import history_rows_of
+    from recsys.model import add_bias, fine_group_bias, group_bias
+
+    g = torch.Generator().manual_seed(11)
+    cfg = ModelConfig(n_items=40, dim=16, code_dim=4, n_edit_layers=2, fine_groups=6, history_groups=5)
+    cfg.group_bias_weight, cfg.group_bias_smoothing = 0.8, 2.0
+    cfg.fine_bias_weight, cfg.fine_temperature, cfg.fine_bias_smoothing = 0.5, 0.3, 1.0
+    cfg.history_bias_weight, cfg.history_bias_smoothing = 0.7, 3.0
+    model = PersonaModel(cfg).eval()
+    bank = model.bank
+    bank.fine_centres.copy_(torch.randn(bank.fine_centres.shape, generator=g))
+    bank.fine_items.copy_(torch.rand(6, 40, generator=g).pow(4).div(torch.rand(6, 1, generator=g) + 5))
+    bank.history_centres.copy_(torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1))
+    bank.history_items.copy_(torch.rand(5, 40, generator=g).pow(4).div(10))
+    next_items = torch.rand(bank.next_items.shape, generator=g).pow(3) * 9
+    next_items[1] = 0.0  # a prototype that has counted nothing yet
+    codes = torch.randn(4, 2, 4, generator=g)
+    protos, groups = torch.tensor([0, -1, 1, 2]), torch.tensor([3, 1, 0, -1])
+    history = history_rows_of(model)
+    rows = GroupRows(cfg, fine_rows_of(bank, cfg), history)
+    assert history is not None
+    fine = fine_group_bias(codes, protos, bank.fine_centres, bank.fine_items, cfg)
+    expected = add_bias(add_bias(group_bias(next_items, protos, cfg), fine), history.bias(groups, protos))
+    assert expected is not None
+    got = rows(next_items, protos, codes, groups)
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], torch.zeros(40)) and float(got[0].abs().max()) > 0.1
+    without = rows(next_items, protos, codes, None)  # windows not read: no history term
+    assert without is not None and torch.allclose(without, add_bias(group_bias(next_items, protos, cfg), fine))
+    assert float((got - without)[0].abs().max()) > 0.1 and torch.equal(got[3], without[3])  # row 3: empty window
+    plain = dataclasses.replace(cfg, group_bias_weight=0.0)
+    assert GroupRows(plain, None, None)(next_items, protos, codes, groups) is None
+
+
 @pytest.mark.parametrize("groups", [1, 2, 7, 8, 2048])
 def test_the_fine_groups_median_is_torchs_lower_middle_value(groups: int) -> None:
     """The fine groups' temperature scale reads each row's median through NumPy's partition: exactly the value
