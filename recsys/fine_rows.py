@@ -1,11 +1,11 @@
 """The fine groups' bias for a few rows (a single ranking) in NumPy: :func:`recsys.model.fine_group_bias` without
 torch's per-operation overhead, which was most of its cost for one row (measured: 0.42 ms of CPU added to a 0.74 ms
-ranking by the torch version, with 512 groups and 1,322 items)."""
+ranking by the torch version, with 512 groups and 1,322 items). A session's row is summed with its other group terms
+by :class:`recsys.group_rows.GroupRows`."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from recsys.model import FINE_NEAREST, ModelConfig, PrototypeBank
@@ -22,15 +22,6 @@ class FineRows:
         self.temperature = cfg.fine_temperature
         self.weight = cfg.fine_bias_weight
         self.scale = items.shape[1] / cfg.fine_bias_smoothing
-
-    def __call__(self, codes: Tensor, prototypes: Tensor) -> Tensor:
-        """The bias [B, N] of :func:`recsys.model.fine_group_bias` for codes [B, L, d] (float32; within rounding)."""
-        flat = codes.reshape(codes.shape[0], -1).numpy()
-        out = np.zeros((flat.shape[0], self.items.shape[1]), dtype=np.float32)
-        for b, proto in enumerate(prototypes.tolist()):
-            if proto >= 0:  # no prototype: the base model, no bias
-                out[b] = self.row(flat[b])
-        return torch.from_numpy(out)
 
     def row(self, code: np.ndarray) -> np.ndarray:
         """The bias [N] float32 of one session's flattened code [L·d] (a session with a prototype)."""

@@ -48,8 +48,7 @@ class GroupRows:
             return None
         flat = codes.reshape(codes.shape[0], -1).numpy()
         group = None if groups is None else groups.tolist()
-        width = counts.shape[1] if counts is not None else _width(self.fine, history)
-        out = np.zeros((flat.shape[0], width), dtype=np.float32)
+        out = np.zeros((flat.shape[0], self.cfg.n_items), dtype=np.float32)
         for b, proto in enumerate(prototypes.tolist()):
             if proto < 0:
                 continue  # no prototype: the base model, no bias
@@ -63,11 +62,3 @@ class GroupRows:
             if row is not None:
                 out[b] = row
         return torch.from_numpy(out)
-
-
-def _width(fine: FineRows | None, history: HistoryRows | None) -> int:
-    """The catalogue size N of whichever term is there."""
-    if fine is not None:
-        return int(fine.items.shape[1])
-    assert history is not None
-    return int(history.rows.shape[1])

@@ -210,6 +210,7 @@ def test_a_few_rows_fine_group_bias_in_numpy_equals_the_model(temperature: float
     """A single ranking's fine-group bias (NumPy, recsys/fine_rows.py) is the model's (torch) within float32
     rounding: nearest groups, weights, the torch median, and no bias for a session without a prototype."""
     from recsys.fine_rows import FineRows
+    from recsys.group_rows import GroupRows
     from recsys.model import fine_group_bias
 
     g = torch.Generator().manual_seed(7)
@@ -222,7 +223,8 @@ def test_a_few_rows_fine_group_bias_in_numpy_equals_the_model(temperature: float
     protos = torch.tensor([2, -1, 0])
     expected = fine_group_bias(codes, protos, centres, items, cfg)
     assert expected is not None
-    got = FineRows(centres, items, cfg)(codes, protos)
+    got = GroupRows(cfg, FineRows(centres, items, cfg), None)(None, protos, codes, None)  # the fine term alone
+    assert got is not None
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert torch.equal(got[1], torch.zeros(50)) and float(got[0].abs().max()) > 0.1
 
